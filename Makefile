@@ -1,0 +1,39 @@
+# Every target installs what it needs into .venv first (Python >= 3.10 as `python3`, or PYTHON=...).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-heavy lint format clean
+
+$(STAMP): pyproject.toml
+	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# A small grid of real training runs on the generated synthetic faces, then their leaderboard.
+demo: $(STAMP)
+	$(BIN)/agecls-train -m experiment=demo optimizer=adam,nadam model.blocks=2,3
+	$(BIN)/agecls-report demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not heavy"
+
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -m heavy
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache build dist src/*.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
