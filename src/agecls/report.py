@@ -1,0 +1,94 @@
+"""`agecls-report`: a leaderboard of the MLflow runs of one experiment (what differed, val and test F1)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+# Params that differ between runs without being a choice (locations, derived sizes).
+_NOISE_PREFIXES = ("paths.", "tracking.", "data.n_", "data.root", "data.manifest_dir", "hydra")
+_METRICS = ("best_val/macro_f1", "test/macro_f1", "best_val/acc", "test/acc", "best_epoch", "fit_seconds")
+
+
+def default_tracking(overrides: list[str] | None = None) -> tuple[str, Path]:
+    """Tracking URI and output folder from the same config `agecls-train` composes."""
+    from hydra import compose, initialize_config_dir
+
+    from agecls.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides or []))
+    return cfg.tracking.tracking_uri, Path(cfg.paths.output_dir)
+
+
+def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """All runs of an experiment as one row each (params.*, metrics.*, tags.*), newest first."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
+        raise SystemExit(f"no MLflow experiment named {experiment!r} in {tracking_uri}; experiments: {names}")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
+
+
+def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
+    """Finished runs ranked by validation macro-F1 (the selection metric), with the config that differed."""
+    if runs.empty:
+        return pd.DataFrame()
+    params = [c for c in runs.columns if c.startswith("params.")]
+    varying = [
+        c
+        for c in params
+        if runs[c].astype(str).nunique(dropna=False) > 1 and not c[len("params.") :].startswith(_NOISE_PREFIXES)
+    ]
+    table = pd.DataFrame({"run": runs["run_id"].str[:8], "status": runs["status"]})
+    for c in varying:
+        table[c[len("params.") :]] = runs[c]
+    for m in _METRICS:
+        if f"metrics.{m}" in runs:
+            table[m] = runs[f"metrics.{m}"]
+    sort_key = "best_val/macro_f1" if "best_val/macro_f1" in table else "run"
+    return table.sort_values(sort_key, ascending=False, na_position="last").reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-style Markdown table (no extra dependency)."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "" if pd.isna(v) else f"{v:.4f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agecls-report", description=__doc__)
+    parser.add_argument("experiment", help="MLflow experiment name (tracking.experiment of the runs)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one agecls-train uses)")
+    parser.add_argument("--out", type=Path, help="folder for leaderboard.md/.csv (default: outputs/reports/<exp>)")
+    args = parser.parse_args(argv)
+    uri, output_dir = default_tracking()
+    uri = args.tracking_uri or uri
+    table = leaderboard(load_runs(uri, args.experiment))
+    out = args.out or output_dir / "reports" / args.experiment
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "leaderboard.csv", index=False)
+    markdown = to_markdown(table)
+    (out / "leaderboard.md").write_text(markdown + "\n")
+    print(f"\nLeaderboard of experiment {args.experiment!r} ({len(table)} runs, ranked by validation macro-F1):\n")
+    print(markdown)
+    print(f"\nWritten to {out}/leaderboard.md and .csv")
+    if uri.startswith("sqlite:///"):
+        print(f"Browse every run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

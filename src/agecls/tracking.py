@@ -1,0 +1,110 @@
+"""MLflow recording of a run: config, per-epoch metrics, final metrics, figures and the best checkpoint."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import mlflow
+from mlflow.exceptions import MlflowException
+from omegaconf import DictConfig
+
+from agecls.config import project_root
+
+MAX_PARAM_CHARS = 6000
+
+
+def git_commit() -> str:
+    """Commit of the source checkout agecls runs from ('+dirty' if modified), or 'unknown'."""
+    root = project_root()
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}+dirty" if dirty else sha
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> str:
+    """Return the experiment id, creating it (artifacts under artifact_root/name) if missing; race-safe."""
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = (Path(artifact_root) / name).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        # Another process created it between our lookup and create.
+        found = mlflow.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+class Recorder:
+    """Thin wrapper over the active MLflow run; every method is a no-op when tracking is disabled."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.run_id: str | None = None
+
+    def params(self, flat: dict[str, Any]) -> None:
+        if self.enabled:
+            mlflow.log_params({k: str(v)[:MAX_PARAM_CHARS] for k, v in flat.items()})
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        if self.enabled and values:
+            mlflow.log_metrics(values, step=step)
+
+    def tags(self, values: dict[str, Any]) -> None:
+        if self.enabled:
+            mlflow.set_tags({k: str(v) for k, v in values.items()})
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.enabled:
+            mlflow.log_artifact(str(path), artifact_path=folder)
+
+
+@contextmanager
+def recording(tracking: DictConfig, run_name: str | None = None, tags: dict | None = None) -> Iterator[Recorder]:
+    """One MLflow run around a training job: FAILED on an exception, KILLED on Ctrl-C, else FINISHED."""
+    if not tracking.enabled:
+        yield Recorder(enabled=False)
+        return
+    experiment_id = ensure_experiment(tracking.tracking_uri, tracking.experiment, tracking.artifact_root)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}))
+    recorder = Recorder(enabled=True)
+    recorder.run_id = run.info.run_id
+    try:
+        yield recorder
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+class EpochMetrics(L.Callback):
+    """Send every scalar the module logged this epoch (train and val) to the recorder, step = epoch."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        values["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self.recorder.metrics(values, step=trainer.current_epoch)
