@@ -12,7 +12,18 @@ from omegaconf import OmegaConf
 from agecls.config import CONFIG_DIR
 from agecls.data.bins import AgeBins
 
-GROUPS = ["data", "bins", "augment", "sampler", "model", "optimizer", "scheduler", "task", "trainer", "tracking"]
+GROUPS = [
+    "data",
+    "bins",
+    "augment",
+    "sampler",
+    "model",
+    "optimizer",
+    "scheduler",
+    "task",
+    "trainer",
+    "tracking",
+]
 GROUP_FILES = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
 OVERLAYS = [(g, p.stem) for g in ("experiment", "sweep") for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
 REQUIRED = {"data": ["data.root=/tmp/x"]}
@@ -30,7 +41,12 @@ def test_every_group_file_composes_and_resolves(compose_cfg, group, name):
 
 def test_defaults_are_the_walking_skeleton(compose_cfg, output_dir):
     cfg = compose_cfg()
-    assert (cfg.data.name, cfg.bins.name, cfg.augment.name, cfg.sampler.name) == ("synthetic", "seed7", "none", "none")
+    assert (cfg.data.name, cfg.bins.name, cfg.augment.name, cfg.sampler.name) == (
+        "synthetic",
+        "seed7",
+        "none",
+        "none",
+    )
     assert (cfg.model.name, cfg.optimizer._target_, cfg.scheduler.name, cfg.task.name) == (
         "basic_cnn",
         "torch.optim.Adam",
@@ -64,7 +80,9 @@ def test_cli_cfg_job_and_help_from_any_directory(output_dir):
     shown = _cli("model=basic_cnn", "model.blocks=3", "optimizer=nadam", "optimizer.lr=1e-3", "--cfg", "job")
     assert shown.returncode == 0, shown.stderr
     cfg = OmegaConf.create(shown.stdout)
-    assert cfg.model.blocks == 3 and cfg.optimizer._target_ == "torch.optim.NAdam" and cfg.optimizer.lr == 1e-3
+    assert (
+        cfg.model.blocks == 3 and cfg.optimizer._target_ == "torch.optim.NAdam" and cfg.optimizer.lr == 1e-3
+    )
     helped = _cli("--help")
     assert helped.returncode == 0, helped.stderr
     assert "== Configuration groups ==" in helped.stdout and "optimizer: adadelta, adam" in helped.stdout

@@ -10,7 +10,9 @@ from agecls.models import available_models, create_model
 
 @pytest.mark.parametrize(("blocks", "in_chans", "size"), [(1, 1, 32), (3, 3, 64), (4, 1, 64), (5, 1, 64)])
 def test_basic_cnn_shapes_and_backward(blocks, in_chans, size):
-    model = create_model("basic_cnn", num_classes=7, in_chans=in_chans, image_size=size, blocks=blocks, base_channels=4)
+    model = create_model(
+        "basic_cnn", num_classes=7, in_chans=in_chans, image_size=size, blocks=blocks, base_channels=4
+    )
     out = model(torch.randn(2, in_chans, size, size))
     assert out.shape == (2, 7)
     out.sum().backward()
@@ -18,7 +20,9 @@ def test_basic_cnn_shapes_and_backward(blocks, in_chans, size):
 
 
 def test_basic_cnn_is_the_seed_architecture():
-    model = create_model("basic_cnn", num_classes=7, in_chans=1, image_size=224, blocks=4, base_channels=64, hidden=132)
+    model = create_model(
+        "basic_cnn", num_classes=7, in_chans=1, image_size=224, blocks=4, base_channels=64, hidden=132
+    )
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert [c.out_channels for c in convs] == [64, 128, 256, 512]
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) for c in convs)

@@ -27,7 +27,9 @@ def register_resolvers() -> None:
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     """Flatten a nested config into dotted keys (lists become their string form)."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    container = (
+        OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    )
     out: dict[str, Any] = {}
     for key, value in container.items():
         name = f"{prefix}{key}"

@@ -1,26 +1,54 @@
-"""Per-class report and confusion-matrix figure from a confusion matrix (plain numpy)."""
+"""Scores of one evaluated split (torchmetrics), per-class tables and confusion-matrix figures."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
 
-def per_class_report(confmat: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-    """Precision, recall, F1 and support per class; rows of `confmat` are true labels."""
-    cm = np.asarray(confmat, dtype=np.float64)
-    tp = np.diag(cm)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return pd.DataFrame(
-        {"class": class_names, "precision": precision, "recall": recall, "f1": f1, "support": support.astype(int)}
-    )
+@dataclass
+class StageReport:
+    """Headline scores, confusion matrix (rows true, columns predicted) and per-class table of one split."""
+
+    metrics: dict[str, float]
+    confmat: np.ndarray
+    table: pd.DataFrame
+
+
+def stage_report(preds: torch.Tensor, target: torch.Tensor, class_names: list[str]) -> StageReport:
+    """Macro-F1 (classes absent from both truth and predictions are left out), accuracy, per-class P/R/F1."""
+    n = len(class_names)
+    preds, target = torch.as_tensor(preds).long(), torch.as_tensor(target).long()
+    if preds.shape != target.shape or preds.ndim != 1:
+        raise ValueError(
+            f"preds {tuple(preds.shape)} and target {tuple(target.shape)} must be equal 1-D shapes"
+        )
+    if len(target) == 0:
+        raise ValueError("cannot score an empty split")
+    per_class = {
+        "precision": multiclass_precision(preds, target, n, average=None),
+        "recall": multiclass_recall(preds, target, n, average=None),
+        "f1": multiclass_f1_score(preds, target, n, average=None),
+    }
+    confmat = multiclass_confusion_matrix(preds, target, n).numpy()
+    table = pd.DataFrame({"class": class_names, **{k: v.numpy() for k, v in per_class.items()}})
+    table["support"] = confmat.sum(axis=1).astype(int)
+    metrics = {
+        "macro_f1": float(multiclass_f1_score(preds, target, n, average="macro")),
+        "acc": float(multiclass_accuracy(preds, target, n, average="micro")),
+    }
+    return StageReport(metrics=metrics, confmat=confmat, table=table)
 
 
 def plot_confusion(confmat: np.ndarray, class_names: list[str], path: Path, title: str) -> Path:

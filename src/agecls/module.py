@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from agecls.models import create_model
 from agecls.tasks.classification import ClassificationTask
@@ -52,12 +52,21 @@ class FaceClassifier(L.LightningModule):
         n = self.task.num_classes
         # ModuleDict keys must not shadow nn.Module attributes (`train`), hence the suffix.
         self.metrics = torch.nn.ModuleDict({f"{s}_": stage_metrics(n) for s in ("train", "val", "test")})
-        self.confmat = torch.nn.ModuleDict({f"{s}_": MulticlassConfusionMatrix(n) for s in ("val", "test")})
-        # Filled at the end of each val/test epoch: the confusion matrix (rows true, columns predicted).
-        self.last_confmat: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    @torch.no_grad()
+    def predict_loader(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted class and true label for every batch of `loader` (eval mode, on the module's device)."""
+        was_training = self.training
+        self.eval()
+        preds, labels = [], []
+        for x, y in loader:
+            preds.append(self(x.to(self.device)).argmax(dim=1).cpu())
+            labels.append(y)
+        self.train(was_training)
+        return torch.cat(preds), torch.cat(labels)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
@@ -65,9 +74,9 @@ class FaceClassifier(L.LightningModule):
         loss = self.loss(logits, y)
         preds = logits.argmax(dim=1)
         self.metrics[f"{stage}_"].update(preds, y)
-        if f"{stage}_" in self.confmat:
-            self.confmat[f"{stage}_"].update(preds, y)
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y))
+        self.log(
+            f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y)
+        )
         return loss
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -83,9 +92,6 @@ class FaceClassifier(L.LightningModule):
         values = self.metrics[f"{stage}_"].compute()
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
         self.metrics[f"{stage}_"].reset()
-        if f"{stage}_" in self.confmat:
-            self.last_confmat[stage] = self.confmat[f"{stage}_"].compute().cpu()
-            self.confmat[f"{stage}_"].reset()
 
     def on_train_epoch_end(self) -> None:
         self._epoch_end("train")
@@ -102,7 +108,9 @@ class FaceClassifier(L.LightningModule):
         if sched_cfg.name == "none":
             return optimizer
         # Arguments only known once training starts, named in config: {arg: trainer attribute}.
-        extra = {arg: int(getattr(self.trainer, attr)) for arg, attr in sched_cfg.get("from_trainer", {}).items()}
+        extra = {
+            arg: int(getattr(self.trainer, attr)) for arg, attr in sched_cfg.get("from_trainer", {}).items()
+        }
         scheduler = instantiate(sched_cfg.params, _convert_="all")(optimizer, **extra)
         config = {"scheduler": scheduler, "interval": sched_cfg.interval}
         if "monitor" in sched_cfg:

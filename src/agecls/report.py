@@ -10,7 +10,15 @@ import pandas as pd
 
 # Params that differ between runs without being a choice (locations, derived sizes).
 _NOISE_PREFIXES = ("paths.", "tracking.", "data.n_", "data.root", "data.manifest_dir", "hydra")
-_METRICS = ("best_val/macro_f1", "test/macro_f1", "best_val/acc", "test/acc", "best_epoch", "fit_seconds")
+_METRICS = (
+    "best_val/macro_f1",
+    "test/macro_f1",
+    "best_val/acc",
+    "test/acc",
+    "best_epoch",
+    "epochs_trained",
+    "fit_seconds",
+)
 
 
 def default_tracking(overrides: list[str] | None = None) -> tuple[str, Path]:
@@ -35,19 +43,43 @@ def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
     return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
 
 
-def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
-    """Finished runs ranked by validation macro-F1 (the selection metric), with the config that differed."""
-    if runs.empty:
-        return pd.DataFrame()
+def _override_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """One column per override key whose value differs between runs (e.g. optimizer, model.blocks)."""
+    parsed = []
+    for text in runs.get("tags.overrides", pd.Series([None] * len(runs))).fillna(""):
+        pairs = (item.split("=", 1) for item in str(text).split() if "=" in item)
+        parsed.append({k.lstrip("+~"): v for k, v in pairs})
+    table = pd.DataFrame(parsed, index=runs.index)
+    keep = [
+        c
+        for c in table.columns
+        if table[c].astype(str).nunique(dropna=False) > 1 and not c.startswith(_NOISE_PREFIXES)
+    ]
+    return table[keep]
+
+
+def _param_columns(runs: pd.DataFrame) -> pd.DataFrame:
+    """Fallback for runs started without Hydra overrides: every resolved param that differs."""
     params = [c for c in runs.columns if c.startswith("params.")]
     varying = [
         c
         for c in params
-        if runs[c].astype(str).nunique(dropna=False) > 1 and not c[len("params.") :].startswith(_NOISE_PREFIXES)
+        if runs[c].astype(str).nunique(dropna=False) > 1
+        and not c[len("params.") :].startswith(_NOISE_PREFIXES)
     ]
+    return runs[varying].rename(columns=lambda c: c[len("params.") :])
+
+
+def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs ranked by validation macro-F1 (the selection metric), with the config that differed."""
+    if runs.empty:
+        return pd.DataFrame()
     table = pd.DataFrame({"run": runs["run_id"].str[:8], "status": runs["status"]})
-    for c in varying:
-        table[c[len("params.") :]] = runs[c]
+    differing = _override_columns(runs)
+    if differing.empty:
+        differing = _param_columns(runs)
+    for c in differing.columns:
+        table[c] = differing[c]
     for m in _METRICS:
         if f"metrics.{m}" in runs:
             table[m] = runs[f"metrics.{m}"]
@@ -60,8 +92,10 @@ def to_markdown(table: pd.DataFrame) -> str:
 
     def cell(v) -> str:
         if isinstance(v, float):
-            return "" if pd.isna(v) else f"{v:.4f}"
-        return str(v)
+            if pd.isna(v):
+                return ""
+            return f"{v:.0f}" if v.is_integer() and abs(v) >= 1 else f"{v:.4f}"
+        return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
@@ -72,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agecls-report", description=__doc__)
     parser.add_argument("experiment", help="MLflow experiment name (tracking.experiment of the runs)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one agecls-train uses)")
-    parser.add_argument("--out", type=Path, help="folder for leaderboard.md/.csv (default: outputs/reports/<exp>)")
+    parser.add_argument(
+        "--out", type=Path, help="folder for leaderboard.md/.csv (default: outputs/reports/<exp>)"
+    )
     args = parser.parse_args(argv)
     uri, output_dir = default_tracking()
     uri = args.tracking_uri or uri
@@ -82,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     table.to_csv(out / "leaderboard.csv", index=False)
     markdown = to_markdown(table)
     (out / "leaderboard.md").write_text(markdown + "\n")
-    print(f"\nLeaderboard of experiment {args.experiment!r} ({len(table)} runs, ranked by validation macro-F1):\n")
+    print(f"\nLeaderboard of {args.experiment!r} ({len(table)} runs, ranked by validation macro-F1):\n")
     print(markdown)
     print(f"\nWritten to {out}/leaderboard.md and .csv")
     if uri.startswith("sqlite:///"):
-        print(f"Browse every run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+        print(
+            f"Browse every run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
+        )
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from omegaconf import DictConfig
 from agecls.config import project_root
 
 MAX_PARAM_CHARS = 6000
+log = logging.getLogger("agecls.train")
 
 
 def git_commit() -> str:
@@ -23,7 +25,11 @@ def git_commit() -> str:
     root = project_root()
     try:
         sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
@@ -78,7 +84,9 @@ class Recorder:
 
 
 @contextmanager
-def recording(tracking: DictConfig, run_name: str | None = None, tags: dict | None = None) -> Iterator[Recorder]:
+def recording(
+    tracking: DictConfig, run_name: str | None = None, tags: dict | None = None
+) -> Iterator[Recorder]:
     """One MLflow run around a training job: FAILED on an exception, KILLED on Ctrl-C, else FINISHED."""
     if not tracking.enabled:
         yield Recorder(enabled=False)
@@ -99,7 +107,8 @@ def recording(tracking: DictConfig, run_name: str | None = None, tags: dict | No
 
 
 class EpochMetrics(L.Callback):
-    """Send every scalar the module logged this epoch (train and val) to the recorder, step = epoch."""
+    """Send every scalar the module logged this epoch (train and val) to the recorder, step = epoch,
+    and log one concise line per epoch (the progress bar may be off, e.g. in sweeps)."""
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -107,4 +116,7 @@ class EpochMetrics(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         values = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         values["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self.recorder.metrics(values, step=trainer.current_epoch)
+        # Epochs are numbered from 1 everywhere a person reads them (MLflow steps, logs, results).
+        self.recorder.metrics(values, step=trainer.current_epoch + 1)
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in sorted(values.items()))
+        log.info("epoch %d/%d  %s", trainer.current_epoch + 1, trainer.max_epochs, shown)

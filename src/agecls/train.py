@@ -22,7 +22,7 @@ from agecls.data.augment import build_augment
 from agecls.data.bins import AgeBins
 from agecls.data.datamodule import FaceDataModule
 from agecls.data.prepare import prepare_data, task_labels
-from agecls.metrics import per_class_report, plot_confusion
+from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.module import FaceClassifier
 from agecls.tasks.classification import class_weights, task_classes
 from agecls.tracking import EpochMetrics, Recorder, git_commit, recording
@@ -31,6 +31,8 @@ log = logging.getLogger("agecls.train")
 
 # Trainer-group keys that configure callbacks rather than lightning.Trainer itself.
 _CALLBACK_KEYS = ("early_stopping", "checkpoint")
+# Metric-name prefix of each split's scores with the best checkpoint (val's per-epoch values are `val/`).
+_PREFIX = {"train": "best_train", "val": "best_val", "test": "test"}
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -45,11 +47,26 @@ def run_dir_for(cfg: DictConfig) -> Path:
 
 def _quiet_lightning() -> None:
     """Silence advice that does not apply to small CPU runs (worker count, logger absence)."""
-    for pattern in (".*does not have many workers.*", ".*LightningModule.log.*no logger.*", ".*`srun`.*"):
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*LightningModule.log.*no logger.*",
+        ".*`srun`.*",
+        ".*isinstance.treespec, LeafSpec.*",
+    ):
         warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback]) -> tuple[L.Trainer, ModelCheckpoint]:
+class _NoAdverts(logging.Filter):
+    """Drop Lightning's advert for its cloud logger from every run's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback]
+) -> tuple[L.Trainer, ModelCheckpoint]:
     """lightning.Trainer from the trainer group, with best-checkpoint and early-stopping callbacks."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     stop_cfg, ckpt_cfg = (trainer_cfg.pop(k) for k in _CALLBACK_KEYS)
@@ -68,18 +85,25 @@ def build_trainer(cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callba
     return trainer, checkpoint
 
 
-def _report_stage(stage: str, module: FaceClassifier, class_names: list[str], run_dir: Path, rec: Recorder):
-    """Write and record the confusion matrix and per-class table of one evaluated stage."""
-    confmat = module.last_confmat[stage].numpy()
-    table = per_class_report(confmat, class_names)
-    csv_path = run_dir / f"per_class_{stage}.csv"
-    table.to_csv(csv_path, index=False)
-    png = plot_confusion(confmat, class_names, run_dir / f"confusion_{stage}.png", f"{stage} (best checkpoint)")
-    for path in (csv_path, png):
-        rec.artifact(path, "evaluation")
-    prefix = "best_val" if stage == "val" else stage
-    rec.metrics({f"{prefix}/f1_{r['class']}": float(r["f1"]) for _, r in table.iterrows()})
-    return confmat.tolist(), table
+def evaluate_splits(
+    module: FaceClassifier, datamodule: FaceDataModule, class_names: list[str], run_dir: Path, rec: Recorder
+) -> dict[str, StageReport]:
+    """Score the loaded (best) model on train, val and test; write and record tables and confusion plots."""
+    reports: dict[str, StageReport] = {}
+    for split in ("train", "val", "test"):
+        report = stage_report(*module.predict_loader(datamodule.eval_dataloader(split)), class_names)
+        csv_path = run_dir / f"per_class_{split}.csv"
+        report.table.to_csv(csv_path, index=False)
+        png = plot_confusion(
+            report.confmat, class_names, run_dir / f"confusion_{split}.png", f"{split} (best checkpoint)"
+        )
+        for path in (csv_path, png):
+            rec.artifact(path, "evaluation")
+        prefix = _PREFIX[split]
+        rec.metrics({f"{prefix}/{k}": v for k, v in report.metrics.items()})
+        rec.metrics({f"{prefix}/f1_{r['class']}": float(r["f1"]) for _, r in report.table.iterrows()})
+        reports[split] = report
+    return reports
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -90,18 +114,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run_dir = run_dir_for(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    tags = {"seed": cfg.seed, "git_commit": git_commit(), "task": cfg.task.name, "run_dir": str(run_dir)}
+    tags = {**(cfg.tracking.get("tags") or {}), "seed": cfg.seed, "git_commit": git_commit()}
+    tags.update({"task": cfg.task.name, "run_dir": str(run_dir)})
     with recording(cfg.tracking, run_name=cfg.tracking.get("run_name"), tags=tags) as rec:
         rec.params(flatten(resolved))
         rec.artifact(run_dir / "config.yaml", "config")
         if HydraConfig.initialized():
             overrides = run_dir / "overrides.yaml"
-            overrides.write_text(OmegaConf.to_yaml(list(HydraConfig.get().overrides.task)))
+            task_overrides = list(HydraConfig.get().overrides.task)
+            overrides.write_text(OmegaConf.to_yaml(task_overrides))
             rec.artifact(overrides, "config")
+            rec.tags({"overrides": " ".join(task_overrides)[:5000]})
 
         prepared = prepare_data(cfg.data, cfg.paths)
         manifest = prepared.manifest
-        rec.tags({"data.manifest_hash": manifest.hash, "data.root": str(manifest.root), "data.rows": len(manifest.df)})
+        rec.tags(
+            {
+                "data.manifest_hash": manifest.hash,
+                "data.root": str(manifest.root),
+                "data.rows": len(manifest.df),
+            }
+        )
         bins = AgeBins.from_config(cfg.bins)
         class_names = list(task_classes(cfg.task.target, bins.labels))
         datamodule = FaceDataModule(
@@ -127,22 +160,28 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         fit_seconds = time.perf_counter() - started
         best = checkpoint.best_model_path
         if not best:
-            raise RuntimeError(f"no checkpoint was saved in {run_dir / 'checkpoints'}; did training run an epoch?")
-        val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
-        test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)[0]
+            raise RuntimeError(
+                f"no checkpoint was saved in {run_dir / 'checkpoints'}; did training run an epoch?"
+            )
+        state = torch.load(best, map_location=module.device, weights_only=False)
+        module.load_state_dict(state["state_dict"])
+        reports = evaluate_splits(module, datamodule, class_names, run_dir, rec)
 
         results: dict[str, Any] = {
             "objective": float(checkpoint.best_model_score),
-            "best_epoch": int(torch.load(best, map_location="cpu", weights_only=False)["epoch"]),
+            "best_epoch": int(state["epoch"]) + 1,  # counted from 1, like MLflow steps
             "epochs_trained": int(trainer.current_epoch),
             "fit_seconds": round(fit_seconds, 2),
-            **{f"best_val/{k.split('/', 1)[1]}": float(v) for k, v in val.items()},
-            **{k: float(v) for k, v in test.items()},
+            "data_sizes": sizes,
+            **{f"{_PREFIX[s]}/{k}": v for s, r in reports.items() for k, v in r.metrics.items()},
         }
-        rec.metrics({k: float(v) for k, v in results.items()})
+        rec.metrics(
+            {k: float(results[k]) for k in ("objective", "best_epoch", "epochs_trained", "fit_seconds")}
+        )
         results["class_names"] = class_names
-        results["confusion_val"], _ = _report_stage("val", module, class_names, run_dir, rec)
-        results["confusion_test"], test_table = _report_stage("test", module, class_names, run_dir, rec)
+        for split, report in reports.items():
+            results[f"confusion_{split}"] = report.confmat.tolist()
+        test_table = reports["test"].table
         results["checkpoint"] = best
         results["run_dir"] = str(run_dir)
         results["mlflow_run_id"] = rec.run_id

@@ -99,3 +99,9 @@ class FaceDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", None)
+
+    def eval_dataloader(self, split: str) -> DataLoader:
+        """Any split in fixed order, without augmentation or sampling (for scoring a trained model)."""
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
+        return self._loader(split, None)

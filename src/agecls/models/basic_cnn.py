@@ -48,7 +48,8 @@ class BasicCNN(nn.Module):
         out_dropout = dropout if dropout_at in ("output", "both") else 0.0
         self.input_norm = nn.BatchNorm2d(in_chans) if input_norm else nn.Identity()
         chans = [in_chans] + [base_channels * 2**i for i in range(blocks)]
-        self.features = nn.Sequential(*(conv_block(a, b, block_dropout) for a, b in zip(chans, chans[1:])))
+        pairs = zip(chans[:-1], chans[1:], strict=True)
+        self.features = nn.Sequential(*(conv_block(a, b, block_dropout) for a, b in pairs))
         side = image_size // 2**blocks
         self.classifier = nn.Sequential(
             nn.Flatten(),

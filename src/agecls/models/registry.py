@@ -31,5 +31,7 @@ def available_models() -> list[str]:
 def create_model(name: str, *, num_classes: int, in_chans: int, image_size: int, **kwargs: Any) -> nn.Module:
     """Build a registered model; unknown names list the valid ones."""
     if name not in _BUILDERS:
-        raise KeyError(f"model.name={name!r} is not a registered model; valid: {', '.join(available_models())}")
+        raise KeyError(
+            f"model.name={name!r} is not a registered model; valid: {', '.join(available_models())}"
+        )
     return _BUILDERS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size, **kwargs)
