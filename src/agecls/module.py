@@ -95,6 +95,7 @@ class FaceClassifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         self._epoch_end("train")
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_end("val")

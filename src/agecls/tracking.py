@@ -9,8 +9,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import mlflow
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
@@ -106,17 +107,37 @@ def recording(
     mlflow.end_run("FINISHED")
 
 
-class EpochMetrics(L.Callback):
-    """Send every scalar the module logged this epoch (train and val) to the recorder, step = epoch,
-    and log one concise line per epoch (the progress bar may be off, e.g. in sweeps)."""
+class EpochLogger(Logger):
+    """Lightning logger that sends each epoch's metrics to the recorder (MLflow step = epoch, from 1)
+    and writes one concise line per epoch, so runs read well with the progress bar off (sweeps).
+
+    A logger rather than a callback: Lightning hands loggers the train-epoch metrics after the module's
+    own epoch-end hook has computed them, so train and val values of one epoch share a step.
+    """
 
     def __init__(self, recorder: Recorder) -> None:
+        super().__init__()
         self.recorder = recorder
+        self._pending: dict[str, float] = {}
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        values = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        values["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
-        # Epochs are numbered from 1 everywhere a person reads them (MLflow steps, logs, results).
-        self.recorder.metrics(values, step=trainer.current_epoch + 1)
-        shown = "  ".join(f"{k} {v:.4g}" for k, v in sorted(values.items()))
-        log.info("epoch %d/%d  %s", trainer.current_epoch + 1, trainer.max_epochs, shown)
+    @property
+    def name(self) -> str:
+        return "agecls"
+
+    @property
+    def version(self) -> str:
+        return self.recorder.run_id or "untracked"
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        """Params are recorded once, flattened, by the training job itself."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        values = {k: float(v) for k, v in metrics.items()}
+        epoch = int(values.pop("epoch", 0)) + 1
+        self.recorder.metrics(values, step=epoch)
+        self._pending.update(values)
+        if any(k.startswith("train/") for k in values):  # the train values close an epoch
+            shown = "  ".join(f"{k} {v:.4g}" for k, v in sorted(self._pending.items()))
+            log.info("epoch %d  %s", epoch, shown)
+            self._pending = {}

@@ -25,7 +25,7 @@ from agecls.data.prepare import prepare_data, task_labels
 from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.module import FaceClassifier
 from agecls.tasks.classification import class_weights, task_classes
-from agecls.tracking import EpochMetrics, Recorder, git_commit, recording
+from agecls.tracking import EpochLogger, Recorder, git_commit, recording
 
 log = logging.getLogger("agecls.train")
 
@@ -49,8 +49,8 @@ def _quiet_lightning() -> None:
     """Silence advice that does not apply to small CPU runs (worker count, logger absence)."""
     for pattern in (
         ".*does not have many workers.*",
-        ".*LightningModule.log.*no logger.*",
         ".*`srun`.*",
+        ".*smaller than the logging interval.*",
         ".*isinstance.treespec, LeafSpec.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
@@ -64,10 +64,9 @@ class _NoAdverts(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
-def build_trainer(
-    cfg: DictConfig, run_dir: Path, extra_callbacks: list[L.Callback]
-) -> tuple[L.Trainer, ModelCheckpoint]:
-    """lightning.Trainer from the trainer group, with best-checkpoint and early-stopping callbacks."""
+def build_trainer(cfg: DictConfig, run_dir: Path, rec: Recorder) -> tuple[L.Trainer, ModelCheckpoint]:
+    """lightning.Trainer from the trainer group, with best-checkpoint and early-stopping callbacks,
+    logging each epoch's metrics to `rec`."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     stop_cfg, ckpt_cfg = (trainer_cfg.pop(k) for k in _CALLBACK_KEYS)
     checkpoint = ModelCheckpoint(
@@ -78,10 +77,10 @@ def build_trainer(
         save_top_k=1,
         enable_version_counter=False,
     )
-    callbacks: list[L.Callback] = [checkpoint, *extra_callbacks]
+    callbacks: list[L.Callback] = [checkpoint]
     if stop_cfg.pop("enabled"):
         callbacks.append(EarlyStopping(**stop_cfg))
-    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=False, default_root_dir=run_dir)
+    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=EpochLogger(rec), default_root_dir=run_dir)
     return trainer, checkpoint
 
 
@@ -154,7 +153,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         weights = class_weights(datamodule.split_labels("train"), len(class_names), cfg.sampler.class_weights)
         module = FaceClassifier(resolved, class_names, weights)
 
-        trainer, checkpoint = build_trainer(cfg, run_dir, [EpochMetrics(rec)])
+        trainer, checkpoint = build_trainer(cfg, run_dir, rec)
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         fit_seconds = time.perf_counter() - started
