@@ -51,7 +51,7 @@ def prepare_data(data: DictConfig, paths: DictConfig) -> PreparedData:
         [manifest.root / p for p in manifest.df["path"]],
         paths.cache_dir,
         key=manifest.hash,
-        size=int(data.image_size),
+        size=int(data.image_size) + int(data.get("crop_margin") or 0),  # margin: room for random crops
         grayscale=bool(data.grayscale),
     )
     return PreparedData(manifest=manifest, images=images)
