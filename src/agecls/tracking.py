@@ -101,6 +101,14 @@ def recording(
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
+    except Exception as exc:
+        if type(exc).__name__ != "TrialPruned":
+            mlflow.end_run("FAILED")
+            raise
+        # Stopped early by an Optuna pruner: not a failure; MLflow has no PRUNED status, so tag it.
+        mlflow.set_tag("trial_state", "PRUNED")
+        mlflow.end_run("KILLED")
+        raise
     except BaseException:
         mlflow.end_run("FAILED")
         raise

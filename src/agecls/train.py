@@ -26,6 +26,7 @@ from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.module import FaceClassifier
 from agecls.tasks.classification import class_weights, task_classes
 from agecls.tracking import EpochLogger, Recorder, git_commit, recording
+from agecls.trial import PruningCallback, TrialContext
 
 log = logging.getLogger("agecls.train")
 
@@ -64,7 +65,9 @@ class _NoAdverts(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, rec: Recorder) -> tuple[L.Trainer, ModelCheckpoint]:
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, rec: Recorder, extra_callbacks: list[L.Callback] | None = None
+) -> tuple[L.Trainer, ModelCheckpoint]:
     """lightning.Trainer from the trainer group, with best-checkpoint and early-stopping callbacks,
     logging each epoch's metrics to `rec`."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -77,7 +80,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, rec: Recorder) -> tuple[L.Trai
         save_top_k=1,
         enable_version_counter=False,
     )
-    callbacks: list[L.Callback] = [checkpoint]
+    callbacks: list[L.Callback] = [checkpoint, *(extra_callbacks or [])]
     if stop_cfg.pop("enabled"):
         callbacks.append(EarlyStopping(**stop_cfg))
     trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=EpochLogger(rec), default_root_dir=run_dir)
@@ -105,8 +108,11 @@ def evaluate_splits(
     return reports
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train one configured run end to end; return its metrics (objective = best value of cfg.objective)."""
+def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
+    """Train one configured run end to end; return its metrics (objective = best value of cfg.objective).
+
+    With `trial` (an Optuna study's trial), per-epoch validation values are reported to the study and the
+    run stops with optuna.TrialPruned when its pruner says so."""
     _quiet_lightning()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic), warn_only=True)
@@ -115,6 +121,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     tags = {**(cfg.tracking.get("tags") or {}), "seed": cfg.seed, "git_commit": git_commit()}
     tags.update({"task": cfg.task.name, "run_dir": str(run_dir)})
+    if trial is not None:
+        tags.update(trial.tags(cfg.optuna.get("parent_run_id")))
     with recording(cfg.tracking, run_name=cfg.tracking.get("run_name"), tags=tags) as rec:
         rec.params(flatten(resolved))
         rec.artifact(run_dir / "config.yaml", "config")
@@ -153,7 +161,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         weights = class_weights(datamodule.split_labels("train"), len(class_names), cfg.sampler.class_weights)
         module = FaceClassifier(resolved, class_names, weights)
 
-        trainer, checkpoint = build_trainer(cfg, run_dir, rec)
+        pruning = [PruningCallback(trial, str(cfg.objective.metric))] if trial is not None else []
+        trainer, checkpoint = build_trainer(cfg, run_dir, rec, pruning)
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         fit_seconds = time.perf_counter() - started
@@ -200,9 +209,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float:
-    """Console entry point; returns the objective so Hydra sweepers can optimise it."""
-    return train(cfg)["objective"]
+def main(cfg: DictConfig) -> float | None:
+    """Console entry point; returns the objective so Hydra sweepers can optimise it.
+
+    As a trial of an Optuna study (`optuna.trial` set by agecls's sweeper) it also tells the study the
+    outcome: COMPLETE with the objective, PRUNED, or FAIL with the error (the run's exception is re-raised).
+    """
+    trial = TrialContext.from_cfg(cfg)
+    if trial is None:
+        return train(cfg)["objective"]
+    import optuna
+
+    try:
+        results = train(cfg, trial)
+    except optuna.TrialPruned:
+        trial.pruned()
+        return None
+    except Exception as exc:
+        trial.failed(exc)
+        raise
+    attrs = {
+        k: results[k] for k in ("mlflow_run_id", "run_dir", "checkpoint", "best_epoch", "epochs_trained")
+    }
+    attrs.update({k: results[k] for k in ("test/macro_f1", "fit_seconds") if k in results})
+    trial.complete(results["objective"], attrs)
+    return results["objective"]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,93 @@
+"""MLflow side of an Optuna study: one parent run per study (trials are its child runs), summary metrics,
+and the best trial's checkpoint registered in the model registry under the alias `best`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+from agecls.tracking import ensure_experiment
+
+log = logging.getLogger("agecls.sweeper")
+
+
+@dataclass
+class StudyRun:
+    client: Any
+    run_id: str
+    cfg: DictConfig
+
+    @classmethod
+    def open(cls, cfg: DictConfig, study_name: str) -> StudyRun:
+        """The study's parent run: reopened when the study is resumed, created otherwise."""
+        from mlflow import MlflowClient
+
+        tracking = cfg.tracking
+        experiment_id = ensure_experiment(tracking.tracking_uri, tracking.experiment, tracking.artifact_root)
+        client = MlflowClient(tracking_uri=tracking.tracking_uri)
+        query = f"tags.`optuna.study` = '{study_name}' and tags.`agecls.role` = 'study'"
+        found = client.search_runs([experiment_id], filter_string=query, max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            tags = {
+                "optuna.study": study_name,
+                "agecls.role": "study",
+                "optuna.storage": str(cfg.optuna.storage),
+            }
+            run_id = client.create_run(experiment_id, run_name=f"study {study_name}", tags=tags).info.run_id
+        return cls(client=client, run_id=run_id, cfg=cfg)
+
+    def close(self, study, status: str, seconds: float) -> None:
+        """Summary of the study so far (trial counts by state, epochs, best value and params), then status."""
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+        epochs = sum(int(t.user_attrs.get("epochs_trained", 0)) for t in trials)
+        pruned_epochs = sum(
+            max(t.intermediate_values or {0: 0}) for t in trials if t.state == TrialState.PRUNED
+        )
+        metrics = {f"study/n_{k}": float(v) for k, v in counts.items()}
+        metrics.update({"study/epochs": float(epochs + pruned_epochs), "study/last_session_seconds": seconds})
+        completed = [t for t in trials if t.state == TrialState.COMPLETE]
+        if completed:
+            best = study.best_trial
+            metrics["study/best_value"] = float(best.value)
+            tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+            tags["best.trial"] = str(best.number)
+            tags["best.run_id"] = str(best.user_attrs.get("mlflow_run_id", ""))
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+            if self.cfg.optuna.get("register_best") and best.user_attrs.get("mlflow_run_id"):
+                self._register(study.study_name, best)
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, value)
+        self.client.set_terminated(self.run_id, status=status)
+
+    def _register(self, study_name: str, best) -> None:
+        """Register the best trial's checkpoint folder as a version of `agecls-<study>`, alias `best`."""
+        from mlflow.exceptions import MlflowException
+
+        name = f"agecls-{study_name}"
+        run_id = best.user_attrs["mlflow_run_id"]
+        try:
+            source = f"{self.client.get_run(run_id).info.artifact_uri}/checkpoints"
+            with contextlib.suppress(MlflowException):  # registered by an earlier session of this study
+                self.client.create_registered_model(name)
+            for version in self.client.search_model_versions(f"name = '{name}'"):
+                if version.run_id == run_id:
+                    break
+            else:
+                version = self.client.create_model_version(name, source, run_id=run_id)
+            self.client.set_registered_model_alias(name, "best", version.version)
+            log.info(
+                "registered %s version %s (trial %d) as %s@best", name, version.version, best.number, name
+            )
+        except MlflowException as exc:
+            log.warning("could not register the best checkpoint in the MLflow model registry: %s", exc)

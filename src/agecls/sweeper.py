@@ -1,0 +1,298 @@
+"""agecls's Hydra sweeper for Optuna studies: asynchronous trials, pruning, resume, MLflow parent run.
+
+Why not hydra-optuna-sweeper: 1.3.0 pins optuna<3 and its sqlite storage fails with SQLAlchemy 2; it runs
+trials in blocking batches through the launcher and cannot prune. Here the study lives in an RDB storage,
+and each trial is its own `python -m agecls.train` process: it reports every epoch's validation value,
+is pruned by the study's pruner, and tells the study its outcome. This process only asks for trials and
+keeps `n_jobs` (or one per GPU) of them running, starting the next the moment one ends.
+
+Resume: the study's state is the storage. Re-running the same command continues it: finished trials are
+kept, trials left RUNNING by a dead process are failed once their heartbeat is stale and re-queued with the
+same parameters; `n_trials` counts complete and pruned trials only, so nothing is counted twice. Several
+processes (or machines sharing a PostgreSQL storage) may run the same command at once: they share one study.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("agecls.sweeper")
+
+
+class SweepError(ValueError):
+    """A search-space entry or study setting that cannot be used."""
+
+
+def distribution(override: Override):
+    """Optuna distribution for one Hydra sweep override (choice, range, interval, tag(log, interval))."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    key, value = override.get_key_element(), override.value()
+    if isinstance(value, ChoiceSweep):
+        return CategoricalDistribution(list(value.list))
+    if isinstance(value, RangeSweep):
+        values = list(override.sweep_iterator())
+        if all(isinstance(v, int) for v in values) and len(values) > 1:
+            return IntDistribution(int(values[0]), int(values[-1]), step=int(value.step))
+        return CategoricalDistribution(values)
+    if isinstance(value, IntervalSweep):
+        log_scale = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return IntDistribution(value.start, value.end, log=log_scale)
+        return FloatDistribution(float(value.start), float(value.end), log=log_scale)
+    raise SweepError(f"{key}: unsupported sweep {override.input_line!r}; use choice(), range(), interval()")
+
+
+def search_space(
+    params: dict[str, str], arguments: list[str], parser: OverridesParser
+) -> tuple[dict[str, Any], list[str]]:
+    """(distributions, fixed overrides): optuna.params from config, then the command line (which wins)."""
+    space: dict[str, Any] = {}
+    fixed: dict[str, str] = {}
+    lines = [f"{k}={v}" for k, v in (params or {}).items()]
+    for origin, batch in (("optuna.params", lines), ("command line", list(arguments))):
+        for override in parser.parse_overrides(batch):
+            key = override.get_key_element()
+            if override.is_sweep_override():
+                try:
+                    space[key] = distribution(override)
+                except (ValueError, TypeError) as exc:
+                    raise SweepError(f"{origin}: {override.input_line}: {exc}") from None
+                fixed.pop(key, None)
+            else:
+                space.pop(key, None)
+                fixed[key] = override.input_line
+    return space, list(fixed.values())
+
+
+def format_value(value: Any) -> str:
+    """A sampled value as Hydra override text."""
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+@dataclass
+class Running:
+    process: subprocess.Popen
+    number: int
+    trial_id: int
+    params: dict[str, Any]
+    slot: int
+    started: float = field(default_factory=time.monotonic)
+
+
+class StudyRunner:
+    """Runs one study for the Hydra sweeper `hydra/sweeper=agecls_optuna` (hydra_plugins.agecls_sweeper);
+    settings are the `optuna` block of the composed train config."""
+
+    def __init__(self, config: DictConfig, hydra_context: HydraContext) -> None:
+        self.config, self.hydra_context = config, hydra_context
+
+    # -- slots ------------------------------------------------------------------------------------------
+    def _slots(self, ocfg: DictConfig) -> list[dict[str, str]]:
+        """One environment per concurrent trial: a GPU each when CUDA is there, else CPU threads shared."""
+        devices = ocfg.get("devices")
+        gpus: list[str] = []
+        if devices == "auto":
+            try:
+                import torch
+
+                gpus = [str(i) for i in range(torch.cuda.device_count())]
+            except ImportError:  # pragma: no cover - torch is a dependency
+                gpus = []
+        elif devices is not None:
+            gpus = [str(d) for d in devices]
+        if gpus:
+            return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+        n_jobs = int(ocfg.n_jobs)
+        if n_jobs < 1:
+            raise SweepError(f"optuna.n_jobs={n_jobs}; must be >= 1")
+        threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
+        return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads} for _ in range(n_jobs)]
+
+    def _command(
+        self, fixed: list[str], params: dict[str, Any], number: int, parent: str | None, run_dir: Path
+    ):
+        cfg = self.config
+        cmd = [sys.executable, "-m", "agecls.train", "--config-name", str(cfg.hydra.job.config_name)]
+        cmd += [line for line in fixed if not line.startswith("hydra.sweep")]
+        cmd += [f"{k}={format_value(v)}" for k, v in params.items()]
+        cmd += [f"optuna.trial={number}", f"hydra.run.dir={run_dir}"]
+        if parent:
+            cmd.append(f"optuna.parent_run_id={parent}")
+        return cmd
+
+    # -- main loop --------------------------------------------------------------------------------------
+    def sweep(self, arguments: list[str]) -> Any:
+        import optuna
+        from optuna.storages import fail_stale_trials
+        from optuna.trial import TrialState
+
+        from agecls.study_tracking import StudyRun
+        from agecls.trial import open_study
+
+        assert self.config is not None and self.hydra_context is not None
+        cfg, ocfg = self.config, self.config.optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        space, fixed = search_space(OmegaConf.to_container(ocfg.params) or {}, arguments, parser)
+        if not space:
+            raise SweepError(
+                "the search space is empty: set optuna.params (a sweeps/optuna_*.yaml file) or sweep a key"
+            )
+        direction = "maximize" if str(cfg.objective.mode) == "max" else "minimize"
+        study = open_study(ocfg, direction, with_sampler=True)
+        fail_stale_trials(study)
+        sweep_dir = Path(str(cfg.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
+        slots = self._slots(ocfg)
+        target, max_failures = int(ocfg.n_trials), int(ocfg.max_failures)
+        tracker = StudyRun.open(cfg, study.study_name) if cfg.tracking.enabled else None
+        parent = tracker.run_id if tracker else None
+        log.info(
+            "study %r (%s, %s): %d trials wanted, %d slot(s), space %s",
+            study.study_name,
+            ocfg.storage,
+            direction,
+            target,
+            len(slots),
+            ", ".join(space),
+        )
+        running: dict[int, Running] = {}
+        failures, stopping, last_beat, last_stale = 0, False, 0.0, time.monotonic()
+        started = time.monotonic()
+
+        def counted() -> int:
+            states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            return len(study.get_trials(deepcopy=False, states=states))
+
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            while True:
+                free = [s for s in range(len(slots)) if s not in {r.slot for r in running.values()}]
+                if free and not stopping and counted() < target:
+                    trial = study.ask(space)
+                    run_dir = sweep_dir / f"trial-{trial.number:04d}"
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    cmd = self._command(fixed, trial.params, trial.number, parent, run_dir)
+                    env = {**os.environ, **slots[free[0]]}
+                    with open(run_dir / "process.log", "w") as out:
+                        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                    running[trial.number] = Running(
+                        proc, trial.number, trial._trial_id, trial.params, free[0]
+                    )
+                    study._storage.record_heartbeat(trial._trial_id)
+                    log.info("trial %d started (slot %d): %s", trial.number, free[0], _show(trial.params))
+                    continue
+                if not running:
+                    break
+                for number, item in list(running.items()):
+                    if item.process.poll() is None:
+                        continue
+                    del running[number]
+                    frozen = study._storage.get_trial(item.trial_id)
+                    if frozen.state == TrialState.RUNNING:  # died without telling (killed, out of memory)
+                        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+                        frozen = study._storage.get_trial(item.trial_id)
+                    if frozen.state == TrialState.FAIL:
+                        failures += 1
+                        stopping = stopping or failures > max_failures
+                    value = "" if frozen.value is None else f" value {frozen.value:.4f}"
+                    seconds = time.monotonic() - item.started
+                    log.info("trial %d %s%s after %.0f s", number, frozen.state.name, value, seconds)
+                    if frozen.state == TrialState.FAIL:
+                        log.warning(
+                            "trial %d failed: %s (see %s)",
+                            number,
+                            frozen.user_attrs.get("error", "crashed"),
+                            sweep_dir / f"trial-{number:04d}" / "process.log",
+                        )
+                now = time.monotonic()
+                if now - last_beat > max(1, int(ocfg.heartbeat_interval) // 2):
+                    for item in running.values():
+                        study._storage.record_heartbeat(item.trial_id)
+                    last_beat = now
+                if now - last_stale > int(ocfg.grace_period):
+                    fail_stale_trials(study)  # trials of other workers whose machine died
+                    last_stale = now
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            self._interrupt(study, running)
+            if tracker:
+                tracker.close(study, "KILLED", time.monotonic() - started)
+            log.warning(
+                "interrupted: %d running trial(s) re-queued; run the same command again to resume",
+                len(running),
+            )
+            raise SystemExit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if tracker:
+            tracker.close(study, "FAILED" if stopping else "FINISHED", time.monotonic() - started)
+        _write_summary(study, sweep_dir)
+        if stopping:
+            raise SweepError(
+                f"{failures} trials failed (optuna.max_failures={max_failures}); see {sweep_dir}"
+            )
+        return []
+
+    def _interrupt(self, study, running: dict[int, Running]) -> None:
+        """Stop running trials, fail them in the study and re-queue their parameters."""
+        from optuna.trial import TrialState
+
+        for item in running.values():
+            if item.process.poll() is None:
+                item.process.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 30
+        for item in running.values():
+            try:
+                item.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                item.process.kill()
+                item.process.wait()
+            frozen = study._storage.get_trial(item.trial_id)
+            if frozen.state == TrialState.RUNNING:
+                study.tell(item.number, state=TrialState.FAIL, skip_if_finished=True)
+                study.enqueue_trial(item.params, user_attrs={"requeued_from": item.number})
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _show(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={format_value(v)}" for k, v in params.items())
+
+
+def _write_summary(study, sweep_dir: Path) -> None:
+    """The study's trials as CSV, and the best trial, in the sweep folder."""
+    frame = study.trials_dataframe()
+    frame.to_csv(sweep_dir / "trials.csv", index=False)
+    try:
+        best = study.best_trial
+    except ValueError:
+        log.warning("no trial of study %r completed", study.study_name)
+        return
+    text = f"best trial {best.number}: value {best.value:.4f}\n" + "".join(
+        f"  {k}={format_value(v)}\n" for k, v in best.params.items()
+    )
+    (sweep_dir / "best.txt").write_text(text)
+    log.info("%s", text.rstrip())

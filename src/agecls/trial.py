@@ -1,0 +1,115 @@
+"""The trial side of an Optuna study: one `agecls-train` process reports per-epoch values, may be pruned,
+and tells the study its outcome. The sweeper (agecls.sweeper) only asks for trials and launches them."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+log = logging.getLogger("agecls.trial")
+
+
+def open_study(optuna_cfg: DictConfig, direction: str | None = None, *, with_sampler: bool = False):
+    """The study named in config, on an RDB storage with heartbeats (stale trials are detectable)."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    # Heartbeats and stale-trial retry are marked experimental in optuna; agecls relies on them knowingly.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings(
+        "ignore", message=".*Heartbeat of storage is supposed to be used with Study.optimize.*"
+    )
+
+    url = str(optuna_cfg.storage)
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    storage = RDBStorage(
+        url,
+        heartbeat_interval=int(optuna_cfg.heartbeat_interval),
+        grace_period=int(optuna_cfg.grace_period),
+        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=int(optuna_cfg.retries)),
+    )
+    kwargs: dict[str, Any] = {"pruner": instantiate(optuna_cfg.pruner)}
+    if with_sampler:
+        kwargs["sampler"] = instantiate(optuna_cfg.sampler)
+    if direction is None:
+        return optuna.load_study(study_name=str(optuna_cfg.study_name), storage=storage, **kwargs)
+    return optuna.create_study(
+        study_name=str(optuna_cfg.study_name),
+        storage=storage,
+        direction=direction,
+        load_if_exists=True,
+        **kwargs,
+    )
+
+
+@dataclass
+class TrialContext:
+    """This process's trial of a study (set by the sweeper as `optuna.trial=<number>`)."""
+
+    study: Any
+    trial: Any
+    number: int
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> TrialContext | None:
+        number = cfg.get("optuna", {}).get("trial")
+        if number is None:
+            return None
+        import optuna
+
+        study = open_study(cfg.optuna)
+        storage = study._storage  # noqa: SLF001 - the storage object optuna itself uses for this study
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(study.study_name), int(number)
+        )
+        return cls(study=study, trial=optuna.Trial(study, trial_id), number=int(number))
+
+    def tags(self, parent_run_id: str | None) -> dict[str, str]:
+        tags = {"optuna.study": self.study.study_name, "optuna.trial": str(self.number)}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id  # shows the run nested under its study in MLflow
+        return tags
+
+    def complete(self, value: float, attrs: dict[str, Any]) -> None:
+        for key, val in attrs.items():
+            self.trial.set_user_attr(key, val)
+        self.study.tell(self.number, value, skip_if_finished=True)
+
+    def pruned(self) -> None:
+        import optuna
+
+        self.study.tell(self.number, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+
+    def failed(self, error: BaseException) -> None:
+        import optuna
+
+        self.trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
+        self.study.tell(self.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
+class PruningCallback(L.Callback):
+    """Report the monitored validation value every epoch; stop the run when the study's pruner says so."""
+
+    def __init__(self, ctx: TrialContext, monitor: str) -> None:
+        self.ctx, self.monitor = ctx, monitor
+        self.pruned_at: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+            return
+        epoch = trainer.current_epoch + 1
+        self.ctx.trial.report(float(trainer.callback_metrics[self.monitor]), epoch)
+        if self.ctx.trial.should_prune():
+            import optuna
+
+            self.pruned_at = epoch
+            log.info("trial %d pruned after epoch %d", self.ctx.number, epoch)
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}")

@@ -1,0 +1,209 @@
+"""Optuna studies via `agecls-train -m sweep=...`: search space, async trials, pruning, failures, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from tests.conftest import FAST_OVERRIDES
+
+from agecls.sweeper import SweepError, format_value, search_space
+
+TINY = [*FAST_OVERRIDES, "trainer.max_epochs=2", "data.synthetic.n=300"]
+
+
+def test_search_space_maps_hydra_sweep_syntax_to_optuna():
+    params = {
+        "optimizer": "choice(adam, nadam)",
+        "optimizer.lr": "tag(log, interval(1e-5, 1e-2))",
+        "model.blocks": "range(2, 5)",
+        "model.dropout": "interval(0.1, 0.7)",
+        "model.hidden": "64",
+    }
+    space, fixed = search_space(params, ["model.dropout=0.5", "bins=seed7,four"], OverridesParser.create())
+    assert space["optimizer"] == CategoricalDistribution(["adam", "nadam"])
+    assert space["optimizer.lr"] == FloatDistribution(1e-5, 1e-2, log=True)
+    assert space["model.blocks"] == IntDistribution(2, 4)
+    assert space["bins"] == CategoricalDistribution(["seed7", "four"])
+    assert "model.dropout" not in space, "a fixed command-line value overrides the configured range"
+    assert fixed == ["model.hidden=64", "model.dropout=0.5"]
+    assert format_value(1e-05) == "1e-05" and format_value(True) == "true"
+
+
+def test_unsupported_sweep_is_a_clear_error():
+    with pytest.raises(SweepError, match="model.blocks"):
+        search_space({"model.blocks": "glob(*)"}, [], OverridesParser.create())
+
+
+def _sweep(out: Path, *args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
+    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, *args]
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent, **popen
+    )
+
+
+def _study(out: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{out}/optuna.db")
+
+
+def _states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in study.get_trials()]
+
+
+@pytest.mark.slow
+def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = [
+        "sweep=optuna_optimizers",
+        "optuna.study_name=s1",
+        "optuna.n_trials=2",
+        "optuna.n_jobs=2",
+        "optuna/pruner=none",
+    ]
+    first = _sweep(out, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = _study(out, "s1")
+    assert _states(study) == ["COMPLETE", "COMPLETE"]
+    starts = sorted(t.datetime_start for t in study.trials)
+    ends = sorted(t.datetime_complete for t in study.trials)
+    assert starts[1] < ends[0], "two slots: the second trial starts before the first ends"
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("optuna_optimizers")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("agecls.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2
+    assert parents[0].info.status == "FINISHED" and parents[0].data.metrics["study/n_complete"] == 2
+    best = study.best_trial
+    assert parents[0].data.tags["best.run_id"] == best.user_attrs["mlflow_run_id"]
+    alias = client.get_model_version_by_alias("agecls-s1", "best")
+    assert alias.run_id == best.user_attrs["mlflow_run_id"]
+    for child in children:
+        assert child.data.params["optuna.trial"] == child.data.tags["optuna.trial"]
+
+    # The same command with a larger budget continues the study: the two trials are kept, one is added.
+    again = _sweep(out, *args[:-3], "optuna.n_trials=3", "optuna.n_jobs=1", "optuna/pruner=none")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _states(_study(out, "s1")) == ["COMPLETE"] * 3
+
+
+@pytest.mark.slow
+def test_pruned_and_crashed_trials_are_marked_and_tolerated(tmp_path):
+    out = tmp_path / "out"
+    # Every trial is below the threshold after its first epoch: all are pruned, none fails.
+    pruned = _sweep(
+        out,
+        "sweep=optuna_optimizers",
+        "optuna.study_name=p",
+        "optuna.n_trials=2",
+        "optuna/pruner=threshold",
+        "optuna.pruner.lower=1.01",
+        "optuna.pruner.n_warmup_steps=0",
+    )
+    assert pruned.returncode == 0, pruned.stderr[-3000:]
+    study = _study(out, "p")
+    assert _states(study) == ["PRUNED", "PRUNED"]
+    assert all(list(t.intermediate_values) == [1] for t in study.trials)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("optuna_optimizers").experiment_id],
+        filter_string="tags.trial_state = 'PRUNED'",
+    )
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
+
+    # Six poolings do not fit 32 px: every trial crashes; the sweep stops after max_failures and says so.
+    crashed = _sweep(
+        out,
+        "sweep=optuna_optimizers",
+        "optuna.study_name=c",
+        "optuna.n_trials=5",
+        "optuna.max_failures=1",
+        "model.blocks=6",
+    )
+    assert crashed.returncode != 0
+    assert "optuna.max_failures=1" in crashed.stderr
+    failed = _study(out, "c").trials
+    assert [t.state for t in failed] == [TrialState.FAIL, TrialState.FAIL]
+    assert "blocks" in failed[0].user_attrs["error"]
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_requeues_its_trial_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
+    args = ["sweep=optuna_optimizers", "optuna.study_name=r", "optuna.n_trials=1", "optuna/pruner=none"]
+    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, "trainer.max_epochs=30", *args]
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until the trial's process is training (has a run folder log)
+        logs = list(out.glob("multiruns/*/*/trial-0000/train.log"))
+        if logs and "epoch 1" in logs[0].read_text():
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-3000:]
+    study = _study(out, "r")
+    assert _states(study) == ["FAIL", "WAITING"]
+    assert study.trials[1].system_attrs["fixed_params"] == study.trials[0].params
+
+    resumed = _sweep(out, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = _study(out, "r")
+    assert _states(study) == ["FAIL", "COMPLETE"], "the re-queued trial ran; nothing counted twice"
+    assert study.trials[1].params == study.trials[0].params
+
+
+@pytest.mark.slow
+def test_trial_of_a_killed_machine_is_failed_when_stale_and_rerun(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
+    args = [
+        "sweep=optuna_optimizers",
+        "optuna.study_name=k",
+        "optuna.n_trials=1",
+        "optuna/pruner=none",
+        "optuna.heartbeat_interval=1",
+        "optuna.grace_period=2",
+    ]
+    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, "trainer.max_epochs=30", *args]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list(out.glob("multiruns/*/*/trial-0000/train.log"))
+        if logs and "epoch 1" in logs[0].read_text():
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)  # the machine dies: no handler runs, the trial stays RUNNING
+    proc.wait(timeout=60)
+    assert _states(_study(out, "k")) == ["RUNNING"]
+    time.sleep(3)  # past the grace period
+
+    resumed = _sweep(out, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = _study(out, "k")
+    assert _states(study) == ["FAIL", "COMPLETE"]
+    assert study.trials[1].params == study.trials[0].params
