@@ -13,10 +13,12 @@ import mlflow
 import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from tests.conftest import FAST_OVERRIDES
 
+from agecls.config import CONFIG_DIR
 from agecls.sweeper import SweepError, format_value, search_space
 
 TINY = [*FAST_OVERRIDES, "trainer.max_epochs=2", "data.synthetic.n=300"]
@@ -92,6 +94,19 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
     assert alias.run_id == best.user_attrs["mlflow_run_id"]
     for child in children:
         assert child.data.params["optuna.trial"] == child.data.tags["optuna.trial"]
+
+    report = subprocess.run(
+        [sys.executable, "-m", "agecls.report", "s1", "--out", str(tmp_path / "rep")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "AGECLS_OUTPUT_DIR": str(out)},
+    )
+    assert report.returncode == 0, report.stderr[-3000:]
+    written = {p.name for p in (tmp_path / "rep").iterdir()}
+    assert {"trials.csv", "compute.json", "optimization_history.png", "param_importances.png"} <= written
+    assert any(name.startswith("confusion_val_trial") for name in written)
+    assert "trials_complete 2" in report.stdout
 
     # The same command with a larger budget continues the study: the two trials are kept, one is added.
     again = _sweep(out, *args[:-3], "optuna.n_trials=3", "optuna.n_jobs=1", "optuna/pruner=none")
@@ -207,3 +222,42 @@ def test_trial_of_a_killed_machine_is_failed_when_stale_and_rerun(tmp_path):
     study = _study(out, "k")
     assert _states(study) == ["FAIL", "COMPLETE"]
     assert study.trials[1].params == study.trials[0].params
+
+
+SWEEP_FILES = sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("optuna_*.yaml"))
+
+
+@pytest.mark.parametrize("name", SWEEP_FILES)
+def test_every_optuna_sweep_file_has_a_space_whose_choices_compose(compose_cfg, name):
+    cfg = compose_cfg([f"sweep={name}"])
+    assert cfg.optuna.study_name == name
+    space, _ = search_space(OmegaConf.to_container(cfg.optuna.params), [], OverridesParser.create())
+    assert space, f"sweeps/{name}.yaml has an empty search space"
+    for key, dist in space.items():
+        values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
+        for value in values:
+            compose_cfg([f"sweep={name}", f"{key}={format_value(value)}"])
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_study(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
+    args = ["sweep=optuna_optimizers", "optuna.study_name=w", "optuna.n_trials=3", "optuna/pruner=none"]
+    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, "trainer.max_epochs=1", *args]
+    # The first creates the storage and the MLflow experiment; the second joins while it runs.
+    first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("multiruns/*/*/trial-0000")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    second = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    errors = [p.communicate(timeout=600)[1].decode() for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, errors
+    states = _states(_study(out, "w"))
+    # Each worker stops asking once the study holds n_trials complete or running trials; two workers
+    # asking at the same instant may each start one, so at most one extra trial.
+    assert set(states) == {"COMPLETE"} and 3 <= len(states) <= 4, states
+    dirs = {p.parent.name for p in out.glob("multiruns/*/*/trial-*")}
+    assert len(list(out.glob("multiruns/*/*"))) == 2, "both workers ran trials"
+    assert len(dirs) == 2

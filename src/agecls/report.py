@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 # Params that differ between runs without being a choice (locations, derived sizes).
-_NOISE_PREFIXES = ("paths.", "tracking.", "data.n_", "data.root", "data.manifest_dir", "hydra")
+_NOISE_PREFIXES = ("paths.", "tracking.", "data.n_", "data.root", "data.manifest_dir", "hydra", "optuna.")
 _METRICS = (
     "best_val/macro_f1",
     "test/macro_f1",
@@ -21,15 +22,15 @@ _METRICS = (
 )
 
 
-def default_tracking(overrides: list[str] | None = None) -> tuple[str, Path]:
-    """Tracking URI and output folder from the same config `agecls-train` composes."""
+def default_tracking(overrides: list[str] | None = None) -> tuple[str, Path, str]:
+    """Tracking URI, output folder and Optuna storage from the same config `agecls-train` composes."""
     from hydra import compose, initialize_config_dir
 
     from agecls.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=list(overrides or []))
-    return cfg.tracking.tracking_uri, Path(cfg.paths.output_dir)
+    return cfg.tracking.tracking_uri, Path(cfg.paths.output_dir), str(cfg.optuna.storage)
 
 
 def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
@@ -72,9 +73,14 @@ def _param_columns(runs: pd.DataFrame) -> pd.DataFrame:
 
 def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     """Runs ranked by validation macro-F1 (the selection metric), with the config that differed."""
+    if "tags.agecls.role" in runs:  # an Optuna study's parent run summarises its trials; it is not one
+        runs = runs[runs["tags.agecls.role"].fillna("") != "study"].reset_index(drop=True)
     if runs.empty:
         return pd.DataFrame()
-    table = pd.DataFrame({"run": runs["run_id"].str[:8], "status": runs["status"]})
+    status = runs["status"]
+    if "tags.trial_state" in runs:  # MLflow has no PRUNED status: pruned trials are KILLED + tagged
+        status = runs["tags.trial_state"].fillna(status)
+    table = pd.DataFrame({"run": runs["run_id"].str[:8], "status": status})
     differing = _override_columns(runs)
     if differing.empty:
         differing = _param_columns(runs)
@@ -94,7 +100,12 @@ def to_markdown(table: pd.DataFrame) -> str:
         if isinstance(v, float):
             if pd.isna(v):
                 return ""
-            return f"{v:.0f}" if v.is_integer() and abs(v) >= 1 else f"{v:.4f}"
+            return f"{v:.0f}" if v.is_integer() and abs(v) >= 1 else f"{v:.4g}"
+        if isinstance(v, str) and len(v) > 8:
+            try:  # long numeric override text, e.g. a sampled learning rate
+                return f"{float(v):.4g}"
+            except ValueError:
+                return v
         return "" if v is None else str(v)
 
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
@@ -104,23 +115,44 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="agecls-report", description=__doc__)
-    parser.add_argument("experiment", help="MLflow experiment name (tracking.experiment of the runs)")
+    parser.add_argument("name", help="MLflow experiment (tracking.experiment) and/or Optuna study name")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one agecls-train uses)")
-    parser.add_argument(
-        "--out", type=Path, help="folder for leaderboard.md/.csv (default: outputs/reports/<exp>)"
-    )
+    parser.add_argument("--storage", help="Optuna storage URL (default: optuna.storage of agecls-train)")
+    parser.add_argument("--out", type=Path, help="output folder (default: outputs/reports/<name>)")
     args = parser.parse_args(argv)
-    uri, output_dir = default_tracking()
-    uri = args.tracking_uri or uri
-    table = leaderboard(load_runs(uri, args.experiment))
-    out = args.out or output_dir / "reports" / args.experiment
+    uri, output_dir, storage = default_tracking()
+    uri, storage = args.tracking_uri or uri, args.storage or storage
+    out = args.out or output_dir / "reports" / args.name
     out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "leaderboard.csv", index=False)
-    markdown = to_markdown(table)
-    (out / "leaderboard.md").write_text(markdown + "\n")
-    print(f"\nLeaderboard of {args.experiment!r} ({len(table)} runs, ranked by validation macro-F1):\n")
-    print(markdown)
-    print(f"\nWritten to {out}/leaderboard.md and .csv")
+
+    from agecls.study_report import compute_spent, find_study, trials_table, write_plots
+
+    study = find_study(storage, args.name)
+    try:
+        runs = load_runs(uri, args.name)
+    except SystemExit:
+        if study is None:
+            raise
+        runs = None
+    if runs is not None:
+        table = leaderboard(runs)
+        table.to_csv(out / "leaderboard.csv", index=False)
+        markdown = to_markdown(table)
+        (out / "leaderboard.md").write_text(markdown + "\n")
+        print(f"\nLeaderboard of {args.name!r} ({len(table)} runs, ranked by validation macro-F1):\n")
+        print(markdown)
+    if study is not None:
+        trials = trials_table(study)
+        trials.to_csv(out / "trials.csv", index=False)
+        spent = compute_spent(study)
+        (out / "compute.json").write_text(json.dumps(spent, indent=2) + "\n")
+        plots = write_plots(study, out, uri)
+        print(f"\nOptuna study {args.name!r} ({storage}): {len(trials)} trials\n")
+        print(to_markdown(trials.head(20)))
+        print("\ncompute: " + ", ".join(f"{k} {v}" for k, v in spent.items() if v))
+        print("plots: " + ", ".join(p.name for p in plots))
+        print(f"Dashboard:  optuna-dashboard {storage}   (pip install optuna-dashboard)")
+    print(f"\nWritten to {out}/")
     if uri.startswith("sqlite:///"):
         print(
             f"Browse every run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"

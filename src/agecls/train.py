@@ -123,6 +123,8 @@ def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
     tags.update({"task": cfg.task.name, "run_dir": str(run_dir)})
     if trial is not None:
         tags.update(trial.tags(cfg.optuna.get("parent_run_id")))
+        trial.trial.set_user_attr("max_epochs", int(cfg.trainer.max_epochs))
+        trial.trial.set_user_attr("run_dir", str(run_dir))
     with recording(cfg.tracking, run_name=cfg.tracking.get("run_name"), tags=tags) as rec:
         rec.params(flatten(resolved))
         rec.artifact(run_dir / "config.yaml", "config")
