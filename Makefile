@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# A small grid of real training runs on the generated synthetic faces, then their leaderboard.
+# A short pruned Optuna study of real training runs on the generated synthetic faces, then its report.
 demo: $(STAMP)
-	$(BIN)/agecls-train -m experiment=demo optimizer=adam,nadam model.blocks=2,3
+	$(BIN)/agecls-train -m experiment=demo sweep=demo
 	$(BIN)/agecls-report demo
 
 test: $(STAMP)

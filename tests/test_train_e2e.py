@@ -15,6 +15,7 @@ from tests.conftest import FAST_OVERRIDES
 from agecls.module import FaceClassifier
 from agecls.report import leaderboard, load_runs
 from agecls.tasks.classification import GENDER_NAMES
+from agecls.tracking import ManifestMismatchError, check_manifest
 from agecls.train import train
 
 pytestmark = pytest.mark.slow
@@ -108,3 +109,16 @@ def test_multirun_from_the_console_script_then_report(output_dir, tmp_path):
     assert (tmp_path / "rep" / "leaderboard.csv").is_file()
     table = leaderboard(load_runs(f"sqlite:///{output_dir}/mlflow.db", "e2e-grid"))
     assert len(table) == 2 and set(table["status"]) == {"FINISHED"}
+
+
+def test_an_experiment_refuses_runs_on_another_manifest(compose_cfg, output_dir):
+    _run(compose_cfg, "e2e-manifest", "trainer.max_epochs=1")
+    other = compose_cfg([*FAST_OVERRIDES, "tracking.experiment=e2e-manifest", "data.synthetic.n=300"])
+    with pytest.raises(ManifestMismatchError, match="tracking.allow_new_manifest=true"):
+        train(other)
+    runs = load_runs(f"sqlite:///{output_dir}/mlflow.db", "e2e-manifest")
+    assert len(runs) == 1, "the refused run left no trace in MLflow"
+    allowed = compose_cfg(
+        [*FAST_OVERRIDES, "tracking.experiment=e2e-manifest", "tracking.allow_new_manifest=true"]
+    )
+    check_manifest(allowed.tracking, "some-other-hash")  # no error

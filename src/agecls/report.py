@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="Optuna storage URL (default: optuna.storage of agecls-train)")
     parser.add_argument("--out", type=Path, help="output folder (default: outputs/reports/<name>)")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri, output_dir, storage = default_tracking()
     uri, storage = args.tracking_uri or uri, args.storage or storage
     out = args.out or output_dir / "reports" / args.name

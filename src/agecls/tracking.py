@@ -60,6 +60,36 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -
         return found.experiment_id
 
 
+class ManifestMismatchError(ValueError):
+    """An experiment already holds runs on a different dataset manifest (split)."""
+
+
+def check_manifest(tracking: DictConfig, manifest_hash: str) -> None:
+    """Refuse to add a run on another manifest to an experiment whose runs share one (comparability).
+
+    Allowed with tracking.allow_new_manifest=true; a new tracking.experiment is the usual answer."""
+    if not tracking.enabled or tracking.get("allow_new_manifest"):
+        return
+    mlflow.set_tracking_uri(tracking.tracking_uri)
+    experiment = mlflow.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return
+    other = mlflow.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`data.manifest_hash` != '{manifest_hash}'",
+        max_results=1,
+        output_format="list",
+    )
+    if other:
+        found = other[0].data.tags
+        raise ManifestMismatchError(
+            f"MLflow experiment {tracking.experiment!r} already holds runs on another data manifest "
+            f"({found.get('data.manifest_hash', '')[:12]} of {found.get('data.root')}, e.g. run "
+            f"{other[0].info.run_id[:8]}); this run's manifest is {manifest_hash[:12]}. Scores would not "
+            "be comparable: choose a new tracking.experiment=NAME, or set tracking.allow_new_manifest=true"
+        )
+
+
 class Recorder:
     """Thin wrapper over the active MLflow run; every method is a no-op when tracking is disabled."""
 

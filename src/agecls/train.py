@@ -25,7 +25,7 @@ from agecls.data.prepare import prepare_data, task_labels
 from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.module import FaceClassifier
 from agecls.tasks.classification import class_weights, task_classes
-from agecls.tracking import EpochLogger, Recorder, git_commit, recording
+from agecls.tracking import EpochLogger, Recorder, check_manifest, git_commit, recording
 from agecls.trial import PruningCallback, TrialContext
 
 log = logging.getLogger("agecls.train")
@@ -125,6 +125,8 @@ def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
         tags.update(trial.tags(cfg.optuna.get("parent_run_id")))
         trial.trial.set_user_attr("max_epochs", int(cfg.trainer.max_epochs))
         trial.trial.set_user_attr("run_dir", str(run_dir))
+    prepared = prepare_data(cfg.data, cfg.paths)
+    check_manifest(cfg.tracking, prepared.manifest.hash)
     with recording(cfg.tracking, run_name=cfg.tracking.get("run_name"), tags=tags) as rec:
         rec.params(flatten(resolved))
         rec.artifact(run_dir / "config.yaml", "config")
@@ -135,7 +137,6 @@ def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
             rec.artifact(overrides, "config")
             rec.tags({"overrides": " ".join(task_overrides)[:5000]})
 
-        prepared = prepare_data(cfg.data, cfg.paths)
         manifest = prepared.manifest
         rec.tags(
             {

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +34,28 @@ def manifest_dir(data: DictConfig, root: Path, data_dir: str) -> Path:
     return Path(data_dir) / "manifests" / f"{data.name}-{digest}"
 
 
+@contextmanager
+def data_lock(data_dir: str | Path) -> Iterator[None]:
+    """Exclusive lock over data preparation: concurrent runs (sweep trials, workers sharing a folder)
+    generate, split and cache one at a time; whoever comes second reuses what the first wrote."""
+    folder = Path(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".prepare.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def prepare_data(data: DictConfig, paths: DictConfig) -> PreparedData:
-    """Generate synthetic data if configured, read or write the persisted split, and decode once."""
+    """Generate synthetic data if configured, read or write the persisted split, and decode once
+    (under data_lock, so parallel runs never write the same files at once)."""
+    with data_lock(paths.data_dir):
+        return _prepare_data(data, paths)
+
+
+def _prepare_data(data: DictConfig, paths: DictConfig) -> PreparedData:
     root = Path(data.root)
     if data.get("synthetic"):
         generate_synthetic(root, n=int(data.synthetic.n), seed=int(data.synthetic.seed))
