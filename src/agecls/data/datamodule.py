@@ -1,21 +1,41 @@
-"""Batches for the one training loop: cached uint8 images + label arrays -> augment -> sampler."""
+"""Batches for the one training loop: cached uint8 images + labels -> transforms -> normalise -> sampler."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
+from agecls.data.augment import Transforms, check_normalize_spec, resolve_normalize, seed_transform
 from agecls.tasks.classification import sample_weights
 
 SPLITS = ("train", "val", "test")
 
 
+def seed_worker_transform(worker_id: int) -> None:
+    """DataLoader worker init: give the worker's copy of a seeded albumentations pipeline its own stream.
+
+    albumentations 2 ignores global seeds and every worker starts from a copy of the same Compose state, so
+    without this all workers would draw the same augmentations. torch's per-worker seed is derived from the
+    loader's seeded generator, so the streams are reproducible."""
+    if os.environ.get("PL_SEED_WORKERS") == "1":  # what Lightning adds when no worker_init_fn is set
+        from lightning.fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
+    info = get_worker_info()
+    if info is not None:
+        seed_transform(getattr(info.dataset, "transform", None), info.seed % 2**32)
+
+
 class FaceDataset(Dataset):
-    """Rows `indices` of a decoded (N, H, W, C) uint8 array with one integer label per row."""
+    """Rows `indices` of a decoded (N, H, W, C) uint8 array with one integer label per row.
+
+    An item is a (C, H, W) float tensor: `transform` on the uint8 image, then /255, then `(x - mean) / std`
+    per channel when `mean` and `std` are given (0..1 scale)."""
 
     def __init__(
         self,
@@ -23,8 +43,12 @@ class FaceDataset(Dataset):
         indices: np.ndarray,
         labels: np.ndarray,
         transform: Callable[..., dict] | None = None,
+        mean: np.ndarray | None = None,
+        std: np.ndarray | None = None,
     ) -> None:
         self.images, self.indices, self.labels, self.transform = images, indices, labels, transform
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -35,11 +59,19 @@ class FaceDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image=image)["image"]
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        if self.mean is not None:
+            x.sub_(self.mean).div_(self.std)
         return x, torch.tensor(self.labels[row], dtype=torch.long)
 
 
 class FaceDataModule(L.LightningDataModule):
-    """Train/val/test loaders over one persisted split; rows without the task's label are left out."""
+    """Train/val/test loaders over one persisted split; rows without the task's label are left out.
+
+    `train_transform` is either one callable (train only; eval images pass as cached) or the `Transforms`
+    of `agecls.data.augment.build_augment`, which also brings the eval transform (a centre crop when the
+    cache keeps a margin) and `data.normalize`. Normalisation is resolved once (`dataset`: from the train
+    split) and applied identically to every split. A seeded train pipeline is re-seeded with `seed`, and per
+    DataLoader worker from the loader's seeded generator."""
 
     def __init__(
         self,
@@ -51,7 +83,9 @@ class FaceDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         weighted_sampler: bool = False,
-        train_transform: Callable[..., dict] | None = None,
+        train_transform: Callable[..., dict] | Transforms | None = None,
+        eval_transform: Callable[..., dict] | None = None,
+        normalize: object = "none",
         seed: int = 42,
     ) -> None:
         super().__init__()
@@ -59,12 +93,25 @@ class FaceDataModule(L.LightningDataModule):
             raise ValueError(f"images ({len(images)}), labels ({len(labels)}), split ({len(split)}) differ")
         self.images, self.labels, self.num_classes = images, labels, num_classes
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.weighted_sampler, self.train_transform, self.seed = weighted_sampler, train_transform, seed
+        if isinstance(train_transform, Transforms):
+            if eval_transform is not None or normalize != "none":
+                raise ValueError("pass eval_transform and normalize inside the Transforms, not beside it")
+            train_transform, eval_transform, normalize = (
+                train_transform.train,
+                train_transform.eval,
+                train_transform.normalize,
+            )
+        check_normalize_spec(normalize)
+        self.weighted_sampler, self.seed = weighted_sampler, seed
+        self.train_transform, self.eval_transform = train_transform, eval_transform
+        seed_transform(train_transform, seed)
         has_label = labels >= 0
         self.indices = {s: np.flatnonzero((split == s) & has_label) for s in SPLITS}
         for s, idx in self.indices.items():
             if len(idx) == 0:
                 raise ValueError(f"the {s} split has no rows with this task's label")
+        stats = resolve_normalize(normalize, images, self.indices["train"])
+        self.mean, self.std = stats if stats is not None else (None, None)
 
     def split_labels(self, split: str) -> np.ndarray:
         """Labels of one split, in loader order (before sampling)."""
@@ -72,14 +119,16 @@ class FaceDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, transform, sampler=None, shuffle: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
+        seeded = hasattr(transform, "set_random_state") and self.num_workers > 0
         return DataLoader(
-            FaceDataset(self.images, self.indices[split], self.labels, transform),
+            FaceDataset(self.images, self.indices[split], self.labels, transform, self.mean, self.std),
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             generator=generator,
+            worker_init_fn=seed_worker_transform if seeded else None,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -95,13 +144,13 @@ class FaceDataModule(L.LightningDataModule):
         return self._loader("train", self.train_transform, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", None)
+        return self._loader("val", self.eval_transform)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", None)
+        return self._loader("test", self.eval_transform)
 
     def eval_dataloader(self, split: str) -> DataLoader:
         """Any split in fixed order, without augmentation or sampling (for scoring a trained model)."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
-        return self._loader(split, None)
+        return self._loader(split, self.eval_transform)
