@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean
+.PHONY: install demo test test-heavy lint format clean bench
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 test-heavy: $(STAMP)
 	$(BIN)/python -m pytest -m heavy
+
+# Data-pipeline benchmark (cache vs per-epoch JPEG decoding, data share of step time); rewrites its
+# section of BENCHMARKS.md. Reads ../shared/data/utkface when present, else generated faces (a few minutes).
+bench: $(STAMP)
+	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests

@@ -1,0 +1,379 @@
+"""Data-pipeline benchmark (issue #6, item 1): is the decoded cache worth it, and is training data-bound?
+
+Measures, in one process and back to back:
+  (a) per-epoch JPEG decode + resize + augment (the naive path: PIL, the same `decode_image` the cache uses)
+  (b) the decoded memory-mapped cache + the same augment,
+for DataLoader num_workers 0, 1, 2, as images/s over a full epoch and the ratio (b)/(a); and
+  (c) the share of step time spent waiting for the next batch when training the basic CNN on batches from
+      the cache loader (the dissertation's 4-block base-64 hidden-132 model and the demo's base-16 hidden-64).
+
+Real UTKFace faces when the folder exists (a few thousand, evenly spaced over the sorted names), else
+generated synthetic faces (said so in the output). Caches and synthetic files go under outputs/bench/
+(AGECLS_OUTPUT_DIR moves them), never into the repository.
+
+    .venv/bin/python bench/data_pipeline.py                      # print the tables
+    .venv/bin/python bench/data_pipeline.py --write BENCHMARKS.md  # also rewrite this benchmark's section
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ROOT = REPO.parent / "shared" / "data" / "utkface"
+BEGIN, END = "<!-- data_pipeline:begin -->", "<!-- data_pipeline:end -->"
+MODELS = {  # name -> (basic_cnn builder arguments, timed steps: ~3 s and ~0.3 s a step on 2 CPU cores)
+    "dissertation (4 blocks, base 64, hidden 132)": ({"blocks": 4, "base_channels": 64, "hidden": 132}, 8),
+    "demo (4 blocks, base 16, hidden 64)": ({"blocks": 4, "base_channels": 16, "hidden": 64}, 30),
+}
+
+
+class JpegImages:
+    """Array-like over image files: row i is decoded and resized on every read (the naive path)."""
+
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int) -> np.ndarray:
+        from agecls.data.cache import decode_image
+
+        return decode_image(self.paths[int(row)], self.size, grayscale=True)
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
+    import albumentations
+    import PIL
+
+    return {
+        "cpu": cpu,
+        "nproc": nproc,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "albumentations": albumentations.__version__,
+        "pillow": PIL.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def pick_images(root: Path, n: int, out_dir: Path) -> tuple[list[Path], str]:
+    """n real UTKFace files evenly spaced over the sorted names, or n generated faces if `root` is missing."""
+    files = sorted(p for p in root.glob("*.jpg")) if root.is_dir() else []
+    if files:
+        step = max(1, len(files) // n)
+        chosen = files[::step][:n]
+        return (
+            chosen,
+            f"real UTKFace: {len(chosen)} of the {len(files)} files in {root} (every {step}th name)",
+        )
+    print(f"UTKFace folder not found at {root}: skipping the real-data measurement; using synthetic faces")
+    from agecls.data.synthetic import generate_synthetic
+
+    folder = generate_synthetic(out_dir / f"synthetic-n{n}", n=n, seed=0)
+    chosen = sorted(folder.glob("*.jpg"))[:n]
+    return chosen, f"synthetic faces (UTKFace missing at {root}): {len(chosen)} generated 200x200 JPEGs"
+
+
+def age_labels(paths: list[Path]) -> np.ndarray:
+    from agecls.data.bins import AgeBins
+
+    ages = [int(re.match(r"(\d+)_", p.name).group(1)) if re.match(r"(\d+)_", p.name) else 30 for p in paths]
+    return AgeBins.named("seed7").index(np.clip(ages, 0, 116)).astype(np.int64)
+
+
+def transforms_for(augment: str, size: int):
+    from hydra import compose, initialize_config_dir
+
+    from agecls.config import CONFIG_DIR
+    from agecls.data.augment import build_augment
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(
+            "train", overrides=[f"augment={augment}", f"data.image_size={size}", "data.grayscale=true"]
+        )
+    return build_augment(cfg.augment)
+
+
+def loader(images, labels, transform, workers: int, batch_size: int, seed: int = 0) -> DataLoader:
+    from agecls.data.augment import seed_transform
+    from agecls.data.datamodule import FaceDataset, seed_worker_transform
+
+    seed_transform(transform, seed)
+    dataset = FaceDataset(images, np.arange(len(labels)), labels, transform)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=seed_worker_transform if workers > 0 else None,
+    )
+
+
+def epoch_rate(dl: DataLoader) -> tuple[float, float]:
+    """images/s of a first epoch (worker start-up included) and of a second one (persistent workers)."""
+    rates = []
+    for _ in range(2):
+        start, n = time.perf_counter(), 0
+        for x, _ in dl:
+            n += len(x)
+        rates.append(n / (time.perf_counter() - start))
+    return rates[0], rates[1]
+
+
+def data_share(images, labels, transform, workers: int, model_args: dict, size: int, steps: int, warmup: int):
+    """Train `steps` batches (after `warmup`) and split each step into waiting for the batch and computing."""
+    from agecls.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("basic_cnn", num_classes=7, in_chans=1, image_size=size, **model_args)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    dl = loader(images, labels, transform, workers, batch_size=64)
+    wait = compute = 0.0
+    done = 0
+    it = iter(dl)
+    while done < warmup + steps:
+        t0 = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(dl)
+            x, y = next(it)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        t2 = time.perf_counter()
+        if done >= warmup:
+            wait, compute = wait + (t1 - t0), compute + (t2 - t1)
+        done += 1
+    del it, dl
+    total = wait + compute
+    return {
+        "workers": workers,
+        "steps": steps,
+        "step_ms": 1000 * total / steps,
+        "wait_ms": 1000 * wait / steps,
+        "data_share": wait / total,
+        "train_images_per_s": 64 * steps / total,
+    }
+
+
+def _rate_rows(rows: list[dict]) -> list[str]:
+    return [
+        f"| {r['workers']} | {r['jpeg'][0]:.0f} / {r['jpeg'][1]:.0f} | {r['cache'][0]:.0f} / "
+        f"{r['cache'][1]:.0f} | {r['ratio']:.1f}x |"
+        for r in rows
+    ]
+
+
+def render(res: dict) -> str:
+    m, a = res["machine"], res["args"]
+    lines = [
+        BEGIN,
+        "## Data pipeline: decoded cache vs per-epoch JPEG decoding (issue #6, item 1)",
+        "",
+        f"Written by `make bench` (`{res['command']}`) on {res['date']}; {res['seconds']:.0f} s in all.",
+        "",
+        f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; Python {m['python']}, torch "
+        f"{m['torch']} ({m['torch_threads']} intra-op threads), albumentations {m['albumentations']}, "
+        f"Pillow {m['pillow']}, numpy {m['numpy']}. Load average (1/5/15 min) before: "
+        f"{'/'.join(map(str, res['load_average']['start']))}, after: "
+        f"{'/'.join(map(str, res['load_average']['end']))}.",
+        f"- Data: {res['data']}; {a['size']} px greyscale, `augment={a['augment']}`, batch size "
+        f"{a['batch_size']}, shuffled.",
+        f"- One-off cache build (decode + resize, {res['cache']['workers']} threads): "
+        f"{res['cache']['seconds']:.1f} s, {res['cache']['images_per_s']:.0f} images/s.",
+        "- Each row: the JPEG path then the cache path, back to back, same transforms and loader settings. "
+        "Rates are over a full epoch; the second epoch reuses persistent workers (steady state), the first "
+        "includes worker start-up. The JPEG files were in the OS page cache (read once before timing), "
+        "which favours the JPEG path.",
+        "",
+        "| DataLoader workers | JPEG decode + resize + augment, images/s (1st / 2nd epoch) "
+        "| cache + augment, images/s (1st / 2nd epoch) | cache / JPEG (2nd epoch) |",
+        "|---|---|---|---|",
+    ]
+    lines += _rate_rows(res["loading"])
+    lines += [
+        "",
+        "The same without augmentation (`augment=none`: loading alone, same loaders):",
+        "",
+        "| DataLoader workers | JPEG decode + resize, images/s (1st / 2nd epoch) "
+        "| cache, images/s (1st / 2nd epoch) | cache / JPEG (2nd epoch) |",
+        "|---|---|---|---|",
+        *_rate_rows(res["no_augment"]),
+        "",
+        "Training the basic CNN from the cache loader (plain PyTorch loop: Adam, cross-entropy, batches of "
+        f"64, {a['warmup']} warm-up steps, then the timed steps in the table). "
+        "Data time = time blocked in `next(loader)`; step time = that + forward + backward + optimizer step.",
+        "",
+        "| model | workers | timed steps | step, ms | waiting for data, ms | data share of step time "
+        "| train images/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in res["training"]:
+        lines.append(
+            f"| {r['model']} | {r['workers']} | {r['steps']} | {r['step_ms']:.0f} | {r['wait_ms']:.1f} | "
+            f"{100 * r['data_share']:.1f}% | {r['train_images_per_s']:.0f} |"
+        )
+    t = res["targets"]
+    lines += [
+        "",
+        "Targets from issue #6:",
+        f"- cache >= 5x the images/s of per-epoch JPEG decoding: **{t['cache_5x']}**",
+        f"- data time < 5% of step time: **{t['data_5pct']}**",
+        END,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this benchmark's section of `path` (between its markers), or append it."""
+    text = (
+        path.read_text()
+        if path.is_file()
+        else "# Benchmarks\n\nFigures measured by the scripts in `bench/`.\n"
+    )
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
+
+
+def verdicts(res: dict) -> dict:
+    ratios = {r["workers"]: r["ratio"] for r in res["loading"]}
+    met = [w for w, r in ratios.items() if r >= 5]
+    cache = (
+        f"met for all worker counts (min {min(ratios.values()):.1f}x)"
+        if len(met) == len(ratios)
+        else f"not met: {', '.join(f'{r:.1f}x at {w} workers' for w, r in ratios.items())}"
+    )
+
+    def label(r: dict) -> str:
+        return f"{r['model'].split(' ')[0]} model, {r['workers']} workers ({100 * r['data_share']:.1f}%)"
+
+    ok = [label(r) for r in res["training"] if r["data_share"] < 0.05]
+    bad = [label(r) for r in res["training"] if r["data_share"] >= 0.05]
+    if not bad:
+        data = "met in every setting"
+    elif not ok:
+        data = f"not met: {'; '.join(bad)}"
+    else:
+        data = f"met for {'; '.join(ok)}; not met for {'; '.join(bad)}"
+    return {"cache_5x": cache, "data_5pct": data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("AGECLS_UTKFACE", DEFAULT_ROOT)))
+    parser.add_argument("--n", type=int, default=3000, help="images in the subset")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--augment", default="seed")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--train-workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, help="timed training steps per setting (default: per model)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of a markdown file")
+    args = parser.parse_args(argv)
+    began = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    from agecls.data.cache import build_cache
+
+    out_dir = Path(os.environ.get("AGECLS_OUTPUT_DIR", REPO / "outputs")) / "bench"
+    paths, data_note = pick_images(args.root, args.n, out_dir)
+    labels = age_labels(paths)
+    key = "bench-" + hashlib.sha1("\n".join(map(str, paths)).encode()).hexdigest()[:12]
+    from agecls.data.cache import cache_path
+
+    stale = cache_path(out_dir / "cache", key=key, size=args.size, grayscale=True)
+    for f in (stale, stale.with_suffix(".json")):
+        f.unlink(missing_ok=True)  # time a fresh build
+    start = time.perf_counter()
+    cached = build_cache(paths, out_dir / "cache", key=key, size=args.size, grayscale=True, workers=2)
+    build_s = time.perf_counter() - start
+    jpeg = JpegImages(paths, args.size)
+    transform = transforms_for(args.augment, args.size).train
+    print(f"data: {data_note}; cache built in {build_s:.1f} s", flush=True)
+
+    loading = []
+    for w in args.workers:
+        a = epoch_rate(loader(jpeg, labels, transform, w, args.batch_size))
+        b = epoch_rate(loader(cached, labels, transform, w, args.batch_size))
+        loading.append({"workers": w, "jpeg": a, "cache": b, "ratio": b[1] / a[1]})
+        print(f"workers {w}: jpeg {a[1]:.0f}/s, cache {b[1]:.0f}/s, ratio {b[1] / a[1]:.1f}x", flush=True)
+    no_aug = []
+    for w in args.workers:
+        a = epoch_rate(loader(jpeg, labels, None, w, args.batch_size))
+        b = epoch_rate(loader(cached, labels, None, w, args.batch_size))
+        no_aug.append({"workers": w, "jpeg": a, "cache": b, "ratio": b[1] / a[1]})
+        print(f"no augment, workers {w}: jpeg {a[1]:.0f}/s, cache {b[1]:.0f}/s, ratio {b[1] / a[1]:.1f}x")
+
+    training = []
+    for name, (model_args, steps) in MODELS.items():
+        for w in args.train_workers:
+            steps = args.steps or steps
+            r = data_share(cached, labels, transform, w, model_args, args.size, steps, args.warmup)
+            training.append({"model": name, **r})
+            print(
+                f"{name}, workers {w}: step {r['step_ms']:.0f} ms, data {100 * r['data_share']:.1f}%",
+                flush=True,
+            )
+
+    res = {
+        "command": "python bench/data_pipeline.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "args": vars(args) | {"root": str(args.root), "write": str(args.write)},
+        "data": data_note,
+        "cache": {"seconds": build_s, "images_per_s": len(paths) / build_s, "workers": 2},
+        "loading": loading,
+        "no_augment": no_aug,
+        "load_average": {"start": load_start, "end": [round(x, 2) for x in os.getloadavg()]},
+        "training": training,
+    }
+    res["targets"] = verdicts(res)
+    res["seconds"] = time.perf_counter() - began
+    section = render(res)
+    print(section)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "data_pipeline.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+    if args.write:
+        write_section(args.write, section)
+        print(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
