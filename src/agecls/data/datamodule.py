@@ -17,7 +17,8 @@ SPLITS = ("train", "val", "test")
 
 
 def seed_worker_transform(worker_id: int) -> None:
-    """DataLoader worker init: give the worker's copy of a seeded albumentations pipeline its own stream.
+    """DataLoader worker init: give the worker's copy of a seeded albumentations pipeline its own stream
+    (and run OpenCV single-threaded in the worker: the workers already use the cores).
 
     albumentations 2 ignores global seeds and every worker starts from a copy of the same Compose state, so
     without this all workers would draw the same augmentations. torch's per-worker seed is derived from the
@@ -29,6 +30,9 @@ def seed_worker_transform(worker_id: int) -> None:
     info = get_worker_info()
     if info is not None:
         seed_transform(getattr(info.dataset, "transform", None), info.seed % 2**32)
+        import cv2  # albumentations' backend; its thread pool would oversubscribe the cores
+
+        cv2.setNumThreads(0)
 
 
 class FaceDataset(Dataset):
