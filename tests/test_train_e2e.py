@@ -45,12 +45,23 @@ def test_a_run_trains_evaluates_the_best_checkpoint_and_records_everything(compo
     assert results["test/macro_f1"] > 0.6, results
     assert results["objective"] == pytest.approx(results["best_val/macro_f1"], abs=1e-6)
     assert sum(map(sum, results["confusion_test"])) == results["data_sizes"]["test"]
+    # Fairness view: the task's macro-F1 within each value of the other attributes (here ethnicity).
+    fairness = results["fairness_test"]
+    assert {row["attribute"] for row in fairness} == {"ethnicity"}
+    assert sum(row["n"] for row in fairness) == results["data_sizes"]["test"]
+    assert (run_dir / "fairness_test.csv").is_file()
 
     run = _client(output_dir).get_run(results["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["model.blocks"] == "2" and run.data.params["task.target"] == "gender"
     assert run.data.tags["data.manifest_hash"] and run.data.tags["seed"] == "42"
-    for key in ("best_val/macro_f1", "test/macro_f1", "test/acc", "best_epoch"):
+    for key in (
+        "best_val/macro_f1",
+        "test/macro_f1",
+        "test/acc",
+        "best_epoch",
+        "test/macro_f1_by_ethnicity/white",
+    ):
         assert key in run.data.metrics, key
     history = _client(output_dir).get_metric_history(run.info.run_id, "val/macro_f1")
     assert [m.step for m in history] == list(range(1, results["epochs_trained"] + 1))

@@ -12,6 +12,8 @@ from typing import Any
 
 import hydra
 import lightning as L
+import numpy as np
+import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -24,7 +26,7 @@ from agecls.data.datamodule import FaceDataModule
 from agecls.data.prepare import prepare_data, task_labels
 from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.module import FaceClassifier
-from agecls.tasks.classification import class_weights, task_classes
+from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES, class_weights, task_classes
 from agecls.tracking import EpochLogger, Recorder, check_manifest, git_commit, recording
 from agecls.trial import PruningCallback, TrialContext
 
@@ -87,13 +89,41 @@ def build_trainer(
     return trainer, checkpoint
 
 
+def subgroup_scores(
+    preds: torch.Tensor,
+    labels: torch.Tensor,
+    groups: dict[str, tuple[np.ndarray, tuple[str, ...]]],
+    class_names,
+) -> pd.DataFrame:
+    """Macro-F1 and accuracy of the task within each value of other attributes (e.g. age F1 by gender)."""
+    rows = []
+    for attr, (codes, names) in groups.items():
+        for code, name in enumerate(names):
+            mask = torch.from_numpy(codes == code)
+            if int(mask.sum()) == 0:
+                continue
+            scores = stage_report(preds[mask], labels[mask], class_names).metrics
+            rows.append({"attribute": attr, "group": name, "n": int(mask.sum()), **scores})
+    return pd.DataFrame(rows, columns=["attribute", "group", "n", "macro_f1", "acc"])
+
+
 def evaluate_splits(
-    module: FaceClassifier, datamodule: FaceDataModule, class_names: list[str], run_dir: Path, rec: Recorder
-) -> dict[str, StageReport]:
-    """Score the loaded (best) model on train, val and test; write and record tables and confusion plots."""
+    module: FaceClassifier,
+    datamodule: FaceDataModule,
+    class_names: list[str],
+    run_dir: Path,
+    rec: Recorder,
+    groups: dict[str, tuple[np.ndarray, tuple[str, ...]]] | None = None,
+) -> tuple[dict[str, StageReport], dict[str, pd.DataFrame]]:
+    """Score the loaded (best) model on train, val and test; write and record tables and confusion plots.
+
+    `groups` (attribute -> (code per manifest row, -1 if unknown; group names)) adds the fairness view:
+    the task's macro-F1 within each group, on val and test."""
     reports: dict[str, StageReport] = {}
+    fairness: dict[str, pd.DataFrame] = {}
     for split in ("train", "val", "test"):
-        report = stage_report(*module.predict_loader(datamodule.eval_dataloader(split)), class_names)
+        preds, labels = module.predict_loader(datamodule.eval_dataloader(split))
+        report = stage_report(preds, labels, class_names)
         csv_path = run_dir / f"per_class_{split}.csv"
         report.table.to_csv(csv_path, index=False)
         png = plot_confusion(
@@ -105,7 +135,21 @@ def evaluate_splits(
         rec.metrics({f"{prefix}/{k}": v for k, v in report.metrics.items()})
         rec.metrics({f"{prefix}/f1_{r['class']}": float(r["f1"]) for _, r in report.table.iterrows()})
         reports[split] = report
-    return reports
+        if groups and split != "train":
+            rows = datamodule.indices[split]
+            table = subgroup_scores(
+                preds, labels, {a: (c[rows], n) for a, (c, n) in groups.items()}, class_names
+            )
+            table.to_csv(run_dir / f"fairness_{split}.csv", index=False)
+            rec.artifact(run_dir / f"fairness_{split}.csv", "evaluation")
+            rec.metrics(
+                {
+                    f"{prefix}/macro_f1_by_{r.attribute}/{r.group}": float(r.macro_f1)
+                    for r in table.itertuples()
+                }
+            )
+            fairness[split] = table
+    return reports, fairness
 
 
 def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
@@ -176,7 +220,12 @@ def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
             )
         state = torch.load(best, map_location=module.device, weights_only=False)
         module.load_state_dict(state["state_dict"])
-        reports = evaluate_splits(module, datamodule, class_names, run_dir, rec)
+        groups = {
+            attr: (manifest.df[attr].fillna(-1).to_numpy(dtype=np.int64), names)
+            for attr, names in (("gender", GENDER_NAMES), ("ethnicity", ETHNICITY_NAMES))
+            if attr != cfg.task.target
+        }
+        reports, fairness = evaluate_splits(module, datamodule, class_names, run_dir, rec, groups)
 
         results: dict[str, Any] = {
             "objective": float(checkpoint.best_model_score),
@@ -193,6 +242,7 @@ def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
         for split, report in reports.items():
             results[f"confusion_{split}"] = report.confmat.tolist()
         test_table = reports["test"].table
+        results["fairness_test"] = fairness["test"].to_dict(orient="records") if "test" in fairness else []
         results["checkpoint"] = best
         results["run_dir"] = str(run_dir)
         results["mlflow_run_id"] = rec.run_id
