@@ -13,6 +13,7 @@ import mlflow
 import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
@@ -261,3 +262,15 @@ def test_two_worker_processes_share_one_study(tmp_path):
     dirs = {p.parent.name for p in out.glob("multiruns/*/*/trial-*")}
     assert len(list(out.glob("multiruns/*/*"))) == 2, "both workers ran trials"
     assert len(dirs) == 2
+
+
+PRUNERS = sorted(p.stem for p in (CONFIG_DIR / "optuna" / "pruner").glob("*.yaml"))
+SAMPLERS = sorted(p.stem for p in (CONFIG_DIR / "optuna" / "sampler").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml")))
+def test_every_sweep_file_accepts_every_pruner_and_sampler(compose_cfg, name):
+    for pruner, sampler in zip(PRUNERS, SAMPLERS * len(PRUNERS), strict=False):
+        cfg = compose_cfg([f"sweep={name}", f"optuna/pruner={pruner}", f"optuna/sampler={sampler}"])
+        assert isinstance(instantiate(cfg.optuna.pruner), optuna.pruners.BasePruner)
+        assert isinstance(instantiate(cfg.optuna.sampler), optuna.samplers.BaseSampler)
