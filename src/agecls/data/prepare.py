@@ -1,4 +1,9 @@
-"""From `data` config to arrays a run trains on: (generate) -> manifest + split -> decoded cache -> labels."""
+"""From `data` config to arrays a run trains on: (generate) -> manifest + split -> decoded cache -> labels.
+
+The split comes from one of two places: with `data.path` set (`data=manifest`), someone else's split CSV
+imported as it is (`load_manifest`); otherwise agecls's own persisted split of `data.root`
+(`prepare_manifest`).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from agecls.data.bins import AgeBins
 from agecls.data.cache import build_cache
-from agecls.data.manifest import Manifest, prepare_manifest
+from agecls.data.manifest import Manifest, ManifestError, load_manifest, prepare_manifest
+from agecls.data.records import DataError
 from agecls.data.synthetic import generate_synthetic
 
 
@@ -56,10 +62,47 @@ def prepare_data(data: DictConfig, paths: DictConfig) -> PreparedData:
 
 
 def _prepare_data(data: DictConfig, paths: DictConfig) -> PreparedData:
-    root = Path(data.root)
+    manifest = resolve_manifest(data, paths)
+    images = build_cache(
+        [manifest.root / p for p in manifest.df["path"]],
+        paths.cache_dir,
+        key=manifest.hash,
+        size=int(data.image_size) + int(data.get("crop_margin") or 0),  # margin: room for random crops
+        grayscale=bool(data.grayscale),
+    )
+    return PreparedData(manifest=manifest, images=images)
+
+
+def _configured(data: DictConfig, key: str) -> bool:
+    """Whether data.<key> holds a value (not absent, null, empty or Hydra's mandatory `???`)."""
+    return key in data.keys() and not OmegaConf.is_missing(data, key) and data[key] not in (None, "")
+
+
+def data_root(data: DictConfig) -> Path:
+    """data.root as a Path; DataError naming the key when it is still `???` or empty."""
+    if not _configured(data, "root"):
+        raise DataError(
+            f"data={data.get('name', '?')} needs data.root=/path/to/images "
+            "(the folder of UTKFace-named images)"
+        )
+    return Path(str(data.root))
+
+
+def resolve_manifest(data: DictConfig, paths: DictConfig) -> Manifest:
+    """The run's split (no decoding): data.path's external CSV when set, else the folder's persisted split
+    (generating synthetic images first when data.synthetic is set). Call under data_lock."""
+    if "path" in data.keys() and not _configured(data, "path"):
+        raise DataError(
+            "data.path is not set: data=manifest needs data.path=FILE.csv (columns path, age, gender, "
+            "ethnicity, split; sha1 optional) and, for relative paths not under the CSV's folder, "
+            "data.root=DIR"
+        )
+    if _configured(data, "path"):
+        return import_manifest(data)
+    root = data_root(data)
     if data.get("synthetic"):
         generate_synthetic(root, n=int(data.synthetic.n), seed=int(data.synthetic.seed))
-    manifest = prepare_manifest(
+    return prepare_manifest(
         root,
         manifest_dir(data, root, paths.data_dir),
         ratios=tuple(data.split.ratios),
@@ -70,14 +113,35 @@ def _prepare_data(data: DictConfig, paths: DictConfig) -> PreparedData:
         check_images=bool(data.check_images),
         force=bool(data.split.force),
     )
-    images = build_cache(
-        [manifest.root / p for p in manifest.df["path"]],
-        paths.cache_dir,
-        key=manifest.hash,
-        size=int(data.image_size) + int(data.get("crop_margin") or 0),  # margin: room for random crops
-        grayscale=bool(data.grayscale),
-    )
-    return PreparedData(manifest=manifest, images=images)
+
+
+def import_manifest(data: DictConfig) -> Manifest:
+    """data.path's split CSV (relative paths against data.root when set; see load_manifest), with every
+    listed file checked to exist; errors name data.path / data.root."""
+    path = Path(str(data.path)).expanduser()
+    if not path.is_file():
+        raise ManifestError(
+            f"data.path={path}: no such file (a CSV with columns path, age, gender, ethnicity, split)"
+        )
+    root = Path(str(data.root)).expanduser() if _configured(data, "root") else None
+    if data.get("synthetic") and root is not None:
+        generate_synthetic(root, n=int(data.synthetic.n), seed=int(data.synthetic.seed))
+    if root is not None and not root.is_dir():
+        raise DataError(
+            f"data.root={root}: no such folder (the folder data.path's relative paths start from)"
+        )
+    try:
+        manifest = load_manifest(path, root=root)
+    except DataError as exc:
+        raise type(exc)(f"data.path={path}: {exc}") from None
+    missing = [p for p in manifest.df["path"] if not (manifest.root / p).is_file()]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ManifestError(
+            f"data.path={path}: {len(missing)} listed file(s) not found under {manifest.root} "
+            f"(e.g. {missing[:3]}{more}); set data.root=DIR to the folder the paths are relative to"
+        )
+    return manifest
 
 
 def task_labels(prepared: PreparedData, target: str, bins: AgeBins) -> np.ndarray:
