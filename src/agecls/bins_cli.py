@@ -133,7 +133,9 @@ def load_results(run: str, tracking_uri: str | None = None) -> tuple[dict[str, A
 
 def _from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[dict[str, Any], str]:
     import logging
+    import os
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
     from mlflow.exceptions import MlflowException
 
