@@ -73,14 +73,19 @@ def _prepare_data(data: DictConfig, paths: DictConfig) -> PreparedData:
     return PreparedData(manifest=manifest, images=images)
 
 
-def _configured(data: DictConfig, key: str) -> bool:
+def declares(data: DictConfig, key: str) -> bool:
+    """Whether a config node has `key` at all (`key in node` is False while its value is `???`)."""
+    return key in list(data.keys())
+
+
+def is_set(data: DictConfig, key: str) -> bool:
     """Whether data.<key> holds a value (not absent, null, empty or Hydra's mandatory `???`)."""
-    return key in data.keys() and not OmegaConf.is_missing(data, key) and data[key] not in (None, "")
+    return declares(data, key) and not OmegaConf.is_missing(data, key) and data[key] not in (None, "")
 
 
 def data_root(data: DictConfig) -> Path:
     """data.root as a Path; DataError naming the key when it is still `???` or empty."""
-    if not _configured(data, "root"):
+    if not is_set(data, "root"):
         raise DataError(
             f"data={data.get('name', '?')} needs data.root=/path/to/images "
             "(the folder of UTKFace-named images)"
@@ -91,13 +96,13 @@ def data_root(data: DictConfig) -> Path:
 def resolve_manifest(data: DictConfig, paths: DictConfig) -> Manifest:
     """The run's split (no decoding): data.path's external CSV when set, else the folder's persisted split
     (generating synthetic images first when data.synthetic is set). Call under data_lock."""
-    if "path" in data.keys() and not _configured(data, "path"):
+    if declares(data, "path") and not is_set(data, "path"):
         raise DataError(
             "data.path is not set: data=manifest needs data.path=FILE.csv (columns path, age, gender, "
             "ethnicity, split; sha1 optional) and, for relative paths not under the CSV's folder, "
             "data.root=DIR"
         )
-    if _configured(data, "path"):
+    if is_set(data, "path"):
         return import_manifest(data)
     root = data_root(data)
     if data.get("synthetic"):
@@ -123,7 +128,7 @@ def import_manifest(data: DictConfig) -> Manifest:
         raise ManifestError(
             f"data.path={path}: no such file (a CSV with columns path, age, gender, ethnicity, split)"
         )
-    root = Path(str(data.root)).expanduser() if _configured(data, "root") else None
+    root = Path(str(data.root)).expanduser() if is_set(data, "root") else None
     if data.get("synthetic") and root is not None:
         generate_synthetic(root, n=int(data.synthetic.n), seed=int(data.synthetic.seed))
     if root is not None and not root.is_dir():
