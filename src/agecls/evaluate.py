@@ -1,0 +1,400 @@
+"""`agecls-eval`: score a trained checkpoint on every labelled image of a folder (no split).
+
+    agecls-eval ckpt=PATH data.root=DIR [eval.out=FILE] [eval.batch_size=N] [tracking.experiment=NAME]
+
+The checkpoint alone defines the evaluation: its hyperparameters hold the training run's resolved config
+(task, bins, class names, image size, colour mode, crop margin, normalisation), so the folder is decoded and
+scored exactly as that run's test split was. Arguments are Hydra-style `key=value` overrides of EVAL_DEFAULTS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PROG = "agecls-eval"
+
+# Every key agecls-eval takes (`key=value`); null means "from the checkpoint / the environment".
+EVAL_DEFAULTS: dict[str, Any] = {
+    "ckpt": None,  # the FaceClassifier checkpoint (e.g. a run's checkpoints/best.ckpt)
+    "data": {"root": None},  # a folder of UTKFace-named images; every labelled one is scored
+    "eval": {
+        "out": None,  # also write the JSON here (atomically)
+        "batch_size": 256,
+        "num_workers": 0,
+        "check_images": True,  # fully decode each file when scanning (rejects truncated files)
+        "device": "auto",  # auto (cuda when available) | cpu | cuda | cuda:N
+    },
+    "tracking": {  # over the checkpoint's tracking config; experiment default: <its experiment>-eval
+        "enabled": None,
+        "experiment": None,
+        "tracking_uri": None,
+        "artifact_root": None,
+        "run_name": None,
+    },
+    "paths": {"cache_dir": None},  # decoded-image cache; default: <output dir>/cache (AGECLS_OUTPUT_DIR)
+}
+
+HELP = f"""usage: {PROG} ckpt=PATH data.root=DIR [KEY=VALUE ...]
+
+Score a trained agecls checkpoint on every labelled image of a folder of UTKFace-named images
+(labels from the file names; no split). The checkpoint's own config decides the task, bins, class names,
+image size, colour mode, crop and normalisation. Prints a JSON report (macro_f1, acc, per-class precision/
+recall/f1/support, confusion matrix, class names, image and rejected-file counts) and records it as an MLflow
+run in the checkpoint's tracking store (experiment <training experiment>-eval) unless tracking.enabled=false.
+
+keys (Hydra override syntax; quote values holding spaces or commas):
+  ckpt=PATH                 checkpoint file, e.g. outputs/runs/<date>/<time>/checkpoints/best.ckpt (required)
+  data.root=DIR             folder of images named like UTKFace (required); unusable files are reported
+  eval.out=FILE             also write the JSON report to FILE (atomically)
+  eval.batch_size=N         images per forward pass (default 256)
+  eval.num_workers=N        DataLoader worker processes (default 0)
+  eval.check_images=BOOL    fully decode every file when scanning (default true)
+  eval.device=DEV           auto | cpu | cuda | cuda:N (default auto)
+  tracking.enabled=BOOL     record the evaluation in MLflow (default: as the checkpoint's run did)
+  tracking.experiment=NAME  MLflow experiment (default: the training run's experiment + '-eval')
+  tracking.tracking_uri=URI, tracking.artifact_root=DIR, tracking.run_name=NAME
+  paths.cache_dir=DIR       where decoded images are cached (default: the output dir's cache/)
+
+exit codes: 0 done, 1 the folder or checkpoint cannot be evaluated, 2 bad or missing arguments
+"""
+
+
+class UsageError(Exception):
+    """Bad, unknown or missing arguments (exit code 2)."""
+
+
+class EvalError(ValueError):
+    """The checkpoint or the folder cannot be evaluated (exit code 1)."""
+
+
+def _flat_keys(node: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in node.items():
+        if isinstance(value, dict):
+            keys += _flat_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+VALID_KEYS = _flat_keys(EVAL_DEFAULTS)
+
+
+def parse_args(argv: Sequence[str]) -> DictConfig:
+    """EVAL_DEFAULTS with `key=value` overrides applied (Hydra's override grammar); UsageError otherwise."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            raise UsageError(f"unexpected argument {arg!r}: give key=value pairs (see --help)")
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(argv))
+    except HydraException as exc:
+        raise UsageError(f"cannot parse the arguments: {exc}") from None
+    cfg = OmegaConf.create(EVAL_DEFAULTS)
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or override.package is not None:
+            raise UsageError(f"{override.input_line!r}: only plain key=value is supported")
+        if override.is_sweep_override():
+            raise UsageError(f"{override.input_line!r}: one value per key (quote a value holding commas)")
+        if key not in VALID_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(key, VALID_KEYS, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UsageError(f"unknown key {key!r}{hint} (valid: {', '.join(VALID_KEYS)})")
+        OmegaConf.update(cfg, key, override.value(), merge=False)
+    for key in ("ckpt", "data.root"):
+        if OmegaConf.select(cfg, key) in (None, ""):
+            raise UsageError(f"{key}=... is required (see --help)")
+    for key in ("eval.batch_size", "eval.num_workers"):
+        value = OmegaConf.select(cfg, key)
+        low = 1 if key == "eval.batch_size" else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise UsageError(f"{key}={value!r}: valid: a whole number >= {low}")
+    for key in ("eval.check_images", "tracking.enabled"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not isinstance(value, bool):
+            raise UsageError(f"{key}={value!r}: valid: true or false")
+    return cfg
+
+
+def default_paths() -> DictConfig:
+    """The `paths` group as agecls-train resolves it here (AGECLS_OUTPUT_DIR or the default outputs/)."""
+    from agecls.config import CONFIG_DIR
+
+    return OmegaConf.create({"paths": OmegaConf.load(CONFIG_DIR / "paths" / "default.yaml")}).paths
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finite(value: float) -> float | None:
+    return float(value) if math.isfinite(float(value)) else None
+
+
+def normalize_stats(run_cfg: DictConfig, images, rows) -> tuple[Any, Any] | None:
+    """(mean, std) the checkpoint's run normalised with, or None for data.normalize=none.
+
+    `dataset` statistics are not stored in the checkpoint: they are recomputed from the training run's
+    own train split (its persisted manifest and cached images, as recorded in the checkpoint's config)."""
+    from agecls.data.augment import resolve_normalize
+
+    spec = run_cfg.data.get("normalize", "none")
+    if spec != "dataset":
+        return resolve_normalize(spec, images, rows)
+    import numpy as np
+
+    from agecls.data.prepare import data_lock, resolve_manifest
+
+    try:
+        with data_lock(run_cfg.paths.data_dir):
+            manifest = resolve_manifest(run_cfg.data, run_cfg.paths)
+        from agecls.data.cache import build_cache
+
+        train_images = build_cache(
+            [manifest.root / p for p in manifest.df["path"]],
+            run_cfg.paths.cache_dir,
+            key=manifest.hash,
+            size=int(run_cfg.data.image_size) + int(run_cfg.data.get("crop_margin") or 0),
+            grayscale=bool(run_cfg.data.grayscale),
+        )
+    except (ValueError, OSError) as exc:
+        raise EvalError(
+            "the checkpoint was trained with data.normalize=dataset, whose mean/std come from its train "
+            f"split, and that split cannot be read again ({exc})"
+        ) from None
+    train_rows = np.flatnonzero(manifest.df["split"].to_numpy() == "train")
+    return resolve_normalize("dataset", train_images, train_rows)
+
+
+def _find_training_run(tracking: DictConfig, ckpt: Path) -> str | None:
+    """The MLflow run that wrote `ckpt` (tag run_dir = the checkpoint's run folder), if it can be found."""
+    import mlflow
+
+    try:
+        mlflow.set_tracking_uri(tracking.tracking_uri)
+        experiment = mlflow.get_experiment_by_name(str(tracking.experiment))
+        if experiment is None:
+            return None
+        run_dir = str(ckpt.resolve().parent.parent).replace("'", "\\'")
+        found = mlflow.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.run_dir = '{run_dir}'",
+            max_results=1,
+            output_format="list",
+        )
+    except Exception:  # an unreachable or foreign store only loses the link, not the evaluation
+        return None
+    return found[0].info.run_id if found else None
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate `cfg.ckpt` on every labelled image of `cfg.data.root` (a parse_args config); return the
+    report, also written to eval.out and recorded in MLflow as configured."""
+    started = time.perf_counter()
+    ckpt, folder = Path(str(cfg.ckpt)).expanduser(), Path(str(cfg.data.root)).expanduser()
+    if not ckpt.is_file():
+        raise UsageError(f"ckpt={ckpt}: no such checkpoint file")
+    if not folder.is_dir():
+        raise UsageError(f"data.root={folder}: no such folder")
+
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from agecls.data.augment import build_augment
+    from agecls.data.bins import AgeBins
+    from agecls.data.cache import build_cache
+    from agecls.data.datamodule import FaceDataset
+    from agecls.data.records import folder_fingerprint, scan_folder
+    from agecls.metrics import plot_confusion, stage_report
+    from agecls.module import FaceClassifier
+    from agecls.tracking import recording
+
+    try:
+        module = FaceClassifier.load_from_checkpoint(ckpt, map_location="cpu")
+    except Exception as exc:
+        raise EvalError(
+            f"ckpt={ckpt}: not a loadable agecls checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
+    run_cfg = module.cfg
+    target = str(run_cfg.task.target)
+    class_names = list(module.task.class_names)
+    size = int(run_cfg.data.image_size) + int(run_cfg.data.get("crop_margin") or 0)
+    grayscale = bool(run_cfg.data.grayscale)
+
+    scan = scan_folder(folder, check_images=bool(cfg.eval.check_images))
+    records = scan.records
+    column = records[target]
+    present = column.notna().to_numpy()
+    labels = np.full(len(records), -1, dtype=np.int64)
+    values = column[present].to_numpy(dtype=np.int64)
+    bins = AgeBins.from_config(run_cfg.bins) if target == "age" else None
+    labels[present] = bins.index(values) if bins is not None else values
+    rows = np.flatnonzero(labels >= 0)
+    if len(rows) == 0:
+        raise EvalError(f"data.root={folder}: none of its {len(records)} valid images has a {target} label")
+
+    paths = default_paths()
+    cache_dir = Path(str(cfg.paths.cache_dir or paths.cache_dir))
+    fingerprint = folder_fingerprint(folder)["sha256"]
+    images = build_cache(
+        [folder / p for p in records["path"]],
+        cache_dir,
+        key=f"eval-{fingerprint[:24]}",  # the folder's names and sizes; size and mode are in the file name
+        size=size,
+        grayscale=grayscale,
+    )
+    transforms = build_augment(OmegaConf.create({"name": "none", "train": []}), data=run_cfg.data)
+    stats = normalize_stats(run_cfg, images, rows)
+    mean, std = stats if stats is not None else (None, None)
+    loader = DataLoader(
+        FaceDataset(images, rows, labels, transforms.eval, mean, std),
+        batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.eval.num_workers),
+    )
+    device = str(cfg.eval.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    module.to(device)
+    preds, truth = module.predict_loader(loader)
+    report = stage_report(preds, truth, class_names)
+
+    result: dict[str, Any] = {
+        "checkpoint": str(ckpt.resolve()),
+        "folder": str(folder.resolve()),
+        "task": target,
+        "class_names": class_names,
+        "n_images": len(rows),
+        "n_rejected": len(scan.rejected),
+        "n_unlabelled": int(len(records) - len(rows)),
+        "macro_f1": report.metrics["macro_f1"],
+        "acc": report.metrics["acc"],
+        "per_class": [
+            {
+                "class": str(r["class"]),
+                **{k: _finite(r[k]) for k in ("precision", "recall", "f1")},
+                "support": int(r["support"]),
+            }
+            for _, r in report.table.iterrows()
+        ],
+        "confusion_matrix": report.confmat.astype(int).tolist(),  # rows true, columns predicted
+        "rejected": scan.rejected.head(100).to_dict(orient="records"),
+        "image_size": int(run_cfg.data.image_size),
+        "grayscale": grayscale,
+        "bins": bins.to_dict() if bins is not None else None,
+        "folder_fingerprint": fingerprint,
+        "mlflow_run_id": None,
+    }
+
+    tracking = _tracking_config(run_cfg, cfg, paths)
+    recorded = run_cfg.get("tracking") or {}
+    train_run = (
+        _find_training_run(recorded, ckpt) if recorded.get("enabled") and "tracking_uri" in recorded else None
+    )
+    tags = {"agecls.kind": "eval", "task": target, "eval.checkpoint": result["checkpoint"]}
+    if train_run:
+        tags["train_run_id"] = train_run
+    run_name = tracking.get("run_name") or f"eval {folder.name}"
+    with recording(tracking, run_name=run_name, tags=tags) as rec, tempfile.TemporaryDirectory() as tmp:
+        result["mlflow_run_id"] = rec.run_id
+        result["seconds"] = round(time.perf_counter() - started, 2)
+        text = json.dumps(result, indent=2) + "\n"
+        if cfg.eval.out:
+            _write_atomic(Path(str(cfg.eval.out)).expanduser(), text)
+        if rec.enabled:
+            rec.params(
+                {
+                    "ckpt": result["checkpoint"],
+                    "folder": result["folder"],
+                    "task": target,
+                    "image_size": result["image_size"],
+                    "grayscale": grayscale,
+                    "n_images": result["n_images"],
+                    "check_images": bool(cfg.eval.check_images),
+                }
+            )
+            metrics = {
+                "eval/macro_f1": result["macro_f1"],
+                "eval/acc": result["acc"],
+                "eval/n_images": result["n_images"],
+                "eval/n_rejected": result["n_rejected"],
+                "eval/n_unlabelled": result["n_unlabelled"],
+            }
+            metrics.update(
+                {f"eval/f1_{r['class']}": r["f1"] for r in result["per_class"] if r["f1"] is not None}
+            )
+            rec.metrics(metrics)
+            report_file = Path(tmp) / "eval.json"
+            report_file.write_text(text)
+            rec.artifact(report_file, "evaluation")
+            png = plot_confusion(report.confmat, class_names, Path(tmp) / "confusion_eval.png", folder.name)
+            rec.artifact(png, "evaluation")
+    return result
+
+
+def _tracking_config(run_cfg: DictConfig, cfg: DictConfig, paths: DictConfig) -> DictConfig:
+    """The checkpoint's tracking config, experiment + '-eval', with the command's tracking.* over it."""
+    base = {
+        "enabled": True,
+        "tracking_uri": f"sqlite:///{paths.output_dir}/mlflow.db",
+        "artifact_root": f"{paths.output_dir}/mlartifacts",
+        "experiment": "agecls",
+    }
+    recorded = OmegaConf.to_container(run_cfg.get("tracking") or {}, resolve=True)
+    tracking = {**base, **{k: v for k, v in recorded.items() if k in base}}
+    tracking["experiment"] = f"{tracking['experiment']}-eval"
+    given = {k: v for k, v in OmegaConf.to_container(cfg.tracking).items() if v is not None}
+    tracking.update(given)
+    return OmegaConf.create(tracking)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or any(a in ("-h", "--help", "help") for a in args):
+        print(HELP, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    try:
+        cfg = parse_args(args)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON report
+            result = evaluate(cfg)
+    except UsageError as exc:
+        print(
+            f"usage: {PROG} ckpt=PATH data.root=DIR [KEY=VALUE ...]  (--help for all keys)", file=sys.stderr
+        )
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # EvalError, DataError (folder without valid images), ...
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
