@@ -168,3 +168,15 @@ def test_dataset_normalisation_is_recomputed_from_the_training_split(trained, tm
     run_cfg.data.root, run_cfg.data.synthetic = str(tmp_path / "moved"), None
     with pytest.raises(EvalError, match="data.normalize=dataset.*cannot be read again"):
         normalize_stats(run_cfg, None, None)
+
+
+def test_a_missing_local_tracking_store_is_named_before_any_work(tmp_path):
+    from omegaconf import OmegaConf
+
+    from agecls.evaluate import EvalError, _check_store
+
+    gone = f"sqlite:///{tmp_path}/moved/mlflow.db"
+    with pytest.raises(EvalError, match=r"store .*moved/mlflow\.db is not there.*tracking\.enabled=false"):
+        _check_store(OmegaConf.create({"enabled": True, "tracking_uri": gone}))
+    _check_store(OmegaConf.create({"enabled": False, "tracking_uri": gone}))
+    _check_store(OmegaConf.create({"enabled": True, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))

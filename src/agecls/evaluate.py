@@ -247,6 +247,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     class_names = list(module.task.class_names)
     size = int(run_cfg.data.image_size) + int(run_cfg.data.get("crop_margin") or 0)
     grayscale = bool(run_cfg.data.grayscale)
+    paths = default_paths()
+    tracking = _tracking_config(run_cfg, cfg, paths)
+    _check_store(tracking)
 
     scan = scan_folder(folder, check_images=bool(cfg.eval.check_images))
     records = scan.records
@@ -260,7 +263,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if len(rows) == 0:
         raise EvalError(f"data.root={folder}: none of its {len(records)} valid images has a {target} label")
 
-    paths = default_paths()
     cache_dir = Path(str(cfg.paths.cache_dir or paths.cache_dir))
     fingerprint = folder_fingerprint(folder)["sha256"]
     images = build_cache(
@@ -312,7 +314,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "mlflow_run_id": None,
     }
 
-    tracking = _tracking_config(run_cfg, cfg, paths)
     recorded = run_cfg.get("tracking") or {}
     train_run = (
         _find_training_run(recorded, ckpt) if recorded.get("enabled") and "tracking_uri" in recorded else None
@@ -356,6 +357,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             png = plot_confusion(report.confmat, class_names, Path(tmp) / "confusion_eval.png", folder.name)
             rec.artifact(png, "evaluation")
     return result
+
+
+def _check_store(tracking: DictConfig) -> None:
+    """EvalError before any work when a local sqlite tracking store's folder is gone (e.g. a moved run)."""
+    uri, prefix = str(tracking.tracking_uri), "sqlite:///"
+    if tracking.enabled and uri.startswith(prefix) and not Path(uri[len(prefix) :]).parent.is_dir():
+        raise EvalError(
+            f"the checkpoint's MLflow store {uri} is not there (its folder is missing); "
+            "set tracking.tracking_uri=URI, or tracking.enabled=false"
+        )
 
 
 def _tracking_config(run_cfg: DictConfig, cfg: DictConfig, paths: DictConfig) -> DictConfig:
