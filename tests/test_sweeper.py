@@ -161,7 +161,16 @@ def test_interrupted_sweep_requeues_its_trial_and_resumes(tmp_path):
     out.mkdir()
     env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
     args = ["sweep=optuna_optimizers", "optuna.study_name=r", "optuna.n_trials=1", "optuna/pruner=none"]
-    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, "trainer.max_epochs=30", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "agecls.train",
+        "-m",
+        *TINY,
+        "trainer.max_epochs=1000",
+        "trainer.early_stopping.enabled=false",
+        *args,
+    ]
     proc = subprocess.Popen(
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
@@ -198,7 +207,16 @@ def test_trial_of_a_killed_machine_is_failed_when_stale_and_rerun(tmp_path):
         "optuna.heartbeat_interval=1",
         "optuna.grace_period=2",
     ]
-    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, "trainer.max_epochs=30", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "agecls.train",
+        "-m",
+        *TINY,
+        "trainer.max_epochs=1000",
+        "trainer.early_stopping.enabled=false",
+        *args,
+    ]
     proc = subprocess.Popen(
         cmd,
         env=env,
