@@ -21,6 +21,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from sections import write_section
 
 from agecls.study_report import compute_spent
 
@@ -108,21 +109,6 @@ def section(result: dict) -> str:
     )
 
 
-def write_section(path: Path, text_section: str) -> None:
-    """Replace this benchmark's section of `path` (between its markers), or append it."""
-    text = (
-        path.read_text()
-        if path.is_file()
-        else "# Benchmarks\n\nFigures measured by the scripts in `bench/`.\n"
-    )
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + text_section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + text_section
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=8)
@@ -134,7 +120,7 @@ def main() -> None:
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         if args.write:
-            write_section(args.write, section(result))
+            write_section(args.write, section(result), BEGIN, END)
         print(section(result))
         return
     with tempfile.TemporaryDirectory(prefix="agecls-bench-") as tmp:
@@ -153,7 +139,7 @@ def main() -> None:
         "wall_ratio_pruned_over_unpruned": round(pruned["wall_seconds"] / full["wall_seconds"], 3),
     }
     if args.write:
-        write_section(args.write, section(result))
+        write_section(args.write, section(result), BEGIN, END)
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     (results / "sweep_pruning.json").write_text(json.dumps(result, indent=2) + "\n")

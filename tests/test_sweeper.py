@@ -155,31 +155,29 @@ def test_pruned_and_crashed_trials_are_marked_and_tolerated(tmp_path):
     assert "blocks" in failed[0].user_attrs["error"]
 
 
-@pytest.mark.slow
-def test_interrupted_sweep_requeues_its_trial_and_resumes(tmp_path):
-    out = tmp_path / "out"
+def _start_training_sweep(tmp_path: Path, out: Path, args: list[str]) -> subprocess.Popen:
+    """A sweep (own process group) whose one trial cannot finish soon; returns once it is training."""
     out.mkdir()
     env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
-    args = ["sweep=optuna_optimizers", "optuna.study_name=r", "optuna.n_trials=1", "optuna/pruner=none"]
-    cmd = [
-        sys.executable,
-        "-m",
-        "agecls.train",
-        "-m",
-        *TINY,
-        "trainer.max_epochs=1000",
-        "trainer.early_stopping.enabled=false",
-        *args,
-    ]
+    slow = ["trainer.max_epochs=1000", "trainer.early_stopping.enabled=false"]
+    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, *slow, *args]
     proc = subprocess.Popen(
         cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait until the trial's process is training (has a run folder log)
+    while time.monotonic() < deadline:  # until the trial's process has logged an epoch
         logs = list(out.glob("multiruns/*/*/trial-0000/train.log"))
         if logs and "epoch 1" in logs[0].read_text():
             break
         time.sleep(0.5)
+    return proc
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_requeues_its_trial_and_resumes(tmp_path):
+    out = tmp_path / "out"
+    args = ["sweep=optuna_optimizers", "optuna.study_name=r", "optuna.n_trials=1", "optuna/pruner=none"]
+    proc = _start_training_sweep(tmp_path, out, args)
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()[-3000:]
@@ -197,42 +195,11 @@ def test_interrupted_sweep_requeues_its_trial_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_trial_of_a_killed_machine_is_failed_when_stale_and_rerun(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
-    args = [
-        "sweep=optuna_optimizers",
-        "optuna.study_name=k",
-        "optuna.n_trials=1",
-        "optuna/pruner=none",
-        "optuna.heartbeat_interval=1",
-        "optuna.grace_period=2",
-    ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "agecls.train",
-        "-m",
-        *TINY,
-        "trainer.max_epochs=1000",
-        "trainer.early_stopping.enabled=false",
-        *args,
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        logs = list(out.glob("multiruns/*/*/trial-0000/train.log"))
-        if logs and "epoch 1" in logs[0].read_text():
-            break
-        time.sleep(0.5)
+    args = ["sweep=optuna_optimizers", "optuna.study_name=k", "optuna.n_trials=1", "optuna/pruner=none"]
+    args += ["optuna.heartbeat_interval=1", "optuna.grace_period=2"]
+    proc = _start_training_sweep(tmp_path, out, args)
     os.killpg(proc.pid, signal.SIGKILL)  # the machine dies: no handler runs, the trial stays RUNNING
-    proc.wait(timeout=60)
+    proc.communicate(timeout=60)
     assert _states(_study(out, "k")) == ["RUNNING"]
     time.sleep(3)  # past the grace period
 
