@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sections import write_section  # bench/ is on sys.path when a script in it runs
 from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -316,21 +317,6 @@ def render(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this benchmark's section of `path` (between its markers), or append it."""
-    text = (
-        path.read_text()
-        if path.is_file()
-        else "# Benchmarks\n\nFigures measured by the scripts in `bench/`.\n"
-    )
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def verdicts(res: dict) -> dict:
     ratios = {r["workers"]: r["ratio"] for r in res["loading"]}
     met = [w for w, r in ratios.items() if r >= 5]
@@ -439,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "data_pipeline.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, BEGIN, END)
         print(f"wrote {args.write}")
     return 0
 
