@@ -195,9 +195,9 @@ def plot_blocks(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    cm = np.asarray(confusion, dtype=np.float64)
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    from agecls.metrics import row_normalised
+
+    norm = row_normalised(confusion)
     n = len(fine_labels)
     size = max(5.0, 0.32 * n + 3)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))

@@ -51,6 +51,13 @@ def stage_report(preds: torch.Tensor, target: torch.Tensor, class_names: list[st
     return StageReport(metrics=metrics, confmat=confmat, table=table)
 
 
+def row_normalised(confmat: np.ndarray) -> np.ndarray:
+    """Each row of a confusion matrix as shares of its true class (rows without samples stay zero)."""
+    cm = np.asarray(confmat, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+
+
 def plot_confusion(confmat: np.ndarray, class_names: list[str], path: Path, title: str) -> Path:
     """Write a row-normalised confusion matrix with counts as a PNG."""
     import matplotlib
@@ -59,8 +66,7 @@ def plot_confusion(confmat: np.ndarray, class_names: list[str], path: Path, titl
     import matplotlib.pyplot as plt
 
     cm = np.asarray(confmat, dtype=np.float64)
-    rows = cm.sum(axis=1, keepdims=True)
-    norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    norm = row_normalised(cm)
     n = len(class_names)
     size = max(4.0, 0.55 * n + 2)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
