@@ -162,7 +162,15 @@ def _start_training_sweep(tmp_path: Path, out: Path, args: list[str]) -> subproc
     slow = ["trainer.max_epochs=1000", "trainer.early_stopping.enabled=false"]
     cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, *slow, *args]
     proc = subprocess.Popen(
-        cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        cmd,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        # As in a terminal: Ctrl-C interrupts (a background job of a non-interactive shell ignores SIGINT,
+        # and ignored signals are inherited; CI may run the suite that way).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 300  # generous: start-up is slow when the machine is loaded
     while time.monotonic() < deadline:  # until the trial's process has logged an epoch

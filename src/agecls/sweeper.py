@@ -14,6 +14,7 @@ processes (or machines sharing a PostgreSQL storage) may run the same command at
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -258,16 +259,17 @@ class StudyRunner:
         """Stop running trials, fail them in the study and re-queue their parameters."""
         from optuna.trial import TrialState
 
+        # Ctrl-C first (the run is marked KILLED), then SIGTERM (a process started with SIGINT ignored,
+        # e.g. from a non-interactive shell's background job), then SIGKILL.
+        for sig, grace in ((signal.SIGINT, 10), (signal.SIGTERM, 20), (signal.SIGKILL, 30)):
+            alive = [item for item in running.values() if item.process.poll() is None]
+            for item in alive:
+                item.process.send_signal(sig)
+            deadline = time.monotonic() + grace
+            for item in alive:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    item.process.wait(timeout=max(0.1, deadline - time.monotonic()))
         for item in running.values():
-            if item.process.poll() is None:
-                item.process.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + 30
-        for item in running.values():
-            try:
-                item.process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                item.process.kill()
-                item.process.wait()
             frozen = study._storage.get_trial(item.trial_id)
             if frozen.state == TrialState.RUNNING:
                 study.tell(item.number, state=TrialState.FAIL, skip_if_finished=True)
