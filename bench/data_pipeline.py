@@ -375,25 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     transform = transforms_for(args.augment, args.size).train
     print(f"data: {data_note}; cache built in {build_s:.1f} s", flush=True)
 
-    loading = []
-    for w in args.workers:
-        jl, cl = (loader(x, labels, transform, w, args.batch_size) for x in (jpeg, cached))
-        r = compare(jl, cl, w, args.repeats)
-        del jl, cl
-        loading.append(r)
-        m = r["median"]
-        print(
-            f"workers {w}: jpeg {m['jpeg']:.0f}/s, cache {m['cache']:.0f}/s, ratio {r['ratio']:.1f}x",
-            flush=True,
-        )
-    no_aug = []
-    for w in args.workers:
-        jl, cl = (loader(x, labels, None, w, args.batch_size) for x in (jpeg, cached))
-        r = compare(jl, cl, w, args.repeats)
-        del jl, cl
-        no_aug.append(r)
-        m = r["median"]
-        print(f"no augment, workers {w}: jpeg {m['jpeg']:.0f}/s, cache {m['cache']:.0f}/s, {r['ratio']:.1f}x")
+    loading, no_aug = [], []
+    for results, tf, label in ((loading, transform, "augment"), (no_aug, None, "no augment")):
+        for w in args.workers:
+            jl, cl = (loader(x, labels, tf, w, args.batch_size) for x in (jpeg, cached))
+            r = compare(jl, cl, w, args.repeats)
+            del jl, cl
+            results.append(r)
+            m = r["median"]
+            print(
+                f"{label}, workers {w}: jpeg {m['jpeg']:.0f}/s, cache {m['cache']:.0f}/s, {r['ratio']:.1f}x",
+                flush=True,
+            )
 
     training = []
     for name, (model_args, steps) in MODELS.items():

@@ -195,7 +195,7 @@ def plot_blocks(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from agecls.metrics import row_normalised
+    from agecls.metrics import row_normalised, save_figure
 
     norm = row_normalised(confusion)
     n = len(fine_labels)
@@ -222,11 +222,7 @@ def plot_blocks(
     ax.set_xlim(-0.5, n - 0.5)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.25, label="share of true class")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_tradeoff(discovery: Discovery, chosen_k: int, path: Path, title: str) -> Path:

@@ -58,6 +58,17 @@ def row_normalised(confmat: np.ndarray) -> np.ndarray:
     return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_confusion(confmat: np.ndarray, class_names: list[str], path: Path, title: str) -> Path:
     """Write a row-normalised confusion matrix with counts as a PNG."""
     import matplotlib
@@ -82,8 +93,4 @@ def plot_confusion(confmat: np.ndarray, class_names: list[str], path: Path, titl
                 colour = "white" if norm[i, j] > 0.5 else "black"
                 ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8, color=colour)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
