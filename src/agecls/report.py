@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or output_dir / "reports" / args.name
     out.mkdir(parents=True, exist_ok=True)
 
-    from agecls.study_report import compute_spent, find_study, trials_table, write_plots
+    from agecls.study_report import bins_vary, compute_spent, find_study, trials_table, write_plots
 
     study = find_study(storage, args.name)
     try:
@@ -151,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         plots = write_plots(study, out, uri)
         print(f"\nOptuna study {args.name!r} ({storage}): {len(trials)} trials\n")
         print(to_markdown(trials.head(20)))
+        if bins_vary(trials):
+            print(
+                "\nNote: these trials used different age bins. Macro-F1 over different bin sets is not "
+                "comparable (fewer, wider bins are easier); compare trials of the same k and constraints."
+            )
         print("\ncompute: " + ", ".join(f"{k} {v}" for k, v in spent.items() if v))
         print("plots: " + ", ".join(p.name for p in plots))
         print(f"Dashboard:  optuna-dashboard {storage}   (pip install optuna-dashboard)")

@@ -66,6 +66,8 @@ def trials_table(study) -> pd.DataFrame:
                 "state": t.state.name,
                 "value": t.value,
                 **{k: v for k, v in t.params.items()},
+                **({"bins": t.user_attrs["bins"]} if "bins" in t.user_attrs else {}),
+                **({"infeasible": t.user_attrs["infeasible"]} if "infeasible" in t.user_attrs else {}),
                 "epochs": t.user_attrs.get("epochs_trained", len(t.intermediate_values) or None),
                 "test/macro_f1": t.user_attrs.get("test/macro_f1"),
                 "run": str(t.user_attrs.get("mlflow_run_id", ""))[:8],
@@ -76,6 +78,12 @@ def trials_table(study) -> pd.DataFrame:
         return table
     ascending = study.direction.name == "MINIMIZE"
     return table.sort_values("value", ascending=ascending, na_position="last").reset_index(drop=True)
+
+
+def bins_vary(trials: pd.DataFrame) -> bool:
+    """Whether the study's trials used different age bins (a `bins` choice or drawn bin edges)."""
+    cols = [c for c in trials.columns if c == "bins" or c.startswith("bins.")]
+    return any(trials[c].dropna().nunique() > 1 for c in cols)
 
 
 def write_plots(study, out: Path, tracking_uri: str | None, top: int = 3) -> list[Path]:

@@ -154,9 +154,10 @@ class StudyRunner:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space, fixed = search_space(OmegaConf.to_container(ocfg.params) or {}, arguments, parser)
-        if not space:
+        if not space and not (cfg.get("bins") or {}).get("search"):
             raise SweepError(
-                "the search space is empty: set optuna.params (a sweeps/optuna_*.yaml file) or sweep a key"
+                "the search space is empty: set optuna.params (a sweeps/optuna_*.yaml file), sweep a key, "
+                "or search bin edges (bins=search)"
             )
         direction = "maximize" if str(cfg.objective.mode) == "max" else "minimize"
         study = open_study(ocfg, direction, with_sampler=True)
@@ -273,7 +274,8 @@ class StudyRunner:
             frozen = study._storage.get_trial(item.trial_id)
             if frozen.state == TrialState.RUNNING:
                 study.tell(item.number, state=TrialState.FAIL, skip_if_finished=True)
-                study.enqueue_trial(item.params, user_attrs={"requeued_from": item.number})
+                # frozen.params also holds what the trial drew itself (bins.cut1.. of bins=search)
+                study.enqueue_trial(frozen.params or item.params, user_attrs={"requeued_from": item.number})
 
 
 def _raise_interrupt(signum, frame) -> None:

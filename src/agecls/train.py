@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.bin_search import InfeasibleBins, check_counts, draw_bins, search_spec
 from agecls.config import CONFIG_DIR, flatten
 from agecls.data.augment import build_augment
 from agecls.data.bins import AgeBins
@@ -161,6 +162,7 @@ def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic), warn_only=True)
     run_dir = run_dir_for(cfg)
+    draw_bins(cfg.bins, trial.trial if trial is not None else None)  # bins=search: this trial's edges
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     tags = {**(cfg.tracking.get("tags") or {}), "seed": cfg.seed, "git_commit": git_commit()}
@@ -171,6 +173,16 @@ def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
         trial.trial.set_user_attr("run_dir", str(run_dir))
     prepared = prepare_data(cfg.data, cfg.paths)
     check_manifest(cfg.tracking, prepared.manifest.hash)
+    spec = search_spec(cfg.bins)
+    if spec is not None and spec.min_count > 0:
+        train_ages = prepared.manifest.df.loc[prepared.manifest.df["split"] == "train", "age"]
+        bins = AgeBins.from_config(cfg.bins)
+        try:
+            check_counts(bins, bins.index(train_ages), spec.min_count)
+        except InfeasibleBins as exc:
+            if trial is not None:
+                trial.trial.set_user_attr("infeasible", str(exc))
+            raise
     with recording(cfg.tracking, run_name=cfg.tracking.get("run_name"), tags=tags) as rec:
         rec.params(flatten(resolved))
         rec.artifact(run_dir / "config.yaml", "config")
@@ -275,7 +287,9 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         results = train(cfg, trial)
-    except optuna.TrialPruned:
+    except (optuna.TrialPruned, InfeasibleBins) as exc:
+        if isinstance(exc, InfeasibleBins):
+            log.warning("trial %d: infeasible bins, pruned before training: %s", trial.number, exc)
         trial.pruned()
         return None
     except Exception as exc:

@@ -16,8 +16,17 @@ from omegaconf import DictConfig
 log = logging.getLogger("agecls.trial")
 
 
-def open_study(optuna_cfg: DictConfig, direction: str | None = None, *, with_sampler: bool = False):
-    """The study named in config, on an RDB storage with heartbeats (stale trials are detectable)."""
+def open_study(
+    optuna_cfg: DictConfig,
+    direction: str | None = None,
+    *,
+    with_sampler: bool = False,
+    sampler_seed: int | None = None,
+):
+    """The study named in config, on an RDB storage with heartbeats (stale trials are detectable).
+
+    `sampler_seed` replaces the configured sampler's seed (a trial process drawing its own parameters,
+    such as bins=search's edges, must not repeat another trial's random draws)."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -38,7 +47,8 @@ def open_study(optuna_cfg: DictConfig, direction: str | None = None, *, with_sam
     )
     kwargs: dict[str, Any] = {"pruner": instantiate(optuna_cfg.pruner)}
     if with_sampler:
-        kwargs["sampler"] = instantiate(optuna_cfg.sampler)
+        seed = {} if sampler_seed is None else {"seed": sampler_seed}
+        kwargs["sampler"] = instantiate(optuna_cfg.sampler, **seed)
     if direction is None:
         return optuna.load_study(study_name=str(optuna_cfg.study_name), storage=storage, **kwargs)
     return optuna.create_study(
@@ -65,11 +75,14 @@ class TrialContext:
             return None
         import optuna
 
-        study = open_study(cfg.optuna)
+        # The trial's own draws (define-by-run, e.g. bins=search) use the configured sampler, seeded per trial
+        seed = int(cfg.seed) * 100_003 + int(number)
+        study = open_study(cfg.optuna, with_sampler=True, sampler_seed=seed)
         storage = study._storage  # noqa: SLF001 - the storage object optuna itself uses for this study
         trial_id = storage.get_trial_id_from_study_id_trial_number(
             storage.get_study_id_from_name(study.study_name), int(number)
         )
+        study.get_trials(deepcopy=False)  # fills optuna's trial cache: suggest_* in this process needs it
         return cls(study=study, trial=optuna.Trial(study, trial_id), number=int(number))
 
     def tags(self, parent_run_id: str | None) -> dict[str, str]:
