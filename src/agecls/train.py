@@ -24,7 +24,8 @@ from agecls.config import CONFIG_DIR, flatten
 from agecls.data.augment import build_augment
 from agecls.data.bins import AgeBins
 from agecls.data.datamodule import FaceDataModule
-from agecls.data.prepare import prepare_data, task_labels
+from agecls.data.prepare import PreparedData, prepare_data, task_labels
+from agecls.hierarchical import run_hierarchy, subset_labels
 from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.module import FaceClassifier
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES, class_weights, task_classes
@@ -153,15 +154,39 @@ def evaluate_splits(
     return reports, fairness
 
 
-def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
+def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataModule, list[str]]:
+    """The run's datamodule over the persisted split (only `data.subset`'s rows, when set) and its classes."""
+    bins = AgeBins.from_config(cfg.bins)
+    class_names = list(task_classes(cfg.task.target, bins.labels))
+    labels = subset_labels(
+        task_labels(prepared, cfg.task.target, bins), prepared.manifest.df, cfg.data.get("subset")
+    )
+    datamodule = FaceDataModule(
+        prepared.images,
+        labels,
+        prepared.manifest.df["split"].to_numpy(),
+        len(class_names),
+        batch_size=int(cfg.data.batch_size),
+        num_workers=int(cfg.data.num_workers),
+        weighted_sampler=bool(cfg.sampler.weighted_sampler),
+        train_transform=build_augment(cfg.augment, cfg.data),
+        seed=int(cfg.seed),
+    )
+    return datamodule, class_names
+
+
+def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | None = None) -> dict[str, Any]:
     """Train one configured run end to end; return its metrics (objective = best value of cfg.objective).
 
     With `trial` (an Optuna study's trial), per-epoch validation values are reported to the study and the
-    run stops with optuna.TrialPruned when its pruner says so."""
+    run stops with optuna.TrialPruned when its pruner says so. `run_dir` overrides the output folder (a
+    hierarchy's stages each get their own)."""
     _quiet_lightning()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic), warn_only=True)
-    run_dir = run_dir_for(cfg)
+    if run_dir is None:
+        run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
     draw_bins(cfg.bins, trial.trial if trial is not None else None)  # bins=search: this trial's edges
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
@@ -201,19 +226,7 @@ def train(cfg: DictConfig, trial: TrialContext | None = None) -> dict[str, Any]:
                 "data.rows": len(manifest.df),
             }
         )
-        bins = AgeBins.from_config(cfg.bins)
-        class_names = list(task_classes(cfg.task.target, bins.labels))
-        datamodule = FaceDataModule(
-            prepared.images,
-            task_labels(prepared, cfg.task.target, bins),
-            manifest.df["split"].to_numpy(),
-            len(class_names),
-            batch_size=int(cfg.data.batch_size),
-            num_workers=int(cfg.data.num_workers),
-            weighted_sampler=bool(cfg.sampler.weighted_sampler),
-            train_transform=build_augment(cfg.augment),
-            seed=int(cfg.seed),
-        )
+        datamodule, class_names = build_datamodule(cfg, prepared)
         sizes = {s: len(datamodule.indices[s]) for s in ("train", "val", "test")}
         rec.params({f"data.n_{s}": n for s, n in sizes.items()})
         log.info("data: %s  rows per split %s  manifest %s", manifest.root, sizes, manifest.hash[:12])
@@ -281,6 +294,12 @@ def main(cfg: DictConfig) -> float | None:
     outcome: COMPLETE with the objective, PRUNED, or FAIL with the error (the run's exception is re-raised).
     """
     trial = TrialContext.from_cfg(cfg)
+    if cfg.get("hierarchy") and cfg.hierarchy.get("by"):
+        if trial is not None:
+            from agecls.hierarchical import HierarchyError
+
+            raise HierarchyError("hierarchy=... runs are not yet supported as Optuna trials; use a grid (-m)")
+        return run_hierarchy(cfg, run_dir_for(cfg))["objective"]
     if trial is None:
         return train(cfg)["objective"]
     import optuna

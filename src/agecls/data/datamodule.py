@@ -121,11 +121,14 @@ class FaceDataModule(L.LightningDataModule):
         """Labels of one split, in loader order (before sampling)."""
         return self.labels[self.indices[split]]
 
-    def _loader(self, split: str, transform, sampler=None, shuffle: bool = False) -> DataLoader:
+    def _loader(
+        self, split: str, transform, sampler=None, shuffle: bool = False, rows: np.ndarray | None = None
+    ) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
         seeded = hasattr(transform, "set_random_state") and self.num_workers > 0
+        rows = self.indices[split] if rows is None else rows
         return DataLoader(
-            FaceDataset(self.images, self.indices[split], self.labels, transform, self.mean, self.std),
+            FaceDataset(self.images, rows, self.labels, transform, self.mean, self.std),
             batch_size=self.batch_size,
             shuffle=shuffle,
             sampler=sampler,
@@ -158,3 +161,8 @@ class FaceDataModule(L.LightningDataModule):
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
         return self._loader(split, self.eval_transform)
+
+    def rows_dataloader(self, rows: np.ndarray) -> DataLoader:
+        """Given rows of the images array (any split, e.g. faces routed to a hierarchy's expert), in order,
+        preprocessed like eval data; their label is -1 where this datamodule's task has none."""
+        return self._loader("test", self.eval_transform, rows=np.asarray(rows, dtype=np.int64))
