@@ -23,6 +23,7 @@ GROUPS = [
     "task",
     "trainer",
     "tracking",
+    "hierarchy",
 ]
 GROUP_FILES = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
 OVERLAYS = [(g, p.stem) for g in ("experiment", "sweep") for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]

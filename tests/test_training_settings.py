@@ -1,0 +1,53 @@
+"""Every optimizer and scheduler file trains a fast run; clipping, label smoothing and bf16 autocast work."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from tests.conftest import FAST_OVERRIDES
+
+from agecls.config import CONFIG_DIR
+from agecls.train import train
+
+pytestmark = pytest.mark.slow
+
+# Two short epochs of a handful of batches: enough for a scheduler to step and a checkpoint to be chosen.
+QUICK = [
+    *FAST_OVERRIDES,
+    "data.synthetic.n=300",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.early_stopping.enabled=false",
+    "tracking=none",
+]
+
+
+def _files(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _train_ok(compose_cfg, *overrides: str) -> dict:
+    results = train(compose_cfg([*QUICK, *overrides]))
+    assert math.isfinite(results["objective"]) and 0.0 <= results["test/macro_f1"] <= 1.0
+    assert results["epochs_trained"] == 2
+    return results
+
+
+@pytest.mark.parametrize("name", _files("optimizer"))
+def test_every_optimizer_trains(compose_cfg, name):
+    _train_ok(compose_cfg, f"optimizer={name}")
+
+
+@pytest.mark.parametrize("name", _files("scheduler"))
+def test_every_scheduler_trains(compose_cfg, name):
+    _train_ok(compose_cfg, f"scheduler={name}", "optimizer=sgd")
+
+
+def test_clipping_label_smoothing_and_bf16_autocast_train(compose_cfg):
+    _train_ok(
+        compose_cfg,
+        "trainer.gradient_clip_val=1.0",
+        "task.label_smoothing=0.1",
+        "trainer.precision=bf16-mixed",
+    )
