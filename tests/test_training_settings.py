@@ -27,10 +27,10 @@ def _files(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def _train_ok(compose_cfg, *overrides: str) -> dict:
+def _train_ok(compose_cfg, *overrides: str, epochs: int = 2) -> dict:
     results = train(compose_cfg([*QUICK, *overrides]))
     assert math.isfinite(results["objective"]) and 0.0 <= results["test/macro_f1"] <= 1.0
-    assert results["epochs_trained"] == 2
+    assert results["epochs_trained"] == epochs
     return results
 
 
@@ -50,4 +50,19 @@ def test_clipping_label_smoothing_and_bf16_autocast_train(compose_cfg):
         "trainer.gradient_clip_val=1.0",
         "task.label_smoothing=0.1",
         "trainer.precision=bf16-mixed",
+    )
+
+
+def test_swa_weights_are_scored_on_validation_and_kept_only_when_better(compose_cfg):
+    results = _train_ok(
+        compose_cfg,
+        "trainer.swa.enabled=true",
+        "trainer.swa.swa_epoch_start=1",
+        "trainer.swa.annealing_epochs=1",
+        epochs=3,  # lightning's SWA adds one epoch that recomputes the BatchNorm statistics
+    )
+    ckpt = results["checkpoint"]
+    assert ckpt.endswith(("best.ckpt", "swa.ckpt"))
+    assert results["objective"] == pytest.approx(results["best_val/macro_f1"], abs=1e-6), (
+        "the objective is the validation score of the checkpoint that was kept and re-scored"
     )

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
 from agecls.bin_search import InfeasibleBins, check_counts, draw_bins, search_spec
@@ -35,7 +35,7 @@ from agecls.trial import PruningCallback, TrialContext
 log = logging.getLogger("agecls.train")
 
 # Trainer-group keys that configure callbacks rather than lightning.Trainer itself.
-_CALLBACK_KEYS = ("early_stopping", "checkpoint")
+_CALLBACK_KEYS = ("early_stopping", "checkpoint", "swa")
 # Metric-name prefix of each split's scores with the best checkpoint (val's per-epoch values are `val/`).
 _PREFIX = {"train": "best_train", "val": "best_val", "test": "test"}
 
@@ -75,7 +75,7 @@ def build_trainer(
     """lightning.Trainer from the trainer group, with best-checkpoint and early-stopping callbacks,
     logging each epoch's metrics to `rec`."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    stop_cfg, ckpt_cfg = (trainer_cfg.pop(k) for k in _CALLBACK_KEYS)
+    stop_cfg, ckpt_cfg, swa_cfg = (trainer_cfg.pop(k, None) or {} for k in _CALLBACK_KEYS)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -87,8 +87,24 @@ def build_trainer(
     callbacks: list[L.Callback] = [checkpoint, *(extra_callbacks or [])]
     if stop_cfg.pop("enabled"):
         callbacks.append(EarlyStopping(**stop_cfg))
+    if swa_cfg.pop("enabled", False):
+        callbacks.append(StochasticWeightAveraging(**swa_cfg))
     trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=EpochLogger(rec), default_root_dir=run_dir)
     return trainer, checkpoint
+
+
+def prefer_swa(cfg, trainer, module, datamodule, best: str, best_score: float, run_dir: Path):
+    """After a fit with stochastic weight averaging, the module holds the averaged weights: score them on
+    validation and keep them (checkpoints/swa.ckpt) when they beat the best epoch's checkpoint."""
+    metric, higher = str(cfg.objective.metric), str(cfg.objective.mode) == "max"
+    scores = trainer.validate(module, datamodule=datamodule, verbose=False)
+    swa_score = float(scores[0][metric]) if scores and metric in scores[0] else float("nan")
+    log.info("SWA weights: %s %.4f (best epoch's checkpoint %.4f)", metric, swa_score, best_score)
+    if swa_score == swa_score and (swa_score > best_score if higher else swa_score < best_score):
+        path = run_dir / "checkpoints" / "swa.ckpt"
+        trainer.save_checkpoint(path)
+        return str(path), swa_score
+    return best, best_score
 
 
 def subgroup_scores(
@@ -239,6 +255,9 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         trainer.fit(module, datamodule=datamodule)
         fit_seconds = time.perf_counter() - started
         best = checkpoint.best_model_path
+        best_score = float(checkpoint.best_model_score) if best else float("nan")
+        if best and cfg.trainer.get("swa", {}).get("enabled"):
+            best, best_score = prefer_swa(cfg, trainer, module, datamodule, best, best_score, run_dir)
         if not best:
             raise RuntimeError(
                 f"no checkpoint was saved in {run_dir / 'checkpoints'}; did training run an epoch?"
@@ -253,7 +272,7 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         reports, fairness = evaluate_splits(module, datamodule, class_names, run_dir, rec, groups)
 
         results: dict[str, Any] = {
-            "objective": float(checkpoint.best_model_score),
+            "objective": best_score,
             "best_epoch": int(state["epoch"]) + 1,  # counted from 1, like MLflow steps
             "epochs_trained": int(trainer.current_epoch),
             "fit_seconds": round(fit_seconds, 2),

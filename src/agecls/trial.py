@@ -116,7 +116,8 @@ class PruningCallback(L.Callback):
         self.pruned_at: int | None = None
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
+        fitting = trainer.state.fn == "fit"  # not a validate() after fit (e.g. scoring SWA weights)
+        if trainer.sanity_checking or not fitting or self.monitor not in trainer.callback_metrics:
             return
         epoch = trainer.current_epoch + 1
         self.ctx.trial.report(float(trainer.callback_metrics[self.monitor]), epoch)
