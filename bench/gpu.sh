@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one prepared GPU check of issue #6, for a lent H100/H200: about 10 minutes, no downloads.
+#
+#   bench/gpu.sh [UTKFACE_DIR] [OUT_DIR]
+#
+# Needs: agecls installed in .venv (or PYTHON=...), CUDA visible, and the UTKFace folder on that machine
+# (AGECLS_UTKFACE or the first argument; default ../shared/data/utkface). Writes its logs, results and an
+# nvidia-smi utilisation trace under OUT_DIR (default $OUT when set, else outputs/bench/gpu).
+#   1. one AGECNN run at 224 px (experiment=agecnn, bf16 mixed precision, 3 epochs, 12 DataLoader workers):
+#      train images/s and epoch time from its results.json, GPU utilisation from the trace;
+#   2. the quality bench at 224 px (bench/quality.py --size 224: dissertation vs agecls under an equal
+#      budget of whole-split epochs, bootstrap CIs), with the same precision and workers.
+# channels_last and torch.compile: agecls has no switch for them yet, so they are not used here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+ROOT=${1:-${AGECLS_UTKFACE:-../shared/data/utkface}}
+OUT_DIR=${2:-${OUT:-outputs/bench/gpu}}
+WORKERS=${WORKERS:-12}
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 AGECLS_OUTPUT_DIR=${AGECLS_OUTPUT_DIR:-outputs/gpu}
+
+[ -d "$ROOT" ] || { echo "UTKFace folder not found: $ROOT (first argument or AGECLS_UTKFACE)" >&2; exit 2; }
+"$PYTHON" - <<'EOF' || { echo "CUDA is not available to $PYTHON: this script is for a GPU machine" >&2; exit 2; }
+import sys, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
+sys.exit(0 if torch.cuda.is_available() else 1)
+EOF
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT_DIR/gpu.txt"
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 \
+  > "$OUT_DIR/gpu_util.csv" &
+SMI=$!
+trap 'kill $SMI 2>/dev/null || true' EXIT
+
+COMMON=(data=utkface "data.root=$ROOT" "data.num_workers=$WORKERS" trainer.precision=bf16-mixed
+        trainer.enable_progress_bar=false tracking=none)
+
+echo ">> 1. AGECNN at 224 px, 3 epochs, bf16-mixed, $WORKERS workers" | tee -a "$OUT_DIR/summary.txt"
+start=$(date +%s)
+timeout 300 "$PYTHON" -m agecls.train experiment=agecnn "${COMMON[@]}" trainer.max_epochs=3 \
+  trainer.early_stopping.enabled=false "hydra.run.dir=$OUT_DIR/agecnn224" > "$OUT_DIR/agecnn224.log" 2>&1
+echo "wall $(( $(date +%s) - start )) s (data preparation and the 224 px cache build included)" \
+  | tee -a "$OUT_DIR/summary.txt"
+"$PYTHON" - "$OUT_DIR" <<'EOF' | tee -a "$OUT_DIR/summary.txt"
+import csv, json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+r = json.loads((out / "agecnn224" / "results.json").read_text())
+n, s, e = r["data_sizes"]["train"], r["fit_seconds"], r["epochs_trained"]
+print(f"fit {s:.1f} s for {e} epochs of {n} training images (+ validation each epoch): "
+      f"{s / e:.1f} s per epoch, {n * e / s:.0f} train images/s including validation")
+util = [float(row[1].strip().split()[0]) for row in csv.reader(open(out / "gpu_util.csv")) if len(row) > 2]
+if util:
+    busy = [u for u in util if u > 0]
+    print(f"GPU utilisation over the run: mean {sum(util) / len(util):.0f}%, "
+          f"mean while busy {sum(busy) / max(len(busy), 1):.0f}% ({len(util)} samples every 0.5 s)")
+EOF
+
+echo ">> 2. quality bench at 224 px" | tee -a "$OUT_DIR/summary.txt"
+timeout 420 "$PYTHON" bench/quality.py --root "$ROOT" --size 224 --budget 8 --epochs 2 --fraction 1.0 \
+  --threads 4 --workers "$WORKERS" --set trainer.precision=bf16-mixed --out "$OUT_DIR/quality" \
+  > "$OUT_DIR/quality.log" 2>&1 || echo "quality bench did not finish (see quality.log)" | tee -a "$OUT_DIR/summary.txt"
+cp bench/results/quality-224px.json "$OUT_DIR/" 2>/dev/null || true
+tail -n 30 "$OUT_DIR/quality.log"
+cat "$OUT_DIR/summary.txt"

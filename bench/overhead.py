@@ -1,0 +1,379 @@
+"""Framework-overhead benchmark (issue #6, item 2): training through agecls vs a minimal plain-PyTorch loop.
+
+Both sides train the same model class from the same initial weights (seeded identically), on the same
+FaceDataModule loaders (same cached images, batch size, sampler, augmentation), with the same optimizer,
+threads and deterministic setting, for the same number of epochs, each epoch a training pass and a
+validation pass. They run in one process, back to back, alternating which goes first, several times.
+
+  agecls: FaceClassifier + FaceDataModule + the lightning.Trainer that `agecls.train.build_trainer` builds
+          from the composed config (best-checkpoint and early-stopping callbacks, MLflow epoch logging to a
+          throwaway store, per-step torchmetrics updates, progress bar as configured, sanity validation).
+  plain:  for x, y in loader: zero_grad, loss, backward, step; then predictions on val and macro-F1, the
+          best weights kept in memory.
+
+Reported: the medians of whole-fit time (start-up + epochs) and of steady per-epoch time (epochs after the
+first), and their ratio agecls / plain - 1 = the overhead. Target: under 5%.
+
+    .venv/bin/python bench/overhead.py                          # print the table
+    .venv/bin/python bench/overhead.py --write BENCHMARKS.md    # also rewrite this benchmark's section
+    .venv/bin/python bench/overhead.py --quick                  # CI smoke: tiny synthetic data, seconds
+    .venv/bin/python bench/overhead.py --set trainer.enable_progress_bar=false   # try a config change
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sections import write_section  # bench/ is on sys.path when a script in it runs
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
+# name -> (overrides, epochs per fit, repeats per side)
+CASES: dict[str, tuple[list[str], int, int]] = {
+    "dissertation": (["experiment=agecnn", "data.image_size=64"], 2, 2),
+    "demo": (["experiment=demo"], 3, 4),
+}
+QUICK: dict[str, tuple[list[str], int, int]] = {
+    "tiny": (
+        [
+            "data.synthetic.n=200",
+            "data.image_size=32",
+            "data.batch_size=32",
+            "model.blocks=2",
+            "model.base_channels=8",
+            "model.hidden=16",
+        ],
+        2,
+        2,
+    ),
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from agecls.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+class Setup:
+    """What both sides share: the composed config, the prepared data module, class names, loss weights."""
+
+    def __init__(self, overrides: list[str], epochs: int, store: Path) -> None:
+        from omegaconf import OmegaConf
+
+        from agecls.data.augment import build_augment
+        from agecls.data.bins import AgeBins
+        from agecls.data.datamodule import FaceDataModule
+        from agecls.data.prepare import prepare_data, task_labels
+        from agecls.tasks.classification import class_weights, task_classes
+
+        self.cfg = compose(
+            [
+                *overrides,
+                f"trainer.max_epochs={epochs}",
+                f"trainer.min_epochs={epochs}",
+                f"tracking.tracking_uri=sqlite:///{store}/mlflow.db",
+                f"tracking.artifact_root={store}/mlartifacts",
+                "tracking.experiment=overhead",
+                "tracking.log_checkpoint=false",
+            ]
+        )
+        cfg = self.cfg
+        self.resolved = OmegaConf.to_container(cfg, resolve=True)
+        prepared = prepare_data(cfg.data, cfg.paths)
+        bins = AgeBins.from_config(cfg.bins)
+        self.class_names = list(task_classes(cfg.task.target, bins.labels))
+        self.datamodule = FaceDataModule(
+            prepared.images,
+            task_labels(prepared, cfg.task.target, bins),
+            prepared.manifest.df["split"].to_numpy(),
+            len(self.class_names),
+            batch_size=int(cfg.data.batch_size),
+            num_workers=int(cfg.data.num_workers),
+            weighted_sampler=bool(cfg.sampler.weighted_sampler),
+            train_transform=build_augment(cfg.augment),
+            seed=int(cfg.seed),
+        )
+        self.weights = class_weights(
+            self.datamodule.split_labels("train"), len(self.class_names), cfg.sampler.class_weights
+        )
+        self.sizes = {s: len(self.datamodule.indices[s]) for s in ("train", "val")}
+
+    def module(self):
+        import lightning as L
+
+        from agecls.module import FaceClassifier
+
+        L.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
+        return FaceClassifier(self.resolved, self.class_names, self.weights)
+
+
+def _checksum(model: torch.nn.Module) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def _now() -> tuple[float, float]:
+    """(wall, CPU) seconds: CPU time of this process, less disturbed than wall time by other processes."""
+    return time.perf_counter(), time.process_time()
+
+
+def _timings(started: tuple[float, float], marks: list[tuple[float, float]]) -> dict:
+    """Whole fit, start-up (until the first epoch) and per-epoch seconds, on both clocks."""
+    out = {}
+    for i, clock in enumerate(("wall", "cpu")):
+        t = [m[i] for m in marks]
+        out[clock] = {"total": t[-1] - started[i], "startup": t[0] - started[i], "epochs": list(np.diff(t))}
+    return out
+
+
+def run_agecls(setup: Setup, run_dir: Path) -> dict:
+    """One fit exactly as agecls.train builds it."""
+    import lightning as L
+
+    from agecls.tracking import recording
+    from agecls.train import build_trainer
+
+    class EpochClock(L.Callback):
+        def __init__(self) -> None:
+            self.marks: list[tuple[float, float]] = []
+
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.marks.append(_now())
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.marks.append(_now())
+
+    module = setup.module()
+    init = _checksum(module.model)
+    clock = EpochClock()
+    with recording(setup.cfg.tracking, run_name="overhead") as rec:
+        started = _now()
+        trainer, checkpoint = build_trainer(setup.cfg, run_dir, rec, [clock])
+        trainer.fit(module, datamodule=setup.datamodule)
+        clock.marks[-1] = _now()  # include what fit does after on_train_end
+    return {
+        **_timings(started, clock.marks),
+        "init_checksum": init,
+        "best_val_macro_f1": float(checkpoint.best_model_score),
+    }
+
+
+def run_plain(setup: Setup) -> dict:
+    """The minimal loop: same model, loss, optimizer and loaders, no framework."""
+    from hydra.utils import instantiate
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    module = setup.module()  # only for the identical model object and loss; trained as plain modules
+    model, loss_fn = module.model, module.loss
+    init = _checksum(model)
+    started = _now()
+    optimizer = instantiate(setup.cfg.optimizer, _convert_="all")(params=model.parameters())
+    train_loader = setup.datamodule.train_dataloader()
+    val_loader = setup.datamodule.val_dataloader()
+    n = len(setup.class_names)
+    best, best_state, marks = -1.0, None, []
+    for _ in range(int(setup.cfg.trainer.max_epochs)):
+        marks.append(_now())
+        model.train()
+        for x, y in train_loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+        model.eval()
+        preds, labels = [], []
+        with torch.no_grad():
+            for x, y in val_loader:
+                preds.append(model(x).argmax(1))
+                labels.append(y)
+        f1 = float(multiclass_f1_score(torch.cat(preds), torch.cat(labels), n, average="macro"))
+        if f1 > best:
+            best, best_state = f1, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    marks.append(_now())
+    del best_state
+    return {**_timings(started, marks), "init_checksum": init, "best_val_macro_f1": best}
+
+
+def measure(name: str, overrides: list[str], epochs: int, repeats: int, store: Path) -> dict:
+    """`repeats` fits per side, alternating which side goes first (agecls first on even repeats)."""
+    setup = Setup(overrides, epochs, store)
+    print(f"{name}: {setup.sizes}, {epochs} epochs per fit, {repeats} fits per side", flush=True)
+    runs: dict[str, list[dict]] = {"agecls": [], "plain": []}
+    for r in range(repeats):
+        order = ("agecls", "plain") if r % 2 == 0 else ("plain", "agecls")
+        for side in order:
+            with tempfile.TemporaryDirectory(prefix="agecls-overhead-") as tmp:
+                res = run_agecls(setup, Path(tmp)) if side == "agecls" else run_plain(setup)
+            runs[side].append(res)
+            w, c = res["wall"], res["cpu"]
+            print(
+                f"  {side:6s} fit {w['total']:.2f} s wall / {c['total']:.2f} s CPU; epochs (wall) "
+                + ", ".join(f"{e:.2f}" for e in w["epochs"])
+                + f" s; val F1 {res['best_val_macro_f1']:.3f}",
+                flush=True,
+            )
+    checksums = {s: {round(r["init_checksum"], 6) for r in v} for s, v in runs.items()}
+    if checksums["agecls"] != checksums["plain"] or len(checksums["plain"]) != 1:
+        raise RuntimeError(f"{name}: the two sides did not start from the same weights: {checksums}")
+
+    def med(side: str, clock: str, key: str) -> float:
+        rs = [r[clock] for r in runs[side]]
+        if key == "steady":  # epochs after the first; the first when a fit has one epoch
+            values = [e for r in rs for e in r["epochs"][1:]] or [r["epochs"][0] for r in rs]
+        else:
+            values = [r[key] for r in rs]
+        return float(np.median(values))
+
+    out = {"case": name, "overrides": overrides, "epochs": epochs, "repeats": repeats, "sizes": setup.sizes}
+    out["model"] = {k: setup.resolved["model"][k] for k in ("blocks", "base_channels", "hidden")}
+    out["size"] = setup.resolved["data"]["image_size"]
+    out["augment"] = setup.resolved["augment"]["name"]
+    out["batch_size"] = setup.resolved["data"]["batch_size"]
+    for clock in ("wall", "cpu"):
+        out[clock] = {}
+        for key in ("total", "steady", "startup"):
+            a, p = med("agecls", clock, key), med("plain", clock, key)
+            out[clock][key] = {"agecls": a, "plain": p, "overhead": a / p - 1 if p > 0 else float("nan")}
+        out[clock]["pairs"] = [
+            a[clock]["total"] / p[clock]["total"] - 1
+            for a, p in zip(runs["agecls"], runs["plain"], strict=True)
+        ]
+    out["runs"] = runs
+    return out
+
+
+def render(res: dict) -> str:
+    m = res["machine"]
+    lines = [
+        BEGIN,
+        "## Framework overhead: agecls (Lightning) vs a plain PyTorch loop (issue #6, item 2)",
+        "",
+        f"Written by `{res['command']}` on {res['date']}; {res['seconds']:.0f} s in all.",
+        "",
+        f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; Python {m['python']}, torch "
+        f"{m['torch']} ({res['threads']} intra-op thread(s) on both sides), lightning {res['lightning']}. "
+        f"Other sessions' processes shared the 2 cores: 1-min load average at the start "
+        f"{res['load_average']['start'][0]}, during the run mean {res['load_average']['during']['mean']}, "
+        f"max {res['load_average']['during']['max']}. Because of that, CPU time of the process "
+        "(`time.process_time`) is the headline; wall time is shown beside it.",
+        f"- Data: generated synthetic faces (`data=synthetic`), the persisted split, decoded cache, "
+        f"0 DataLoader workers. Extra config: `{' '.join(res['extra']) or '(none)'}`.",
+        "- agecls side: `FaceClassifier` + `FaceDataModule` + the Trainer of `agecls.train.build_trainer` "
+        "(checkpoint + early-stopping callbacks, MLflow epoch logging, sanity validation, per-step "
+        "torchmetrics updates, config as composed). Plain side: the same model class and initial "
+        "weights (checked), loss, optimizer, loaders; `zero_grad/forward/backward/step`, then val "
+        "predictions and macro-F1 each epoch, best weights kept in memory. Same process, back to back, "
+        "alternating which side goes first.",
+        "- Fit = building the trainer (or optimizer) through the last epoch; epoch = median of the "
+        "epochs after the first (train + validation pass); overhead = agecls / plain - 1 of the medians.",
+        "",
+        "| case | model (blocks/base/hidden) | px | augment | train/val rows | epochs x fits per side "
+        "| fit CPU s: agecls / plain | fit overhead, CPU (per pair) | epoch CPU s: agecls / plain "
+        "| epoch overhead, CPU | fit overhead, wall (per pair) | epoch overhead, wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(x: float) -> str:
+        return f"{100 * x:+.1f}%"
+
+    for c in res["cases"]:
+        md, cpu, wall = c["model"], c["cpu"], c["wall"]
+        lines.append(
+            f"| {c['case']} | {md['blocks']}/{md['base_channels']}/{md['hidden']} | {c['size']} "
+            f"| {c['augment']} | {c['sizes']['train']}/{c['sizes']['val']} | {c['epochs']} x {c['repeats']} "
+            f"| {cpu['total']['agecls']:.2f} / {cpu['total']['plain']:.2f} "
+            f"| {pct(cpu['total']['overhead'])} ({', '.join(map(pct, cpu['pairs']))}) "
+            f"| {cpu['steady']['agecls']:.2f} / {cpu['steady']['plain']:.2f} "
+            f"| {pct(cpu['steady']['overhead'])} "
+            f"| {pct(wall['total']['overhead'])} ({', '.join(map(pct, wall['pairs']))}) "
+            f"| {pct(wall['steady']['overhead'])} |"
+        )
+    worst = max(max(c["cpu"]["total"]["overhead"], c["cpu"]["steady"]["overhead"]) for c in res["cases"])
+    lines += [
+        "",
+        f"Target from issue #6 (overhead < 5%, CPU time): **{'met' if worst < 0.05 else 'not met'}** "
+        f"(largest median overhead {pct(worst)}).",
+    ]
+    if res.get("notes"):
+        lines += ["", *res["notes"]]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: tiny synthetic data, 2 fits per side")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), help="cases to run (default: all)")
+    parser.add_argument("--epochs", type=int, help="epochs per fit (default: per case)")
+    parser.add_argument("--repeats", type=int, help="fits per side (default: per case)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for both sides")
+    parser.add_argument("--notes", type=Path, help="Markdown lines to append to the section")
+    parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of a markdown file")
+    args = parser.parse_args(argv)
+    from data_pipeline import LoadSampler, machine
+
+    began = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    load = LoadSampler()
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as agecls.train does for the default config
+    from agecls.train import _quiet_lightning
+
+    _quiet_lightning()
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("agecls").setLevel(logging.WARNING)
+    cases = QUICK if args.quick else {k: v for k, v in CASES.items() if not args.cases or k in args.cases}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="agecls-overhead-store-") as store:
+        for name, (overrides, epochs, repeats) in cases.items():
+            results.append(
+                measure(
+                    name,
+                    [*overrides, *args.set],
+                    args.epochs or epochs,
+                    args.repeats or repeats,
+                    Path(store),
+                )
+            )
+    import lightning
+
+    res = {
+        "command": "python bench/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "lightning": lightning.__version__,
+        "extra": args.set,
+        "threads": torch.get_num_threads(),
+        "load_average": {"start": load_start, "during": load.stop()},
+        "cases": results,
+        "notes": args.notes.read_text().splitlines() if args.notes else [],
+        "seconds": time.perf_counter() - began,
+    }
+    section = render(res)
+    print(section)
+    out_dir = Path(os.environ.get("AGECLS_OUTPUT_DIR", REPO / "outputs")) / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "overhead-quick.json" if args.quick else "overhead.json"
+    (out_dir / name).write_text(json.dumps(res, indent=1, default=str) + "\n")
+    if args.write:
+        write_section(args.write, section, BEGIN, END)
+        print(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

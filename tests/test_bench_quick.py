@@ -1,0 +1,106 @@
+"""The benchmark scripts keep working: quick modes on tiny generated data, and section rendering."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, args: list[str], out: Path, timeout: int) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out), "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_overhead_quick_writes_its_section(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    md.write_text("# Benchmarks\n\n<!-- other:begin -->\nkept\n<!-- other:end -->\n")
+    run_bench("overhead.py", ["--quick", "--write", str(md)], tmp_path / "out", timeout=600)
+    text = md.read_text()
+    assert "kept" in text and text.count("<!-- overhead:begin -->") == 1
+    assert "| tiny | 2/8/16 | 32 |" in text
+    res = json.loads((tmp_path / "out" / "bench" / "overhead-quick.json").read_text())
+    case = res["cases"][0]
+    assert len(case["runs"]["agecls"]) == len(case["runs"]["plain"]) == 2
+    assert case["cpu"]["total"]["agecls"] > 0 and case["wall"]["steady"]["plain"] > 0
+
+
+@pytest.mark.heavy
+def test_quality_quick_runs_both_sides(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    run_bench("quality.py", ["--quick", "--write", str(md)], tmp_path / "out", timeout=900)
+    (report,) = (tmp_path / "out" / "bench" / "quality").glob("*/quality.json")
+    res = json.loads(report.read_text())
+    sides = res["tasks"]["age"]
+    assert [s["side"] for s in sides] == ["dissertation", "agecls"]
+    for s in sides:
+        point, lo, hi = s["test_macro_f1"]
+        assert 0 <= lo <= point <= hi <= 1
+    assert sides[1]["trials"] == 2
+    assert "| age | agecls | 2 (2 trials" in md.read_text()
+
+
+def test_quality_section_renders_from_saved_json(tmp_path):
+    side = {
+        "wall_s": 60.0,
+        "val_macro_f1": 0.5,
+        "test_macro_f1": [0.5, 0.45, 0.55],
+        "test_acc": [0.6, 0.55, 0.65],
+        "epochs_trained": 4,
+    }
+    rep = {
+        "command": "python bench/quality.py",
+        "date": "2026-01-01 00:00 UTC",
+        "machine": {"cpu": "cpu", "nproc": "2", "gpu": "none", "torch": "2"},
+        "args": {"size": 32, "fraction": 0.25, "budget": 4, "epochs": 2, "threads": 1, "parallel": 2},
+        "data": "real UTKFace",
+        "sizes": {"train": 10, "val": 5, "test": 5},
+        "load_start": 1.0,
+        "n_boot": 1000,
+        "tasks": {
+            "age": [
+                {**side, "side": "dissertation"},
+                {
+                    **side,
+                    "side": "agecls",
+                    "test_macro_f1": [0.6, 0.56, 0.64],
+                    "trials": 2,
+                    "pruned": 0,
+                    "best_params": {"optimizer": "adam", "optimizer.lr": 0.001},
+                    "trial_vals": [0.5, 0.6],
+                },
+            ]
+        },
+        "verdict": ["- age: better."],
+        "seconds": 120,
+    }
+    saved = tmp_path / "quality.json"
+    saved.write_text(json.dumps(rep))
+    md = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "quality.py"), "--from-json", str(saved), "--write", str(md)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = md.read_text()
+    assert "| age | agecls | 4 (2 trials, 0 pruned) | 0.5000 | 0.6000 [0.5600, 0.6400]" in text
+    assert "optimizer=adam, optimizer.lr=0.001" in text
