@@ -68,16 +68,13 @@ def compose(overrides: list[str]):
 
 
 class Setup:
-    """What both sides share: the composed config, the prepared data module, class names, loss weights."""
+    """What both sides share: the composed config, the prepared data module and the class names."""
 
     def __init__(self, overrides: list[str], epochs: int, store: Path) -> None:
         from omegaconf import OmegaConf
 
-        from agecls.data.augment import build_augment
-        from agecls.data.bins import AgeBins
-        from agecls.data.datamodule import FaceDataModule
-        from agecls.data.prepare import prepare_data, task_labels
-        from agecls.tasks.classification import class_weights, task_classes
+        from agecls.data.prepare import prepare_data
+        from agecls.train import build_datamodule
 
         self.cfg = compose(
             [
@@ -90,34 +87,19 @@ class Setup:
                 "tracking.log_checkpoint=false",
             ]
         )
-        cfg = self.cfg
-        self.resolved = OmegaConf.to_container(cfg, resolve=True)
-        prepared = prepare_data(cfg.data, cfg.paths)
-        bins = AgeBins.from_config(cfg.bins)
-        self.class_names = list(task_classes(cfg.task.target, bins.labels))
-        self.datamodule = FaceDataModule(
-            prepared.images,
-            task_labels(prepared, cfg.task.target, bins),
-            prepared.manifest.df["split"].to_numpy(),
-            len(self.class_names),
-            batch_size=int(cfg.data.batch_size),
-            num_workers=int(cfg.data.num_workers),
-            weighted_sampler=bool(cfg.sampler.weighted_sampler),
-            train_transform=build_augment(cfg.augment),
-            seed=int(cfg.seed),
-        )
-        self.weights = class_weights(
-            self.datamodule.split_labels("train"), len(self.class_names), cfg.sampler.class_weights
-        )
+        self.resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        prepared = prepare_data(self.cfg.data, self.cfg.paths)
+        self.datamodule, self.class_names = build_datamodule(self.cfg, prepared)  # as agecls.train does
         self.sizes = {s: len(self.datamodule.indices[s]) for s in ("train", "val")}
 
     def module(self):
+        """A fresh FaceClassifier from the seeded global RNG, built as agecls.train builds it."""
         import lightning as L
 
-        from agecls.module import FaceClassifier
+        from agecls.train import build_module
 
         L.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
-        return FaceClassifier(self.resolved, self.class_names, self.weights)
+        return build_module(self.cfg, self.resolved, self.datamodule, self.class_names)
 
 
 def _checksum(model: torch.nn.Module) -> float:
@@ -175,31 +157,31 @@ def run_plain(setup: Setup) -> dict:
     from hydra.utils import instantiate
     from torchmetrics.functional.classification import multiclass_f1_score
 
-    module = setup.module()  # only for the identical model object and loss; trained as plain modules
-    model, loss_fn = module.model, module.loss
-    init = _checksum(model)
+    module = setup.module()  # the same nn.Module (backbone + head) and loss, called as plain PyTorch
+    attr = module.attributes[0]
+    init = _checksum(module.model)
     started = _now()
-    optimizer = instantiate(setup.cfg.optimizer, _convert_="all")(params=model.parameters())
+    optimizer = instantiate(setup.cfg.optimizer, _convert_="all")(params=module.parameters())
     train_loader = setup.datamodule.train_dataloader()
     val_loader = setup.datamodule.val_dataloader()
-    n = len(setup.class_names)
+    n = len(setup.class_names[attr])
     best, best_state, marks = -1.0, None, []
     for _ in range(int(setup.cfg.trainer.max_epochs)):
         marks.append(_now())
-        model.train()
+        module.train()
         for x, y in train_loader:
             optimizer.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            module.loss(module(x), y).backward()
             optimizer.step()
-        model.eval()
+        module.eval()
         preds, labels = [], []
         with torch.no_grad():
             for x, y in val_loader:
-                preds.append(model(x).argmax(1))
+                preds.append(module.heads[attr].decode(module(x)))
                 labels.append(y)
         f1 = float(multiclass_f1_score(torch.cat(preds), torch.cat(labels), n, average="macro"))
         if f1 > best:
-            best, best_state = f1, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best, best_state = f1, {k: v.detach().clone() for k, v in module.state_dict().items()}
     marks.append(_now())
     del best_state
     return {**_timings(started, marks), "init_checksum": init, "best_val_macro_f1": best}

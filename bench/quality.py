@@ -73,8 +73,33 @@ def _run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
+def strided_manifest(args, out: Path) -> tuple[Path, Path]:
+    """(CSV, source): every `--stride`-th row of each split of UTKFace's persisted split (sorted by file name,
+    so each split's age mix is kept), for `data=manifest`; rows keep their split, so test stays test."""
+    from hydra import compose, initialize_config_dir
+
+    from agecls.config import CONFIG_DIR
+    from agecls.data.prepare import data_lock, resolve_manifest
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["data=utkface", f"data.root={args.root}"])
+    with data_lock(cfg.paths.data_dir):
+        manifest = resolve_manifest(cfg.data, cfg.paths)
+    df = manifest.df
+    rows = [df[df["split"] == s].iloc[:: args.stride] for s in ("train", "val", "test")]
+    path = out / f"utkface-stride{args.stride}.csv"
+    cols = [c for c in ("path", "age", "gender", "ethnicity", "sha1", "split") if c in df.columns]
+    __import__("pandas").concat(rows)[cols].to_csv(path, index=False)
+    return path, manifest.path
+
+
 def common(args, task: str) -> list[str]:
-    data = QUICK_DATA if args.quick else ["data=utkface", f"data.root={args.root}"]
+    if args.quick:
+        data = QUICK_DATA
+    elif args.stride > 1:
+        data = ["data=manifest", f"data.path={args.manifest}", f"data.root={args.root}"]
+    else:
+        data = ["data=utkface", f"data.root={args.root}"]
     return [
         f"experiment={EXPERIMENTS[task]}",
         *data,
@@ -164,7 +189,7 @@ def render(rep: dict) -> str:
         f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; torch {m['torch']}. Other "
         f"sessions' processes shared the cores (1-min load average at the start {rep['load_start']}); "
         f"the script ran under `nice -n 10`.",
-        f"- Data: {rep['data']}; the persisted split (train/val/test rows "
+        f"- Data: {rep['data']} (train/val/test rows "
         f"{rep['sizes']['train']}/{rep['sizes']['val']}/{rep['sizes']['test']}); {a['size']} px greyscale. "
         f"An epoch here is {a['fraction']:g} of the training split "
         f"(`trainer.limit_train_batches={a['fraction']:g}`, reshuffled every epoch); val and test are whole.",
@@ -223,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=12, help="epochs per side and task")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per agecls search trial")
     parser.add_argument("--fraction", type=float, default=0.25, help="share of the train split per epoch")
+    parser.add_argument(
+        "--stride", type=int, default=1, help="keep every n-th row of each split (1: the whole split)"
+    )
     parser.add_argument("--tasks", nargs="+", default=list(EXPERIMENTS), choices=list(EXPERIMENTS))
     parser.add_argument("--threads", type=int, default=1, help="CPU threads per side (OMP_NUM_THREADS)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per run")
@@ -254,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or base / "bench" / "quality") / stamp
     for task in args.tasks:
         (out / task).mkdir(parents=True, exist_ok=True)
+    args.manifest = source = None
+    if args.stride > 1 and not args.quick:
+        args.manifest, source = strided_manifest(args, out)
+        print(f"1 row in {args.stride} of each split of {source}: {args.manifest}", flush=True)
     # The longest jobs first, `--parallel` at a time (the searches cost a few runs' start-up and scoring).
     jobs = [(search, t) for t in args.tasks] + [(dissertation, t) for t in args.tasks]
     print(f"{len(jobs)} jobs, {args.parallel} at a time, under {out}", flush=True)
@@ -277,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "data": "generated synthetic faces (quick mode)" if args.quick else f"real UTKFace at {args.root}",
+        "data": "generated synthetic faces (quick mode)"
+        if args.quick
+        else f"real UTKFace at {args.root}"
+        + (f", 1 row in {args.stride} of each split of the persisted split {source}" if source else ""),
         "sizes": first["data_sizes"],
         "load_start": load_start,
         "n_boot": args.n_boot,
