@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from agecls.models.parts import ModelParts
 from agecls.models.registry import register_model
 
 DROPOUT_PLACES = ("output", "blocks", "both", "none")
@@ -23,7 +24,17 @@ def conv_block(in_ch: int, out_ch: int, dropout: float) -> nn.Sequential:
 
 
 class BasicCNN(nn.Module):
-    """`blocks` conv blocks with doubling channels, then fc(hidden) -> ReLU -> Dropout -> fc(classes)."""
+    """`blocks` conv blocks with doubling channels, then fc(hidden) -> ReLU -> Dropout -> fc(classes).
+
+    freeze=features trains only `classifier` (fc1 and fc2); features_fc1 trains only fc2 (`classifier.4`)."""
+
+    zoo_parts = ModelParts(
+        stem=("input_norm", "features.0.0"),
+        head=("classifier",),
+        fc1=("classifier.1",),
+        new=("classifier.4",),
+        last="classifier.4",
+    )
 
     def __init__(
         self,

@@ -1,4 +1,12 @@
-"""One entry point for every architecture: `create_model(name, num_classes=..., in_chans=...)`."""
+"""One entry point for every architecture: `create_model(name, num_classes=, in_chans=, image_size=)`.
+
+Builders registered with `@register_model(name)` only build the architecture (and attach its `ModelParts`);
+the keys every model config shares are handled here, once, for all of them:
+  weights: null | PATH         a local state dict loaded after building (never a download)
+  weights_prefix: null | STR   prefix stripped from the file's keys (null: 'model.'/'module.' if all have it)
+  strict_weights: true         any missing/unexpected/mis-shaped key outside the replaced layers is an error
+  freeze: none | features | features_fc1
+"""
 
 from __future__ import annotations
 
@@ -7,12 +15,18 @@ from typing import Any
 
 from torch import nn
 
+from agecls.models.parts import freeze as apply_freeze
+from agecls.models.parts import get_module, parts_of, set_module
+from agecls.models.weights import load_weights
+
 ModelBuilder = Callable[..., nn.Module]
 _BUILDERS: dict[str, ModelBuilder] = {}
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
-    """Decorator that registers a builder `fn(num_classes, in_chans, image_size, **kwargs) -> nn.Module`."""
+    """Decorator that registers a builder `fn(num_classes, in_chans, image_size, **kwargs) -> nn.Module`.
+
+    The module it returns carries `zoo_parts: ModelParts` (see agecls.models.parts)."""
 
     def add(fn: ModelBuilder) -> ModelBuilder:
         if name in _BUILDERS:
@@ -28,10 +42,73 @@ def available_models() -> list[str]:
     return sorted(_BUILDERS)
 
 
-def create_model(name: str, *, num_classes: int, in_chans: int, image_size: int, **kwargs: Any) -> nn.Module:
-    """Build a registered model; unknown names list the valid ones."""
+def _builder(name: str) -> ModelBuilder:
     if name not in _BUILDERS:
         raise KeyError(
             f"model.name={name!r} is not a registered model; valid: {', '.join(available_models())}"
         )
-    return _BUILDERS[name](num_classes=num_classes, in_chans=in_chans, image_size=image_size, **kwargs)
+    return _BUILDERS[name]
+
+
+def _finish(
+    model: nn.Module,
+    name: str,
+    weights: str | None,
+    weights_prefix: str | None,
+    strict_weights: bool,
+    freeze_mode: str | None,
+) -> nn.Module:
+    """Load the weights file (if any), then freeze: shared by `create_model` and `create_backbone`."""
+    parts = parts_of(model)
+    if weights:
+        prefix = None if weights_prefix is None else str(weights_prefix)
+        load_weights(model, parts, str(weights), name=name, prefix=prefix, strict=bool(strict_weights))
+    apply_freeze(model, freeze_mode, name)
+    return model
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_chans: int,
+    image_size: int,
+    weights: str | None = None,
+    weights_prefix: str | None = None,
+    strict_weights: bool = True,
+    freeze: str | None = "none",
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a registered model whose forward gives (N, num_classes) logits; unknown names list the valid
+    ones. `weights`/`weights_prefix`/`strict_weights`/`freeze` are described in the module docstring."""
+    model = _builder(name)(num_classes=num_classes, in_chans=in_chans, image_size=image_size, **kwargs)
+    return _finish(model, name, weights, weights_prefix, strict_weights, freeze)
+
+
+def create_backbone(
+    name: str,
+    *,
+    in_chans: int,
+    image_size: int,
+    weights: str | None = None,
+    weights_prefix: str | None = None,
+    strict_weights: bool = True,
+    freeze: str | None = "none",
+    **kwargs: Any,
+) -> tuple[nn.Module, int]:
+    """The model of `create_model` without its final classifier layer: forward gives (N, feature_dim).
+
+    The final layer (`ModelParts.last`) becomes an identity, so whatever precedes it stays in the trunk
+    (e.g. basic_cnn's fc(hidden) -> ReLU -> Dropout, the dissertation's multitask trunk; InceptionResnetV1's
+    512-d bottleneck). A weights file's final-layer keys are ignored."""
+    model = _builder(name)(num_classes=2, in_chans=in_chans, image_size=image_size, **kwargs)
+    last_name = parts_of(model).last
+    last = get_module(model, last_name)
+    if isinstance(last, nn.Linear):
+        feature_dim = last.in_features
+    elif isinstance(last, nn.Conv2d):
+        feature_dim = last.in_channels
+    else:
+        raise TypeError(f"model {name!r}: final layer {last_name!r} is a {type(last).__name__}")
+    set_module(model, last_name, nn.Identity())
+    return _finish(model, name, weights, weights_prefix, strict_weights, freeze), feature_dim
