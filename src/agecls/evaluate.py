@@ -231,8 +231,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from agecls.data.bins import AgeBins
     from agecls.data.cache import build_cache
     from agecls.data.datamodule import FaceDataset
+    from agecls.data.prepare import frame_targets
     from agecls.data.records import folder_fingerprint, scan_folder
-    from agecls.metrics import plot_confusion, stage_report
+    from agecls.metrics import plot_confusion
     from agecls.module import FaceClassifier
     from agecls.tracking import recording
 
@@ -243,8 +244,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt={ckpt}: not a loadable agecls checkpoint ({type(exc).__name__}: {exc})"
         ) from None
     run_cfg = module.cfg
-    target = str(run_cfg.task.target)
-    class_names = list(module.task.class_names)
+    target = str(run_cfg.task.target)  # `multitask` for a multitask checkpoint
     size = int(run_cfg.data.image_size) + int(run_cfg.data.get("crop_margin") or 0)
     grayscale = bool(run_cfg.data.grayscale)
     paths = default_paths()
@@ -253,13 +253,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     scan = scan_folder(folder, check_images=bool(cfg.eval.check_images))
     records = scan.records
-    column = records[target]
-    present = column.notna().to_numpy()
-    labels = np.full(len(records), -1, dtype=np.int64)
-    values = column[present].to_numpy(dtype=np.int64)
-    bins = AgeBins.from_config(run_cfg.bins) if target == "age" else None
-    labels[present] = bins.index(values) if bins is not None else values
-    rows = np.flatnonzero(labels >= 0)
+    bins = AgeBins.from_config(run_cfg.bins) if "age" in module.attributes else None
+    labels = frame_targets(records, list(module.columns), bins)
+    labelled = labels >= 0 if labels.ndim == 1 else (labels[:, : len(module.attributes)] >= 0).any(axis=1)
+    rows = np.flatnonzero(labelled)
     if len(rows) == 0:
         raise EvalError(f"data.root={folder}: none of its {len(records)} valid images has a {target} label")
 
@@ -284,8 +281,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module.to(device)
-    preds, truth = module.predict_loader(loader)
-    report = stage_report(preds, truth, class_names)
+    scored = _score_attributes(module.collect(loader), module.class_names)
+    headline = scored[module.objective]
+    report = headline.pop("report")
+    class_names = headline["class_names"]
 
     result: dict[str, Any] = {
         "checkpoint": str(ckpt.resolve()),
@@ -295,17 +294,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "n_images": len(rows),
         "n_rejected": len(scan.rejected),
         "n_unlabelled": int(len(records) - len(rows)),
-        "macro_f1": report.metrics["macro_f1"],
-        "acc": report.metrics["acc"],
-        "per_class": [
-            {
-                "class": str(r["class"]),
-                **{k: _finite(r[k]) for k in ("precision", "recall", "f1")},
-                "support": int(r["support"]),
-            }
-            for _, r in report.table.iterrows()
-        ],
-        "confusion_matrix": report.confmat.astype(int).tolist(),  # rows true, columns predicted
+        **{k: headline[k] for k in ("macro_f1", "acc", "per_class", "confusion_matrix")},
         "rejected": scan.rejected.head(100).to_dict(orient="records"),
         "image_size": int(run_cfg.data.image_size),
         "grayscale": grayscale,
@@ -313,6 +302,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "folder_fingerprint": fingerprint,
         "mlflow_run_id": None,
     }
+    if "mae" in headline:  # an age head predicting years: mean absolute error in years
+        result["mae"] = headline["mae"]
+    if module.multitask:  # every attribute's scores; the top-level ones are the objective attribute's
+        result["objective_attribute"] = module.objective
+        result["attributes"] = {a: {k: v for k, v in d.items() if k != "report"} for a, d in scored.items()}
 
     recorded = run_cfg.get("tracking") or {}
     train_run = (
@@ -347,6 +341,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 "eval/n_rejected": result["n_rejected"],
                 "eval/n_unlabelled": result["n_unlabelled"],
             }
+            if "mae" in result:
+                metrics["eval/mae"] = result["mae"]
+            for attr, d in result.get("attributes", {}).items():
+                metrics.update({f"eval/{attr}/{k}": d[k] for k in ("macro_f1", "acc", "mae") if k in d})
             metrics.update(
                 {f"eval/f1_{r['class']}": r["f1"] for r in result["per_class"] if r["f1"] is not None}
             )
@@ -357,6 +355,36 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             png = plot_confusion(report.confmat, class_names, Path(tmp) / "confusion_eval.png", folder.name)
             rec.artifact(png, "evaluation")
     return result
+
+
+def _score_attributes(predicted: dict[str, dict], class_names: dict[str, list[str]]) -> dict[str, dict]:
+    """{attribute: macro_f1, acc, per_class, confusion_matrix, class_names, n_images (faces with the
+    attribute), mae (heads predicting years), report (its StageReport)} of FaceClassifier.collect output."""
+    from agecls.metrics import stage_report
+
+    scored: dict[str, dict] = {}
+    for attr, got in predicted.items():
+        known = got["labels"] >= 0
+        report = stage_report(got["preds"][known], got["labels"][known], class_names[attr])
+        scored[attr] = {
+            "class_names": class_names[attr],
+            "n_images": int(known.sum()),
+            "macro_f1": report.metrics["macro_f1"],
+            "acc": report.metrics["acc"],
+            "per_class": [
+                {
+                    "class": str(r["class"]),
+                    **{k: _finite(r[k]) for k in ("precision", "recall", "f1")},
+                    "support": int(r["support"]),
+                }
+                for _, r in report.table.iterrows()
+            ],
+            "confusion_matrix": report.confmat.astype(int).tolist(),  # rows true, columns predicted
+            "report": report,
+        }
+        if "years" in got:
+            scored[attr]["mae"] = float((got["years"][known] - got["true_years"][known]).abs().mean())
+    return scored
 
 
 def _check_store(tracking: DictConfig) -> None:

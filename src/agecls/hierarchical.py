@@ -105,7 +105,7 @@ def subset_labels(labels: np.ndarray, df, subset: Any) -> np.ndarray:
         keep &= (df[column] == value).fillna(False).to_numpy(dtype=bool)
     if not keep.any():
         raise HierarchyError(f"data.subset={dict(subset)} selects no row of the manifest")
-    return np.where(keep, labels, -1)
+    return np.where(keep.reshape(-1, *[1] * (labels.ndim - 1)), labels, -1)  # 2-D targets: whole rows
 
 
 def _parent_run(cfg: DictConfig, by: str):
@@ -133,10 +133,9 @@ def _predict_rows(ckpt: str, cfg: DictConfig, prepared, rows: np.ndarray) -> np.
     module = FaceClassifier.load_from_checkpoint(ckpt, map_location="cpu")
     module.eval()
     datamodule, _ = build_datamodule(cfg, prepared)
-    preds = []
-    for x, _ in datamodule.rows_dataloader(rows):
-        preds.append(module(x).argmax(dim=1))
-    return torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return module.predict_loader(datamodule.rows_dataloader(rows))[0].numpy()  # decoded by the task's head
 
 
 def evaluate_routing(cfg: DictConfig, stages: list[Stage], results: dict[str, dict], run_dir: Path, rec):

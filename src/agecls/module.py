@@ -1,4 +1,16 @@
-"""The one LightningModule: a registered model, a task's loss, optimizer/scheduler from config, metrics."""
+"""The one LightningModule: a registered model, one output head per predicted attribute, optimizer/scheduler
+from config, metrics.
+
+A single task (`task=age|gender|ethnicity`) puts its head on the registry's whole model (`create_model`
+with as many outputs as the head needs). `task=multitask` shares the registry's trunk (`create_backbone`)
+between one linear layer + head per attribute; the weighted sum of the attributes' losses is trained, each
+loss over the faces that have that attribute (-1 targets are masked out of its loss and metrics).
+
+Logged names: a single task logs `{stage}/loss`, `{stage}/macro_f1`, `{stage}/acc` (and `{stage}/mae`, in
+years, for heads that predict exact age). Multitask logs `{stage}/{attribute}/...` for every attribute and,
+for the objective attribute (`task.objective`), the same scores unprefixed as well (`val/macro_f1`), so
+`objective.metric`, checkpointing and early stopping work unchanged.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +20,26 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torchmetrics import MetricCollection
+from torch import nn
+from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from agecls.data.bins import AgeBins
 from agecls.models import create_model
 from agecls.tasks.classification import ClassificationTask
+from agecls.tasks.heads import Head, build_head
+from agecls.tasks.multitask import (
+    YEARS,
+    is_multitask,
+    loss_weights,
+    objective_attribute,
+    target_columns,
+    task_attributes,
+)
 
 # Model-config keys that are not builder arguments.
 _MODEL_META = ("name",)
+STAGES = ("train", "val", "test")
 
 
 def stage_metrics(num_classes: int) -> MetricCollection:
@@ -29,55 +53,198 @@ def stage_metrics(num_classes: int) -> MetricCollection:
 
 
 class FaceClassifier(L.LightningModule):
-    """Built from the resolved run config alone, so `load_from_checkpoint(path)` needs nothing else."""
+    """Built from the resolved run config alone, so `load_from_checkpoint(path)` needs nothing else.
 
-    def __init__(self, cfg: dict[str, Any], class_names: list[str], class_weights: list[float] | None = None):
+    `class_names`: a list (single task) or {attribute: names} (multitask); `class_weights` likewise (a list,
+    or {attribute: list | None}) for classification heads; `age_stats` ({"mean", "std"} of the training
+    split's ages) standardises the regression head's target."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        class_names: list[str] | dict[str, list[str]],
+        class_weights: list[float] | dict[str, list[float] | None] | None = None,
+        age_stats: dict[str, float] | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = OmegaConf.create(cfg)
-        self.task = ClassificationTask(
-            target=self.cfg.task.target,
-            class_names=tuple(class_names),
-            label_smoothing=float(self.cfg.task.label_smoothing),
+        task = self.cfg.task
+        self.multitask = is_multitask(task)
+        self.attributes = tuple(task_attributes(task))
+        self.columns = tuple(target_columns(task))
+        self.objective = objective_attribute(task)
+        self.loss_weights = loss_weights(task)
+        names = dict(class_names) if isinstance(class_names, dict) else {self.attributes[0]: class_names}
+        weights = class_weights if isinstance(class_weights, dict) else {self.attributes[0]: class_weights}
+        self.class_names = {a: list(names[a]) for a in self.attributes}
+        if not self.multitask:
+            # The single task's target and classes (read by agecls-eval and the hierarchy).
+            self.task = ClassificationTask(
+                target=str(task.target),
+                class_names=tuple(self.class_names[self.attributes[0]]),
+                label_smoothing=float(task.label_smoothing),
+            )
+        bins = AgeBins.from_config(self.cfg.bins) if "age" in self.attributes else None
+        self.heads = nn.ModuleDict(
+            {
+                a: build_head(
+                    str(task.get("head", "classification")) if a == "age" else "classification",
+                    len(self.class_names[a]),
+                    target=a,
+                    bins=bins,
+                    label_smoothing=float(task.get("label_smoothing", 0.0)),
+                    class_weights=weights.get(a),
+                    age_stats=age_stats,
+                    regression_loss=str(task.get("regression_loss", "l1")),
+                    ldl_sigma=float(task.get("ldl_sigma", 2.0)),
+                )
+                for a in self.attributes
+            }
         )
         model_kwargs = {k: v for k, v in self.cfg.model.items() if k not in _MODEL_META}
-        self.model = create_model(
-            self.cfg.model.name,
-            num_classes=self.task.num_classes,
-            in_chans=1 if self.cfg.data.grayscale else 3,
-            image_size=int(self.cfg.data.image_size),
-            **model_kwargs,
-        )
-        self.loss = self.task.loss_fn(class_weights)
-        n = self.task.num_classes
-        # ModuleDict keys must not shadow nn.Module attributes (`train`), hence the suffix.
-        self.metrics = torch.nn.ModuleDict({f"{s}_": stage_metrics(n) for s in ("train", "val", "test")})
+        in_chans, image_size = 1 if self.cfg.data.grayscale else 3, int(self.cfg.data.image_size)
+        if self.multitask:
+            from agecls.models.registry import create_backbone
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+            self.model, dim = create_backbone(
+                self.cfg.model.name, in_chans=in_chans, image_size=image_size, **model_kwargs
+            )
+            self.proj = nn.ModuleDict(
+                {a: nn.Linear(dim, self.heads[a].out_features) for a in self.attributes}
+            )
+        else:
+            self.model = create_model(
+                self.cfg.model.name,
+                num_classes=self.heads[self.attributes[0]].out_features,
+                in_chans=in_chans,
+                image_size=image_size,
+                **model_kwargs,
+            )
+        # ModuleDict keys must not shadow nn.Module attributes (`train`), hence the `stage_attribute` form.
+        self.metrics = nn.ModuleDict(
+            {f"{s}_{a}": stage_metrics(len(self.class_names[a])) for s in STAGES for a in self.attributes}
+        )
+        self.mae = nn.ModuleDict(
+            {
+                f"{s}_{a}": MeanAbsoluteError()
+                for s in STAGES
+                for a in self.attributes
+                if self.heads[a].predicts_years
+            }
+        )
+
+    # ---- outputs ---------------------------------------------------------------------------------------
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each attribute's head logits."""
+        if self.multitask:
+            features = self.model(x)
+            return {a: self.heads[a](self.proj[a](features)) for a in self.attributes}
+        target = self.attributes[0]
+        return {target: self.heads[target](self.model(x))}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Head logits: a tensor for a single task, {attribute: logits} for multitask."""
+        out = self.outputs(x)
+        return out if self.multitask else out[self.attributes[0]]
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The single task's loss of (logits, labels) (the exact-age target is not passed here)."""
+        return self.heads[self.attributes[0]].loss(logits, target)
+
+    def targets(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{column: (N,) targets} of a batch's target tensor (1-D for one column, else one per column)."""
+        if y.ndim == 1:
+            return {self.columns[0]: y}
+        return {c: y[:, i] for i, c in enumerate(self.columns)}
 
     @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{attribute: (N, classes) probabilities} in eval mode. Age heads give probabilities over the bins:
+        softmax (classification), differences of P(age > bin) (coral, corn), the year distribution summed
+        per bin (label_distribution), one-hot on the decoded bin (regression)."""
+        with _eval_mode(self):
+            out = self.outputs(x)
+            return {a: self.heads[a].proba(out[a]) for a in self.attributes}
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{attribute: (N,) decoded class} in eval mode: the class every metric scores (age: its bin)."""
+        with _eval_mode(self):
+            out = self.outputs(x)
+            return {a: self.heads[a].decode(out[a]) for a in self.attributes}
+
+    @torch.no_grad()
+    def predict_years(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{attribute: (N,) predicted age in years} for heads that predict exact age (else empty)."""
+        with _eval_mode(self):
+            out = self.outputs(x)
+            return {a: self.heads[a].years(out[a]) for a in self.attributes if self.heads[a].predicts_years}
+
+    @torch.no_grad()
+    def collect(self, loader) -> dict[str, dict[str, torch.Tensor]]:
+        """Every batch of `loader` predicted (eval mode, on the module's device): {attribute: {"preds",
+        "labels"} (-1 labels where a face lacks the attribute), plus {"years", "true_years"} for heads that
+        predict exact age}."""
+        parts: dict[str, dict[str, list[torch.Tensor]]] = {a: {} for a in self.attributes}
+        with _eval_mode(self):
+            for x, y in loader:
+                out = self.outputs(x.to(self.device))
+                targets = self.targets(y)
+                for a in self.attributes:
+                    head = self.heads[a]
+                    got = {"preds": head.decode(out[a]).cpu(), "labels": targets[a]}
+                    if head.predicts_years:
+                        got["years"] = head.years(out[a]).cpu()
+                        got["true_years"] = targets[YEARS]
+                    for k, v in got.items():
+                        parts[a].setdefault(k, []).append(v)
+        return {a: {k: torch.cat(v) for k, v in d.items()} for a, d in parts.items()}
+
     def predict_loader(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Predicted class and true label for every batch of `loader` (eval mode, on the module's device)."""
-        was_training = self.training
-        self.eval()
-        preds, labels = [], []
-        for x, y in loader:
-            preds.append(self(x.to(self.device)).argmax(dim=1).cpu())
-            labels.append(y)
-        self.train(was_training)
-        return torch.cat(preds), torch.cat(labels)
+        """Predicted class and true label for every batch of `loader` (a single task's target; for multitask
+        the objective attribute's)."""
+        got = self.collect(loader)[self.objective]
+        return got["preds"], got["labels"]
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def total_loss(
+        self, out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, dict[str, Any]]]:
+        """The weighted sum of the attributes' losses, each over the faces that have the attribute (target
+        >= 0), and per attribute {loss, logits, labels, years} of those faces (attributes no face of the
+        batch has are left out)."""
+        total = next(iter(out.values())).new_zeros(())
+        parts: dict[str, dict[str, Any]] = {}
+        for a in self.attributes:
+            head: Head = self.heads[a]
+            keep = targets[a] >= 0
+            if not bool(keep.any()):
+                continue
+            logits, labels = out[a][keep], targets[a][keep]
+            years = targets[YEARS][keep].float() if head.predicts_years else None
+            loss = head.loss(logits, labels, years)
+            total = total + self.loss_weights[a] * loss
+            parts[a] = {"loss": loss, "logits": logits, "labels": labels, "years": years}
+        return total, parts
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self.loss(logits, y)
-        preds = logits.argmax(dim=1)
-        self.metrics[f"{stage}_"].update(preds, y)
+        total, parts = self.total_loss(self.outputs(x), self.targets(y))
+        for a, part in parts.items():
+            head: Head = self.heads[a]
+            logits = part["logits"].detach()
+            self.metrics[f"{stage}_{a}"].update(head.decode(logits), part["labels"])
+            if head.predicts_years:
+                self.mae[f"{stage}_{a}"].update(head.years(logits), part["years"])
+            if self.multitask:
+                self.log(
+                    f"{stage}/{a}/loss", part["loss"], on_step=False, on_epoch=True, batch_size=len(logits)
+                )
         self.log(
-            f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y)
+            f"{stage}/loss", total, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=len(y)
         )
-        return loss
+        return total
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -89,9 +256,22 @@ class FaceClassifier(L.LightningModule):
         self._step(batch, "test")
 
     def _epoch_end(self, stage: str) -> None:
-        values = self.metrics[f"{stage}_"].compute()
-        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
-        self.metrics[f"{stage}_"].reset()
+        for a in self.attributes:
+            metrics = self.metrics[f"{stage}_{a}"]
+            updated = all(m.update_called for m in metrics.values())
+            values = dict(metrics.compute()) if updated else {}
+            metrics.reset()
+            key = f"{stage}_{a}"
+            if key in self.mae:
+                if self.mae[key].update_called:
+                    values["mae"] = self.mae[key].compute()
+                self.mae[key].reset()
+            names = {}
+            if self.multitask:
+                names.update({f"{stage}/{a}/{k}": v for k, v in values.items()})
+            if a == self.objective:
+                names.update({f"{stage}/{k}": v for k, v in values.items()})
+            self.log_dict(names, prog_bar=stage == "val" and a == self.objective)
 
     def on_train_epoch_end(self) -> None:
         self._epoch_end("train")
@@ -102,6 +282,13 @@ class FaceClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._epoch_end("test")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the heads kept the cross-entropy's class weights as `loss.weight`;
+        they are rebuilt from the hyperparameters now."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("loss.")]:
+            del state[key]
 
     def configure_optimizers(self):
         optimizer = instantiate(self.cfg.optimizer, _convert_="all")(params=self.parameters())
@@ -117,3 +304,16 @@ class FaceClassifier(L.LightningModule):
         if "monitor" in sched_cfg:
             config["monitor"] = sched_cfg.monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+class _eval_mode:
+    """Context manager: the module in eval mode inside, its previous mode restored after."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module, self.was_training = module, module.training
+
+    def __enter__(self) -> None:
+        self.module.eval()
+
+    def __exit__(self, *exc: object) -> None:
+        self.module.train(self.was_training)

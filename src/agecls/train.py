@@ -24,11 +24,12 @@ from agecls.config import CONFIG_DIR, flatten
 from agecls.data.augment import build_augment
 from agecls.data.bins import AgeBins
 from agecls.data.datamodule import FaceDataModule
-from agecls.data.prepare import PreparedData, prepare_data, task_labels
+from agecls.data.prepare import PreparedData, frame_targets, prepare_data
 from agecls.hierarchical import run_hierarchy, subset_labels
 from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.module import FaceClassifier
-from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES, class_weights, task_classes
+from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES, class_weights
+from agecls.tasks.multitask import YEARS, is_multitask, target_columns, task_class_names
 from agecls.tracking import EpochLogger, Recorder, check_manifest, git_commit, recording
 from agecls.trial import PruningCallback, TrialContext
 
@@ -125,63 +126,87 @@ def subgroup_scores(
     return pd.DataFrame(rows, columns=["attribute", "group", "n", "macro_f1", "acc"])
 
 
+def _write_report(report: StageReport, names: list[str], run_dir: Path, split: str, suffix: str, rec) -> None:
+    """per_class_{split}{suffix}.csv and confusion_{split}{suffix}.png of one attribute, recorded."""
+    csv_path = run_dir / f"per_class_{split}{suffix}.csv"
+    report.table.to_csv(csv_path, index=False)
+    title = f"{split}{suffix.replace('_', ' ')} (best checkpoint)"
+    png = plot_confusion(report.confmat, names, run_dir / f"confusion_{split}{suffix}.png", title)
+    for path in (csv_path, png):
+        rec.artifact(path, "evaluation")
+
+
 def evaluate_splits(
     module: FaceClassifier,
     datamodule: FaceDataModule,
-    class_names: list[str],
+    class_names: dict[str, list[str]],
     run_dir: Path,
     rec: Recorder,
     groups: dict[str, tuple[np.ndarray, tuple[str, ...]]] | None = None,
-) -> tuple[dict[str, StageReport], dict[str, pd.DataFrame]]:
-    """Score the loaded (best) model on train, val and test; write and record tables and confusion plots.
+) -> tuple[dict[str, dict[str, StageReport]], dict[str, pd.DataFrame]]:
+    """Score the loaded (best) model on train, val and test, per attribute ({attribute: {split: report}};
+    report.metrics holds macro_f1, acc and, for heads predicting years, mae); write and record tables and
+    confusion plots (multitask: one per attribute, named `..._{split}_{attribute}`).
 
-    `groups` (attribute -> (code per manifest row, -1 if unknown; group names)) adds the fairness view:
-    the task's macro-F1 within each group, on val and test."""
-    reports: dict[str, StageReport] = {}
+    `groups` (attribute -> (code per manifest row, -1 if unknown; group names)) adds the fairness view of
+    the age task (a single task: its target): its macro-F1 within each group, on val and test."""
+    multi = module.multitask
+    fair_attr = "age" if multi else module.objective
+    reports: dict[str, dict[str, StageReport]] = {a: {} for a in class_names}
     fairness: dict[str, pd.DataFrame] = {}
     for split in ("train", "val", "test"):
-        preds, labels = module.predict_loader(datamodule.eval_dataloader(split))
-        report = stage_report(preds, labels, class_names)
-        csv_path = run_dir / f"per_class_{split}.csv"
-        report.table.to_csv(csv_path, index=False)
-        png = plot_confusion(
-            report.confmat, class_names, run_dir / f"confusion_{split}.png", f"{split} (best checkpoint)"
-        )
-        for path in (csv_path, png):
-            rec.artifact(path, "evaluation")
-        prefix = _PREFIX[split]
-        rec.metrics({f"{prefix}/{k}": v for k, v in report.metrics.items()})
-        rec.metrics({f"{prefix}/f1_{r['class']}": float(r["f1"]) for _, r in report.table.iterrows()})
-        reports[split] = report
-        if groups and split != "train":
-            rows = datamodule.indices[split]
-            table = subgroup_scores(
-                preds, labels, {a: (c[rows], n) for a, (c, n) in groups.items()}, class_names
-            )
-            table.to_csv(run_dir / f"fairness_{split}.csv", index=False)
-            rec.artifact(run_dir / f"fairness_{split}.csv", "evaluation")
-            rec.metrics(
-                {
-                    f"{prefix}/macro_f1_by_{r.attribute}/{r.group}": float(r.macro_f1)
-                    for r in table.itertuples()
-                }
-            )
-            fairness[split] = table
+        predicted = module.collect(datamodule.eval_dataloader(split))
+        for attr, names in class_names.items():
+            got = predicted[attr]
+            known = got["labels"] >= 0
+            preds, labels = got["preds"][known], got["labels"][known]
+            report = stage_report(preds, labels, names)
+            if "years" in got:
+                report.metrics["mae"] = float((got["years"][known] - got["true_years"][known]).abs().mean())
+            _write_report(report, names, run_dir, split, f"_{attr}" if multi else "", rec)
+            prefixes = _metric_prefixes(_PREFIX[split], attr, multi, module.objective)
+            for prefix in prefixes:
+                rec.metrics({f"{prefix}/{k}": v for k, v in report.metrics.items()})
+                rec.metrics({f"{prefix}/f1_{r['class']}": float(r["f1"]) for _, r in report.table.iterrows()})
+            reports[attr][split] = report
+            if groups and split != "train" and attr == fair_attr:
+                rows = datamodule.indices[split][known.numpy()]
+                table = subgroup_scores(
+                    preds, labels, {a: (c[rows], n) for a, (c, n) in groups.items()}, names
+                )
+                table.to_csv(run_dir / f"fairness_{split}.csv", index=False)
+                rec.artifact(run_dir / f"fairness_{split}.csv", "evaluation")
+                rec.metrics(
+                    {
+                        f"{prefixes[0]}/macro_f1_by_{r.attribute}/{r.group}": float(r.macro_f1)
+                        for r in table.itertuples()
+                    }
+                )
+                fairness[split] = table
     return reports, fairness
 
 
-def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataModule, list[str]]:
-    """The run's datamodule over the persisted split (only `data.subset`'s rows, when set) and its classes."""
+def _metric_prefixes(prefix: str, attr: str, multi: bool, objective: str) -> list[str]:
+    """Where an attribute's scores are recorded: `prefix` (single task), `prefix/attr` (multitask), and
+    also `prefix` for the multitask objective attribute."""
+    if not multi:
+        return [prefix]
+    return [f"{prefix}/{attr}", prefix] if attr == objective else [f"{prefix}/{attr}"]
+
+
+def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataModule, dict[str, list[str]]]:
+    """The run's datamodule over the persisted split (only `data.subset`'s rows, when set) and the classes
+    of every attribute it predicts. Targets: one column per attribute (age: its bin), plus the exact age
+    when the age head predicts years (see agecls.tasks.multitask)."""
     bins = AgeBins.from_config(cfg.bins)
-    class_names = list(task_classes(cfg.task.target, bins.labels))
-    labels = subset_labels(
-        task_labels(prepared, cfg.task.target, bins), prepared.manifest.df, cfg.data.get("subset")
-    )
+    class_names = task_class_names(cfg.task, bins.labels)
+    df = prepared.manifest.df
+    labels = subset_labels(frame_targets(df, target_columns(cfg.task), bins), df, cfg.data.get("subset"))
     datamodule = FaceDataModule(
         prepared.images,
         labels,
-        prepared.manifest.df["split"].to_numpy(),
-        len(class_names),
+        df["split"].to_numpy(),
+        len(next(iter(class_names.values()))),
         batch_size=int(cfg.data.batch_size),
         num_workers=int(cfg.data.num_workers),
         weighted_sampler=bool(cfg.sampler.weighted_sampler),
@@ -189,6 +214,27 @@ def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataM
         seed=int(cfg.seed),
     )
     return datamodule, class_names
+
+
+def build_module(
+    cfg: DictConfig, resolved: dict[str, Any], datamodule: FaceDataModule, class_names: dict[str, list[str]]
+) -> FaceClassifier:
+    """The FaceClassifier of a run: loss class weights per attribute and, for a head predicting years, the
+    training split's age mean/std, both from the training rows."""
+    train_rows = datamodule.labels[datamodule.indices["train"]]
+    train_rows = train_rows.reshape(len(train_rows), -1)
+    weights: dict[str, list[float] | None] = {}
+    for i, (attr, names) in enumerate(class_names.items()):
+        column = train_rows[:, i]
+        weights[attr] = class_weights(column[column >= 0], len(names), cfg.sampler.class_weights)
+    age_stats = None
+    if YEARS in target_columns(cfg.task):
+        years = train_rows[:, -1][train_rows[:, -1] >= 0].astype(np.float64)
+        age_stats = {"mean": float(years.mean()), "std": float(max(years.std(), 1.0))}
+    if is_multitask(cfg.task):
+        return FaceClassifier(resolved, class_names, weights, age_stats)
+    (attr,) = class_names
+    return FaceClassifier(resolved, class_names[attr], weights[attr], age_stats)
 
 
 def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | None = None) -> dict[str, Any]:
@@ -246,8 +292,7 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         sizes = {s: len(datamodule.indices[s]) for s in ("train", "val", "test")}
         rec.params({f"data.n_{s}": n for s, n in sizes.items()})
         log.info("data: %s  rows per split %s  manifest %s", manifest.root, sizes, manifest.hash[:12])
-        weights = class_weights(datamodule.split_labels("train"), len(class_names), cfg.sampler.class_weights)
-        module = FaceClassifier(resolved, class_names, weights)
+        module = build_module(cfg, resolved, datamodule, class_names)
 
         pruning = [PruningCallback(trial, str(cfg.objective.metric))] if trial is not None else []
         trainer, checkpoint = build_trainer(cfg, run_dir, rec, pruning)
@@ -264,10 +309,11 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
             )
         state = torch.load(best, map_location=module.device, weights_only=False)
         module.load_state_dict(state["state_dict"])
+        fair_attr = "age" if module.multitask else module.objective
         groups = {
             attr: (manifest.df[attr].fillna(-1).to_numpy(dtype=np.int64), names)
             for attr, names in (("gender", GENDER_NAMES), ("ethnicity", ETHNICITY_NAMES))
-            if attr != cfg.task.target
+            if attr != fair_attr
         }
         reports, fairness = evaluate_splits(module, datamodule, class_names, run_dir, rec, groups)
 
@@ -277,15 +323,24 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
             "epochs_trained": int(trainer.current_epoch),
             "fit_seconds": round(fit_seconds, 2),
             "data_sizes": sizes,
-            **{f"{_PREFIX[s]}/{k}": v for s, r in reports.items() for k, v in r.metrics.items()},
         }
+        for attr, by_split in reports.items():
+            for split, report in by_split.items():
+                for prefix in _metric_prefixes(_PREFIX[split], attr, module.multitask, module.objective):
+                    results.update({f"{prefix}/{k}": v for k, v in report.metrics.items()})
         rec.metrics(
             {k: float(results[k]) for k in ("objective", "best_epoch", "epochs_trained", "fit_seconds")}
         )
-        results["class_names"] = class_names
-        for split, report in reports.items():
-            results[f"confusion_{split}"] = report.confmat.tolist()
-        test_table = reports["test"].table
+        confusion = {a: {s: r.confmat.tolist() for s, r in by.items()} for a, by in reports.items()}
+        if module.multitask:
+            results["class_names"] = class_names
+            for split in ("train", "val", "test"):
+                results[f"confusion_{split}"] = {a: confusion[a][split] for a in class_names}
+        else:
+            results["class_names"] = class_names[module.objective]
+            for split in ("train", "val", "test"):
+                results[f"confusion_{split}"] = confusion[module.objective][split]
+        test_table = reports[module.objective]["test"].table
         results["fairness_test"] = fairness["test"].to_dict(orient="records") if "test" in fairness else []
         results["checkpoint"] = best
         results["run_dir"] = str(run_dir)

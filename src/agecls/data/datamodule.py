@@ -36,7 +36,8 @@ def seed_worker_transform(worker_id: int) -> None:
 
 
 class FaceDataset(Dataset):
-    """Rows `indices` of a decoded (N, H, W, C) uint8 array with one integer label per row.
+    """Rows `indices` of a decoded (N, H, W, C) uint8 array with one integer label per row (or a row of
+    integer targets, e.g. age bin and exact age, when `labels` is 2-D; -1 marks a missing one).
 
     An item is a (C, H, W) float tensor: `transform` on the uint8 image, then /255, then `(x - mean) / std`
     per channel when `mean` and `std` are given (0..1 scale)."""
@@ -65,11 +66,14 @@ class FaceDataset(Dataset):
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
         if self.mean is not None:
             x.sub_(self.mean).div_(self.std)
-        return x, torch.tensor(self.labels[row], dtype=torch.long)
+        return x, torch.as_tensor(self.labels[row], dtype=torch.long)
 
 
 class FaceDataModule(L.LightningDataModule):
     """Train/val/test loaders over one persisted split; rows without the task's label are left out.
+
+    `labels` is one integer label per row, or (rows, columns) targets of which the first column is the
+    primary one (weighted sampler, class weights); a row is kept when it has any of its targets.
 
     `train_transform` is either one callable (train only; eval images pass as cached) or the `Transforms`
     of `agecls.data.augment.build_augment`, which also brings the eval transform (a centre crop when the
@@ -109,7 +113,7 @@ class FaceDataModule(L.LightningDataModule):
         self.weighted_sampler, self.seed = weighted_sampler, seed
         self.train_transform, self.eval_transform = train_transform, eval_transform
         seed_transform(train_transform, seed)
-        has_label = labels >= 0
+        has_label = labels >= 0 if labels.ndim == 1 else (labels >= 0).any(axis=1)
         self.indices = {s: np.flatnonzero((split == s) & has_label) for s in SPLITS}
         for s, idx in self.indices.items():
             if len(idx) == 0:
@@ -118,8 +122,9 @@ class FaceDataModule(L.LightningDataModule):
         self.mean, self.std = stats if stats is not None else (None, None)
 
     def split_labels(self, split: str) -> np.ndarray:
-        """Labels of one split, in loader order (before sampling)."""
-        return self.labels[self.indices[split]]
+        """Labels (the primary column of 2-D targets) of one split, in loader order (before sampling)."""
+        rows = self.labels[self.indices[split]]
+        return rows if rows.ndim == 1 else rows[:, 0]
 
     def _loader(
         self, split: str, transform, sampler=None, shuffle: bool = False, rows: np.ndarray | None = None
@@ -141,7 +146,9 @@ class FaceDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if not self.weighted_sampler:
             return self._loader("train", self.train_transform, shuffle=True)
-        weights = sample_weights(self.split_labels("train"), self.num_classes)
+        labels = self.split_labels("train")
+        weights = np.zeros(len(labels))  # a row without the primary label is never drawn
+        weights[labels >= 0] = sample_weights(labels[labels >= 0], self.num_classes)
         sampler = WeightedRandomSampler(
             torch.as_tensor(weights, dtype=torch.double),
             num_samples=len(weights),

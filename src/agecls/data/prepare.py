@@ -151,12 +151,25 @@ def import_manifest(data: DictConfig) -> Manifest:
 
 def task_labels(prepared: PreparedData, target: str, bins: AgeBins) -> np.ndarray:
     """Integer label per manifest row for a task target; -1 where the row lacks that label."""
-    df = prepared.manifest.df
-    if target not in ("age", "gender", "ethnicity"):
+    return frame_labels(prepared.manifest.df, target, bins)
+
+
+def frame_labels(df, target: str, bins: AgeBins) -> np.ndarray:
+    """Integer label per row of a records/manifest frame (age: its bin; `age_years`: the exact age); -1
+    where the row lacks it."""
+    column_name = "age" if target == "age_years" else target
+    if column_name not in ("age", "gender", "ethnicity"):
         raise ValueError(f"task.target={target!r}; valid: age, gender, ethnicity")
-    column = df[target]
+    column = df[column_name]
     present = column.notna().to_numpy()
     labels = np.full(len(df), -1, dtype=np.int64)
     values = column[present].to_numpy(dtype=np.int64)
     labels[present] = bins.index(values) if target == "age" else values
     return labels
+
+
+def frame_targets(df, columns: list[str], bins: AgeBins) -> np.ndarray:
+    """Target array of a frame: 1-D labels for one column, else (rows, columns) (see frame_labels)."""
+    if len(columns) == 1:
+        return frame_labels(df, columns[0], bins)
+    return np.stack([frame_labels(df, c, bins) for c in columns], axis=1)
