@@ -121,7 +121,7 @@ def test_weights_round_trip_gives_equal_outputs(name, compose_cfg, tmp_path):
 
 def test_lightning_style_checkpoint_and_explicit_prefix(tmp_path):
     source = build("residual_attention").eval()
-    state = {f"model.{k}": v for k, v in source.state_dict().items()}
+    state = {f"model.{k}": v for k, v in source.state_dict().items()} | {"heads.age.bias": torch.zeros(6)}
     ckpt = _save({"state_dict": state, "epoch": 3}, tmp_path / "best.ckpt")  # agecls/Lightning layout
     auto = build("residual_attention", weights=ckpt).eval()
     wrapped = _save({"model": {f"net.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pt")

@@ -3,7 +3,7 @@
 Builders registered with `@register_model(name)` only build the architecture (and attach its `ModelParts`);
 the keys every model config shares are handled here, once, for all of them:
   weights: null | PATH         a local state dict loaded after building (never a download)
-  weights_prefix: null | STR   prefix stripped from the file's keys (null: 'model.'/'module.' if all have it)
+  weights_prefix: null | STR   load the file's keys under this prefix (null: 'model.'/'module.' if needed)
   strict_weights: true         any missing/unexpected/mis-shaped key outside the replaced layers is an error
   freeze: none | features | features_fc1
 """

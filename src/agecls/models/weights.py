@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 # Keys a file may hold its tensors under (Lightning checkpoints: 'state_dict'; many scripts: 'model').
 _CONTAINER_KEYS = ("state_dict", "model")
-# Prefixes stripped automatically when every key of the file has one and none of the model's keys do:
-# agecls's own checkpoints ('model.': FaceClassifier.model) and DataParallel ('module.').
+# Prefixes taken automatically when no key of the file fits the model as it is: agecls's own checkpoints
+# ('model.': FaceClassifier.model; its other tensors, e.g. task heads, left out) and DataParallel ('module.').
 _AUTO_PREFIXES = ("model.", "module.")
 # torchvision's DenseNet files use the old 'norm.1' style names (torchvision renames them the same way).
 _DENSENET_OLD = re.compile(
@@ -73,19 +73,24 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _strip_prefix(state: dict[str, torch.Tensor], prefix: str | None, own: set[str], path: Path) -> dict:
-    """Remove `prefix` from the file's keys (null: one of `_AUTO_PREFIXES` when it is clearly a wrapper)."""
+    """Keep the file's keys under `prefix`, without it (null: one of `_AUTO_PREFIXES` when the file is clearly
+    a wrapper's: no key fits the model as it is, some start with the prefix and none of the model's do)."""
     if prefix is None:
-        for auto in _AUTO_PREFIXES:
-            if all(k.startswith(auto) for k in state) and not any(k.startswith(auto) for k in own):
-                prefix = auto
-                break
-        else:
+        if own & set(state):
             return state
+        candidates = [a for a in _AUTO_PREFIXES if any(k.startswith(a) for k in state)]
+        candidates = [a for a in candidates if not any(k.startswith(a) for k in own)]
+        if not candidates:
+            return state
+        prefix = candidates[0]
     if not prefix:
         return state
     stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not stripped:
         raise WeightsError(f"model.weights={path}: no key starts with model.weights_prefix={prefix!r}")
+    dropped = len(state) - len(stripped)
+    if dropped:
+        log.info("model.weights=%s: %d tensors outside %r left out (e.g. task heads)", path, dropped, prefix)
     return stripped
 
 
