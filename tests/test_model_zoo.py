@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES, compose_train
 
 from agecls.config import CONFIG_DIR
-from agecls.models import WeightsError, available_models, create_backbone, create_model
+from agecls.models import WeightsError, available_models, create_backbone, create_model, skip_weights
 from agecls.train import train
 
 MODEL_FILES = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -151,6 +151,12 @@ def test_missing_weights_file_names_the_path(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(FileNotFoundError, match="model.weights=.*nope.pt: no such file"):
         create_model("basic_cnn", num_classes=3, in_chans=1, image_size=32, blocks=2, weights=str(missing))
+
+
+def test_skip_weights_rebuilds_without_the_weights_file(tmp_path):
+    with skip_weights():
+        model = build("basic_cnn", weights=str(tmp_path / "moved-away.pt"), freeze="features")
+    assert _trainable(model) == {"classifier.1", "classifier.4"}
 
 
 def test_mismatched_weights_name_the_keys(tmp_path):

@@ -11,7 +11,13 @@ from agecls.models import (  # noqa: F401  (each module registers its builders)
     torchvision_zoo,
 )
 from agecls.models.parts import FREEZE_MODES, ModelParts
-from agecls.models.registry import available_models, create_backbone, create_model, register_model
+from agecls.models.registry import (
+    available_models,
+    create_backbone,
+    create_model,
+    register_model,
+    skip_weights,
+)
 from agecls.models.weights import WeightsError, load_weights
 
 __all__ = [
@@ -23,4 +29,5 @@ __all__ = [
     "create_model",
     "load_weights",
     "register_model",
+    "skip_weights",
 ]

@@ -10,7 +10,9 @@ the keys every model config shares are handled here, once, for all of them:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from torch import nn
@@ -21,6 +23,18 @@ from agecls.models.weights import load_weights
 
 ModelBuilder = Callable[..., nn.Module]
 _BUILDERS: dict[str, ModelBuilder] = {}
+_SKIP_WEIGHTS: ContextVar[bool] = ContextVar("agecls_skip_weights", default=False)
+
+
+@contextmanager
+def skip_weights() -> Iterator[None]:
+    """Inside this block `model.weights` is ignored: for rebuilding a model whose checkpoint holds every
+    tensor anyway (`FaceClassifier.load_from_checkpoint`), so the initial weights file need not exist."""
+    token = _SKIP_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_WEIGHTS.reset(token)
 
 
 def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
@@ -60,7 +74,7 @@ def _finish(
 ) -> nn.Module:
     """Load the weights file (if any), then freeze: shared by `create_model` and `create_backbone`."""
     parts = parts_of(model)
-    if weights:
+    if weights and not _SKIP_WEIGHTS.get():
         prefix = None if weights_prefix is None else str(weights_prefix)
         load_weights(model, parts, str(weights), name=name, prefix=prefix, strict=bool(strict_weights))
     apply_freeze(model, freeze_mode, name)
