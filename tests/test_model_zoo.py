@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from tests.conftest import FAST_OVERRIDES, compose_train
 
 from agecls.config import CONFIG_DIR
 from agecls.models import WeightsError, available_models, create_backbone, create_model, skip_weights
+from agecls.module import FaceClassifier
 from agecls.train import train
 
 MODEL_FILES = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
@@ -311,3 +313,7 @@ def test_resnet50_trains_through_the_hydra_entry_with_weights_and_freeze(compose
     )
     results = train(cfg)
     assert results["epochs_trained"] == 1 and 0.0 <= results["test/macro_f1"] <= 1.0
+    # The checkpoint holds every tensor: it loads after the initial weights file is gone.
+    Path(weights).unlink()
+    module = FaceClassifier.load_from_checkpoint(results["checkpoint"], map_location="cpu")
+    assert module.cfg.model.weights == str(weights)

@@ -25,7 +25,7 @@ from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from agecls.data.bins import AgeBins
-from agecls.models import create_model
+from agecls.models import create_model, skip_weights
 from agecls.tasks.classification import ClassificationTask
 from agecls.tasks.heads import Head, build_head
 from agecls.tasks.multitask import (
@@ -142,6 +142,13 @@ class FaceClassifier(L.LightningModule):
             return {a: self.heads[a](self.proj[a](features)) for a in self.attributes}
         target = self.attributes[0]
         return {target: self.heads[target](self.model(x))}
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args, **kwargs):  # type: ignore[override]
+        """Lightning's loader, without re-reading `model.weights` (the checkpoint holds every tensor, and
+        the initial weights file may have moved since training)."""
+        with skip_weights():
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """Head logits: a tensor for a single task, {attribute: logits} for multitask."""

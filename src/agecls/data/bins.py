@@ -132,6 +132,11 @@ class AgeBins:
         """From `{"name": ..., "ranges": [[lo, hi], ...]}` (dict or DictConfig); min/max_age optional."""
         if "ranges" not in cfg:
             raise BinsError(f"bins config needs a 'ranges' list of [lo, hi]; got keys {sorted(cfg.keys())}")
+        if cfg["ranges"] is None and cfg.get("search"):
+            raise BinsError(
+                "bins=search has no ranges of its own: each trial of an Optuna study draws them "
+                "(`-m sweep=optuna_bin_edges`); for a single run pick a bin set such as bins=seed7"
+            )
         return cls(
             list(cfg["ranges"]),
             cfg.get("name"),
