@@ -10,11 +10,18 @@ Resume: the study's state is the storage. Re-running the same command continues 
 kept, trials left RUNNING by a dead process are failed once their heartbeat is stale and re-queued with the
 same parameters; `n_trials` counts complete and pruned trials only, so nothing is counted twice. Several
 processes (or machines sharing a PostgreSQL storage) may run the same command at once: they share one study.
+
+Where trials run: as child processes of this one (Hydra's default launcher), or as submitit jobs when the
+command selects a submitit launcher (`hydra/launcher=slurm` submits each trial as a Slurm job with the
+launcher's GPU/CPU/memory/time requests; `hydra/launcher=submitit_local` runs them as local submitit jobs).
+Either way a trial is the same `python -m agecls.train ... optuna.trial=N` command; see `trial_executor`.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -22,9 +29,10 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
@@ -89,9 +97,224 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+# -- where trials run -----------------------------------------------------------------------------------
+class TrialHandle(Protocol):
+    """One started trial: a local process or a submitit job."""
+
+    def done(self) -> bool: ...
+
+    def signal(self, sig: int) -> None: ...
+
+    def wait(self, timeout: float) -> None: ...
+
+
+class TrialExecutor(Protocol):
+    """Starts trial commands; `slots()` is one environment per trial that may run at once."""
+
+    kind: str
+
+    def slots(self) -> list[dict[str, str]]: ...
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> TrialHandle: ...
+
+
+@dataclass
+class ProcessHandle:
+    process: subprocess.Popen
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=max(0.1, timeout))
+
+
+class SubprocessExecutor:
+    """Trials as child processes of the sweeper: `optuna.n_jobs` on CPU, or one per GPU (`optuna.devices`)."""
+
+    kind = "subprocess"
+
+    def __init__(self, ocfg: DictConfig) -> None:
+        self.ocfg = ocfg
+
+    def slots(self) -> list[dict[str, str]]:
+        """One environment per concurrent trial: a GPU each when CUDA is there, else CPU threads shared."""
+        devices = self.ocfg.get("devices")
+        gpus: list[str] = []
+        if devices == "auto":
+            try:
+                import torch
+
+                gpus = [str(i) for i in range(torch.cuda.device_count())]
+            except ImportError:  # pragma: no cover - torch is a dependency
+                gpus = []
+        elif devices is not None:
+            gpus = [str(d) for d in devices]
+        if gpus:
+            return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+        n_jobs = _n_jobs(self.ocfg)
+        threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
+        return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads} for _ in range(n_jobs)]
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> ProcessHandle:
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        return ProcessHandle(proc)
+
+
+@dataclass
+class JobHandle:
+    job: Any  # submitit.Job
+    cancelled: bool = False
+
+    def done(self) -> bool:
+        try:
+            return bool(self.job.done())
+        except Exception as exc:  # noqa: BLE001 - a flaky sacct must not stop the study
+            log.warning("job %s: state unknown (%s); still waiting", self.job.job_id, exc)
+            return False
+
+    def signal(self, sig: int) -> None:
+        """Cancel the job once (scancel on Slurm; SIGINT to the local controller); later calls only wait."""
+        if not self.cancelled and not self.done():
+            self.job.cancel(check=False)
+        self.cancelled = True
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.done() and time.monotonic() < deadline:
+            time.sleep(0.25)
+
+
+def submitit_parameters(launcher: dict[str, Any]) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """(cluster, folder, executor init kwargs, update_parameters kwargs) from a `hydra.launcher` block of
+    hydra-submitit-launcher (submitit_slurm/submitit_local, or agecls's `slurm`), mapped as that plugin
+    maps them: its shared keys keep their names, cluster-specific ones get the cluster's prefix."""
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    target = str(launcher.get("_target_", ""))
+    if target.endswith(".SlurmLauncher"):
+        cluster = "slurm"
+    elif target.endswith(".LocalLauncher"):
+        cluster = "local"
+    else:
+        raise SweepError(f"hydra.launcher._target_={target!r} is not a submitit launcher")
+    shared = set(BaseQueueConf.__dataclass_fields__)
+    folder = str(launcher["submitit_folder"])
+    init = {}
+    if "max_num_timeout" in launcher:
+        init[f"{cluster}_max_num_timeout"] = launcher["max_num_timeout"]
+    params = {
+        (key if key in shared else f"{cluster}_{key}"): value
+        for key, value in launcher.items()
+        if key not in {"_target_", "submitit_folder", "max_num_timeout", "array_parallelism"}
+    }
+    return cluster, folder, init, params
+
+
+class SubmititExecutor:
+    """Trials as submitit jobs (Slurm, or submitit's local executor): `optuna.n_jobs` jobs submitted at once,
+    each running the trial command through `run_trial_job`; the job's resources come from `hydra.launcher`."""
+
+    def __init__(self, launcher: dict[str, Any], ocfg: DictConfig) -> None:
+        import submitit
+
+        self.kind, folder, init, self.params = submitit_parameters(launcher)
+        self.folder = folder
+        self.executor = submitit.AutoExecutor(folder=folder, cluster=self.kind, **init)
+        self.executor.update_parameters(**self.params)
+        self.n_jobs = _n_jobs(ocfg)
+
+    def slots(self) -> list[dict[str, str]]:
+        """GPUs are the job's own (Slurm sets CUDA_VISIBLE_DEVICES); CPU threads follow cpus_per_task."""
+        cpus = self.params.get("cpus_per_task")
+        return [{"OMP_NUM_THREADS": str(cpus)} if cpus else {} for _ in range(self.n_jobs)]
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> JobHandle:
+        self.executor.update_parameters(name=name)
+        job = self.executor.submit(run_trial_job, cmd, env, str(log_path), os.getcwd())
+        log.info("%s: submitted as %s job %s", name, self.kind, job.job_id)
+        handle = JobHandle(job)
+        if not _JOB_HANDLES:
+            atexit.register(_release_jobs)
+        _JOB_HANDLES.append(handle)
+        return handle
+
+
+_JOB_HANDLES: list[JobHandle] = []
+
+
+def _release_jobs() -> None:
+    """Let submitit's job objects be finalised while the interpreter is intact (their __del__ fails
+    noisily when it runs during shutdown)."""
+    for handle in _JOB_HANDLES:
+        handle.job = None
+    _JOB_HANDLES.clear()
+    gc.collect()
+
+
+def trial_executor(cfg: DictConfig) -> TrialExecutor:
+    """Where this study's trials run: submitit jobs when `hydra.launcher` is a submitit launcher
+    (`hydra/launcher=slurm|submitit_slurm|submitit_local`), else child processes of the sweeper."""
+    launcher = cfg.get("hydra", {}).get("launcher") or {}
+    target = str(launcher.get("_target_", ""))
+    if "hydra_submitit_launcher" in target:
+        resolved = OmegaConf.to_container(launcher, resolve=True)
+        assert isinstance(resolved, dict)
+        return SubmititExecutor(resolved, cfg.optuna)
+    return SubprocessExecutor(cfg.optuna)
+
+
+def _n_jobs(ocfg: DictConfig) -> int:
+    n_jobs = int(ocfg.n_jobs)
+    if n_jobs < 1:
+        raise SweepError(f"optuna.n_jobs={n_jobs}; must be >= 1")
+    return n_jobs
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """Linux: SIGTERM this process when its parent dies (a cancelled job's wrapper is SIGKILLed)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_trial_job(cmd: list[str], env: dict[str, str], log_path: str, cwd: str) -> int:
+    """Body of a submitit job: run one trial command, its output in `log_path`; returns its exit code.
+
+    SIGINT/SIGTERM (a cancelled job) are passed on to the trial, which then stops as an interrupted run;
+    if this wrapper is killed outright, the trial gets SIGTERM (Linux) rather than running on orphaned."""
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            cwd=cwd,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+
+    def forward(signum, frame) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"trial command exited with {code}; see {log_path}")
+    return code
+
+
 @dataclass
 class Running:
-    process: subprocess.Popen
+    handle: TrialHandle
     number: int
     trial_id: int
     params: dict[str, Any]
@@ -105,28 +328,6 @@ class StudyRunner:
 
     def __init__(self, config: DictConfig, hydra_context: HydraContext) -> None:
         self.config, self.hydra_context = config, hydra_context
-
-    # -- slots ------------------------------------------------------------------------------------------
-    def _slots(self, ocfg: DictConfig) -> list[dict[str, str]]:
-        """One environment per concurrent trial: a GPU each when CUDA is there, else CPU threads shared."""
-        devices = ocfg.get("devices")
-        gpus: list[str] = []
-        if devices == "auto":
-            try:
-                import torch
-
-                gpus = [str(i) for i in range(torch.cuda.device_count())]
-            except ImportError:  # pragma: no cover - torch is a dependency
-                gpus = []
-        elif devices is not None:
-            gpus = [str(d) for d in devices]
-        if gpus:
-            return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
-        n_jobs = int(ocfg.n_jobs)
-        if n_jobs < 1:
-            raise SweepError(f"optuna.n_jobs={n_jobs}; must be >= 1")
-        threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
-        return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads} for _ in range(n_jobs)]
 
     def _command(
         self, fixed: list[str], params: dict[str, Any], number: int, parent: str | None, run_dir: Path
@@ -165,17 +366,19 @@ class StudyRunner:
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
-        slots = self._slots(ocfg)
+        executor = trial_executor(cfg)
+        slots = executor.slots()
         target, max_failures = int(ocfg.n_trials), int(ocfg.max_failures)
         tracker = StudyRun.open(cfg, study.study_name) if cfg.tracking.enabled else None
         parent = tracker.run_id if tracker else None
         log.info(
-            "study %r (%s, %s): %d trials wanted, %d slot(s), space %s",
+            "study %r (%s, %s): %d trials wanted, %d %s slot(s), space %s",
             study.study_name,
             ocfg.storage,
             direction,
             target,
             len(slots),
+            executor.kind,
             ", ".join(space),
         )
         running: dict[int, Running] = {}
@@ -195,11 +398,10 @@ class StudyRunner:
                     run_dir = sweep_dir / f"trial-{trial.number:04d}"
                     run_dir.mkdir(parents=True, exist_ok=True)
                     cmd = self._command(fixed, trial.params, trial.number, parent, run_dir)
-                    env = {**os.environ, **slots[free[0]]}
-                    with open(run_dir / "process.log", "w") as out:
-                        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+                    name = f"{study.study_name}-trial-{trial.number:04d}"
+                    handle = executor.start(cmd, slots[free[0]], run_dir / "process.log", name)
                     running[trial.number] = Running(
-                        proc, trial.number, trial._trial_id, trial.params, free[0]
+                        handle, trial.number, trial._trial_id, trial.params, free[0]
                     )
                     study._storage.record_heartbeat(trial._trial_id)
                     log.info("trial %d started (slot %d): %s", trial.number, free[0], _show(trial.params))
@@ -207,12 +409,14 @@ class StudyRunner:
                 if not running:
                     break
                 for number, item in list(running.items()):
-                    if item.process.poll() is None:
+                    if not item.handle.done():
                         continue
                     del running[number]
                     frozen = study._storage.get_trial(item.trial_id)
-                    if frozen.state == TrialState.RUNNING:  # died without telling (killed, out of memory)
-                        study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+                    if frozen.state == TrialState.RUNNING:
+                        # died without telling (killed, out of memory, a lost node or cancelled job):
+                        # failed and re-queued as a stale trial is (optuna.retries)
+                        _fail_and_requeue(study, frozen, int(ocfg.retries))
                         frozen = study._storage.get_trial(item.trial_id)
                     if frozen.state == TrialState.FAIL:
                         failures += 1
@@ -262,20 +466,35 @@ class StudyRunner:
 
         # Ctrl-C first (the run is marked KILLED), then SIGTERM (a process started with SIGINT ignored,
         # e.g. from a non-interactive shell's background job), then SIGKILL.
+        # A submitit job is cancelled on the first signal (scancel; the local controller stops its task).
         for sig, grace in ((signal.SIGINT, 10), (signal.SIGTERM, 20), (signal.SIGKILL, 30)):
-            alive = [item for item in running.values() if item.process.poll() is None]
+            alive = [item for item in running.values() if not item.handle.done()]
             for item in alive:
-                item.process.send_signal(sig)
+                item.handle.signal(sig)
             deadline = time.monotonic() + grace
             for item in alive:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    item.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+                item.handle.wait(deadline - time.monotonic())
         for item in running.values():
             frozen = study._storage.get_trial(item.trial_id)
             if frozen.state == TrialState.RUNNING:
                 study.tell(item.number, state=TrialState.FAIL, skip_if_finished=True)
                 # frozen.params also holds what the trial drew itself (bins.cut1.. of bins=search)
                 study.enqueue_trial(frozen.params or item.params, user_attrs={"requeued_from": item.number})
+
+
+def _fail_and_requeue(study, frozen, retries: int) -> None:
+    """Fail a trial whose process or job ended without telling the study, and re-queue its parameters
+    (at most `retries` times per original trial), exactly as optuna treats a stale trial."""
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+    from optuna.trial import TrialState
+
+    study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+    failed = study._storage.get_trial(frozen._trial_id)
+    if failed.state == TrialState.FAIL:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            RetryHeartbeatStaleTrialCallback(max_retry=retries)(study, failed)
 
 
 def _raise_interrupt(signum, frame) -> None:

@@ -43,13 +43,37 @@ def git_commit() -> str:
     return f"{sha}+dirty" if dirty else sha
 
 
-def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path) -> str:
-    """Return the experiment id, creating it (artifacts under artifact_root/name) if missing; race-safe."""
+_READY_STORES: set[str] = set()
+
+
+def open_store(tracking_uri: str) -> None:
+    """Point MLflow at `tracking_uri`; a local sqlite store is first opened under a file lock, so runs that
+    start together (a grid's jobs through a submitit launcher, sweep workers) never create its tables twice
+    (sqlite's 'duplicate column name' race)."""
     mlflow.set_tracking_uri(tracking_uri)
+    if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
+        return
+    import fcntl
+
+    db = Path(tracking_uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            mlflow.MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    _READY_STORES.add(tracking_uri)
+
+
+def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | None) -> str:
+    """Return the experiment id, creating it (artifacts under artifact_root/name) if missing; race-safe.
+    With artifact_root null the tracking server chooses (e.g. its --artifacts-destination)."""
+    open_store(tracking_uri)
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = (Path(artifact_root) / name).resolve().as_uri()
+    location = (Path(artifact_root) / name).resolve().as_uri() if artifact_root else None
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except MlflowException:
@@ -70,7 +94,7 @@ def check_manifest(tracking: DictConfig, manifest_hash: str) -> None:
     Allowed with tracking.allow_new_manifest=true; a new tracking.experiment is the usual answer."""
     if not tracking.enabled or tracking.get("allow_new_manifest"):
         return
-    mlflow.set_tracking_uri(tracking.tracking_uri)
+    open_store(str(tracking.tracking_uri))
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is None:
         return

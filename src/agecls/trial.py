@@ -4,8 +4,9 @@ and tells the study its outcome. The sweeper (agecls.sweeper) only asks for tria
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +61,22 @@ def open_study(
     )
 
 
+class TrialNotRunning(RuntimeError):
+    """The trial this process was started for is already finished (failed as stale, or re-queued)."""
+
+
 @dataclass
 class TrialContext:
-    """This process's trial of a study (set by the sweeper as `optuna.trial=<number>`)."""
+    """This process's trial of a study (set by the sweeper as `optuna.trial=<number>`).
+
+    While it lives, the process records the trial's heartbeat itself (as well as the sweeper that started
+    it), so a trial whose sweeper died keeps its trial alive, and a trial whose process or job died goes
+    stale and is failed and re-queued by the next sweeper that opens the study."""
 
     study: Any
     trial: Any
     number: int
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> TrialContext | None:
@@ -82,8 +92,38 @@ class TrialContext:
         trial_id = storage.get_trial_id_from_study_id_trial_number(
             storage.get_study_id_from_name(study.study_name), int(number)
         )
+        state = storage.get_trial(trial_id).state
+        if state != optuna.trial.TrialState.RUNNING:
+            raise TrialNotRunning(
+                f"optuna.trial={number}: trial {number} of study {study.study_name!r} is {state.name}, not "
+                "RUNNING (failed as stale or cancelled while its job was queued); nothing to run"
+            )
         study.get_trials(deepcopy=False)  # fills optuna's trial cache: suggest_* in this process needs it
-        return cls(study=study, trial=optuna.Trial(study, trial_id), number=int(number))
+        ctx = cls(study=study, trial=optuna.Trial(study, trial_id), number=int(number))
+        # The seed is recorded with the trial (MLflow has it as the param `seed` and tag `seed`):
+        # re-running the trial's config.yaml reproduces it (docs/SWEEPS.md, "Re-running a trial").
+        ctx.trial.set_user_attr("seed", int(cfg.seed))
+        ctx.start_heartbeat(int(cfg.optuna.heartbeat_interval))
+        return ctx
+
+    def start_heartbeat(self, interval: int) -> None:
+        """Record the trial's heartbeat every interval/2 seconds from a daemon thread until it is told."""
+        storage, trial_id = self.study._storage, self.trial._trial_id
+        period = max(1, interval // 2)
+
+        def beat() -> None:
+            while not self._stop.wait(period):
+                try:
+                    storage.record_heartbeat(trial_id)
+                except Exception as exc:  # noqa: BLE001 - a busy storage must not kill the run
+                    log.warning("trial %d: heartbeat not recorded: %s", self.number, exc)
+
+        storage.record_heartbeat(trial_id)
+        threading.Thread(target=beat, name=f"optuna-heartbeat-{self.number}", daemon=True).start()
+
+    def _tell(self, *args: Any, **kwargs: Any) -> None:
+        self._stop.set()
+        self.study.tell(self.number, *args, skip_if_finished=True, **kwargs)
 
     def tags(self, parent_run_id: str | None) -> dict[str, str]:
         tags = {"optuna.study": self.study.study_name, "optuna.trial": str(self.number)}
@@ -94,18 +134,18 @@ class TrialContext:
     def complete(self, value: float, attrs: dict[str, Any]) -> None:
         for key, val in attrs.items():
             self.trial.set_user_attr(key, val)
-        self.study.tell(self.number, value, skip_if_finished=True)
+        self._tell(value)
 
     def pruned(self) -> None:
         import optuna
 
-        self.study.tell(self.number, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+        self._tell(state=optuna.trial.TrialState.PRUNED)
 
     def failed(self, error: BaseException) -> None:
         import optuna
 
         self.trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
-        self.study.tell(self.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        self._tell(state=optuna.trial.TrialState.FAIL)
 
 
 class PruningCallback(L.Callback):

@@ -1,0 +1,114 @@
+"""Reproducing: re-running a finished Optuna trial from its run folder gives its metrics again on CPU
+(docs/SWEEPS.md, "Re-running a trial"), and the dissertation's trail V01-V20 as experiment files
+(experiment=v01..v20, sweep=seed_table2) composes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import mlflow
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from optuna.trial import TrialState
+from tests.conftest import FAST_OVERRIDES
+
+from agecls.config import CONFIG_DIR
+
+TINY = [*FAST_OVERRIDES, "trainer.max_epochs=2", "data.synthetic.n=300"]
+VOLATILE = {"run_dir", "checkpoint", "mlflow_run_id", "fit_seconds"}
+
+
+@pytest.mark.slow
+def test_rerunning_a_trials_config_reproduces_its_metrics(tmp_path):
+    out = tmp_path / "out"
+    # Both runs get the same CPU thread count (the sweeper gives a trial cpu_count // n_jobs threads).
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    study_args = ["sweep=optuna_optimizers", "optuna.study_name=rep", "optuna.n_trials=1"]
+    study_args += ["optuna/pruner=none", "optuna.devices=null", "seed=123"]
+    sweep = subprocess.run(
+        [sys.executable, "-m", "agecls.train", "-m", *TINY, *study_args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    (trial,) = optuna.load_study(study_name="rep", storage=f"sqlite:///{out}/optuna.db").trials
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["seed"] == 123
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.params["seed"] == "123" and run.data.tags["seed"] == "123"
+
+    # The documented command: the trial folder's config.yaml, without the study.
+    trial_dir = trial.user_attrs["run_dir"]
+    again_dir = tmp_path / "again"
+    rerun = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agecls.train",
+            "--config-path",
+            trial_dir,
+            "--config-name",
+            "config",
+            "optuna.trial=null",
+            "optuna.parent_run_id=null",
+            "tracking.experiment=rep-rerun",
+            f"hydra.run.dir={again_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    first = json.loads((tmp_path / trial_dir / "results.json").read_text())
+    second = json.loads((again_dir / "results.json").read_text())
+    assert second["objective"] == pytest.approx(trial.value, abs=1e-6)
+    for key, value in first.items():
+        if key in VOLATILE:
+            continue
+        if isinstance(value, float):
+            assert second[key] == pytest.approx(value, abs=1e-6), key
+        else:
+            assert second[key] == value, key
+
+
+TRAIL = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("v[0-9][0-9].yaml"))
+
+
+def test_the_trail_has_every_reported_trial_but_the_leaky_v14():
+    assert [f"v{n:02d}" for n in range(1, 21) if n != 14] == TRAIL
+
+
+@pytest.mark.parametrize("name", TRAIL)
+def test_every_trail_file_composes_and_states_what_it_reproduces(compose_cfg, name):
+    cfg = compose_cfg([f"experiment={name}"])
+    assert cfg.seed == 42 and cfg.data.batch_size == 64
+    header = (CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()
+    assert f"# V{name[1:]}" in header and "%" in header, "the header names the trial and its reported F1"
+
+
+def test_seed_table2_is_a_grid_over_the_trail(compose_train_with_hydra):
+    cfg = compose_train_with_hydra(["sweep=seed_table2", "data.root=/somewhere/UTKFace"])
+    assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
+    assert cfg.hydra.sweeper.params.experiment.split(",") == TRAIL
+    assert cfg.data.name == "utkface" and cfg.tracking.experiment == "seed_table2"
+    for name in TRAIL:  # each grid point: the sweep file, then one experiment, as the sweeper composes it
+        point = compose_train_with_hydra(["sweep=seed_table2", "data.root=/x", f"experiment={name}"])
+        assert point.tracking.experiment == "seed_table2" and point.data.name == "utkface"
+
+
+@pytest.fixture
+def compose_train_with_hydra(output_dir):
+    def compose_it(overrides: list[str]):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+    return compose_it

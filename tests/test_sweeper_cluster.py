@@ -1,0 +1,201 @@
+"""Trials as submitit jobs: `hydra/launcher=slurm` (composition and the sbatch script it would submit; no
+Slurm here) and `hydra/launcher=submitit_local` (a real study and a grid through submitit's local executor).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+from tests.conftest import FAST_OVERRIDES
+
+from agecls.config import CONFIG_DIR
+from agecls.sweeper import (
+    SubmititExecutor,
+    SubprocessExecutor,
+    _fail_and_requeue,
+    submitit_parameters,
+    trial_executor,
+)
+from agecls.trial import TrialContext, TrialNotRunning
+
+ONE_EPOCH = [*FAST_OVERRIDES, "trainer.max_epochs=1", "data.synthetic.n=300"]
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=gpu",
+    "hydra.launcher.gpus_per_task=1",
+    "hydra.launcher.timeout_min=120",
+]
+
+
+def _compose_with_hydra(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.fixture
+def fake_srun(tmp_path, monkeypatch) -> None:
+    """submitit's Slurm executor refuses to start without `srun` on PATH; a stub is enough to build the
+    sbatch script (nothing is submitted)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.parametrize("sweep", ["optuna_bins", "grid_optimizers"])
+def test_slurm_launcher_composes_with_its_settings(output_dir, sweep):
+    cfg = _compose_with_hydra([f"sweep={sweep}", *SLURM, "hydra.launcher.mem_gb=16"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_task, launcher.timeout_min) == ("gpu", 1, 120)
+    assert launcher.mem_gb == 16 and launcher.cpus_per_task == 8
+    assert str(launcher.submitit_folder).startswith(str(cfg.hydra.sweep.dir))
+    if sweep.startswith("optuna"):
+        assert cfg.hydra.sweeper._target_.endswith("AgeclsOptunaSweeper")
+
+
+def test_slurm_trial_jobs_request_the_configured_resources(output_dir, fake_srun):
+    cfg = _compose_with_hydra(["sweep=optuna_bins", *SLURM, "optuna.n_jobs=3", "hydra.launcher.qos=high"])
+    cluster, _, init, params = submitit_parameters(OmegaConf.to_container(cfg.hydra.launcher, resolve=True))
+    assert cluster == "slurm" and init == {"slurm_max_num_timeout": 0}
+    assert params["slurm_partition"] == "gpu" and params["timeout_min"] == 120
+
+    executor = trial_executor(cfg)
+    assert isinstance(executor, SubmititExecutor) and executor.kind == "slurm"
+    assert executor.slots() == [{"OMP_NUM_THREADS": "8"}] * 3, "n_jobs jobs at once, threads = cpus_per_task"
+    executor.executor.update_parameters(name="optuna_bins-trial-0007")
+    script = executor.executor._executor._make_submission_file_text("python -m submitit.core._submit", "u")
+    for line in (
+        "--partition=gpu",
+        "--gpus-per-task=1",
+        "--time=120",
+        "--cpus-per-task=8",
+        "--mem=32GB",
+        "--qos=high",
+        "--job-name=optuna_bins-trial-0007",
+    ):
+        assert f"#SBATCH {line}" in script, script
+
+
+def test_default_launcher_runs_trials_as_child_processes(output_dir):
+    cfg = _compose_with_hydra(["sweep=optuna_bins", "optuna.devices=null", "optuna.n_jobs=2"])
+    executor = trial_executor(cfg)
+    assert isinstance(executor, SubprocessExecutor)
+    assert [slot["CUDA_VISIBLE_DEVICES"] for slot in executor.slots()] == ["", ""]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")  # a zombie has ended
+
+
+def test_cancelled_local_job_stops_its_trial_process(tmp_path):
+    """Ctrl-C on the sweeper cancels each job; the trial process inside it must not live on orphaned."""
+    cfg = _compose_with_hydra(["sweep=optuna_bins", "hydra/launcher=submitit_local"])
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    launcher["submitit_folder"] = str(tmp_path / "jobs" / "%j")
+    executor = SubmititExecutor(launcher, cfg.optuna)
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    handle = executor.start([sys.executable, "-c", code], {}, tmp_path / "process.log", "t-trial-0000")
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pid = int(pid_file.read_text())
+    assert not handle.done() and _alive(pid)
+    handle.signal(2)
+    handle.wait(30)
+    assert handle.done()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(pid), "the trial process outlived its cancelled job"
+
+
+def test_trial_that_died_without_telling_is_failed_and_requeued_once(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="d")
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    first = study.ask(space)
+    _fail_and_requeue(study, study.trials[first.number], retries=1)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    second = study.ask(space)
+    assert second.params == first.params, "re-queued with the same parameters"
+    _fail_and_requeue(study, study.trials[second.number], retries=1)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL], "retries=1: not again"
+
+
+def test_trial_process_refuses_a_finished_trial_and_records_seed_and_heartbeat(compose_cfg, tmp_path):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    base = [f"optuna.storage={storage}", "optuna.study_name=h", "seed=7", "optuna.heartbeat_interval=2"]
+    study = optuna.create_study(storage=storage, study_name="h", direction="maximize")
+    stale, live = study.ask(), study.ask()
+    study.tell(stale.number, state=TrialState.FAIL)
+    with pytest.raises(TrialNotRunning, match="FAIL, not RUNNING"):
+        TrialContext.from_cfg(compose_cfg([*base, f"optuna.trial={stale.number}"]))
+
+    ctx = TrialContext.from_cfg(compose_cfg([*base, f"optuna.trial={live.number}"]))
+    assert ctx is not None
+    time.sleep(2.5)  # the trial's own heartbeat thread beats every second
+    assert not ctx.study._storage._get_stale_trial_ids(ctx.study._study_id), "heartbeat recorded"
+    ctx.complete(0.5, {})
+    trial = study._storage.get_trial(live._trial_id)
+    assert trial.state == TrialState.COMPLETE and trial.user_attrs["seed"] == 7
+
+
+def _multirun(out: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
+    cmd = [sys.executable, "-m", "agecls.train", "-m", *ONE_EPOCH, "hydra/launcher=submitit_local", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
+
+
+@pytest.mark.slow
+def test_study_through_submitit_local_jobs(tmp_path):
+    out = tmp_path / "out"
+    args = ["sweep=optuna_optimizers", "optuna.study_name=j", "optuna.n_trials=2", "optuna.n_jobs=2"]
+    done = _multirun(out, *args, "optuna/pruner=none")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "submitted as local job" in done.stdout + done.stderr
+    study = optuna.load_study(study_name="j", storage=f"sqlite:///{out}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert all(t.user_attrs["seed"] == 42 for t in study.trials)
+    jobs = list(out.glob("multiruns/*/*/.submitit/*/*_0_log.out"))
+    assert len(jobs) == 2, "one submitit job per trial"
+    assert all((Path(t.user_attrs["run_dir"]) / "process.log").exists() for t in study.trials)
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("optuna_optimizers").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("agecls.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert {c.data.tags["optuna.trial"] for c in children} == {"0", "1"}
+    assert {c.data.params["seed"] for c in children} == {"42"}
+
+
+@pytest.mark.slow
+def test_grid_through_submitit_local_launcher(tmp_path):
+    out = tmp_path / "out"
+    done = _multirun(out, "optimizer=adam,nadam", "tracking.experiment=grid")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Submitit 'local' sweep output dir" in done.stdout + done.stderr
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    assert sorted(r.data.params["optimizer._target_"] for r in runs) == [
+        "torch.optim.Adam",
+        "torch.optim.NAdam",
+    ]
+    assert {r.info.status for r in runs} == {"FINISHED"}
