@@ -96,12 +96,13 @@ def test_every_trail_file_composes_and_states_what_it_reproduces(compose_cfg, na
 
 
 def test_seed_table2_is_a_grid_over_the_trail(compose_train_with_hydra):
-    cfg = compose_train_with_hydra(["sweep=seed_table2", "data.root=/somewhere/UTKFace"])
+    data = ["data=utkface", "data.root=/somewhere/UTKFace"]
+    cfg = compose_train_with_hydra(["sweep=seed_table2", *data])
     assert cfg.hydra.sweeper._target_.endswith("BasicSweeper")
     assert cfg.hydra.sweeper.params.experiment.split(",") == TRAIL
-    assert cfg.data.name == "utkface" and cfg.tracking.experiment == "seed_table2"
+    assert cfg.tracking.experiment == "seed_table2"
     for name in TRAIL:  # each grid point: the sweep file, then one experiment, as the sweeper composes it
-        point = compose_train_with_hydra(["sweep=seed_table2", "data.root=/x", f"experiment={name}"])
+        point = compose_train_with_hydra(["sweep=seed_table2", *data, f"experiment={name}"])
         assert point.tracking.experiment == "seed_table2" and point.data.name == "utkface"
 
 
