@@ -303,7 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides for both sides")
     parser.add_argument("--notes", type=Path, help="Markdown lines to append to the section")
     parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of a markdown file")
+    parser.add_argument("--from-json", type=Path, help="render a saved outputs/bench/overhead.json instead")
     args = parser.parse_args(argv)
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+        if args.notes:
+            res["notes"] = args.notes.read_text().splitlines()
+        section = render(res)
+        print(section)
+        if args.write:
+            write_section(args.write, section, BEGIN, END)
+        return 0
     from data_pipeline import LoadSampler, machine
 
     began = time.perf_counter()

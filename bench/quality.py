@@ -107,7 +107,8 @@ def common(args, task: str) -> list[str]:
         f"data.num_workers={args.workers}",
         f"trainer.limit_train_batches={args.fraction}",
         "trainer.enable_progress_bar=false",
-        f"tracking.experiment=quality-{'quick-' if args.quick else ''}{task}",
+        # one MLflow experiment per data manifest (agecls refuses to mix splits in one experiment)
+        f"tracking.experiment=quality-{task}-{'quick' if args.quick else f'stride{args.stride}'}",
         "tracking.log_checkpoint=false",
         *args.set,
     ]
