@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
@@ -171,10 +171,19 @@ class SubprocessExecutor:
 class JobHandle:
     job: Any  # submitit.Job
     cancelled: bool = False
+    # A job that ends without writing its result (killed, lost node, time limit) is seen only through the
+    # cluster's accounting (sacct), which submitit polls at most every 10 minutes on its own: force a poll
+    # (one sacct call for every job) at most this often.
+    force_every_s: ClassVar[float] = 60.0
+    _last_forced: ClassVar[float] = 0.0
 
     def done(self) -> bool:
+        now = time.monotonic()
+        force = now - JobHandle._last_forced > self.force_every_s
+        if force:
+            JobHandle._last_forced = now
         try:
-            return bool(self.job.done())
+            return bool(self.job.done(force_check=force))
         except Exception as exc:  # noqa: BLE001 - a flaky sacct must not stop the study
             log.warning("job %s: state unknown (%s); still waiting", self.job.job_id, exc)
             return False
