@@ -177,3 +177,16 @@ def test_agecls_eval_scores_a_head_checkpoint(head_runs, tmp_path_factory):
     )
     assert "mae" not in coral and sum(map(sum, coral["confusion_matrix"])) == 40
     json.dumps(result)  # JSON-serialisable report
+
+
+def test_a_classification_checkpoint_from_before_the_heads_still_loads():
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(compose_train([*FAST_OVERRIDES, "task=gender"]), resolve=True)
+    module = FaceClassifier(cfg, ["male", "female"], [0.4, 0.6])
+    assert set(module.state_dict()) == {k for k in module.state_dict() if k.startswith("model.")}
+    # Before the heads, the cross-entropy's class weights were saved as `loss.weight`.
+    checkpoint = {"state_dict": {**module.state_dict(), "loss.weight": torch.tensor([0.4, 0.6])}}
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])  # strict: no unexpected key left
+    assert module.heads["gender"].weight.tolist() == pytest.approx([0.4, 0.6])
