@@ -1,10 +1,12 @@
-"""Trials as submitit jobs: `hydra/launcher=slurm` (composition and the sbatch script it would submit; no
-Slurm here) and `hydra/launcher=submitit_local` (a real study and a grid through submitit's local executor).
+"""Trials as submitit jobs: `hydra/launcher=slurm` (composition, the sbatch script it submits, and a study
+run against stand-in Slurm commands, tests/fake_slurm.py: no real Slurm here) and
+`hydra/launcher=submitit_local` (a real study and a grid through submitit's local executor).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
+from tests import fake_slurm
 from tests.conftest import FAST_OVERRIDES
 
 from agecls.config import CONFIG_DIR
@@ -23,6 +26,7 @@ from agecls.sweeper import (
     SubmititExecutor,
     SubprocessExecutor,
     _fail_and_requeue,
+    stop_trials,
     submitit_parameters,
     trial_executor,
 )
@@ -104,22 +108,28 @@ def _alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split()[2] == "Z")  # a zombie has ended
 
 
-def test_cancelled_local_job_stops_its_trial_process(tmp_path):
-    """Ctrl-C on the sweeper cancels each job; the trial process inside it must not live on orphaned."""
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_cancelled_local_job_stops_its_trial_process(tmp_path, sigint):
+    """Ctrl-C on the sweeper cancels each job; the trial process inside it must not live on orphaned, even
+    when the jobs were started with SIGINT ignored (a sweep run as a background job of a script)."""
     cfg = _compose_with_hydra(["sweep=optuna_bins", "hydra/launcher=submitit_local"])
     launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     launcher["submitit_folder"] = str(tmp_path / "jobs" / "%j")
     executor = SubmititExecutor(launcher, cfg.optuna)
     pid_file = tmp_path / "pid"
     code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
-    handle = executor.start([sys.executable, "-c", code], {}, tmp_path / "process.log", "t-trial-0000")
-    deadline = time.monotonic() + 60
+    disposition = signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL
+    previous = signal.signal(signal.SIGINT, disposition)  # inherited by the job's processes
+    try:
+        handle = executor.start([sys.executable, "-c", code], {}, tmp_path / "process.log", "t-trial-0000")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    deadline = time.monotonic() + 120
     while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
         time.sleep(0.2)
     pid = int(pid_file.read_text())
     assert not handle.done() and _alive(pid)
-    handle.signal(2)
-    handle.wait(30)
+    stop_trials([handle], graces=(5, 30, 30))
     assert handle.done()
     deadline = time.monotonic() + 10
     while _alive(pid) and time.monotonic() < deadline:
@@ -157,9 +167,11 @@ def test_trial_process_refuses_a_finished_trial_and_records_seed_and_heartbeat(c
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["seed"] == 7
 
 
-def _multirun(out: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
-    cmd = [sys.executable, "-m", "agecls.train", "-m", *ONE_EPOCH, "hydra/launcher=submitit_local", *args]
+def _multirun(
+    out: Path, *args: str, launcher: str = "submitit_local", env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "AGECLS_OUTPUT_DIR": str(out)}
+    cmd = [sys.executable, "-m", "agecls.train", "-m", *ONE_EPOCH, f"hydra/launcher={launcher}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
 
 
@@ -186,8 +198,9 @@ def test_study_through_submitit_local_jobs(tmp_path):
     assert {c.data.params["seed"] for c in children} == {"42"}
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # ~1 min of two parallel runs; hydra-submitit-launcher's own path (make test-heavy)
 def test_grid_through_submitit_local_launcher(tmp_path):
+    """Both runs start at once: they share one new sqlite MLflow store (opened under a lock)."""
     out = tmp_path / "out"
     done = _multirun(out, "optimizer=adam,nadam", "tracking.experiment=grid")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -199,3 +212,27 @@ def test_grid_through_submitit_local_launcher(tmp_path):
         "torch.optim.NAdam",
     ]
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.slow
+def test_study_as_slurm_jobs_on_stand_in_slurm_commands(tmp_path):
+    """The Slurm path end to end: sbatch scripts with the requested resources, trial jobs polled with
+    sacct, both trials COMPLETE. The stand-in commands run each job at once on this machine."""
+    fake_slurm.install(tmp_path / "bin")
+    state = tmp_path / "slurm"
+    env = {"PATH": f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_DIR": str(state)}
+    out = tmp_path / "out"
+    args = ["sweep=optuna_optimizers", "optuna.study_name=sl", "optuna.n_trials=2", "optuna.n_jobs=2"]
+    args += ["optuna/pruner=none", "hydra.launcher.partition=gpu", "hydra.launcher.cpus_per_task=1"]
+    done = _multirun(out, *args, launcher="slurm", env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "submitted as slurm job" in done.stdout + done.stderr
+    study = optuna.load_study(study_name="sl", storage=f"sqlite:///{out}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    scripts = sorted(state.glob("*.sh"))
+    assert len(scripts) == 2, "one Slurm job per trial"
+    for script in scripts:
+        text = script.read_text()
+        assert "#SBATCH --partition=gpu" in text and "#SBATCH --gpus-per-task=1" in text
+        assert "#SBATCH --job-name=sl-trial-000" in text
+    assert sorted(p.read_text().strip() for p in state.glob("*.rc")) == ["0", "0"]

@@ -189,10 +189,18 @@ class JobHandle:
             return False
 
     def signal(self, sig: int) -> None:
-        """Cancel the job once (scancel on Slurm; SIGINT to the local controller); later calls only wait."""
-        if not self.cancelled and not self.done():
+        """Cancel the job (scancel on Slurm; SIGINT to submitit's local controller). A local job still alive
+        at a later call gets `sig` itself: a controller started with SIGINT ignored (a background job of a
+        non-interactive shell) passes SIGTERM on to its task, and SIGKILL ends it."""
+        if self.done():
+            return
+        if not self.cancelled:
             self.job.cancel(check=False)
-        self.cancelled = True
+            self.cancelled = True
+            return
+        process = getattr(self.job, "_process", None)  # submitit's LocalJob: the controller process
+        if process is not None and process.poll() is None:
+            process.send_signal(sig)
 
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -473,22 +481,26 @@ class StudyRunner:
         """Stop running trials, fail them in the study and re-queue their parameters."""
         from optuna.trial import TrialState
 
-        # Ctrl-C first (the run is marked KILLED), then SIGTERM (a process started with SIGINT ignored,
-        # e.g. from a non-interactive shell's background job), then SIGKILL.
-        # A submitit job is cancelled on the first signal (scancel; the local controller stops its task).
-        for sig, grace in ((signal.SIGINT, 10), (signal.SIGTERM, 20), (signal.SIGKILL, 30)):
-            alive = [item for item in running.values() if not item.handle.done()]
-            for item in alive:
-                item.handle.signal(sig)
-            deadline = time.monotonic() + grace
-            for item in alive:
-                item.handle.wait(deadline - time.monotonic())
+        stop_trials([item.handle for item in running.values()])
         for item in running.values():
             frozen = study._storage.get_trial(item.trial_id)
             if frozen.state == TrialState.RUNNING:
                 study.tell(item.number, state=TrialState.FAIL, skip_if_finished=True)
                 # frozen.params also holds what the trial drew itself (bins.cut1.. of bins=search)
                 study.enqueue_trial(frozen.params or item.params, user_attrs={"requeued_from": item.number})
+
+
+def stop_trials(handles: list[TrialHandle], graces: tuple[float, float, float] = (10, 20, 30)) -> None:
+    """Stop running trials: Ctrl-C first (the run is marked KILLED), then SIGTERM (a process started with
+    SIGINT ignored, e.g. from a non-interactive shell's background job), then SIGKILL, each round waiting
+    its grace period for the trials to end. A submitit job is cancelled in the first round."""
+    for sig, grace in zip((signal.SIGINT, signal.SIGTERM, signal.SIGKILL), graces, strict=True):
+        alive = [handle for handle in handles if not handle.done()]
+        for handle in alive:
+            handle.signal(sig)
+        deadline = time.monotonic() + grace
+        for handle in alive:
+            handle.wait(deadline - time.monotonic())
 
 
 def _fail_and_requeue(study, frozen, retries: int) -> None:
