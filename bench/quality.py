@@ -120,13 +120,15 @@ def dissertation(args, task: str, out: Path) -> dict:
     cmd.append(f"hydra.run.dir={run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     wall = _run(cmd, out / task / "dissertation.log", _env(args.threads))
-    res = json.loads((run_dir / "results.json").read_text())
+    return read_dissertation(task, out, wall)
+
+
+def read_dissertation(task: str, out: Path, wall: float = float("nan")) -> dict:
+    res = json.loads((out / task / "dissertation" / "results.json").read_text())
     return {"side": "dissertation", "wall_s": wall, "results": res, "epochs_trained": res["epochs_trained"]}
 
 
 def search(args, task: str, out: Path) -> dict:
-    import optuna
-
     trials = max(1, args.budget // args.epochs)
     name = f"quality-{task}-{out.name}"
     storage = f"sqlite:///{out / 'optuna.db'}"
@@ -142,7 +144,15 @@ def search(args, task: str, out: Path) -> dict:
     cmd += [f"optuna.n_trials={trials}", "optuna.n_jobs=1", "optuna.register_best=false"]
     cmd += [f"hydra.sweep.dir={out / task / 'study'}", *(f"{k}={v}" for k, v in SEARCH.items())]
     wall = _run(cmd, out / task / "study.log", _env(args.threads))
-    study = optuna.load_study(study_name=name, storage=storage)
+    return read_study(task, out, wall)
+
+
+def read_study(task: str, out: Path, wall: float = float("nan")) -> dict:
+    """The agecls side from a finished (or interrupted) study: its best trial on validation."""
+    import optuna
+
+    name = f"quality-{task}-{out.name}"
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'optuna.db'}")
     done = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]
     best = study.best_trial  # by validation macro-F1 (the study's objective)
     res = json.loads((Path(best.user_attrs["run_dir"]) / "results.json").read_text())
@@ -199,8 +209,9 @@ def render(rep: dict) -> str:
         f"an Optuna study (TPE, median pruner) of {max(1, a['budget'] // a['epochs'])} trials of up to "
         f"{a['epochs']} epochs on the same recipe and architecture, searching "
         + ", ".join(f"`{k}={v}`" for k, v in SEARCH.items())
-        + "; the best trial on validation macro-F1 is the agecls model. Runs went "
-        f"{a['parallel']} at a time (studies first), one process and {a['threads']} CPU thread each.",
+        + "; the best trial on validation macro-F1 is the agecls model. "
+        + rep.get("schedule", f"Runs went {a['parallel']} at a time (studies first)")
+        + f", one process and {a['threads']} CPU thread each.",
         "- Test was never used to choose anything: every agecls run scores its best checkpoint on test at "
         "its end, and only the two final models' test scores are read here. Intervals: 95% percentile "
         f"bootstrap over the {rep['n_boot']} resamples of the test rows (`agecls.bootstrap.bootstrap_ci`).",
@@ -214,7 +225,8 @@ def render(rep: dict) -> str:
             extra = f" ({s['trials']} trials, {s['pruned']} pruned)" if s["side"] == "agecls" else ""
             lines.append(
                 f"| {task} | {s['side']} | {s['epochs_trained']}{extra} | {s['val_macro_f1']:.4f} "
-                f"| {f(s['test_macro_f1'])} | {f(s['test_acc'])} | {s['wall_s'] / 60:.1f} |"
+                f"| {f(s['test_macro_f1'])} | {f(s['test_acc'])} "
+                f"| {'-' if s['wall_s'] != s['wall_s'] else round(s['wall_s'] / 60, 1)} |"
             )
     lines += ["", "Best agecls trial per task (chosen on validation):", ""]
     for task, sides in rep["tasks"].items():
@@ -223,7 +235,7 @@ def render(rep: dict) -> str:
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["best_params"].items()
         )
         lines.append(f"- {task}: {params}; validation macro-F1 of its trials: {s['trial_vals']}")
-    lines += ["", *rep.get("verdict", []), END]
+    lines += ["", *rep.get("verdict", []), *(["", *rep["notes"]] if rep.get("notes") else []), END]
     return "\n".join(lines) + "\n"
 
 
@@ -262,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for runs, logs and the study (default outputs/)")
     parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of a markdown file")
     parser.add_argument("--from-json", type=Path, help="render a saved bench/results/quality-*.json instead")
+    parser.add_argument("--notes", type=Path, help="Markdown lines to append to the section")
+    parser.add_argument("--schedule", help="how the runs were scheduled, when not --parallel at a time")
+    parser.add_argument(
+        "--collect", type=Path, help="read the finished runs of an earlier (interrupted) run's folder instead"
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         section = render(json.loads(args.from_json.read_text()))
@@ -280,19 +297,32 @@ def main(argv: list[str] | None = None) -> int:
     load_start = round(os.getloadavg()[0], 2)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = Path(os.environ.get("AGECLS_OUTPUT_DIR", REPO / "outputs"))
-    out = (args.out or base / "bench" / "quality") / stamp
+    out = args.collect or (args.out or base / "bench" / "quality") / stamp
     for task in args.tasks:
         (out / task).mkdir(parents=True, exist_ok=True)
     args.manifest = source = None
-    if args.stride > 1 and not args.quick:
+    if args.stride > 1 and not args.quick and args.collect:
+        args.manifest = out / f"utkface-stride{args.stride}.csv"
+        source = "UTKFace's persisted split"
+    elif args.stride > 1 and not args.quick:
         args.manifest, source = strided_manifest(args, out)
         print(f"1 row in {args.stride} of each split of {source}: {args.manifest}", flush=True)
     # The longest jobs first, `--parallel` at a time (the searches cost a few runs' start-up and scoring).
     jobs = [(search, t) for t in args.tasks] + [(dissertation, t) for t in args.tasks]
-    print(f"{len(jobs)} jobs, {args.parallel} at a time, under {out}", flush=True)
-    with ThreadPoolExecutor(args.parallel) as pool:
-        futures = [(t, pool.submit(fn, args, t, out)) for fn, t in jobs]
-        finished = [(t, f.result()) for t, f in futures]
+    if args.collect:  # only tasks whose two sides both finished
+        finished = []
+        for t in args.tasks:
+            try:
+                finished += [(t, read_dissertation(t, out)), (t, read_study(t, out))]
+            except (OSError, KeyError, ValueError) as exc:
+                print(f"{t}: not finished in {out} ({exc}); left out", flush=True)
+                finished = [f for f in finished if f[0] != t]
+        args.tasks = [t for t in args.tasks if any(f[0] == t for f in finished)]
+    else:
+        print(f"{len(jobs)} jobs, {args.parallel} at a time, under {out}", flush=True)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            futures = [(t, pool.submit(fn, args, t, out)) for fn, t in jobs]
+            finished = [(t, f.result()) for t, f in futures]
     tasks: dict[str, list[dict]] = {t: [] for t in args.tasks}
     for t, side in sorted(finished, key=lambda x: x[1]["side"] != "dissertation"):
         tasks[t].append(with_ci(side, args.n_boot))
@@ -322,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - began,
     }
     rep["verdict"] = verdict(rep)
+    if args.notes:
+        rep["notes"] = args.notes.read_text().splitlines()
+    if args.schedule:
+        rep["schedule"] = args.schedule
     section = render(rep)
     print(section)
     (out / "quality.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")

@@ -1,0 +1,651 @@
+"""`agecls-predict`: find faces in photos and predict age group, gender and ethnicity with probabilities.
+
+    agecls-predict ckpt=PATH images=FILE_OR_DIR [out=DIR] [detect=true|false] [margin=0.3] [align=true]
+
+`ckpt` is one checkpoint (a single-attribute or a multitask one), a list of checkpoints, one per attribute
+(`ckpt=[age.ckpt,gender.ckpt,eth.ckpt]`), or an MLflow registered model `models:/NAME@ALIAS` or
+`models:/NAME/VERSION` (with `tracking_uri=`). Each checkpoint's own config decides its preprocessing.
+
+Faces are found with OpenCV's bundled Haar cascades (frontal face default, then alt2, then profile, both
+ways round); overlapping boxes are merged. A face is cut out as a square centred on the detector's box
+whose side is the box side * (1 + 2 * margin): UTKFace's aligned crops show the whole head with some hair
+and neck, about 1.6x the tight Haar box, hence margin=0.3 by default. With align=true and two eyes found
+(haarcascade_eye, upper half of the box), the photo is rotated about the face centre so the eyes are level
+first. The square crop is then resized and centre-cropped exactly as training decoded UTKFace files
+(agecls.data.cache.decode_image), centre-cropped by the eval transform and normalised as the run was.
+`detect=false` treats every image as an already-cropped face (decoded exactly like a training image).
+
+Writes predictions.json, predictions.csv (one row per face; a row with face=-1 for a photo without a face)
+and predictions.png (an annotated grid) atomically under `out`. Unreadable or non-image files are reported
+and skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, ImageOps
+
+PROG = "agecls-predict"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+DEFAULT_MAX_PIXELS = 40_000_000  # larger photos are refused (decompression-bomb guard)
+
+PREDICT_DEFAULTS: dict[str, Any] = {
+    "ckpt": None,  # PATH | [PATH, ...] (one per attribute) | models:/NAME@ALIAS | models:/NAME/VERSION
+    "images": None,  # an image file or a folder (not recursive)
+    "out": "predictions",  # output folder
+    "detect": True,  # false: every image is already a face crop
+    "margin": 0.3,  # crop side = detector box side * (1 + 2 * margin)
+    "align": True,  # level the eyes when haarcascade_eye finds two
+    "min_face": 24,  # smallest face side in pixels the detector reports
+    "max_faces": 20,  # at most this many faces per photo (largest first)
+    "max_pixels": DEFAULT_MAX_PIXELS,
+    "batch_size": 32,
+    "device": "cpu",
+    "grid": True,  # write predictions.png
+    "tracking_uri": None,  # MLflow store for ckpt=models:/...
+}
+
+HELP = f"""usage: {PROG} ckpt=PATH images=FILE_OR_DIR [KEY=VALUE ...]
+
+Find faces in photos and predict every attribute the checkpoint(s) know (age group, gender, ethnicity)
+with probabilities. Writes predictions.json, predictions.csv and predictions.png under out=.
+
+keys (Hydra override syntax):
+  ckpt=PATH | ckpt=[A,B,C]   a checkpoint, or one per attribute; or models:/NAME@ALIAS, models:/NAME/VER
+  images=FILE_OR_DIR         a photo or a folder of photos (jpg, png, webp, bmp, tif, gif)
+  out=DIR                    output folder (default predictions)
+  detect=BOOL                find faces with OpenCV Haar cascades (default true); false: images are crops
+  margin=F                   square crop side = face box side * (1 + 2*F) (default 0.3, ~UTKFace framing)
+  align=BOOL                 level the eyes before cropping when two are found (default true)
+  min_face=N, max_faces=N    smallest face side in pixels (24); faces kept per photo (20)
+  max_pixels=N               refuse larger photos (default {DEFAULT_MAX_PIXELS})
+  batch_size=N, device=DEV   forward-pass batch (32); cpu | cuda | auto (cpu)
+  grid=BOOL                  write the annotated grid predictions.png (default true)
+  tracking_uri=URI           MLflow store for ckpt=models:/... (default: MLFLOW_TRACKING_URI / the default)
+
+exit codes: 0 done (even when some files were unreadable), 1 nothing could be predicted, 2 bad arguments
+"""
+
+
+class UsageError(Exception):
+    """Bad, unknown or missing arguments (exit code 2)."""
+
+
+class ImageError(ValueError):
+    """A file that is not a readable image, or one too large."""
+
+
+class TooLargeError(ImageError):
+    """An image with more pixels than allowed."""
+
+
+def parse_args(argv: Sequence[str]) -> DictConfig:
+    """PREDICT_DEFAULTS with `key=value` overrides (Hydra's override grammar); UsageError otherwise."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            raise UsageError(f"unexpected argument {arg!r}: give key=value pairs (see --help)")
+    try:
+        overrides = OverridesParser.create().parse_overrides(list(argv))
+    except HydraException as exc:
+        raise UsageError(f"cannot parse the arguments: {exc}") from None
+    cfg = OmegaConf.create(PREDICT_DEFAULTS)
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_add() or override.is_delete() or override.package is not None:
+            raise UsageError(f"{override.input_line!r}: only plain key=value is supported")
+        if override.is_sweep_override():
+            raise UsageError(
+                f"{override.input_line!r}: one value per key (a list of checkpoints: ckpt=[a,b])"
+            )
+        if key not in PREDICT_DEFAULTS:
+            raise UsageError(f"unknown key {key!r} (valid: {', '.join(PREDICT_DEFAULTS)})")
+        OmegaConf.update(cfg, key, override.value(), merge=False)
+    for key in ("ckpt", "images"):
+        if cfg[key] in (None, "", []):
+            raise UsageError(f"{key}=... is required (see --help)")
+    for key, low in (("min_face", 1), ("max_faces", 1), ("max_pixels", 1), ("batch_size", 1)):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < low:
+            raise UsageError(f"{key}={cfg[key]!r}: valid: a whole number >= {low}")
+    if isinstance(cfg.margin, bool) or not isinstance(cfg.margin, int | float) or not 0 <= cfg.margin <= 2:
+        raise UsageError(f"margin={cfg.margin!r}: valid: a number from 0 to 2")
+    for key in ("detect", "align", "grid"):
+        if not isinstance(cfg[key], bool):
+            raise UsageError(f"{key}={cfg[key]!r}: valid: true or false")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+
+def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "") -> Image.Image:
+    """A decoded RGB image (EXIF orientation applied) from a path or bytes; ImageError / TooLargeError.
+
+    The pixel count is checked from the header before any pixel is decoded."""
+    label = name or (str(data) if not isinstance(data, bytes) else "upload")
+    source = io.BytesIO(data) if isinstance(data, bytes) else data
+    try:
+        with Image.open(source) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise TooLargeError(f"{label}: {w}x{h} = {w * h} pixels, more than the {max_pixels} allowed")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return img.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise TooLargeError(f"{label}: {exc}") from None
+    except TooLargeError:
+        raise
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{label}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def fit_square(img: Image.Image, size: int, grayscale: bool) -> np.ndarray:
+    """(size, size, C) uint8 exactly as agecls.data.cache.decode_image decodes a training file: shorter side
+    resized to `size` (bilinear, reducing_gap=None), centre-cropped."""
+    img = img.convert("L" if grayscale else "RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+# -------------------------------------------------------------------------------------------- detection
+
+
+@dataclass
+class Face:
+    """One face: its box (x, y, w, h) in the photo, the square crop fed to the model, how it was found."""
+
+    box: tuple[int, int, int, int]
+    crop: Image.Image
+    detector: str
+    aligned: bool = False
+    angle: float = 0.0
+
+
+_CASCADES: dict[str, Any] = {}
+
+
+def _cascade(name: str):
+    import cv2
+
+    if name not in _CASCADES:
+        path = Path(cv2.data.haarcascades) / name
+        cascade = cv2.CascadeClassifier(str(path))
+        if cascade.empty():
+            raise RuntimeError(f"OpenCV cannot load its bundled cascade {path}")
+        _CASCADES[name] = cascade
+    return _CASCADES[name]
+
+
+def _iou(a: Sequence[int], b: Sequence[int]) -> float:
+    ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+    iw, ih = max(0, min(ax2, bx2) - max(a[0], b[0])), max(0, min(ay2, by2) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / float(a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
+
+
+def detect_boxes(gray: np.ndarray, min_face: int = 24) -> list[tuple[tuple[int, int, int, int], str]]:
+    """Face boxes (x, y, w, h) and the cascade that found them, largest first: frontal default, else alt2,
+    else the profile cascade on the photo and its mirror image."""
+    import cv2
+
+    gray = cv2.equalizeHist(gray)
+    h, w = gray.shape
+    min_size = (min_face, min_face)
+    found: list[tuple[tuple[int, int, int, int], str]] = []
+    for name, neighbours in (
+        ("haarcascade_frontalface_default.xml", 5),
+        ("haarcascade_frontalface_alt2.xml", 4),
+    ):
+        boxes = _cascade(name).detectMultiScale(gray, 1.1, neighbours, minSize=min_size)
+        if len(boxes):
+            found = [(tuple(int(v) for v in b), name.split(".")[0][12:]) for b in boxes]
+            break
+    if not found:
+        profile = _cascade("haarcascade_profileface.xml")
+        for b in profile.detectMultiScale(gray, 1.1, 5, minSize=min_size):
+            found.append((tuple(int(v) for v in b), "profileface"))
+        for b in profile.detectMultiScale(cv2.flip(gray, 1), 1.1, 5, minSize=min_size):
+            x, y, bw, bh = (int(v) for v in b)
+            found.append(((w - x - bw, y, bw, bh), "profileface"))
+    found.sort(key=lambda f: -f[0][2] * f[0][3])
+    kept: list[tuple[tuple[int, int, int, int], str]] = []
+    for box, name in found:  # non-maximum suppression: a box mostly inside a larger one is the same face
+        if all(_iou(box, k) < 0.3 and not _inside(box, k) for k, _ in kept):
+            kept.append((box, name))
+    return kept
+
+
+def _inside(small: Sequence[int], big: Sequence[int]) -> bool:
+    cx, cy = small[0] + small[2] / 2, small[1] + small[3] / 2
+    return big[0] <= cx <= big[0] + big[2] and big[1] <= cy <= big[1] + big[3]
+
+
+def eye_angle(gray: np.ndarray, box: Sequence[int]) -> float | None:
+    """Degrees the line between the two eyes is tilted (image y down), when haarcascade_eye finds one eye in
+    each upper quarter of the face box; None otherwise."""
+    x, y, w, h = box
+    roi = gray[y : y + h // 2, x : x + w]
+    min_eye = max(4, w // 10)
+    eyes = _cascade("haarcascade_eye.xml").detectMultiScale(roi, 1.1, 5, minSize=(min_eye, min_eye))
+    left = [e for e in eyes if e[0] + e[2] / 2 < w / 2]
+    right = [e for e in eyes if e[0] + e[2] / 2 >= w / 2]
+    if not left or not right:
+        return None
+    (lx, ly, lw, lh), (rx, ry, rw, rh) = max(left, key=lambda e: e[2]), max(right, key=lambda e: e[2])
+    dx = (rx + rw / 2) - (lx + lw / 2)
+    dy = (ry + rh / 2) - (ly + lh / 2)
+    angle = math.degrees(math.atan2(dy, dx))
+    return angle if abs(angle) <= 30 else None  # larger tilts are more likely a wrong eye
+
+
+def square_crop(img: Image.Image, box: Sequence[int], margin: float, angle: float = 0.0) -> Image.Image:
+    """The square around `box` (side = box side * (1 + 2 * margin), centred on it), rotated by `angle`
+    degrees about the face centre first; outside the photo is black."""
+    x, y, w, h = box
+    cx, cy = x + w / 2, y + h / 2
+    side = max(w, h) * (1 + 2 * margin)
+    if angle:
+        img = img.rotate(angle, resample=Image.Resampling.BILINEAR, center=(cx, cy))
+    half = side / 2
+    return img.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
+
+
+def find_faces(
+    img: Image.Image, *, margin: float = 0.3, align: bool = True, min_face: int = 24, max_faces: int = 20
+) -> list[Face]:
+    """Every face of an RGB photo (largest first, at most max_faces) with its square crop."""
+    gray = np.asarray(img.convert("L"))
+    faces = []
+    for box, detector in detect_boxes(gray, min_face)[:max_faces]:
+        angle = eye_angle(gray, box) if align else None
+        crop = square_crop(img, box, margin, angle or 0.0)
+        faces.append(Face(box, crop, detector, angle is not None, round(angle or 0.0, 2)))
+    return faces
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+def resolve_checkpoint(spec: str, tracking_uri: str | None = None, dest: Path | None = None) -> Path:
+    """A checkpoint file: `spec` itself, or for models:/NAME@ALIAS | models:/NAME/VERSION the registered
+    version's checkpoint (the .ckpt in its artifact folder, best.ckpt when there are several)."""
+    if not spec.startswith("models:/"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise UsageError(f"ckpt={spec}: no such checkpoint file")
+        return path
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    ref = spec[len("models:/") :]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        elif "/" in ref:
+            name, number = ref.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            raise UsageError(f"ckpt={spec}: give models:/NAME@ALIAS or models:/NAME/VERSION")
+        dest = dest or Path(tempfile.mkdtemp(prefix="agecls-model-"))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=version.source, dst_path=str(dest), tracking_uri=tracking_uri
+            )
+        )
+    except MlflowException as exc:
+        raise UsageError(
+            f"ckpt={spec}: cannot resolve it in the MLflow store {tracking_uri}: {exc}"
+        ) from None
+    files = [local] if local.is_file() else sorted(local.rglob("*.ckpt"))
+    if len(files) > 1:
+        files = [f for f in files if f.name == "best.ckpt"] or files[:0]
+    if len(files) != 1:
+        raise UsageError(f"ckpt={spec}: its artifacts {version.source} hold no single checkpoint (*.ckpt)")
+    return files[0]
+
+
+def attribute_probs(module, x) -> dict[str, Any]:
+    """{attribute: (N, classes) probabilities}: module.predict_proba when the module has it, else the
+    softmax of module(x) for cfg.task.target."""
+    import torch
+
+    if hasattr(module, "predict_proba"):
+        return dict(module.predict_proba(x))
+    module.eval()
+    with torch.no_grad():
+        return {str(module.cfg.task.target): torch.softmax(module(x), dim=1)}
+
+
+@dataclass
+class Model:
+    """One loaded checkpoint with what prediction needs to preprocess a face as its training run did."""
+
+    path: Path
+    module: Any
+    size: int  # decode size: image_size + crop_margin
+    image_size: int
+    grayscale: bool
+    mean: Any
+    std: Any
+    class_names: dict[str, list[str]]
+
+    def tensor(self, squares: list[np.ndarray]):
+        """(N, C, image_size, image_size) normalised float tensor of decoded (size, size, C) uint8 faces."""
+        import torch
+
+        batch = np.stack(squares)
+        if self.size > self.image_size:  # the eval transform's centre crop
+            off = (self.size - self.image_size) // 2
+            batch = batch[:, off : off + self.image_size, off : off + self.image_size]
+        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+        if self.mean is not None:
+            x.sub_(self.mean).div_(self.std)
+        return x
+
+
+def load_model(path: Path, device: str = "cpu") -> Model:
+    """A checkpoint loaded for prediction (its normalisation resolved as agecls-eval does)."""
+    import torch
+
+    from agecls.evaluate import normalize_stats
+    from agecls.module import FaceClassifier
+
+    try:
+        module = FaceClassifier.load_from_checkpoint(path, map_location="cpu")
+    except Exception as exc:
+        raise UsageError(
+            f"ckpt={path}: not a loadable agecls checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
+    run_cfg = module.cfg
+    grayscale = bool(run_cfg.data.grayscale)
+    stats = normalize_stats(run_cfg, np.zeros((1, 1, 1, 1 if grayscale else 3), np.uint8), np.arange(1))
+    mean = std = None
+    if stats is not None:
+        mean = torch.as_tensor(stats[0], dtype=torch.float32).view(1, -1, 1, 1).to(device)
+        std = torch.as_tensor(stats[1], dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    module.to(device).eval()
+    names = getattr(module, "class_names", None)
+    if not isinstance(names, dict):
+        names = {str(run_cfg.task.target): list(module.hparams.class_names)}
+    image_size = int(run_cfg.data.image_size)
+    return Model(
+        path,
+        module,
+        image_size + int(run_cfg.data.get("crop_margin") or 0),
+        image_size,
+        grayscale,
+        mean,
+        std,
+        {a: list(n) for a, n in names.items()},
+    )
+
+
+@dataclass
+class Predictor:
+    """Checkpoints (one per attribute or one multitask) and the face-finding settings."""
+
+    models: list[Model]
+    detect: bool = True
+    margin: float = 0.3
+    align: bool = True
+    min_face: int = 24
+    max_faces: int = 20
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    batch_size: int = 32
+    device: str = "cpu"
+    class_names: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for model in self.models:
+            for attr, names in model.class_names.items():
+                if attr in self.class_names:
+                    raise UsageError(
+                        f"ckpt: two checkpoints predict {attr} ({model.path}); give one per attribute"
+                    )
+                self.class_names[attr] = names
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Predictor:
+        """The predictor for a parse_args config (ckpt may be a list)."""
+        import torch
+
+        specs = cfg.ckpt if not isinstance(cfg.ckpt, str) else [cfg.ckpt]
+        device = str(cfg.device)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        paths = [resolve_checkpoint(str(s), cfg.get("tracking_uri")) for s in specs]
+        return cls(
+            [load_model(p, device) for p in paths],
+            detect=bool(cfg.detect),
+            margin=float(cfg.margin),
+            align=bool(cfg.align),
+            min_face=int(cfg.min_face),
+            max_faces=int(cfg.max_faces),
+            max_pixels=int(cfg.max_pixels),
+            batch_size=int(cfg.batch_size),
+            device=device,
+        )
+
+    def faces(self, img: Image.Image) -> list[Face]:
+        """The faces of one photo (detect=false: the whole image is one face)."""
+        if not self.detect:
+            return [Face((0, 0, img.width, img.height), img, "none")]
+        return find_faces(
+            img, margin=self.margin, align=self.align, min_face=self.min_face, max_faces=self.max_faces
+        )
+
+    def classify(self, crops: list[Image.Image]) -> list[dict[str, dict[str, Any]]]:
+        """Per crop {attribute: {label, prob, probs}}."""
+        out: list[dict[str, dict[str, Any]]] = [{} for _ in crops]
+        for model in self.models:
+            squares = [fit_square(c, model.size, model.grayscale) for c in crops]
+            for start in range(0, len(crops), self.batch_size):
+                x = model.tensor(squares[start : start + self.batch_size]).to(self.device)
+                for attr, probs in attribute_probs(model.module, x).items():
+                    names = model.class_names[attr]
+                    for i, row in enumerate(probs.float().cpu().numpy()):
+                        k = int(row.argmax())
+                        out[start + i][attr] = {
+                            "label": names[k],
+                            "prob": round(float(row[k]), 6),
+                            "probs": {n: round(float(p), 6) for n, p in zip(names, row, strict=True)},
+                        }
+        return out
+
+    def predict_image(self, img: Image.Image) -> list[dict[str, Any]]:
+        """Every face of a decoded photo: box, detector, aligned, and per attribute label/prob/probs."""
+        faces = self.faces(img)
+        preds = self.classify([f.crop for f in faces]) if faces else []
+        return [
+            {
+                "face": i,
+                "box": list(f.box),
+                "detector": f.detector,
+                "aligned": f.aligned,
+                "angle": f.angle,
+                **p,
+            }
+            for i, (f, p) in enumerate(zip(faces, preds, strict=True))
+        ]
+
+    def predict_file(self, data: bytes | str | Path, name: str = "") -> dict[str, Any]:
+        """{file, status: ok | no_face | error, width, height, faces, error} for one file or upload."""
+        label = name or str(data)
+        try:
+            img = open_image(data, self.max_pixels, label)
+        except ImageError as exc:
+            return {"file": label, "status": "error", "error": str(exc), "faces": []}
+        faces = self.predict_image(img)
+        return {
+            "file": label,
+            "status": "ok" if faces else "no_face",
+            "width": img.width,
+            "height": img.height,
+            "faces": faces,
+        }
+
+
+# --------------------------------------------------------------------------------------------- outputs
+
+
+def list_images(source: Path) -> list[Path]:
+    """The file itself, or every file in the folder (sorted; hidden files skipped; the scan reports
+    non-images as errors when they fail to decode, so a .jpg that is not one is still reported)."""
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise UsageError(f"images={source}: no such file or folder")
+    return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def csv_rows(results: list[dict[str, Any]], attributes: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per face (face=-1 and empty predictions for a photo without a face or an unreadable file)."""
+    rows = []
+    for r in results:
+        base = {"file": r["file"], "status": r["status"], "error": r.get("error", "")}
+        for face in r["faces"] or [None]:
+            row = {**base, "face": -1, "x": "", "y": "", "w": "", "h": "", "detector": "", "aligned": ""}
+            if face is not None:
+                x, y, w, h = face["box"]
+                row.update(
+                    face=face["face"], x=x, y=y, w=w, h=h, detector=face["detector"], aligned=face["aligned"]
+                )
+            for a in attributes:
+                got = face.get(a) if face else None
+                row[a] = got["label"] if got else ""
+                row[f"{a}_prob"] = got["prob"] if got else ""
+                row[f"{a}_probs"] = json.dumps(got["probs"]) if got else ""
+            rows.append(row)
+    return rows
+
+
+def face_caption(face: dict[str, Any], attributes: Sequence[str]) -> str:
+    """'25-32 (0.61), female (0.93), asian (0.70)'."""
+    return ", ".join(f"{face[a]['label']} ({face[a]['prob']:.2f})" for a in attributes if a in face)
+
+
+def grid_png(
+    results: list[dict[str, Any]], images: dict[str, Image.Image], attributes: Sequence[str]
+) -> bytes:
+    """An annotated grid: each photo (256 px) with its face boxes, numbers and captions below."""
+    from PIL import ImageDraw
+
+    tile, caption_h, cols = 256, 64, 4
+    shown = [r for r in results if r["file"] in images][:64]
+    rows = max(1, math.ceil(len(shown) / cols))
+    sheet = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, r in enumerate(shown):
+        img = images[r["file"]]
+        scale = tile / max(img.width, img.height)
+        thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+        ox, oy = (n % cols) * tile, (n // cols) * (tile + caption_h)
+        sheet.paste(thumb, (ox, oy))
+        for face in r["faces"]:
+            x, y, w, h = (v * scale for v in face["box"])
+            draw.rectangle((ox + x, oy + y, ox + x + w, oy + y + h), outline=(255, 0, 0), width=2)
+            draw.text((ox + x + 2, oy + y + 2), str(face["face"]), fill=(255, 255, 0))
+        lines = [Path(r["file"]).name[:40]] + [
+            f"{f['face']}: {face_caption(f, attributes)}" for f in r["faces"][:3]
+        ]
+        if r["status"] == "no_face":
+            lines.append("no face found")
+        draw.multiline_text((ox + 2, oy + tile + 2), "\n".join(lines), fill=(0, 0, 0))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Predict every image of cfg.images and write the outputs under cfg.out; the summary."""
+    started = time.perf_counter()
+    files = list_images(Path(str(cfg.images)).expanduser())
+    predictor = Predictor.from_config(cfg)
+    attributes = list(predictor.class_names)
+    results, images = [], {}
+    for path in files:
+        result = predictor.predict_file(path, str(path))
+        if result["status"] == "error":
+            print(f"{PROG}: skipped {result['error']}", file=sys.stderr)
+        elif cfg.grid and len(images) < 64:
+            images[result["file"]] = open_image(path, predictor.max_pixels)
+        results.append(result)
+    out = Path(str(cfg.out)).expanduser()
+    summary = {
+        "checkpoints": [str(m.path) for m in predictor.models],
+        "class_names": predictor.class_names,
+        "detect": predictor.detect,
+        "margin": predictor.margin,
+        "n_files": len(results),
+        "n_faces": sum(len(r["faces"]) for r in results),
+        "n_no_face": sum(r["status"] == "no_face" for r in results),
+        "n_errors": sum(r["status"] == "error" for r in results),
+        "seconds": round(time.perf_counter() - started, 2),
+        "images": results,
+    }
+    _write_atomic(out / "predictions.json", (json.dumps(summary, indent=2) + "\n").encode())
+    buf = io.StringIO()
+    rows = csv_rows(results, attributes)
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["file"])
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(out / "predictions.csv", buf.getvalue().encode())
+    if cfg.grid:
+        _write_atomic(out / "predictions.png", grid_png(results, images, attributes))
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or any(a in ("-h", "--help", "help") for a in args):
+        print(HELP, end="", file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    try:
+        summary = run(parse_args(args))
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2))
+    return 0 if summary["n_files"] > summary["n_errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""`agecls-predict`: faces found in real photos (matplotlib's grace_hopper.jpg), cropped and preprocessed as
+training decoded UTKFace, every attribute predicted; bad files reported and skipped; models:/ resolution."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from agecls.data.cache import decode_image
+from agecls.predict import (
+    Predictor,
+    UsageError,
+    attribute_probs,
+    fit_square,
+    main,
+    parse_args,
+    resolve_checkpoint,
+    run,
+)
+from data_helpers import REAL_SKIP_REASON, real_utkface_root
+
+pytestmark = pytest.mark.slow
+ATTRS = ["age", "gender", "ethnicity"]
+
+
+def grace() -> Image.Image:
+    """A real portrait shipped with matplotlib (a required dependency)."""
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as fh:
+        return Image.open(fh).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """One face (JPEG), two faces side by side (PNG), greyscale (PNG), WebP, no face, and two bad files."""
+    folder = tmp_path_factory.mktemp("photos")
+    face = grace()
+    face.save(folder / "one.jpg", quality=92)
+    pair = Image.new("RGB", (face.width * 2, face.height))
+    pair.paste(face, (0, 0))
+    pair.paste(face.transpose(Image.Transpose.FLIP_LEFT_RIGHT), (face.width, 0))
+    pair.save(folder / "two.png")
+    face.convert("L").save(folder / "grey.png")
+    face.resize((301, 377)).save(folder / "odd.webp")
+    gradient = np.tile(np.linspace(0, 255, 320, dtype=np.uint8), (240, 1))
+    Image.fromarray(gradient).save(folder / "noface.jpg")
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 50)
+    return folder
+
+
+def test_faces_are_found_and_every_output_is_well_formed(tiny_multitask_ckpt, photos, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main([f"ckpt={tiny_multitask_ckpt}", f"images={photos}", f"out={out}"]) == 0
+    assert "broken.jpg" in capsys.readouterr().err
+    summary = json.loads((out / "predictions.json").read_text())
+    by_name = {Path(r["file"]).name: r for r in summary["images"]}
+    assert set(by_name) == {
+        "one.jpg",
+        "two.png",
+        "grey.png",
+        "odd.webp",
+        "noface.jpg",
+        "notes.txt",
+        "broken.jpg",
+    }
+    assert len(by_name["one.jpg"]["faces"]) == 1 and len(by_name["two.png"]["faces"]) == 2
+    assert len(by_name["grey.png"]["faces"]) == 1 and len(by_name["odd.webp"]["faces"]) == 1
+    assert by_name["noface.jpg"]["status"] == "no_face" and by_name["noface.jpg"]["faces"] == []
+    for bad in ("notes.txt", "broken.jpg"):
+        assert by_name[bad]["status"] == "error" and bad in by_name[bad]["error"]
+    assert summary["n_faces"] == 5 and summary["n_errors"] == 2 and summary["n_no_face"] == 1
+    assert list(summary["class_names"]) == ATTRS
+    x, y, w, h = by_name["one.jpg"]["faces"][0]["box"]
+    assert 100 < x + w / 2 < 420 and 100 < y + h / 2 < 420 and w > 100  # the face, not the uniform
+    for face in (f for r in summary["images"] for f in r["faces"]):
+        for attr in ATTRS:
+            probs = face[attr]["probs"]
+            assert list(probs) == summary["class_names"][attr]
+            assert sum(probs.values()) == pytest.approx(1, abs=1e-4)
+            assert face[attr]["label"] == max(probs, key=probs.get)
+            assert face[attr]["prob"] == pytest.approx(max(probs.values()))
+
+    rows = list(csv.DictReader(io.StringIO((out / "predictions.csv").read_text())))
+    assert len(rows) == 5 + 1 + 2  # a row per face, per face-less photo, per bad file
+    assert [r["face"] for r in rows if r["file"].endswith("two.png")] == ["0", "1"]
+    assert all(json.loads(r["gender_probs"]) for r in rows if r["status"] == "ok")
+    with Image.open(out / "predictions.png") as grid:
+        assert grid.width >= 256 and grid.height >= 256
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_detect_false_decodes_like_training_and_matches_the_square_crop(tiny_multitask_ckpt, tmp_path):
+    img = grace().resize((203, 250))
+    img.save(tmp_path / "crop.png")
+    assert np.array_equal(fit_square(img, 48, True), decode_image(tmp_path / "crop.png", 48, True))
+    assert np.array_equal(fit_square(img, 40, False), decode_image(tmp_path / "crop.png", 40, False))
+    predictor = Predictor.from_config(parse_args([f"ckpt={tiny_multitask_ckpt}", "images=x", "detect=false"]))
+    got = predictor.predict_file(tmp_path / "crop.png")
+    assert got["status"] == "ok" and got["faces"][0]["box"] == [0, 0, 203, 250]
+
+
+def test_one_checkpoint_per_attribute_and_the_softmax_fallback(tiny_multitask_ckpt):
+    with pytest.raises(UsageError, match="two checkpoints predict age"):
+        Predictor.from_config(parse_args([f"ckpt=[{tiny_multitask_ckpt},{tiny_multitask_ckpt}]", "images=x"]))
+
+    class Plain(torch.nn.Module):  # a module without predict_proba: softmax of its logits for cfg.task.target
+        cfg = type("C", (), {"task": type("T", (), {"target": "gender"})})()
+
+        def forward(self, x):
+            return torch.tensor([[2.0, 0.0]]).expand(len(x), 2)
+
+    probs = attribute_probs(Plain(), torch.zeros(3, 1, 8, 8))
+    assert list(probs) == ["gender"] and probs["gender"].shape == (3, 2)
+    assert torch.allclose(probs["gender"].sum(1), torch.ones(3))
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(UsageError, match="images=... is required"):
+        parse_args(["ckpt=a.ckpt"])
+    with pytest.raises(UsageError, match="unknown key 'imgs'"):
+        parse_args(["ckpt=a.ckpt", "imgs=x"])
+    with pytest.raises(UsageError, match="margin"):
+        parse_args(["ckpt=a.ckpt", "images=x", "margin=-1"])
+    with pytest.raises(UsageError, match="no such checkpoint"):
+        run(parse_args(["ckpt=/nope.ckpt", f"images={Path(__file__).parent}"]))
+
+
+def test_models_uri_resolves_the_registered_best_checkpoint(tiny_multitask_ckpt, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("predict-registry", artifact_location=str(tmp_path / "artifacts"))
+    run_ = client.create_run(exp)
+    client.log_artifact(run_.info.run_id, str(tiny_multitask_ckpt), "checkpoints")
+    client.create_registered_model("agecls-demo")
+    source = f"{client.get_run(run_.info.run_id).info.artifact_uri}/checkpoints"
+    version = client.create_model_version("agecls-demo", source, run_id=run_.info.run_id)
+    client.set_registered_model_alias("agecls-demo", "best", version.version)
+    mlflow.set_tracking_uri(None)
+
+    path = resolve_checkpoint("models:/agecls-demo@best", uri, tmp_path / "dl")
+    assert path.name == "best.ckpt" and path.read_bytes() == tiny_multitask_ckpt.read_bytes()
+    assert resolve_checkpoint(f"models:/agecls-demo/{version.version}", uri, tmp_path / "dl2").is_file()
+    with pytest.raises(UsageError, match="models:/agecls-demo@nope"):
+        resolve_checkpoint("models:/agecls-demo@nope", uri, tmp_path / "dl3")
+
+
+@pytest.mark.real_data
+def test_real_utkface_crops_predict_with_and_without_detection(tiny_multitask_ckpt, tmp_path):
+    root = real_utkface_root()
+    if root is None:
+        pytest.skip(REAL_SKIP_REASON)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".jpg", ".png"))[:12]
+    folder = tmp_path / "utk"
+    folder.mkdir()
+    for p in files:
+        (folder / p.name).write_bytes(p.read_bytes())
+    for detect in ("true", "false"):
+        summary = run(
+            parse_args(
+                [
+                    f"ckpt={tiny_multitask_ckpt}",
+                    f"images={folder}",
+                    f"out={tmp_path / detect}",
+                    f"detect={detect}",
+                    "grid=false",
+                ]
+            )
+        )
+        assert summary["n_errors"] == 0
+        # UTKFace files are tight aligned crops (the face fills the frame, often cut at the chin), where the
+        # Haar cascades find a face in fewer than half: detect=false is the mode for such crops
+        assert summary["n_faces"] >= (len(files) if detect == "false" else len(files) // 4)
