@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean bench bench-quick bench-sweep
+.PHONY: install demo test test-heavy lint format clean bench bench-quick bench-sweep bench-predict browser
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -57,3 +57,16 @@ clean:
 # BENCHMARKS.md section.
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep_pruning.py --write BENCHMARKS.md
+
+
+# agecls-predict latency per stage (decode, detect, preprocess, model) for one photo and a batch of 32, CPU,
+# dissertation-size untrained model (a few minutes); rewrites its BENCHMARKS.md section.
+bench-predict: $(STAMP)
+	nice -n 10 $(BIN)/python bench/predict_latency.py --write BENCHMARKS.md
+
+# The system Chromium that tests/test_serve.py drives through Playwright (never `playwright install`):
+# apt-get as root on Debian/Ubuntu. Without it the browser test skips, saying so.
+browser:
+	@if [ -x /usr/bin/chromium ]; then echo "chromium present: /usr/bin/chromium"; \
+	elif command -v apt-get >/dev/null; then apt-get install -y chromium || (apt-get update && apt-get install -y chromium); \
+	else echo "install Chromium with your package manager, or set AGECLS_CHROMIUM=/path/to/chromium"; exit 1; fi
