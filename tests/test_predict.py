@@ -122,6 +122,27 @@ def test_one_checkpoint_per_attribute_and_the_softmax_fallback(tiny_multitask_ck
     assert list(probs) == ["gender"] and probs["gender"].shape == (3, 2)
     assert torch.allclose(probs["gender"].sum(1), torch.ones(3))
 
+    # one model per attribute, each with its own preprocessing (grey 32 px, RGB 40 px cropped to 32)
+    from agecls.predict import Model
+
+    age = Model(Path("age"), Plain(), 32, 32, True, None, None, {"gender": ["male", "female"]})
+
+    class Eth(Plain):
+        cfg = type("C", (), {"task": type("T", (), {"target": "ethnicity"})})()
+
+        def forward(self, x):
+            assert x.shape[1:] == (3, 32, 32)
+            return torch.zeros(len(x), 5)
+
+    eth = Model(Path("eth"), Eth(), 40, 32, False, None, None, {"ethnicity": list("abcde")})
+    predictor = Predictor([age, eth], detect=False)
+    (face,) = predictor.predict_image(grace())
+    assert face["gender"]["label"] == "male" and face["ethnicity"]["prob"] == pytest.approx(0.2)
+    assert list(predictor.class_names) == ["gender", "ethnicity"]
+    probs = attribute_probs(Plain(), torch.zeros(3, 1, 8, 8))
+    assert list(probs) == ["gender"] and probs["gender"].shape == (3, 2)
+    assert torch.allclose(probs["gender"].sum(1), torch.ones(3))
+
 
 def test_bad_arguments_are_named():
     with pytest.raises(UsageError, match="images=... is required"):

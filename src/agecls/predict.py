@@ -312,7 +312,12 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None, dest: Path | 
             version = client.get_model_version(name, number)
         else:
             raise UsageError(f"ckpt={spec}: give models:/NAME@ALIAS or models:/NAME/VERSION")
-        dest = dest or Path(tempfile.mkdtemp(prefix="agecls-model-"))
+        if dest is None:  # a private download folder, removed when the process exits
+            import atexit
+            import shutil
+
+            dest = Path(tempfile.mkdtemp(prefix="agecls-model-"))
+            atexit.register(shutil.rmtree, dest, True)
         local = Path(
             mlflow.artifacts.download_artifacts(
                 artifact_uri=version.source, dst_path=str(dest), tracking_uri=tracking_uri
