@@ -98,6 +98,15 @@ def test_faces_are_found_and_every_output_is_well_formed(tiny_multitask_ckpt, ph
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
+def test_a_large_photo_is_searched_downscaled_and_boxes_map_back():
+    from agecls.predict import find_faces
+
+    small, large = grace(), grace().resize((1536, 1800))
+    a, b = find_faces(small)[0], find_faces(large)[0]  # the largest face (at 1536 px the cascade also
+    # reports a small false face in the cap, with or without downscaling)
+    assert all(abs(3 * u - v) < 0.1 * 3 * a.box[2] for u, v in zip(a.box, b.box, strict=True))
+
+
 def test_detect_false_decodes_like_training_and_matches_the_square_crop(tiny_multitask_ckpt, tmp_path):
     img = grace().resize((203, 250))
     img.save(tmp_path / "crop.png")

@@ -273,13 +273,30 @@ def square_crop(img: Image.Image, box: Sequence[int], margin: float, angle: floa
     return img.crop((round(cx - half), round(cy - half), round(cx + half), round(cy + half)))
 
 
+DETECT_MAX_SIDE = 1024  # larger photos are searched at this size (boxes mapped back): same faces, less time
+
+
+def _detect_scaled(gray: np.ndarray, min_face: int) -> list[tuple[tuple[int, int, int, int], str]]:
+    """detect_boxes on a copy at most DETECT_MAX_SIDE pixels on its longer side, boxes in full-size pixels."""
+    import cv2
+
+    scale = DETECT_MAX_SIDE / max(gray.shape)
+    if scale >= 1:
+        return detect_boxes(gray, min_face)
+    small = cv2.resize(
+        gray, (round(gray.shape[1] * scale), round(gray.shape[0] * scale)), interpolation=cv2.INTER_AREA
+    )
+    found = detect_boxes(small, max(12, round(min_face * scale)))
+    return [(tuple(round(v / scale) for v in box), name) for box, name in found]
+
+
 def find_faces(
     img: Image.Image, *, margin: float = 0.3, align: bool = True, min_face: int = 24, max_faces: int = 20
 ) -> list[Face]:
     """Every face of an RGB photo (largest first, at most max_faces) with its square crop."""
     gray = np.asarray(img.convert("L"))
     faces = []
-    for box, detector in detect_boxes(gray, min_face)[:max_faces]:
+    for box, detector in _detect_scaled(gray, min_face)[:max_faces]:
         angle = eye_angle(gray, box) if align else None
         crop = square_crop(img, box, margin, angle or 0.0)
         faces.append(Face(box, crop, detector, angle is not None, round(angle or 0.0, 2)))
