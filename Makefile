@@ -20,7 +20,10 @@ demo: $(STAMP)
 	$(BIN)/agecls-train -m experiment=demo sweep=demo
 	$(BIN)/agecls-report demo
 
+# Installs the system Chromium for the browser test first when it can (apt-get as root); otherwise that one
+# test skips, saying why.
 test: $(STAMP)
+	@$(MAKE) --no-print-directory browser || echo ">> no Chromium: the browser upload test will skip"
 	$(BIN)/python -m pytest -m "not heavy"
 
 test-heavy: $(STAMP)
