@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args.manifest = source = None
     if args.stride > 1 and not args.quick and args.collect:
         args.manifest = out / f"utkface-stride{args.stride}.csv"
-        source = "UTKFace's persisted split"
+        source = "(from the run folder)"
     elif args.stride > 1 and not args.quick:
         args.manifest, source = strided_manifest(args, out)
         print(f"1 row in {args.stride} of each split of {source}: {args.manifest}", flush=True)
