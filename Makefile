@@ -32,12 +32,12 @@ test-heavy: $(STAMP)
 # The benchmark suite; each script rewrites its own section of BENCHMARKS.md. Data pipeline (cache vs
 # per-epoch JPEG decoding; ../shared/data/utkface when present, else generated faces; a few minutes),
 # framework overhead (agecls vs a plain PyTorch loop, generated faces; ~10 minutes on 2 loaded cores),
-# quality on real UTKFace (dissertation vs agecls under one budget, 32 px; ~45 minutes on 2 CPU cores;
-# needs the UTKFace folder). The sweep bench is separate: make bench-sweep.
+# quality on real UTKFace (dissertation vs agecls under one budget, 32 px, 1/3 of each split; ~20 minutes
+# on 2 shared CPU cores; needs the UTKFace folder). The sweep bench is separate: make bench-sweep.
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
 	$(BIN)/python bench/overhead.py --write BENCHMARKS.md
-	nice -n 10 $(BIN)/python bench/quality.py --size 32 --budget 12 --epochs 3 --fraction 0.25 --write BENCHMARKS.md
+	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 6 --epochs 2 --write BENCHMARKS.md
 
 # CI smoke of the overhead and quality benches on tiny generated data (a few minutes; BENCHMARKS.md untouched).
 bench-quick: $(STAMP)
