@@ -22,6 +22,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, flat_keys, require
+
 PROG = "agecls-eval"
 
 # Every key agecls-eval takes (`key=value`); null means "from the checkpoint / the environment".
@@ -70,65 +72,21 @@ exit codes: 0 done, 1 the folder or checkpoint cannot be evaluated, 2 bad or mis
 """
 
 
-class UsageError(Exception):
-    """Bad, unknown or missing arguments (exit code 2)."""
-
-
 class EvalError(ValueError):
     """The checkpoint or the folder cannot be evaluated (exit code 1)."""
 
 
-def _flat_keys(node: dict[str, Any], prefix: str = "") -> list[str]:
-    keys: list[str] = []
-    for key, value in node.items():
-        if isinstance(value, dict):
-            keys += _flat_keys(value, f"{prefix}{key}.")
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-VALID_KEYS = _flat_keys(EVAL_DEFAULTS)
+VALID_KEYS = flat_keys(EVAL_DEFAULTS)
 
 
 def parse_args(argv: Sequence[str]) -> DictConfig:
     """EVAL_DEFAULTS with `key=value` overrides applied (Hydra's override grammar); UsageError otherwise."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            raise UsageError(f"unexpected argument {arg!r}: give key=value pairs (see --help)")
-    try:
-        overrides = OverridesParser.create().parse_overrides(list(argv))
-    except HydraException as exc:
-        raise UsageError(f"cannot parse the arguments: {exc}") from None
-    cfg = OmegaConf.create(EVAL_DEFAULTS)
-    for override in overrides:
-        key = override.key_or_group
-        if override.is_add() or override.is_delete() or override.package is not None:
-            raise UsageError(f"{override.input_line!r}: only plain key=value is supported")
-        if override.is_sweep_override():
-            raise UsageError(f"{override.input_line!r}: one value per key (quote a value holding commas)")
-        if key not in VALID_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(key, VALID_KEYS, n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise UsageError(f"unknown key {key!r}{hint} (valid: {', '.join(VALID_KEYS)})")
-        OmegaConf.update(cfg, key, override.value(), merge=False)
-    for key in ("ckpt", "data.root"):
-        if OmegaConf.select(cfg, key) in (None, ""):
-            raise UsageError(f"{key}=... is required (see --help)")
-    for key in ("eval.batch_size", "eval.num_workers"):
-        value = OmegaConf.select(cfg, key)
-        low = 1 if key == "eval.batch_size" else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise UsageError(f"{key}={value!r}: valid: a whole number >= {low}")
-    for key in ("eval.check_images", "tracking.enabled"):
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not isinstance(value, bool):
-            raise UsageError(f"{key}={value!r}: valid: true or false")
+    cfg = apply_overrides(argv, EVAL_DEFAULTS, "quote a value holding commas")
+    require(cfg, "ckpt", "data.root")
+    check_int(cfg, "eval.batch_size", 1)
+    check_int(cfg, "eval.num_workers", 0)
+    check_bool(cfg, "eval.check_images", optional=True)
+    check_bool(cfg, "tracking.enabled", optional=True)
     return cfg
 
 

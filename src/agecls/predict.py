@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from PIL import Image, ImageOps
+
+from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, require
 
 PROG = "agecls-predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -81,10 +83,6 @@ exit codes: 0 done (even when some files were unreadable), 1 nothing could be pr
 """
 
 
-class UsageError(Exception):
-    """Bad, unknown or missing arguments (exit code 2)."""
-
-
 class ImageError(ValueError):
     """A file that is not a readable image, or one too large."""
 
@@ -93,41 +91,27 @@ class TooLargeError(ImageError):
     """An image with more pixels than allowed."""
 
 
+def image_result(name: str, img: Image.Image, faces: list[dict]) -> dict[str, Any]:
+    """One photo's entry of predictions.json and of the web API's answer."""
+    return {
+        "file": name,
+        "status": "ok" if faces else "no_face",
+        "width": img.width,
+        "height": img.height,
+        "faces": faces,
+    }
+
+
 def parse_args(argv: Sequence[str]) -> DictConfig:
     """PREDICT_DEFAULTS with `key=value` overrides (Hydra's override grammar); UsageError otherwise."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            raise UsageError(f"unexpected argument {arg!r}: give key=value pairs (see --help)")
-    try:
-        overrides = OverridesParser.create().parse_overrides(list(argv))
-    except HydraException as exc:
-        raise UsageError(f"cannot parse the arguments: {exc}") from None
-    cfg = OmegaConf.create(PREDICT_DEFAULTS)
-    for override in overrides:
-        key = override.key_or_group
-        if override.is_add() or override.is_delete() or override.package is not None:
-            raise UsageError(f"{override.input_line!r}: only plain key=value is supported")
-        if override.is_sweep_override():
-            raise UsageError(
-                f"{override.input_line!r}: one value per key (a list of checkpoints: ckpt=[a,b])"
-            )
-        if key not in PREDICT_DEFAULTS:
-            raise UsageError(f"unknown key {key!r} (valid: {', '.join(PREDICT_DEFAULTS)})")
-        OmegaConf.update(cfg, key, override.value(), merge=False)
-    for key in ("ckpt", "images"):
-        if cfg[key] in (None, "", []):
-            raise UsageError(f"{key}=... is required (see --help)")
-    for key, low in (("min_face", 1), ("max_faces", 1), ("max_pixels", 1), ("batch_size", 1)):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < low:
-            raise UsageError(f"{key}={cfg[key]!r}: valid: a whole number >= {low}")
+    cfg = apply_overrides(argv, PREDICT_DEFAULTS, "a list of checkpoints: ckpt=[a,b]")
+    require(cfg, "ckpt", "images")
+    for key in ("min_face", "max_faces", "max_pixels", "batch_size"):
+        check_int(cfg, key, 1)
     if isinstance(cfg.margin, bool) or not isinstance(cfg.margin, int | float) or not 0 <= cfg.margin <= 2:
         raise UsageError(f"margin={cfg.margin!r}: valid: a number from 0 to 2")
     for key in ("detect", "align", "grid"):
-        if not isinstance(cfg[key], bool):
-            raise UsageError(f"{key}={cfg[key]!r}: valid: true or false")
+        check_bool(cfg, key)
     return cfg
 
 
@@ -523,14 +507,7 @@ class Predictor:
             img = open_image(data, self.max_pixels, label)
         except ImageError as exc:
             return {"file": label, "status": "error", "error": str(exc), "faces": []}
-        faces = self.predict_image(img)
-        return {
-            "file": label,
-            "status": "ok" if faces else "no_face",
-            "width": img.width,
-            "height": img.height,
-            "faces": faces,
-        }
+        return image_result(label, img, self.predict_image(img))
 
 
 # --------------------------------------------------------------------------------------------- outputs

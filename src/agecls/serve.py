@@ -25,7 +25,15 @@ from typing import Any
 from fastapi import Request
 from omegaconf import DictConfig, OmegaConf
 
-from agecls.predict import PREDICT_DEFAULTS, ImageError, Predictor, TooLargeError, UsageError, open_image
+from agecls.predict import (
+    PREDICT_DEFAULTS,
+    ImageError,
+    Predictor,
+    TooLargeError,
+    UsageError,
+    image_result,
+    open_image,
+)
 
 PROG = "agecls-serve"
 SERVE_DEFAULTS: dict[str, Any] = {
@@ -177,13 +185,7 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = 10, max_batch: in
             raise HTTPException(400, str(exc)) from None
         with lock:
             faces = predictor.predict_image(img)
-        return {
-            "file": name,
-            "status": "ok" if faces else "no_face",
-            "width": img.width,
-            "height": img.height,
-            "faces": faces,
-        }
+        return image_result(name, img, faces)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
