@@ -10,6 +10,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+def help_exit(args: Sequence[str], text: str) -> int | None:
+    """Exit code after printing `text`: -h/--help/help -> stdout, 0; no arguments -> stderr, 2; else None."""
+    import sys
+
+    if args and not any(a in ("-h", "--help", "help") for a in args):
+        return None
+    print(text, end="", file=sys.stdout if args else sys.stderr)
+    return 0 if args else 2
+
+
 class UsageError(Exception):
     """Bad, unknown or missing arguments (exit code 2)."""
 

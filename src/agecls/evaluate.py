@@ -22,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, flat_keys, require
+from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, flat_keys, help_exit, require
 
 PROG = "agecls-eval"
 
@@ -373,9 +373,9 @@ def _tracking_config(run_cfg: DictConfig, cfg: DictConfig, paths: DictConfig) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or any(a in ("-h", "--help", "help") for a in args):
-        print(HELP, end="", file=sys.stdout if args else sys.stderr)
-        return 0 if args else 2
+    code = help_exit(args, HELP)
+    if code is not None:
+        return code
     try:
         cfg = parse_args(args)
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON report

@@ -39,7 +39,8 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, require
+from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, help_exit, require
+from agecls.data.cache import fit_square
 
 PROG = "agecls-predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -138,20 +139,6 @@ def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, n
         raise
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{label}: not a readable image ({type(exc).__name__}: {exc})") from None
-
-
-def fit_square(img: Image.Image, size: int, grayscale: bool) -> np.ndarray:
-    """(size, size, C) uint8 exactly as agecls.data.cache.decode_image decodes a training file: shorter side
-    resized to `size` (bilinear, reducing_gap=None), centre-cropped."""
-    img = img.convert("L" if grayscale else "RGB")
-    w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 # -------------------------------------------------------------------------------------------- detection
@@ -634,9 +621,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or any(a in ("-h", "--help", "help") for a in args):
-        print(HELP, end="", file=sys.stdout if args else sys.stderr)
-        return 0 if args else 2
+    code = help_exit(args, HELP)
+    if code is not None:
+        return code
     try:
         summary = run(parse_args(args))
     except UsageError as exc:

@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import Request
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.cli_args import help_exit
 from agecls.predict import (
     PREDICT_DEFAULTS,
     ImageError,
@@ -230,9 +231,9 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = 10, max_batch: in
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or any(a in ("-h", "--help", "help") for a in args):
-        print(HELP, end="", file=sys.stdout if args else sys.stderr)
-        return 0 if args else 2
+    code = help_exit(args, HELP)
+    if code is not None:
+        return code
     try:
         cfg = parse_args(args)
         predictor = Predictor.from_config(cfg)

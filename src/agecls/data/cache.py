@@ -17,26 +17,30 @@ from PIL import Image
 from agecls.data.records import DataError
 
 
+def fit_square(img: Image.Image, size: int, grayscale: bool) -> np.ndarray:
+    """An opened image as (size, size, C) uint8: shorter side resized to `size` (bilinear, reducing_gap=None),
+    centre-cropped. The one preprocessing of training files and of faces found in photos (agecls.predict)."""
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # CMYK, P, LA, RGBA, I;16 ... via RGB
+    img = img.convert("L" if grayscale else "RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    arr = np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
 def decode_image(path: str | Path, size: int, grayscale: bool) -> np.ndarray:
-    """One image as (size, size, C) uint8: shorter side resized to `size` (antialiased), centre-cropped."""
-    mode = "L" if grayscale else "RGB"
+    """One image file as (size, size, C) uint8 (`fit_square`); DataError naming the file if unreadable."""
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode not in ("L", "RGB"):
-                img = img.convert("RGB")  # CMYK, P, LA, RGBA, I;16 ... via RGB
-            img = img.convert(mode)
-            w, h = img.size
-            scale = size / min(w, h)
-            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-            if (new_w, new_h) != (w, h):
-                img = img.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=None)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            img = img.crop((left, top, left + size, top + size))
-            arr = np.asarray(img, dtype=np.uint8)
+            return fit_square(img, size, grayscale)
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot decode image {path}: {exc}") from None
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def cache_path(cache_dir: str | Path, *, key: str, size: int, grayscale: bool) -> Path:
