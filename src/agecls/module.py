@@ -10,6 +10,12 @@ Logged names: a single task logs `{stage}/loss`, `{stage}/macro_f1`, `{stage}/ac
 years, for heads that predict exact age). Multitask logs `{stage}/{attribute}/...` for every attribute and,
 for the objective attribute (`task.objective`), the same scores unprefixed as well (`val/macro_f1`), so
 `objective.metric`, checkpointing and early stopping work unchanged.
+
+Two levers of the `augment` group act here rather than in the data pipeline (`agecls.batch_augment`):
+`augment.mix` mixes training batches (mixup / CutMix; `training_step` only) and `augment.tta=flip` makes every
+eval-mode prediction (validation, test, `collect`, `predict*`, hence agecls-eval and agecls-predict, which
+read the checkpoint's config) combine each face with its mirror image. Both are off by default and for
+checkpoints saved before they existed.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from agecls.batch_augment import Mix, mix_batch, mix_spec, tta_mode
 from agecls.data.bins import AgeBins
 from agecls.models import create_model, skip_weights
 from agecls.tasks.classification import ClassificationTask
@@ -57,7 +64,8 @@ class FaceClassifier(L.LightningModule):
 
     `class_names`: a list (single task) or {attribute: names} (multitask); `class_weights` likewise (a list,
     or {attribute: list | None}) for classification heads; `age_stats` ({"mean", "std"} of the training
-    split's ages) standardises the regression head's target."""
+    split's ages) standardises the regression head's target. A bad `augment.mix` block or `augment.tta`
+    raises ValueError naming the key here, before any model is built."""
 
     def __init__(
         self,
@@ -69,6 +77,9 @@ class FaceClassifier(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = OmegaConf.create(cfg)
+        augment = self.cfg.get("augment")
+        self.mix = mix_spec(augment)
+        self.tta = tta_mode(augment)
         task = self.cfg.task
         self.multitask = is_multitask(task)
         self.attributes = tuple(task_attributes(task))
@@ -135,8 +146,26 @@ class FaceClassifier(L.LightningModule):
         )
 
     # ---- outputs ---------------------------------------------------------------------------------------
+    @property
+    def tta(self) -> str:
+        """Test-time augmentation of eval-mode outputs: `none` or `flip` (from `augment.tta`; settable)."""
+        return self._tta
+
+    @tta.setter
+    def tta(self, value: str) -> None:
+        self._tta = tta_mode({"tta": value})
+
     def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each attribute's head logits."""
+        """Each attribute's head logits. In eval mode with `augment.tta=flip`: for the faces and their
+        left-right mirror images (one forward pass of both), each head's `Head.average` of the two (mean
+        probabilities for softmax heads, mean logits otherwise). Training outputs are never flipped."""
+        if self.tta == "flip" and not self.training:
+            n = x.shape[0]
+            both = self._outputs(torch.cat([x, x.flip(-1)]))
+            return {a: self.heads[a].average(torch.stack([o[:n], o[n:]])) for a, o in both.items()}
+        return self._outputs(x)
+
+    def _outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.multitask:
             features = self.model(x)
             return {a: self.heads[a](self.proj[a](features)) for a in self.attributes}
@@ -216,28 +245,41 @@ class FaceClassifier(L.LightningModule):
 
     # ---- training ---------------------------------------------------------------------------------------
     def total_loss(
-        self, out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]
+        self, out: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], mix: Mix | None = None
     ) -> tuple[torch.Tensor, dict[str, dict[str, Any]]]:
         """The weighted sum of the attributes' losses, each over the faces that have the attribute (target
         >= 0), and per attribute {loss, logits, labels, years} of those faces (attributes no face of the
-        batch has are left out)."""
+        batch has are left out).
+
+        With `mix` (a mixed training batch: face i holds `lam` of itself and `1 - lam` of face `perm[i]`),
+        each attribute's loss is `lam * loss(own targets) + (1 - lam) * loss(partner's targets)`, over the
+        pairs where both faces have the attribute (a face mixed with one lacking it would be pulled towards
+        an unknown label, so that pair is left out of that attribute only). The parts' labels and years are
+        the faces' own (un-permuted) ones, so training metrics under mixing score each mixed image against
+        its own label."""
         total = next(iter(out.values())).new_zeros(())
         parts: dict[str, dict[str, Any]] = {}
         for a in self.attributes:
             head: Head = self.heads[a]
             keep = targets[a] >= 0
+            if mix is not None:
+                keep = keep & (targets[a][mix.perm] >= 0)
             if not bool(keep.any()):
                 continue
             logits, labels = out[a][keep], targets[a][keep]
             years = targets[YEARS][keep].float() if head.predicts_years else None
             loss = head.loss(logits, labels, years)
+            if mix is not None:
+                other = targets[a][mix.perm][keep]
+                other_years = targets[YEARS][mix.perm][keep].float() if head.predicts_years else None
+                loss = mix.lam * loss + (1.0 - mix.lam) * head.loss(logits, other, other_years)
             total = total + self.loss_weights[a] * loss
             parts[a] = {"loss": loss, "logits": logits, "labels": labels, "years": years}
         return total, parts
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str, mix: Mix | None = None) -> torch.Tensor:
         x, y = batch
-        total, parts = self.total_loss(self.outputs(x), self.targets(y))
+        total, parts = self.total_loss(self.outputs(x), self.targets(y), mix)
         for a, part in parts.items():
             head: Head = self.heads[a]
             logits = part["logits"].detach()
@@ -254,7 +296,10 @@ class FaceClassifier(L.LightningModule):
         return total
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        """One step on the batch, mixed first when `augment.mix` says so (see `total_loss`)."""
+        x, y = batch
+        x, mix = mix_batch(x, self.mix)
+        return self._step((x, y), "train", mix)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._step(batch, "val")

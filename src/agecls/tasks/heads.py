@@ -17,10 +17,17 @@ them with one bin macro-F1. `task.head` picks the age head:
   summed within each bin (their argmax can, for a bimodal output, differ from the decoded bin).
 
 `regression` and `label_distribution` predict years and also report the mean absolute error (MAE).
+
+`Head.average` combines the logits of several views of the same faces (flip test-time augmentation,
+`augment.tta=flip`) into logits every other method reads as usual: heads whose prediction is a softmax
+(classification, label_distribution) average the probabilities (returned as their logarithm); the others
+average the logits (coral: the one shared score, so the result is still a CORAL output; corn: each
+conditional log-odds; regression: the standardised age, so the predicted age is the views' mean).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -65,6 +72,15 @@ class Head(nn.Module):
     def years(self, logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not predict an exact age")
 
+    def average(self, views: torch.Tensor) -> torch.Tensor:
+        """(N, out) logits that combine (V, N, out) logits of V views of the same faces: their mean."""
+        return views.mean(dim=0)
+
+
+def _mean_softmax_logits(views: torch.Tensor) -> torch.Tensor:
+    """Log of the mean of the views' softmax probabilities: logits whose softmax is that mean."""
+    return torch.logsumexp(views.log_softmax(dim=-1), dim=0) - math.log(views.shape[0])
+
 
 class ClassificationHead(Head):
     """Softmax over the classes; cross-entropy with label smoothing and optional per-class weights."""
@@ -92,6 +108,10 @@ class ClassificationHead(Head):
 
     def proba(self, logits):
         return logits.softmax(dim=1)
+
+    def average(self, views):
+        """The views' mean class probabilities (as log-probabilities; cross-entropy reads them as logits)."""
+        return _mean_softmax_logits(views)
 
 
 def _levels(target: torch.Tensor, tasks: int) -> torch.Tensor:
@@ -250,6 +270,10 @@ class LabelDistributionHead(_YearsHead):
 
     def proba(self, logits):
         return logits.softmax(dim=1) @ self.membership
+
+    def average(self, views):
+        """The views' mean year distribution (as log-probabilities): its expectation is the mean of theirs."""
+        return _mean_softmax_logits(views)
 
 
 def build_head(
