@@ -37,6 +37,9 @@ log = logging.getLogger("agecls.train")
 
 # Trainer-group keys that configure callbacks rather than lightning.Trainer itself.
 _CALLBACK_KEYS = ("early_stopping", "checkpoint", "swa")
+# Trainer-group keys that configure the model's memory layout and compilation (see `prepare_model`).
+_MODEL_KEYS = ("channels_last", "compile")
+_COMPILE_KEYS = ("enabled", "mode", "backend", "dynamic", "fullgraph")
 # Metric-name prefix of each split's scores with the best checkpoint (val's per-epoch values are `val/`).
 _PREFIX = {"train": "best_train", "val": "best_val", "test": "test"}
 
@@ -77,6 +80,8 @@ def build_trainer(
     logging each epoch's metrics to `rec`."""
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     stop_cfg, ckpt_cfg, swa_cfg = (trainer_cfg.pop(k, None) or {} for k in _CALLBACK_KEYS)
+    for key in _MODEL_KEYS:
+        trainer_cfg.pop(key, None)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -92,6 +97,43 @@ def build_trainer(
         callbacks.append(StochasticWeightAveraging(**swa_cfg))
     trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=EpochLogger(rec), default_root_dir=run_dir)
     return trainer, checkpoint
+
+
+def prepare_model(cfg: DictConfig, module: FaceClassifier) -> FaceClassifier:
+    """Apply `trainer.channels_last` (the module's weights in channels-last memory; the datamodule hands it
+    channels-last batches) and `trainer.compile` (torch.compile of the network, in place: `module.model`
+    keeps its parameters and state_dict keys, so checkpoints load without it)."""
+    if cfg.trainer.get("channels_last"):
+        module.to(memory_format=torch.channels_last)
+    opts = cfg.trainer.get("compile") or {}
+    unknown = sorted(set(opts) - set(_COMPILE_KEYS))
+    if unknown:
+        raise ValueError(f"trainer.compile.{unknown[0]} is not a key; valid: {', '.join(_COMPILE_KEYS)}")
+    if opts.get("enabled"):
+        kwargs = {k: opts[k] for k in _COMPILE_KEYS[1:] if opts.get(k) is not None}
+        if kwargs.get("backend", "inductor") not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"trainer.compile.backend={kwargs['backend']!r}; valid: "
+                f"{', '.join(torch._dynamo.list_backends(exclude_tags=()))}"
+            )
+        module.model.compile(**kwargs)
+    return module
+
+
+def check_pipeline(cfg: DictConfig) -> str:
+    """`data.pipeline` (default loader), checked against the trainer: the device pipeline stages the cache
+    on one device, so it needs trainer.devices=1."""
+    pipeline = str(cfg.data.get("pipeline", "loader"))
+    devices = cfg.trainer.get("devices", 1)
+    several = (isinstance(devices, int) and devices > 1) or (
+        not isinstance(devices, int) and str(devices) != "1"
+    )
+    if pipeline == "device" and several:
+        raise ValueError(
+            f"data.pipeline=device stages the image cache on one device, but trainer.devices={devices}; "
+            f"valid: trainer.devices=1, or data.pipeline=loader for several devices"
+        )
+    return pipeline
 
 
 def prefer_swa(cfg, trainer, module, datamodule, best: str, best_score: float, run_dir: Path):
@@ -212,6 +254,9 @@ def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataM
         weighted_sampler=bool(cfg.sampler.weighted_sampler),
         train_transform=build_augment(cfg.augment, cfg.data),
         seed=int(cfg.seed),
+        pipeline=check_pipeline(cfg),
+        image_size=int(cfg.data.image_size),
+        channels_last=bool(cfg.trainer.get("channels_last", False)),
     )
     return datamodule, class_names
 
@@ -292,7 +337,7 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         sizes = {s: len(datamodule.indices[s]) for s in ("train", "val", "test")}
         rec.params({f"data.n_{s}": n for s, n in sizes.items()})
         log.info("data: %s  rows per split %s  manifest %s", manifest.root, sizes, manifest.hash[:12])
-        module = build_module(cfg, resolved, datamodule, class_names)
+        module = prepare_model(cfg, build_module(cfg, resolved, datamodule, class_names))
 
         pruning = [PruningCallback(trial, str(cfg.objective.metric))] if trial is not None else []
         trainer, checkpoint = build_trainer(cfg, run_dir, rec, pruning)

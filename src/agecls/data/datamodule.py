@@ -1,9 +1,15 @@
-"""Batches for the one training loop: cached uint8 images + labels -> transforms -> normalise -> sampler."""
+"""Batches for the one training loop: cached uint8 images + labels -> transforms -> normalise -> sampler.
+
+Two pipelines build the same batches (`data.pipeline`): `loader`, the reference, runs the albumentations
+transforms per image in DataLoader workers on the CPU; `device` copies the decoded cache to the accelerator
+once and assembles every batch there (`DeviceBatches`: index, per-sample augmentation translated by
+agecls.data.device_augment, centre crop, normalise), so a GPU is not left waiting on CPU augmentation."""
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import lightning as L
 import numpy as np
@@ -11,9 +17,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_worker_info
 
 from agecls.data.augment import Transforms, check_normalize_spec, resolve_normalize, seed_transform
+from agecls.data.device_augment import DeviceAugment, translate_pipeline
 from agecls.tasks.classification import sample_weights
 
 SPLITS = ("train", "val", "test")
+PIPELINES = ("loader", "device")
 
 
 def seed_worker_transform(worker_id: int) -> None:
@@ -69,6 +77,93 @@ class FaceDataset(Dataset):
         return x, torch.as_tensor(self.labels[row], dtype=torch.long)
 
 
+class StagedCache:
+    """The decoded (N, H, W, C) uint8 cache as one (N, C, H, W) uint8 tensor on a device, copied there on
+    first use (and again only if the device changes)."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+        self._tensor: torch.Tensor | None = None
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if self._tensor is None or self._tensor.device != device:
+            self._tensor = None  # free the old copy before making the new one
+            host = torch.from_numpy(np.array(self.images)).permute(0, 3, 1, 2)  # one writable copy
+            self._tensor = host.contiguous().to(device)
+        return self._tensor
+
+
+class DeviceBatches:
+    """An iterable of (x, y) batches built on the device from a StagedCache: the rows `rows` of the cache
+    (shuffled, weighted-sampled or in order), `augment` per sample, a centre crop to `size`, `(x - mean) /
+    std`; x is float32 (B, C, size, size) (channels_last memory when asked), y the rows' labels.
+
+    The order is drawn from a CPU generator seeded with `seed` and the augmentation from a device generator
+    seeded with `seed` + 1; both run on across epochs (each epoch differs, the run is reproducible). With
+    `weights`, each epoch draws len(rows) rows with replacement, with those probabilities."""
+
+    def __init__(
+        self,
+        cache: StagedCache,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        device: Callable[[], torch.device],
+        *,
+        size: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = False,
+        weights: np.ndarray | None = None,
+        augment: DeviceAugment | None = None,
+        mean: np.ndarray | None = None,
+        std: np.ndarray | None = None,
+        channels_last: bool = False,
+    ) -> None:
+        self.cache, self.rows, self.device = cache, torch.as_tensor(rows, dtype=torch.long), device
+        self.labels = torch.as_tensor(labels[rows], dtype=torch.long)
+        self.size, self.batch_size, self.shuffle, self.augment = size, batch_size, shuffle, augment
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.mean = None if mean is None else torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = None if std is None else torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.channels_last, self.seed = channels_last, seed
+        self._order = torch.Generator().manual_seed(seed)
+        self._augment: torch.Generator | None = None
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.rows) / self.batch_size)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._augment is None or self._augment.device != device:
+            self._augment = torch.Generator(device=device).manual_seed(self.seed + 1)
+        return self._augment
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = torch.device(self.device())
+        images = self.cache.on(device)
+        n = len(self.rows)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, n, replacement=True, generator=self._order)
+        elif self.shuffle:
+            order = torch.randperm(n, generator=self._order)
+        else:
+            order = torch.arange(n)
+        rows, labels = self.rows[order].to(device), self.labels[order].to(device)
+        mean = None if self.mean is None else self.mean.to(device)
+        std = None if self.std is None else self.std.to(device)
+        for start in range(0, n, self.batch_size):
+            x = images[rows[start : start + self.batch_size]].float().div_(255.0)
+            if self.augment is not None:
+                x = self.augment(x, self._generator(device))
+            top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+            x = x[:, :, top : top + self.size, left : left + self.size]
+            if mean is not None:
+                x = (x - mean) / std
+            x = x.contiguous(
+                memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
+            )
+            yield x, labels[start : start + self.batch_size]
+
+
 class FaceDataModule(L.LightningDataModule):
     """Train/val/test loaders over one persisted split; rows without the task's label are left out.
 
@@ -79,7 +174,13 @@ class FaceDataModule(L.LightningDataModule):
     of `agecls.data.augment.build_augment`, which also brings the eval transform (a centre crop when the
     cache keeps a margin) and `data.normalize`. Normalisation is resolved once (`dataset`: from the train
     split) and applied identically to every split. A seeded train pipeline is re-seeded with `seed`, and per
-    DataLoader worker from the loader's seeded generator."""
+    DataLoader worker from the loader's seeded generator.
+
+    `pipeline="device"` serves `DeviceBatches` instead of DataLoaders: the cache is staged on the device the
+    trainer runs on (else `device`, default CPU), the train pipeline is translated to per-sample torch
+    operations (a ValueError names a step that has no device version), and `num_workers` is not used.
+    `image_size` is the side the model sees (default: the cache's; larger caches are centre-cropped, as
+    the eval transform does). `channels_last` hands the model channels-last batches on either pipeline."""
 
     def __init__(
         self,
@@ -95,8 +196,17 @@ class FaceDataModule(L.LightningDataModule):
         eval_transform: Callable[..., dict] | None = None,
         normalize: object = "none",
         seed: int = 42,
+        pipeline: str = "loader",
+        image_size: int | None = None,
+        channels_last: bool = False,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
+        if pipeline not in PIPELINES:
+            raise ValueError(f"data.pipeline={pipeline!r}; valid: {', '.join(PIPELINES)}")
+        self.pipeline, self.channels_last = pipeline, bool(channels_last)
+        self.image_size = int(image_size or images.shape[1])
+        self._device = torch.device(device) if device is not None else None
         if len(images) != len(labels) or len(labels) != len(split):
             raise ValueError(f"images ({len(images)}), labels ({len(labels)}), split ({len(split)}) differ")
         self.images, self.labels, self.num_classes = images, labels, num_classes
@@ -120,6 +230,43 @@ class FaceDataModule(L.LightningDataModule):
                 raise ValueError(f"the {s} split has no rows with this task's label")
         stats = resolve_normalize(normalize, images, self.indices["train"])
         self.mean, self.std = stats if stats is not None else (None, None)
+        self.device_augment = translate_pipeline(train_transform) if pipeline == "device" else None
+        self.cache = StagedCache(images) if pipeline == "device" else None
+        self._device_train: DeviceBatches | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where `pipeline="device"` builds batches: the attached trainer's device, else the one given."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device
+        return self._device or torch.device("cpu")
+
+    def _device_batches(
+        self, rows: np.ndarray, *, train: bool = False, weights: np.ndarray | None = None
+    ) -> DeviceBatches:
+        return DeviceBatches(
+            self.cache,
+            rows,
+            self.labels,
+            lambda: self.device,
+            size=self.image_size,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            shuffle=train and weights is None,
+            weights=weights,
+            augment=self.device_augment if train else None,
+            mean=self.mean,
+            std=self.std,
+            channels_last=self.channels_last,
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Channels-last inputs for loader batches (device batches are built that way)."""
+        if self.channels_last and self.pipeline == "loader":
+            x, y = batch
+            return x.contiguous(memory_format=torch.channels_last), y
+        return batch
 
     def split_labels(self, split: str) -> np.ndarray:
         """Labels (the primary column of 2-D targets) of one split, in loader order (before sampling)."""
@@ -128,10 +275,12 @@ class FaceDataModule(L.LightningDataModule):
 
     def _loader(
         self, split: str, transform, sampler=None, shuffle: bool = False, rows: np.ndarray | None = None
-    ) -> DataLoader:
+    ) -> DataLoader | DeviceBatches:
+        rows = self.indices[split] if rows is None else rows
+        if self.pipeline == "device":
+            return self._device_batches(rows)
         generator = torch.Generator().manual_seed(self.seed)
         seeded = hasattr(transform, "set_random_state") and self.num_workers > 0
-        rows = self.indices[split] if rows is None else rows
         return DataLoader(
             FaceDataset(self.images, rows, self.labels, transform, self.mean, self.std),
             batch_size=self.batch_size,
@@ -143,12 +292,21 @@ class FaceDataModule(L.LightningDataModule):
             worker_init_fn=seed_worker_transform if seeded else None,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        if not self.weighted_sampler:
-            return self._loader("train", self.train_transform, shuffle=True)
+    def _sample_weights(self) -> np.ndarray:
         labels = self.split_labels("train")
         weights = np.zeros(len(labels))  # a row without the primary label is never drawn
         weights[labels >= 0] = sample_weights(labels[labels >= 0], self.num_classes)
+        return weights
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        if self.pipeline == "device":  # one iterable per datamodule: its generators run on across fits
+            if self._device_train is None:
+                weights = self._sample_weights() if self.weighted_sampler else None
+                self._device_train = self._device_batches(self.indices["train"], train=True, weights=weights)
+            return self._device_train
+        if not self.weighted_sampler:
+            return self._loader("train", self.train_transform, shuffle=True)
+        weights = self._sample_weights()
         sampler = WeightedRandomSampler(
             torch.as_tensor(weights, dtype=torch.double),
             num_samples=len(weights),
@@ -157,19 +315,19 @@ class FaceDataModule(L.LightningDataModule):
         )
         return self._loader("train", self.train_transform, sampler=sampler)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("val", self.eval_transform)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("test", self.eval_transform)
 
-    def eval_dataloader(self, split: str) -> DataLoader:
+    def eval_dataloader(self, split: str) -> DataLoader | DeviceBatches:
         """Any split in fixed order, without augmentation or sampling (for scoring a trained model)."""
         if split not in SPLITS:
             raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
         return self._loader(split, self.eval_transform)
 
-    def rows_dataloader(self, rows: np.ndarray) -> DataLoader:
+    def rows_dataloader(self, rows: np.ndarray) -> DataLoader | DeviceBatches:
         """Given rows of the images array (any split, e.g. faces routed to a hierarchy's expert), in order,
         preprocessed like eval data; their label is -1 where this datamodule's task has none."""
         return self._loader("test", self.eval_transform, rows=np.asarray(rows, dtype=np.int64))
