@@ -1,10 +1,14 @@
-"""`agecls-eval`: score a trained checkpoint on every labelled image of a folder (no split).
+"""`agecls-eval`: score a trained checkpoint, or an ensemble of them, on every labelled image of a folder
+(no split).
 
     agecls-eval ckpt=PATH data.root=DIR [eval.out=FILE] [eval.batch_size=N] [tracking.experiment=NAME]
+    agecls-eval ckpt=[A,B,C] data.root=DIR                        (an ensemble: mean class probabilities)
+    agecls-eval ensemble.study=NAME ensemble.top_k=3 data.root=DIR (the study's 3 best trials' checkpoints)
 
 The checkpoint alone defines the evaluation: its hyperparameters hold the training run's resolved config
 (task, bins, class names, image size, colour mode, crop margin, normalisation), so the folder is decoded and
-scored exactly as that run's test split was. Arguments are Hydra-style `key=value` overrides of EVAL_DEFAULTS.
+scored exactly as that run's test split was. An ensemble's members must agree on all of that but the
+weights (`agecls.ensemble`). Arguments are Hydra-style `key=value` overrides of EVAL_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, flat_keys, help_exit, require
 
@@ -28,7 +32,12 @@ PROG = "agecls-eval"
 
 # Every key agecls-eval takes (`key=value`); null means "from the checkpoint / the environment".
 EVAL_DEFAULTS: dict[str, Any] = {
-    "ckpt": None,  # the FaceClassifier checkpoint (e.g. a run's checkpoints/best.ckpt)
+    "ckpt": None,  # the FaceClassifier checkpoint (e.g. a run's checkpoints/best.ckpt), or a list (ensemble)
+    "ensemble": {  # instead of ckpt: the checkpoints of an Optuna study's best top_k COMPLETE trials
+        "study": None,
+        "top_k": 3,
+        "storage": None,  # default: optuna.storage as agecls-train composes it
+    },
     "data": {"root": None},  # a folder of UTKFace-named images; every labelled one is scored
     "eval": {
         "out": None,  # also write the JSON here (atomically)
@@ -48,6 +57,8 @@ EVAL_DEFAULTS: dict[str, Any] = {
 }
 
 HELP = f"""usage: {PROG} ckpt=PATH data.root=DIR [KEY=VALUE ...]
+       {PROG} ckpt=[PATH,PATH,...] data.root=DIR [KEY=VALUE ...]
+       {PROG} ensemble.study=NAME [ensemble.top_k=K] data.root=DIR [KEY=VALUE ...]
 
 Score a trained agecls checkpoint on every labelled image of a folder of UTKFace-named images
 (labels from the file names; no split). The checkpoint's own config decides the task, bins, class names,
@@ -55,8 +66,20 @@ image size, colour mode, crop and normalisation. Prints a JSON report (macro_f1,
 recall/f1/support, confusion matrix, class names, image and rejected-file counts) and records it as an MLflow
 run in the checkpoint's tracking store (experiment <training experiment>-eval) unless tracking.enabled=false.
 
+Several checkpoints are scored as one ensemble: each predicts class probabilities, the ensemble's are their
+mean, its class the argmax (coral/corn age heads: the median bin of the mean distribution; regression and
+label_distribution: the mean predicted age, binned). The members must share task, class names, bins, image
+size, crop margin, colour mode and normalisation. The report's `ensemble` block lists the members with their
+own macro_f1 beside the ensemble's (gain_over_best_member).
+
 keys (Hydra override syntax; quote values holding spaces or commas):
-  ckpt=PATH                 checkpoint file, e.g. outputs/runs/<date>/<time>/checkpoints/best.ckpt (required)
+  ckpt=PATH                 checkpoint file, e.g. outputs/runs/<date>/<time>/checkpoints/best.ckpt (required
+                            unless ensemble.study is given); ckpt=[A,B,C]: an ensemble of those checkpoints
+  ensemble.study=NAME       an ensemble of the Optuna study's best trials (by their validation objective, in
+                            the study's direction; never a test score): their `checkpoint` user attributes
+  ensemble.top_k=K          how many of its COMPLETE trials (default 3)
+  ensemble.storage=URI      the study's Optuna storage (default: optuna.storage of agecls-train,
+                            sqlite:///<output dir>/optuna.db)
   data.root=DIR             folder of images named like UTKFace (required); unusable files are reported
   eval.out=FILE             also write the JSON report to FILE (atomically)
   eval.batch_size=N         images per forward pass (default 256)
@@ -81,8 +104,18 @@ VALID_KEYS = flat_keys(EVAL_DEFAULTS)
 
 def parse_args(argv: Sequence[str]) -> DictConfig:
     """EVAL_DEFAULTS with `key=value` overrides applied (Hydra's override grammar); UsageError otherwise."""
-    cfg = apply_overrides(argv, EVAL_DEFAULTS, "quote a value holding commas")
-    require(cfg, "ckpt", "data.root")
+    cfg = apply_overrides(argv, EVAL_DEFAULTS, "quote a value holding commas; a list is ckpt=[a,b]")
+    if cfg.ensemble.study in (None, ""):
+        require(cfg, "ckpt", "data.root")
+    elif cfg.ckpt not in (None, "", []):
+        raise UsageError("give ckpt=... or ensemble.study=..., not both")
+    require(cfg, "data.root")
+    check_int(cfg, "ensemble.top_k", 1)
+    if isinstance(cfg.ckpt, ListConfig):
+        given = [str(c) for c in cfg.ckpt]
+        twice = sorted({c for c in given if given.count(c) > 1})
+        if twice:
+            raise UsageError(f"ckpt=[...] lists {twice[0]} more than once; give each member once")
     check_int(cfg, "eval.batch_size", 1)
     check_int(cfg, "eval.num_workers", 0)
     check_bool(cfg, "eval.check_images", optional=True)
@@ -171,36 +204,68 @@ def _find_training_run(tracking: DictConfig, ckpt: Path) -> str | None:
     return found[0].info.run_id if found else None
 
 
+def member_checkpoints(cfg: DictConfig) -> tuple[list[Path], dict[str, Any] | None, list[Any]]:
+    """The checkpoint files to score: `ckpt` (one path or a list), or the best `ensemble.top_k` trials of
+    `ensemble.study`; with, for a study, its description and the picked trials (`ensemble.StudyMember`)."""
+    if cfg.ensemble.study not in (None, ""):
+        from agecls.ensemble import study_members
+
+        storage = str(cfg.ensemble.storage or default_storage())
+        picked = study_members(storage, str(cfg.ensemble.study), int(cfg.ensemble.top_k))
+        study = {"name": str(cfg.ensemble.study), "storage": storage, "top_k": int(cfg.ensemble.top_k)}
+        return [m.checkpoint for m in picked], study, picked
+    given = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig) else [cfg.ckpt]
+    paths = [Path(str(c)).expanduser() for c in given]
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"ckpt={path}: no such checkpoint file")
+    return paths, None, []
+
+
+def default_storage() -> str:
+    """optuna.storage as agecls-train composes it (AGECLS_OUTPUT_DIR or the default outputs/)."""
+    from agecls.report import default_tracking
+
+    return default_tracking()[2]
+
+
+def _load(path: Path):
+    from agecls.module import FaceClassifier
+
+    try:
+        return FaceClassifier.load_from_checkpoint(path, map_location="cpu")
+    except Exception as exc:
+        raise EvalError(
+            f"ckpt={path}: not a loadable agecls checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate `cfg.ckpt` on every labelled image of `cfg.data.root` (a parse_args config); return the
-    report, also written to eval.out and recorded in MLflow as configured."""
+    """Evaluate `cfg.ckpt` (or the ensemble of checkpoints it lists or `cfg.ensemble` names) on every
+    labelled image of `cfg.data.root` (a parse_args config); return the report, also written to eval.out
+    and recorded in MLflow as configured."""
     started = time.perf_counter()
-    ckpt, folder = Path(str(cfg.ckpt)).expanduser(), Path(str(cfg.data.root)).expanduser()
-    if not ckpt.is_file():
-        raise UsageError(f"ckpt={ckpt}: no such checkpoint file")
+    folder = Path(str(cfg.data.root)).expanduser()
+    ckpts, study, picked = member_checkpoints(cfg)
     if not folder.is_dir():
         raise UsageError(f"data.root={folder}: no such folder")
 
     import numpy as np
-    import torch
-    from torch.utils.data import DataLoader
 
     from agecls.data.augment import build_augment
     from agecls.data.bins import AgeBins
     from agecls.data.cache import build_cache
-    from agecls.data.datamodule import FaceDataset
     from agecls.data.prepare import frame_targets
     from agecls.data.records import folder_fingerprint, scan_folder
     from agecls.metrics import plot_confusion
-    from agecls.module import FaceClassifier
     from agecls.tracking import recording
 
-    try:
-        module = FaceClassifier.load_from_checkpoint(ckpt, map_location="cpu")
-    except Exception as exc:
-        raise EvalError(
-            f"ckpt={ckpt}: not a loadable agecls checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
+    modules = [_load(path) for path in ckpts]
+    if len(modules) > 1:
+        from agecls.ensemble import check_members
+
+        check_members(ckpts, modules)
+    module = modules[0]  # every member predicts and reads images as this one does
     run_cfg = module.cfg
     target = str(run_cfg.task.target)  # `multitask` for a multitask checkpoint
     size = int(run_cfg.data.image_size) + int(run_cfg.data.get("crop_margin") or 0)
@@ -212,7 +277,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     scan = scan_folder(folder, check_images=bool(cfg.eval.check_images))
     records = scan.records
     bins = AgeBins.from_config(run_cfg.bins) if "age" in module.attributes else None
-    labels = frame_targets(records, list(module.columns), bins)
+    columns = max((m.columns for m in modules), key=len)  # exact age too when any member's head reads it
+    labels = frame_targets(records, list(columns), bins)
     labelled = labels >= 0 if labels.ndim == 1 else (labels[:, : len(module.attributes)] >= 0).any(axis=1)
     rows = np.flatnonzero(labelled)
     if len(rows) == 0:
@@ -228,24 +294,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         grayscale=grayscale,
     )
     transforms = build_augment(OmegaConf.create({"name": "none", "train": []}), data=run_cfg.data)
-    stats = normalize_stats(run_cfg, images, rows)
-    mean, std = stats if stats is not None else (None, None)
-    loader = DataLoader(
-        FaceDataset(images, rows, labels, transforms.eval, mean, std),
-        batch_size=int(cfg.eval.batch_size),
-        num_workers=int(cfg.eval.num_workers),
-    )
-    device = str(cfg.eval.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    module.to(device)
-    scored = _score_attributes(module.collect(loader), module.class_names)
+    scored, ensemble = _score(cfg, modules, ckpts, (images, rows, labels, columns), transforms, study, picked)
     headline = scored[module.objective]
     report = headline.pop("report")
     class_names = headline["class_names"]
 
     result: dict[str, Any] = {
-        "checkpoint": str(ckpt.resolve()),
+        # an ensemble: the list of its members' checkpoints
+        "checkpoint": str(ckpts[0].resolve()) if ensemble is None else [str(p.resolve()) for p in ckpts],
         "folder": str(folder.resolve()),
         "task": target,
         "class_names": class_names,
@@ -265,15 +321,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if module.multitask:  # every attribute's scores; the top-level ones are the objective attribute's
         result["objective_attribute"] = module.objective
         result["attributes"] = {a: {k: v for k, v in d.items() if k != "report"} for a, d in scored.items()}
+    if ensemble is not None:
+        result["ensemble"] = ensemble
 
-    recorded = run_cfg.get("tracking") or {}
-    train_run = (
-        _find_training_run(recorded, ckpt) if recorded.get("enabled") and "tracking_uri" in recorded else None
+    tags = _run_tags(result, modules, ckpts, study, picked)
+    default_name = (
+        f"eval {folder.name}" if ensemble is None else f"eval ensemble of {len(ckpts)} {folder.name}"
     )
-    tags = {"agecls.kind": "eval", "task": target, "eval.checkpoint": result["checkpoint"]}
-    if train_run:
-        tags["train_run_id"] = train_run
-    run_name = tracking.get("run_name") or f"eval {folder.name}"
+    run_name = tracking.get("run_name") or default_name
     with recording(tracking, run_name=run_name, tags=tags) as rec, tempfile.TemporaryDirectory() as tmp:
         result["mlflow_run_id"] = rec.run_id
         result["seconds"] = round(time.perf_counter() - started, 2)
@@ -281,38 +336,125 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if cfg.eval.out:
             _write_atomic(Path(str(cfg.eval.out)).expanduser(), text)
         if rec.enabled:
-            rec.params(
-                {
-                    "ckpt": result["checkpoint"],
-                    "folder": result["folder"],
-                    "task": target,
-                    "image_size": result["image_size"],
-                    "grayscale": grayscale,
-                    "n_images": result["n_images"],
-                    "check_images": bool(cfg.eval.check_images),
-                }
-            )
-            metrics = {
-                "eval/macro_f1": result["macro_f1"],
-                "eval/acc": result["acc"],
-                "eval/n_images": result["n_images"],
-                "eval/n_rejected": result["n_rejected"],
-                "eval/n_unlabelled": result["n_unlabelled"],
-            }
-            if "mae" in result:
-                metrics["eval/mae"] = result["mae"]
-            for attr, d in result.get("attributes", {}).items():
-                metrics.update({f"eval/{attr}/{k}": d[k] for k in ("macro_f1", "acc", "mae") if k in d})
-            metrics.update(
-                {f"eval/f1_{r['class']}": r["f1"] for r in result["per_class"] if r["f1"] is not None}
-            )
-            rec.metrics(metrics)
+            rec.params(_run_params(result, cfg, study))
+            rec.metrics(_run_metrics(result))
             report_file = Path(tmp) / "eval.json"
             report_file.write_text(text)
             rec.artifact(report_file, "evaluation")
             png = plot_confusion(report.confmat, class_names, Path(tmp) / "confusion_eval.png", folder.name)
             rec.artifact(png, "evaluation")
     return result
+
+
+def _score(cfg, modules, ckpts, data, transforms, study, picked) -> tuple[dict[str, dict], dict | None]:
+    """`_score_attributes` of the checkpoint's (or the ensemble's) predictions on `data` (decoded images,
+    labelled rows, targets, their columns), and the report's `ensemble` block (None for one checkpoint)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from agecls.data.datamodule import FaceDataset
+
+    images, rows, labels, columns = data
+    device = str(cfg.eval.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = modules[0]
+    if len(modules) == 1:
+        stats = normalize_stats(module.cfg, images, rows)
+        mean, std = stats if stats is not None else (None, None)
+        loader = DataLoader(
+            FaceDataset(images, rows, labels, transforms.eval, mean, std),
+            batch_size=int(cfg.eval.batch_size),
+            num_workers=int(cfg.eval.num_workers),
+        )
+        module.to(device)
+        return _score_attributes(module.collect(loader), module.class_names), None
+    from agecls.ensemble import Member, collect, report_block
+
+    members = []  # one un-normalised loader; each member normalises its batches as its own run did
+    for path, member in zip(ckpts, modules, strict=True):
+        stats = normalize_stats(member.cfg, images, rows)
+        mean, std = (
+            (torch.as_tensor(s, dtype=torch.float32).view(1, -1, 1, 1).to(device) for s in stats)
+            if stats is not None
+            else (None, None)
+        )
+        members.append(Member(path, member.to(device), mean, std))
+    loader = DataLoader(
+        FaceDataset(images, rows, labels, transforms.eval),
+        batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.eval.num_workers),
+    )
+    predicted, per_member, rules = collect(members, loader, columns, device)
+    scored = _score_attributes(predicted, module.class_names)
+    return scored, report_block(ckpts, per_member, module, rules, scored, study, picked)
+
+
+def _run_tags(result: dict, modules, ckpts: list[Path], study: dict | None, picked: list) -> dict[str, str]:
+    """The eval run's tags: its checkpoint (or members) and the training run(s) that wrote them."""
+    tags = {"agecls.kind": "eval", "task": result["task"]}
+    if "ensemble" not in result:
+        tags["eval.checkpoint"] = result["checkpoint"]
+        train_run = _training_run(modules[0], ckpts[0])
+        if train_run:
+            tags["train_run_id"] = train_run
+        return tags
+    tags["eval.members"] = "\n".join(result["checkpoint"])[:8000]
+    train_runs = [m.mlflow_run_id for m in picked] or [
+        _training_run(m, p) for m, p in zip(modules, ckpts, strict=True)
+    ]
+    if any(train_runs):
+        tags["train_run_ids"] = ",".join(r or "" for r in train_runs)
+    if study is not None:
+        tags["optuna.study"] = study["name"]
+    return tags
+
+
+def _run_params(result: dict, cfg: DictConfig, study: dict | None) -> dict[str, Any]:
+    ensemble = result.get("ensemble")
+    params = {
+        "ckpt": result["checkpoint"] if ensemble is None else ",".join(result["checkpoint"]),
+        "folder": result["folder"],
+        "task": result["task"],
+        "image_size": result["image_size"],
+        "grayscale": result["grayscale"],
+        "n_images": result["n_images"],
+        "check_images": bool(cfg.eval.check_images),
+    }
+    if ensemble is not None:
+        params["ensemble.n_members"] = ensemble["n_members"]
+        params["ensemble.decision"] = ",".join(f"{a}:{r}" for a, r in ensemble["decision"].items())
+        if study is not None:
+            params.update({f"ensemble.{k}": v for k, v in study.items()})
+    return params
+
+
+def _run_metrics(result: dict) -> dict[str, float]:
+    metrics = {
+        "eval/macro_f1": result["macro_f1"],
+        "eval/acc": result["acc"],
+        "eval/n_images": result["n_images"],
+        "eval/n_rejected": result["n_rejected"],
+        "eval/n_unlabelled": result["n_unlabelled"],
+    }
+    if "mae" in result:
+        metrics["eval/mae"] = result["mae"]
+    for attr, d in result.get("attributes", {}).items():
+        metrics.update({f"eval/{attr}/{k}": d[k] for k in ("macro_f1", "acc", "mae") if k in d})
+    metrics.update({f"eval/f1_{r['class']}": r["f1"] for r in result["per_class"] if r["f1"] is not None})
+    ensemble = result.get("ensemble")
+    if ensemble is not None:
+        metrics.update({f"eval/member{i}/macro_f1": m["macro_f1"] for i, m in enumerate(ensemble["members"])})
+        metrics["eval/best_member_macro_f1"] = ensemble["best_member_macro_f1"]
+        metrics["eval/gain_over_best_member"] = ensemble["gain_over_best_member"]
+    return metrics
+
+
+def _training_run(module, ckpt: Path) -> str | None:
+    recorded = module.cfg.get("tracking") or {}
+    if recorded.get("enabled") and "tracking_uri" in recorded:
+        return _find_training_run(recorded, ckpt)
+    return None
 
 
 def _score_attributes(predicted: dict[str, dict], class_names: dict[str, list[str]]) -> dict[str, dict]:
