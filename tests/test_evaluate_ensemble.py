@@ -322,3 +322,7 @@ def test_an_ensemble_of_a_studys_top_trials_scores_their_checkpoints(ckpts, fres
     assert result["macro_f1"] == listed["macro_f1"]
     assert result["ensemble"]["study"] == {"name": "s", "storage": storage, "top_k": 2}
     assert [(m["trial"], m["value"]) for m in result["ensemble"]["members"]] == [(1, 0.9), (0, 0.7)]
+    best = _eval("ensemble.study=s", "ensemble.top_k=1", f"ensemble.storage={storage}", f"data.root={fresh}")
+    alone = _eval(f"ckpt={ckpts['c']}", f"data.root={fresh}")
+    assert best["checkpoint"] == [alone["checkpoint"]] and best["ensemble"]["members"][0]["trial"] == 1
+    assert best["macro_f1"] == alone["macro_f1"] and best["confusion_matrix"] == alone["confusion_matrix"]

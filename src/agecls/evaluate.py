@@ -77,7 +77,7 @@ keys (Hydra override syntax; quote values holding spaces or commas):
                             unless ensemble.study is given); ckpt=[A,B,C]: an ensemble of those checkpoints
   ensemble.study=NAME       an ensemble of the Optuna study's best trials (by their validation objective, in
                             the study's direction; never a test score): their `checkpoint` user attributes
-  ensemble.top_k=K          how many of its COMPLETE trials (default 3)
+  ensemble.top_k=K          how many of its COMPLETE trials (default 3; 1: the best trial alone)
   ensemble.storage=URI      the study's Optuna storage (default: optuna.storage of agecls-train,
                             sqlite:///<output dir>/optuna.db)
   data.root=DIR             folder of images named like UTKFace (required); unusable files are reported
@@ -359,7 +359,7 @@ def _score(cfg, modules, ckpts, data, transforms, study, picked) -> tuple[dict[s
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module = modules[0]
-    if len(modules) == 1:
+    if len(modules) == 1 and study is None:  # a study's best trial alone still reports its ensemble block
         stats = normalize_stats(module.cfg, images, rows)
         mean, std = stats if stats is not None else (None, None)
         loader = DataLoader(
