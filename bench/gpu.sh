@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue #6, for a lent H100/H200: about 10 minutes, no downloads.
+# The one prepared GPU check of issue #6, for a lent H100/H200: under 10 minutes, no downloads.
 #
 #   bench/gpu.sh [UTKFACE_DIR] [OUT_DIR]
 #
 # Needs: agecls installed in .venv (or PYTHON=...), CUDA visible, and the UTKFace folder on that machine
 # (AGECLS_UTKFACE or the first argument; default ../shared/data/utkface). Writes its logs, results and an
 # nvidia-smi utilisation trace under OUT_DIR (default $OUT when set, else outputs/bench/gpu).
-#   1. one AGECNN run at 224 px (experiment=agecnn, bf16 mixed precision, 3 epochs, 12 DataLoader workers):
-#      train images/s and epoch time from its results.json, GPU utilisation from the trace;
-#   2. the quality bench at 224 px (bench/quality.py --size 224: dissertation vs agecls under an equal
-#      budget of whole-split epochs, bootstrap CIs), with the same precision and workers.
-# channels_last and torch.compile: agecls has no switch for them yet, so they are not used here.
+#   1. bench/throughput.py at 224 px: train images/s of the final AGECNN through agecls for the GPU-path
+#      settings (DataLoader + albumentations fp32; + bf16 + channels_last; the device pipeline; + compile);
+#   2. one AGECNN run at 224 px on the fastest path (data.pipeline=device, bf16, channels_last), 3 epochs
+#      with validation: epoch time from its results.json, GPU utilisation from the trace;
+#   3. a short sweep: the quality bench at 224 px (bench/quality.py --size 224: dissertation vs an agecls
+#      study under an equal budget of whole-split epochs, bootstrap CIs), its wall time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -35,13 +36,20 @@ trap 'kill $SMI 2>/dev/null || true' EXIT
 COMMON=(data=utkface "data.root=$ROOT" "data.num_workers=$WORKERS" trainer.precision=bf16-mixed
         trainer.enable_progress_bar=false tracking=none)
 
-echo ">> 1. AGECNN at 224 px, 3 epochs, bf16-mixed, $WORKERS workers" | tee -a "$OUT_DIR/summary.txt"
-start=$(date +%s)
-timeout 300 "$PYTHON" -m agecls.train experiment=agecnn "${COMMON[@]}" trainer.max_epochs=3 \
-  trainer.early_stopping.enabled=false "hydra.run.dir=$OUT_DIR/agecnn224" > "$OUT_DIR/agecnn224.log" 2>&1
-echo "wall $(( $(date +%s) - start )) s (data preparation and the 224 px cache build included)" \
+echo ">> 1. throughput at 224 px (bench/throughput.py)" | tee -a "$OUT_DIR/summary.txt"
+timeout 240 "$PYTHON" bench/throughput.py --root "$ROOT" --size 224 --workers "$WORKERS" --out "$OUT_DIR" \
+  > "$OUT_DIR/throughput.log" 2>&1 || echo "throughput bench did not finish cleanly (see throughput.log)" \
   | tee -a "$OUT_DIR/summary.txt"
-"$PYTHON" - "$OUT_DIR" <<'EOF' | tee -a "$OUT_DIR/summary.txt"
+grep -E "train images/s|FAILED" "$OUT_DIR/throughput.log" | tee -a "$OUT_DIR/summary.txt" || true
+
+FAST=(data.pipeline=device trainer.channels_last=true)
+echo ">> 2. AGECNN at 224 px, 3 epochs, ${FAST[*]} bf16-mixed" | tee -a "$OUT_DIR/summary.txt"
+start=$(date +%s)
+timeout 120 "$PYTHON" -m agecls.train experiment=agecnn "${COMMON[@]}" "${FAST[@]}" trainer.max_epochs=3 \
+  trainer.early_stopping.enabled=false "hydra.run.dir=$OUT_DIR/agecnn224" > "$OUT_DIR/agecnn224.log" 2>&1 \
+  || echo "the AGECNN run did not finish (see agecnn224.log)" | tee -a "$OUT_DIR/summary.txt"
+echo "wall $(( $(date +%s) - start )) s (data preparation included)" | tee -a "$OUT_DIR/summary.txt"
+"$PYTHON" - "$OUT_DIR" <<'PYEOF' | tee -a "$OUT_DIR/summary.txt" || true
 import csv, json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -52,14 +60,16 @@ print(f"fit {s:.1f} s for {e} epochs of {n} training images (+ validation each e
 util = [float(row[1].strip().split()[0]) for row in csv.reader(open(out / "gpu_util.csv")) if len(row) > 2]
 if util:
     busy = [u for u in util if u > 0]
-    print(f"GPU utilisation over the run: mean {sum(util) / len(util):.0f}%, "
+    print(f"GPU utilisation over the script so far: mean {sum(util) / len(util):.0f}%, "
           f"mean while busy {sum(busy) / max(len(busy), 1):.0f}% ({len(util)} samples every 0.5 s)")
-EOF
+PYEOF
 
-echo ">> 2. quality bench at 224 px" | tee -a "$OUT_DIR/summary.txt"
-timeout 420 "$PYTHON" bench/quality.py --root "$ROOT" --size 224 --budget 8 --epochs 2 --fraction 1.0 \
-  --threads 4 --workers "$WORKERS" --set trainer.precision=bf16-mixed --out "$OUT_DIR/quality" \
+echo ">> 3. a short sweep: quality bench at 224 px" | tee -a "$OUT_DIR/summary.txt"
+start=$(date +%s)
+timeout 200 "$PYTHON" bench/quality.py --root "$ROOT" --size 224 --budget 4 --epochs 2 --fraction 1.0 \
+  --threads 4 --workers "$WORKERS" --set trainer.precision=bf16-mixed "${FAST[@]}" --out "$OUT_DIR/quality" \
   > "$OUT_DIR/quality.log" 2>&1 || echo "quality bench did not finish (see quality.log)" | tee -a "$OUT_DIR/summary.txt"
+echo "quality bench wall $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 cp bench/results/quality-224px.json "$OUT_DIR/" 2>/dev/null || true
 tail -n 30 "$OUT_DIR/quality.log"
 cat "$OUT_DIR/summary.txt"
