@@ -12,8 +12,19 @@
 #      with validation: epoch time from its results.json, GPU utilisation from the trace;
 #   3. a short sweep: the quality bench at 224 px (bench/quality.py --size 224: dissertation vs an agecls
 #      study under an equal budget of whole-split epochs, bootstrap CIs), its wall time.
+#
+# On a machine lent through the device tool: prepare .gpu/ here first (bench/gpu_prepare.sh: the missing
+# packages as wheels and every 4th UTKFace file), then run(command="bash bench/gpu.sh", carry=[".gpu"]).
+# When .gpu/ is present this script installs its wheels into /tmp/site and uses python3 and .gpu/utkface.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -d .gpu/wheels ] && [ ! -x .venv/bin/python ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .gpu/wheels/*.whl
+  export PYTHONPATH=/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+  PYTHON=${PYTHON:-python3}
+  AGECLS_UTKFACE=${AGECLS_UTKFACE:-.gpu/utkface}
+fi
 PYTHON=${PYTHON:-.venv/bin/python}
 ROOT=${1:-${AGECLS_UTKFACE:-../shared/data/utkface}}
 OUT_DIR=${2:-${OUT:-outputs/bench/gpu}}
@@ -67,7 +78,8 @@ PYEOF
 echo ">> 3. a short sweep: quality bench at 224 px" | tee -a "$OUT_DIR/summary.txt"
 start=$(date +%s)
 timeout 200 "$PYTHON" bench/quality.py --root "$ROOT" --size 224 --budget 4 --epochs 2 --fraction 1.0 \
-  --threads 4 --workers "$WORKERS" --set trainer.precision=bf16-mixed "${FAST[@]}" --out "$OUT_DIR/quality" \
+  --threads 4 --workers "$WORKERS" --set trainer.precision=bf16-mixed tracking.enabled=false "${FAST[@]}" \
+  --out "$OUT_DIR/quality" \
   > "$OUT_DIR/quality.log" 2>&1 || echo "quality bench did not finish (see quality.log)" | tee -a "$OUT_DIR/summary.txt"
 echo "quality bench wall $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 cp bench/results/quality-224px.json "$OUT_DIR/" 2>/dev/null || true

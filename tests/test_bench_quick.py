@@ -120,3 +120,14 @@ def test_quality_section_renders_from_saved_json(tmp_path):
     text = md.read_text()
     assert "| age | agecls | 4 (2 trials, 0 pruned) | 0.5000 | 0.6000 [0.5600, 0.6400]" in text
     assert "optimizer=adam, optimizer.lr=0.001" in text
+
+
+@pytest.mark.heavy
+def test_throughput_quick_times_the_cpu_variants(tmp_path):
+    run_bench("throughput.py", ["--quick", "--out", str(tmp_path)], tmp_path / "out", timeout=900)
+    res = json.loads((tmp_path / "throughput.json").read_text())
+    names = [r["variant"] for r in res["results"]]
+    assert names == ["loader-fp32", "loader-bf16-cl", "device-bf16-cl"]  # compile is skipped in quick mode
+    for r in res["results"]:
+        assert "error" not in r, r
+        assert r["timed_steps"] == 4 and 0 < r["timed_images"] <= 4 * 32 and r["images_per_s"] > 0

@@ -1,4 +1,7 @@
-"""MLflow recording of a run: config, per-epoch metrics, final metrics, figures and the best checkpoint."""
+"""MLflow recording of a run: config, per-epoch metrics, final metrics, figures and the best checkpoint.
+
+mlflow is imported where it is used, so runs with `tracking=none` (e.g. on a lent GPU machine that has no
+mlflow installed) never import it."""
 
 from __future__ import annotations
 
@@ -9,10 +12,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
-from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig
 
 from agecls.config import project_root
@@ -46,10 +47,18 @@ def git_commit() -> str:
 _READY_STORES: set[str] = set()
 
 
+def _mlflow():
+    import mlflow
+
+    return mlflow
+
+
 def open_store(tracking_uri: str) -> None:
     """Point MLflow at `tracking_uri`; a local sqlite store is first opened under a file lock, so runs that
     start together (a grid's jobs through a submitit launcher, sweep workers) never create its tables twice
     (sqlite's 'duplicate column name' race)."""
+    import mlflow
+
     mlflow.set_tracking_uri(tracking_uri)
     if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
         return
@@ -69,6 +78,9 @@ def open_store(tracking_uri: str) -> None:
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | None) -> str:
     """Return the experiment id, creating it (artifacts under artifact_root/name) if missing; race-safe.
     With artifact_root null the tracking server chooses (e.g. its --artifacts-destination)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
     open_store(tracking_uri)
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
@@ -94,6 +106,8 @@ def check_manifest(tracking: DictConfig, manifest_hash: str) -> None:
     Allowed with tracking.allow_new_manifest=true; a new tracking.experiment is the usual answer."""
     if not tracking.enabled or tracking.get("allow_new_manifest"):
         return
+    import mlflow
+
     open_store(str(tracking.tracking_uri))
     experiment = mlflow.get_experiment_by_name(tracking.experiment)
     if experiment is None:
@@ -123,19 +137,19 @@ class Recorder:
 
     def params(self, flat: dict[str, Any]) -> None:
         if self.enabled:
-            mlflow.log_params({k: str(v)[:MAX_PARAM_CHARS] for k, v in flat.items()})
+            _mlflow().log_params({k: str(v)[:MAX_PARAM_CHARS] for k, v in flat.items()})
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if self.enabled and values:
-            mlflow.log_metrics(values, step=step)
+            _mlflow().log_metrics(values, step=step)
 
     def tags(self, values: dict[str, Any]) -> None:
         if self.enabled:
-            mlflow.set_tags({k: str(v) for k, v in values.items()})
+            _mlflow().set_tags({k: str(v) for k, v in values.items()})
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:
-            mlflow.log_artifact(str(path), artifact_path=folder)
+            _mlflow().log_artifact(str(path), artifact_path=folder)
 
 
 @contextmanager
@@ -146,6 +160,8 @@ def recording(
     if not tracking.enabled:
         yield Recorder(enabled=False)
         return
+    import mlflow
+
     experiment_id = ensure_experiment(tracking.tracking_uri, tracking.experiment, tracking.artifact_root)
     run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}))
     recorder = Recorder(enabled=True)
