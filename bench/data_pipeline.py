@@ -111,15 +111,10 @@ def age_labels(paths: list[Path]) -> np.ndarray:
 
 
 def transforms_for(augment: str, size: int):
-    from hydra import compose, initialize_config_dir
-
-    from agecls.config import CONFIG_DIR
     from agecls.data.augment import build_augment
+    from agecls.data_cli import compose_train_config
 
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(
-            "train", overrides=[f"augment={augment}", f"data.image_size={size}", "data.grayscale=true"]
-        )
+    cfg = compose_train_config([f"augment={augment}", f"data.image_size={size}", "data.grayscale=true"])
     return build_augment(cfg.augment)
 
 

@@ -41,13 +41,10 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The train config `agecls-train OVERRIDES` would run with."""
+    from agecls.data_cli import compose_train_config
 
-    from agecls.config import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides)
+    return compose_train_config(overrides)
 
 
 class StepClock:
