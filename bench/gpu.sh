@@ -16,6 +16,7 @@
 # On a machine lent through the device tool: prepare .gpu/ here first (bench/gpu_prepare.sh: the missing
 # packages as wheels and every 4th UTKFace file), then run(command="bash bench/gpu.sh", carry=[".gpu"]).
 # When .gpu/ is present this script installs its wheels into /tmp/site and uses python3 and .gpu/utkface.
+# Back here: python bench/throughput.py --from-json <files_at>/throughput.json --write BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .gpu/wheels ] && [ ! -x .venv/bin/python ]; then
