@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean bench bench-quick bench-sweep bench-predict browser
+.PHONY: install demo test test-heavy lint format clean bench bench-quick bench-sweep bench-predict bench-gpu browser
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -39,10 +39,18 @@ bench: $(STAMP)
 	$(BIN)/python bench/overhead.py --write BENCHMARKS.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 6 --epochs 2 --write BENCHMARKS.md
 
-# CI smoke of the overhead and quality benches on tiny generated data (a few minutes; BENCHMARKS.md untouched).
+# CI smoke of the overhead, quality and throughput benches on tiny generated data (a few minutes; BENCHMARKS.md
+# untouched).
 bench-quick: $(STAMP)
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/overhead.py --quick
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/quality.py --quick
+	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/throughput.py --quick
+
+# On a machine with a CUDA GPU and this checkout installed: the prepared GPU check (bench/gpu.sh, under 10
+# minutes), then its throughput table into BENCHMARKS.md. Through the `device` tool see bench/gpu_prepare.sh.
+bench-gpu: $(STAMP)
+	bash bench/gpu.sh
+	$(BIN)/python bench/throughput.py --from-json outputs/bench/gpu/throughput.json --write BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
