@@ -163,6 +163,17 @@ def test_the_seed_pipeline_translates_and_unsupported_steps_name_their_key(compo
         translate_pipeline(A.Compose([A.Affine(rotate=(-5, 5), border_mode=2)]))
 
 
+@pytest.mark.parametrize("name", ["none", "seed", "strong_device"])
+def test_every_augment_file_but_strong_runs_on_the_device_pipeline(compose_cfg, name):
+    cfg = compose_cfg([f"augment={name}", "data.image_size=32", "data.crop_margin=4", "data.grayscale=false"])
+    device = translate_pipeline(build_augment(cfg.augment).train)
+    if device is None:
+        assert name == "none"
+        return
+    out = device(torch.rand(16, 3, 36, 36), torch.Generator().manual_seed(0))
+    assert out.shape == (16, 3, 32, 32) and float(out.min()) >= 0 and float(out.max()) <= 1
+
+
 def _arrays(n: int = 60, side: int = 36, channels: int = 1):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, side, side, channels), dtype=np.uint8)

@@ -257,7 +257,7 @@ def test_a_saved_checkpoint_keeps_its_tta_and_an_old_one_has_none(tmp_path):
 # ---- config ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["none", "seed", "strong"])
+@pytest.mark.parametrize("name", ["none", "seed", "strong", "strong_device"])
 def test_every_augment_file_ships_both_levers_off(name):
     cfg = compose_train([f"augment={name}"])
     assert mix_spec(cfg.augment) == MixSpec() and tta_mode(cfg.augment) == "none"
