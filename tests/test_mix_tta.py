@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES, compose_train
 
 from agecls.batch_augment import MixSpec, cutmix_box, mix_batch, mix_spec, tta_mode
+from agecls.cli_args import UsageError
 from agecls.module import FaceClassifier
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
 from agecls.tasks.heads import AGE_HEADS
@@ -337,3 +338,12 @@ def test_a_run_with_mixing_and_flip_tta_trains_and_its_checkpoint_keeps_tta(
     result = evaluate(parse_args([f"ckpt={ckpt}", f"data.root={folder}", "tracking.enabled=false"]))
     assert sum(map(sum, result["confusion_matrix"])) == 24
     assert seen and set(seen) == {("flip", False)}
+    assert result["tta"] == "flip"
+
+    # eval.tta overrides the checkpoint's choice for this evaluation (e.g. to measure what TTA adds).
+    seen.clear()
+    args = [f"ckpt={ckpt}", f"data.root={folder}", "tracking.enabled=false", "eval.tta=none"]
+    assert evaluate(parse_args(args))["tta"] == "none"
+    assert seen and set(seen) == {("none", False)}
+    with pytest.raises(UsageError, match=r"eval\.tta='mirror'; valid: none, flip"):
+        evaluate(parse_args([*args[:3], "eval.tta=mirror"]))

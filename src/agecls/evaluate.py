@@ -45,6 +45,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
         "num_workers": 0,
         "check_images": True,  # fully decode each file when scanning (rejects truncated files)
         "device": "auto",  # auto (cuda when available) | cpu | cuda | cuda:N
+        "tta": None,  # none | flip: test-time augmentation of every member (null: each checkpoint's own)
     },
     "tracking": {  # over the checkpoint's tracking config; experiment default: <its experiment>-eval
         "enabled": None,
@@ -86,6 +87,8 @@ keys (Hydra override syntax; quote values holding spaces or commas):
   eval.num_workers=N        DataLoader worker processes (default 0)
   eval.check_images=BOOL    fully decode every file when scanning (default true)
   eval.device=DEV           auto | cpu | cuda | cuda:N (default auto)
+  eval.tta=MODE             none | flip: test-time augmentation for every checkpoint (default: each one's
+                            augment.tta from training), e.g. to measure what flip TTA adds on validation
   tracking.enabled=BOOL     record the evaluation in MLflow (default: as the checkpoint's run did)
   tracking.experiment=NAME  MLflow experiment (default: the training run's experiment + '-eval')
   tracking.tracking_uri=URI, tracking.artifact_root=DIR, tracking.run_name=NAME
@@ -261,6 +264,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from agecls.tracking import recording
 
     modules = [_load(path) for path in ckpts]
+    if cfg.eval.get("tta") is not None:
+        for m in modules:
+            try:
+                m.tta = str(cfg.eval.tta)
+            except ValueError as exc:
+                raise UsageError(str(exc).replace("augment.tta", "eval.tta")) from None
     if len(modules) > 1:
         from agecls.ensemble import check_members
 
@@ -312,6 +321,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "rejected": scan.rejected.head(100).to_dict(orient="records"),
         "image_size": int(run_cfg.data.image_size),
         "grayscale": grayscale,
+        "tta": modules[0].tta if len({m.tta for m in modules}) == 1 else [m.tta for m in modules],
         "bins": bins.to_dict() if bins is not None else None,
         "folder_fingerprint": fingerprint,
         "mlflow_run_id": None,
@@ -420,6 +430,7 @@ def _run_params(result: dict, cfg: DictConfig, study: dict | None) -> dict[str, 
         "grayscale": result["grayscale"],
         "n_images": result["n_images"],
         "check_images": bool(cfg.eval.check_images),
+        "tta": result["tta"],
     }
     if ensemble is not None:
         params["ensemble.n_members"] = ensemble["n_members"]
