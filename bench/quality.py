@@ -41,7 +41,13 @@ from sections import write_section  # bench/ is on sys.path when a script in it 
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "utkface"
-BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+
+def markers(size: int) -> tuple[str, str]:
+    """The BENCHMARKS.md markers of the section for one image size (each size keeps its own section)."""
+    return f"<!-- quality-{size}px:begin -->", f"<!-- quality-{size}px:end -->"
+
+
 EXPERIMENTS = {"age": "agecnn", "gender": "gendercnn", "ethnicity": "ethnicitycnn"}
 # agecls's search space (Hydra sweep syntax, read by the agecls_optuna sweeper), on top of the recipe.
 SEARCH = {
@@ -221,10 +227,11 @@ def render(rep: dict) -> str:
     a = rep["args"]
     m = rep["machine"]
     f = lambda t: f"{t[0]:.4f} [{t[1]:.4f}, {t[2]:.4f}]"  # noqa: E731
+    begin, end = markers(a["size"])
     lines = [
-        BEGIN,
-        "## Quality on real UTKFace: the dissertation's settings vs agecls's best under the same budget "
-        "(issue #6, item 4)",
+        begin,
+        f"## Quality on real UTKFace at {a['size']} px: the dissertation's settings vs agecls's best under "
+        "the same budget (issue #6, item 4)",
         "",
         f"Written by `{rep['command']}` on {rep['date']}; {rep['seconds'] / 60:.0f} min in all.",
         "",
@@ -279,7 +286,7 @@ def render(rep: dict) -> str:
             else ""
         )
         lines.append(f"- {task}: {params}; validation macro-F1 of its trials: {s['trial_vals']}{retrained}")
-    lines += ["", *rep.get("verdict", []), *(["", *rep["notes"]] if rep.get("notes") else []), END]
+    lines += ["", *rep.get("verdict", []), *(["", *rep["notes"]] if rep.get("notes") else []), end]
     return "\n".join(lines) + "\n"
 
 
@@ -328,10 +335,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.from_json:
-        section = render(json.loads(args.from_json.read_text()))
+        rep = json.loads(args.from_json.read_text())
+        if args.notes:
+            rep["notes"] = args.notes.read_text().splitlines()
+        section = render(rep)
         print(section)
         if args.write:
-            write_section(args.write, section, BEGIN, END)
+            write_section(args.write, section, *markers(rep["args"]["size"]))
         return 0
     if args.quick:  # one task, a 2-epoch budget: the dissertation run and a study of 2 one-epoch trials
         args.size, args.budget, args.epochs, args.fraction = 32, 2, 1, 1.0
@@ -421,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         (results / f"quality-{args.size}px.json").write_text(json.dumps(slim, indent=1, default=str) + "\n")
     if args.write:
-        write_section(args.write, section, BEGIN, END)
+        write_section(args.write, section, *markers(args.size))
         print(f"wrote {args.write}")
     return 0
 
