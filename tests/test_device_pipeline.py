@@ -254,3 +254,47 @@ def test_a_run_on_the_device_pipeline_with_channels_last_and_compile_trains_and_
     assert sum(map(sum, results["confusion_test"])) == results["data_sizes"]["test"]
     module = FaceClassifier.load_from_checkpoint(results["checkpoint"], map_location="cpu")
     assert not any("_orig_mod" in k for k in module.state_dict())  # compile left the checkpoint plain
+
+
+def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
+    from agecls.train import resolve_auto
+
+    cfg = compose_cfg(["augment=seed"])
+    assert (cfg.data.pipeline, cfg.trainer.precision, cfg.trainer.channels_last) == ("auto", "auto", "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    resolve_auto(cfg)  # here (no CUDA): the CPU reference settings
+    assert (cfg.data.pipeline, cfg.trainer.precision, cfg.trainer.channels_last) == (
+        "loader",
+        "32-true",
+        False,
+    )
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    gpu = compose_cfg(["augment=seed"])
+    why = resolve_auto(gpu)
+    assert (gpu.data.pipeline, gpu.trainer.precision, gpu.trainer.channels_last) == (
+        "device",
+        "bf16-mixed",
+        True,
+    )
+    assert set(why) == {"data.pipeline", "trainer.precision", "trainer.channels_last"}
+    assert resolve_auto(gpu) == {}  # idempotent: nothing left to resolve
+    strong = compose_cfg(["augment=strong", "data.crop_margin=4"])
+    assert "augment.train[4]" in resolve_auto(strong)["data.pipeline"] and strong.data.pipeline == "loader"
+    several = compose_cfg(["trainer.devices=2"])
+    resolve_auto(several)
+    assert several.data.pipeline == "loader" and several.trainer.precision == "bf16-mixed"
+    on_cpu = compose_cfg(["trainer.accelerator=cpu"])
+    resolve_auto(on_cpu)
+    assert (on_cpu.data.pipeline, on_cpu.trainer.precision, on_cpu.trainer.channels_last) == (
+        "loader",
+        "32-true",
+        False,
+    )
+    explicit = compose_cfg(
+        ["data.pipeline=loader", "trainer.precision=32-true", "trainer.channels_last=false"]
+    )
+    assert resolve_auto(explicit) == {} and explicit.data.pipeline == "loader"
+    with pytest.raises(ValueError, match=r"trainer\.channels_last='yes'; valid: true, false, auto"):
+        resolve_auto(compose_cfg(["trainer.channels_last=yes"]))

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from agecls.bin_search import InfeasibleBins, check_counts, draw_bins, search_spec
 from agecls.config import CONFIG_DIR, flatten
@@ -78,6 +78,7 @@ def build_trainer(
 ) -> tuple[L.Trainer, ModelCheckpoint]:
     """lightning.Trainer from the trainer group, with best-checkpoint and early-stopping callbacks,
     logging each epoch's metrics to `rec`."""
+    resolve_auto(cfg)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     stop_cfg, ckpt_cfg, swa_cfg = (trainer_cfg.pop(k, None) or {} for k in _CALLBACK_KEYS)
     for key in _MODEL_KEYS:
@@ -103,6 +104,7 @@ def prepare_model(cfg: DictConfig, module: FaceClassifier) -> FaceClassifier:
     """Apply `trainer.channels_last` (the module's weights in channels-last memory; the datamodule hands it
     channels-last batches) and `trainer.compile` (torch.compile of the network, in place: `module.model`
     keeps its parameters and state_dict keys, so checkpoints load without it)."""
+    resolve_auto(cfg)
     if cfg.trainer.get("channels_last"):
         module.to(memory_format=torch.channels_last)
     opts = cfg.trainer.get("compile") or {}
@@ -120,15 +122,68 @@ def prepare_model(cfg: DictConfig, module: FaceClassifier) -> FaceClassifier:
     return module
 
 
-def check_pipeline(cfg: DictConfig) -> str:
-    """`data.pipeline` (default loader), checked against the trainer: the device pipeline stages the cache
-    on one device, so it needs trainer.devices=1."""
-    pipeline = str(cfg.data.get("pipeline", "loader"))
+def _several_devices(cfg: DictConfig) -> bool:
     devices = cfg.trainer.get("devices", 1)
-    several = (isinstance(devices, int) and devices > 1) or (
+    return (isinstance(devices, int) and devices > 1) or (
         not isinstance(devices, int) and str(devices) != "1"
     )
-    if pipeline == "device" and several:
+
+
+def _on_cuda(cfg: DictConfig) -> bool:
+    """Whether this run trains on a CUDA GPU (trainer.accelerator auto, gpu or cuda, and CUDA present)."""
+    return (
+        str(cfg.trainer.get("accelerator", "auto")) in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    )
+
+
+def resolve_auto(cfg: DictConfig) -> dict[str, str]:
+    """Replace the `auto` values of data.pipeline, trainer.precision and trainer.channels_last in `cfg` by
+    what this machine runs, so the saved config, MLflow params and checkpoint record the real setting.
+
+    On a CUDA GPU: the device pipeline (when there is one device and every augment.train step has a device
+    version; else the loader pipeline), bf16-mixed precision (when the GPU supports bf16, else 32-true) and
+    channels_last. Anywhere else: the loader pipeline, 32-true, contiguous memory. Returns {key: reason} for
+    the keys it resolved."""
+    cuda = _on_cuda(cfg)
+    why: dict[str, str] = {}
+    with open_dict(cfg):
+        if str(cfg.data.get("pipeline", "auto")) == "auto":
+            pipeline, reason = ("device", "a CUDA GPU") if cuda else ("loader", "no CUDA GPU")
+            if cuda and _several_devices(cfg):
+                pipeline, reason = "loader", f"trainer.devices={cfg.trainer.devices}"
+            if pipeline == "device":
+                from agecls.data.device_augment import translate_pipeline
+
+                try:
+                    translate_pipeline(build_augment(cfg.augment, cfg.data).train)
+                except ValueError as exc:
+                    pipeline, reason = (
+                        "loader",
+                        str(exc).split(" has no device version")[0] + " has no device version",
+                    )
+            cfg.data.pipeline = pipeline
+            why["data.pipeline"] = f"{pipeline} ({reason})"
+        if str(cfg.trainer.get("precision", "auto")) == "auto":
+            bf16 = cuda and torch.cuda.is_bf16_supported()
+            cfg.trainer.precision = "bf16-mixed" if bf16 else "32-true"
+            why["trainer.precision"] = f"{cfg.trainer.precision} ({'a bf16 GPU' if bf16 else 'no bf16 GPU'})"
+        if cfg.trainer.get("channels_last", False) not in (True, False, "auto"):
+            raise ValueError(f"trainer.channels_last={cfg.trainer.channels_last!r}; valid: true, false, auto")
+        if str(cfg.trainer.get("channels_last", False)) == "auto":
+            cfg.trainer.channels_last = cuda
+            why["trainer.channels_last"] = f"{str(cuda).lower()} ({'a CUDA GPU' if cuda else 'no CUDA GPU'})"
+    return why
+
+
+def check_pipeline(cfg: DictConfig) -> str:
+    """`data.pipeline` (after resolve_auto), checked against the trainer: the device pipeline stages the
+    cache on one device, so it needs trainer.devices=1."""
+    resolve_auto(cfg)
+    pipeline = str(cfg.data.get("pipeline", "loader"))
+    if pipeline not in ("loader", "device"):
+        raise ValueError(f"data.pipeline={pipeline!r}; valid: auto, loader, device")
+    devices = cfg.trainer.get("devices", 1)
+    if pipeline == "device" and _several_devices(cfg):
         raise ValueError(
             f"data.pipeline=device stages the image cache on one device, but trainer.devices={devices}; "
             f"valid: trainer.devices=1, or data.pipeline=loader for several devices"
@@ -295,6 +350,8 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     draw_bins(cfg.bins, trial.trial if trial is not None else None)  # bins=search: this trial's edges
+    for key, value in resolve_auto(cfg).items():
+        log.info("%s=auto: %s", key, value)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     tags = {**(cfg.tracking.get("tags") or {}), "seed": cfg.seed, "git_commit": git_commit()}
