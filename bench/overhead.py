@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from sections import write_section  # bench/ is on sys.path when a script in it runs
 
+from agecls.data_cli import compose_train_config
+
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
 # name -> (overrides, epochs per fit, repeats per side)
@@ -57,13 +59,6 @@ QUICK: dict[str, tuple[list[str], int, int]] = {
 }
 
 
-def compose(overrides: list[str]):
-    """The train config `agecls-train OVERRIDES` would run with."""
-    from agecls.data_cli import compose_train_config
-
-    return compose_train_config(overrides)
-
-
 class Setup:
     """What both sides share: the composed config, the prepared data module and the class names."""
 
@@ -73,7 +68,7 @@ class Setup:
         from agecls.data.prepare import prepare_data
         from agecls.train import build_datamodule
 
-        self.cfg = compose(
+        self.cfg = compose_train_config(
             [
                 *overrides,
                 f"trainer.max_epochs={epochs}",

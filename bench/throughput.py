@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from sections import write_section  # bench/ is on sys.path when a script in it runs
 
+from agecls.data_cli import compose_train_config
+
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
 TARGET = 5000  # issue #6: training images/s of the final AGECNN at 224 px on a lent H100
@@ -41,13 +43,6 @@ VARIANTS: dict[str, list[str]] = {
         "trainer.compile.enabled=true",
     ],
 }
-
-
-def compose(overrides: list[str]):
-    """The train config `agecls-train OVERRIDES` would run with."""
-    from agecls.data_cli import compose_train_config
-
-    return compose_train_config(overrides)
 
 
 class StepClock:
@@ -91,7 +86,7 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
     from agecls.data.prepare import prepare_data
     from agecls.train import build_datamodule, build_module, prepare_model
 
-    cfg = compose([*args.common, *overrides])
+    cfg = compose_train_config([*args.common, *overrides])
     L.seed_everything(int(cfg.seed), verbose=False)
     started = time.perf_counter()
     prepared = prepare_data(cfg.data, cfg.paths)
