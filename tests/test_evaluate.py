@@ -28,6 +28,7 @@ KEYS = {
     "class_names",
     "n_images",
     "n_rejected",
+    "tta",
     "n_unlabelled",
     "macro_f1",
     "acc",
