@@ -98,6 +98,28 @@ def test_each_step_fires_with_its_probability(transform):
     )
 
 
+def test_the_gpu_branch_without_host_reads_gives_the_same_kind_of_batches(monkeypatch):
+    """On CUDA the steps compute every sample and blend by the mask (no `.any()`/`nonzero()` read-back);
+    forced here on the CPU: same fixed-parameter output, same firing rates."""
+    import agecls.data.device_augment as device_augment
+
+    monkeypatch.setattr(device_augment, "_no_sync", lambda x: True)
+    img = _image()
+    affine = A.Affine(rotate=(20, 20), border_mode=4, p=1)
+    reference = A.Compose([affine])(image=img)["image"].astype(np.float32) / 255
+    got = _run(affine, _batch(img))[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - reference).max() <= 2.5 / 255
+    n, x = 2000, _batch(_image(side=16), n=2000)
+    for transform in (
+        A.Affine(rotate=(-15, 15), p=0.3),
+        A.OneOf([A.HorizontalFlip(), A.RandomGamma()], p=0.6),
+    ):
+        changed = (_run(transform, x) - x).abs().flatten(1).amax(1) > 1e-6
+        assert abs(changed.float().mean().item() - transform.p) < 4 * math.sqrt(
+            transform.p * (1 - transform.p) / n
+        )
+
+
 def test_p_zero_never_changes_anything_and_a_seed_reproduces_the_batch():
     x = _batch(_image(), n=8)
     assert torch.equal(_run(A.Affine(rotate=(-15, 15), p=0.0), x), x)

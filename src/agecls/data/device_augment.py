@@ -21,6 +21,7 @@ GaussNoise, CoarseDropout, and OneOf over these. Anything else raises a ValueErr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,27 @@ def _blend(new: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> torch.Te
     return torch.where(mask.view(-1, 1, 1, 1), new, old)
 
 
+def _no_sync(x: torch.Tensor) -> bool:
+    """On CUDA, steps never read a value back to the host (`mask.any()`, `nonzero()` wait for the GPU and
+    stall the queue of kernels): they compute every sample and blend by the mask instead. On the CPU, they
+    skip work for the samples a step does not act on."""
+    return x.is_cuda
+
+
+def _matrix(rows: list[list[float]], device) -> torch.Tensor:
+    """A small constant matrix on `device`, built once by fills (a host-to-device copy would synchronise)."""
+    return _cached_matrix(tuple(tuple(float(v) for v in row) for row in rows), str(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_matrix(rows: tuple[tuple[float, ...], ...], device: str) -> torch.Tensor:
+    out = torch.empty(len(rows), len(rows[0]), device=device)
+    for i, row in enumerate(rows):
+        for j, value in enumerate(row):
+            out[i, j] = value
+    return out
+
+
 @dataclass
 class Step:
     """One translated transform: acts on the samples of `active` that its own probability `p` picks
@@ -69,7 +91,7 @@ class Step:
 
     def __call__(self, x: torch.Tensor, active: torch.Tensor, g: torch.Generator, forced: bool = False):
         mask = active if forced else _fires(self.p, active, g)
-        if not bool(mask.any()):
+        if not _no_sync(x) and not bool(mask.any()):
             return x
         return self.apply(x, mask, g)
 
@@ -116,24 +138,23 @@ class Affine(Step):
         rotate = torch.stack([cos, sin, zero, -sin, cos, zero, zero, zero, one], 1).view(n, 3, 3)
         shear = torch.stack([one, hx, zero, hy, one, zero, zero, zero, one], 1).view(n, 3, 3)
         cx, cy = width / 2 - 0.5, height / 2 - 0.5
-        to_centre = torch.tensor([[1, 0, cx], [0, 1, cy], [0, 0, 1]], dtype=torch.float32, device=device)
-        to_origin = torch.tensor([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]], dtype=torch.float32, device=device)
+        to_centre = _matrix([[1, 0, cx], [0, 1, cy], [0, 0, 1]], device)
+        to_origin = _matrix([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]], device)
         translate = torch.eye(3, device=device).repeat(n, 1, 1)
         translate[:, 0, 2], translate[:, 1, 2] = tx, ty
         return to_centre @ translate @ shear @ rotate @ scale @ to_origin
 
     def apply(self, x, mask, g):
-        idx = mask.nonzero().squeeze(1)
-        sub = x[idx]
+        whole = _no_sync(x)  # every sample, blended by the mask below (no read-back on a GPU)
+        idx = None if whole else mask.nonzero().squeeze(1)
+        sub = x if whole else x[idx]
         n, _, height, width = sub.shape
         forward = self.matrices(n, g, x.device, height, width)
         # grid_sample wants, per output pixel, where to read in the input: the inverse map, in
         # align_corners=True coordinates (-1 and 1 at the centres of the edge pixels, as cv2 indexes pixels;
         # reflection about those centres is reflect-101).
-        to_norm = torch.tensor(
-            [[2 / max(width - 1, 1), 0, -1], [0, 2 / max(height - 1, 1), -1], [0, 0, 1]],
-            dtype=torch.float32,
-            device=x.device,
+        to_norm = _matrix(
+            [[2 / max(width - 1, 1), 0, -1], [0, 2 / max(height - 1, 1), -1], [0, 0, 1]], x.device
         )
         theta = (to_norm @ torch.linalg.inv(forward) @ torch.linalg.inv(to_norm))[:, :2]
         grid = F.affine_grid(theta, list(sub.shape), align_corners=True)
@@ -143,6 +164,8 @@ class Affine(Step):
                 torch.ones_like(sub[:, :1]), grid, mode="bilinear", padding_mode="zeros", align_corners=True
             )
             out = out + (1 - inside) * self.fill
+        if whole:
+            return _blend(out.to(x.dtype), x, mask)
         x = x.clone()
         x[idx] = out.to(x.dtype)
         return x
@@ -284,12 +307,14 @@ class OneOf(Step):
     weights: tuple[float, ...] = ()
 
     def apply(self, x, mask, g):
-        w = torch.tensor(self.weights, dtype=torch.float32, device=x.device)
-        choice = torch.multinomial(w / w.sum(), x.shape[0], replacement=True, generator=g)
+        # child i when u falls in its share of [0, 1) (cumulative weights as Python floats: nothing to copy)
+        u = torch.rand(x.shape[0], generator=g, device=x.device)
+        total, edge = sum(self.weights), 0.0
         for i, child in enumerate(self.children):
-            picked = mask & (choice == i)
-            if bool(picked.any()):
-                x = child(x, picked, g, forced=True)
+            low, edge = edge, edge + self.weights[i] / total
+            last = i == len(self.children) - 1
+            picked = mask & (u >= low) & ((u < edge) if not last else torch.ones_like(mask))
+            x = child(x, picked, g, forced=True)
         return x
 
 
