@@ -201,7 +201,8 @@ def test_interrupted_sweep_requeues_its_trial_and_resumes(tmp_path):
     assert study.trials[1].params == study.trials[0].params
 
 
-@pytest.mark.slow
+# heavy: about a minute of subprocess sweeps each; the default suite keeps the other resume/requeue checks.
+@pytest.mark.heavy
 def test_trial_of_a_killed_machine_is_failed_when_stale_and_rerun(tmp_path):
     out = tmp_path / "out"
     args = ["sweep=optuna_optimizers", "optuna.study_name=k", "optuna.n_trials=1", "optuna/pruner=none"]
@@ -234,7 +235,8 @@ def test_every_optuna_sweep_file_has_a_space_whose_choices_compose(compose_cfg, 
             compose_cfg([f"sweep={name}", f"{key}={format_value(value)}"])
 
 
-@pytest.mark.slow
+# heavy: about a minute of subprocess sweeps each; the default suite keeps the other resume/requeue checks.
+@pytest.mark.heavy
 def test_two_worker_processes_share_one_study(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
