@@ -25,6 +25,7 @@ from agecls.data.augment import build_augment
 from agecls.data.bins import AgeBins
 from agecls.data.datamodule import FaceDataModule
 from agecls.data.prepare import PreparedData, frame_targets, prepare_data
+from agecls.ema import build_ema
 from agecls.hierarchical import run_hierarchy, subset_labels
 from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.module import FaceClassifier
@@ -36,7 +37,7 @@ from agecls.trial import PruningCallback, TrialContext
 log = logging.getLogger("agecls.train")
 
 # Trainer-group keys that configure callbacks rather than lightning.Trainer itself.
-_CALLBACK_KEYS = ("early_stopping", "checkpoint", "swa")
+_CALLBACK_KEYS = ("early_stopping", "checkpoint", "swa", "ema")
 # Trainer-group keys that configure the model's memory layout and compilation (see `prepare_model`).
 _MODEL_KEYS = ("channels_last", "compile")
 _COMPILE_KEYS = ("enabled", "mode", "backend", "dynamic", "fullgraph")
@@ -80,7 +81,7 @@ def build_trainer(
     logging each epoch's metrics to `rec`."""
     resolve_auto(cfg)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    stop_cfg, ckpt_cfg, swa_cfg = (trainer_cfg.pop(k, None) or {} for k in _CALLBACK_KEYS)
+    stop_cfg, ckpt_cfg, swa_cfg, ema_cfg = (trainer_cfg.pop(k, None) or {} for k in _CALLBACK_KEYS)
     for key in _MODEL_KEYS:
         trainer_cfg.pop(key, None)
     checkpoint = ModelCheckpoint(
@@ -94,8 +95,16 @@ def build_trainer(
     callbacks: list[L.Callback] = [checkpoint, *(extra_callbacks or [])]
     if stop_cfg.pop("enabled"):
         callbacks.append(EarlyStopping(**stop_cfg))
+    ema = build_ema(ema_cfg)
+    if ema is not None and swa_cfg.get("enabled"):
+        raise ValueError(
+            "trainer.ema.enabled=true and trainer.swa.enabled=true: two weight averages of one run; "
+            "valid: enable one of them"
+        )
     if swa_cfg.pop("enabled", False):
         callbacks.append(StochasticWeightAveraging(**swa_cfg))
+    if ema is not None:
+        callbacks.append(ema)
     trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=EpochLogger(rec), default_root_dir=run_dir)
     return trainer, checkpoint
 

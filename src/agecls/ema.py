@@ -1,0 +1,58 @@
+"""Exponential moving average of the weights (`trainer.ema`), one of issue #6's quality levers.
+
+Lightning's `WeightAveraging` callback does the bookkeeping (a `torch.optim.swa_utils.AveragedModel` beside
+the module, updated after every optimizer step; validation runs on the averaged weights, checkpoints hold
+them in `state_dict` and the live weights under `current_model_state`, so a resumed fit continues both).
+What agecls adds is the update rule: with `warmup`, the decay after n updates is min(decay, (1+n)/(10+n))
+(as timm's ModelEmaV2 and TF's ExponentialMovingAverage with num_updates), so in the short runs of a sweep
+the average is not dominated by the first, random, weights. The rule is computed on the device from the
+AveragedModel's own update counter (no host read, and right after a resume).
+
+Because validation sees the averaged weights, everything chosen on validation (the best checkpoint, early
+stopping, the sweeper's pruning and objective) is about the averaged model, and that is the model tested and
+predicted with. Integer buffers (BatchNorm's num_batches_tracked) are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+KEYS = ("enabled", "decay", "warmup")
+
+
+def ema_update_fn(decay: float, warmup: bool):
+    """`multi_avg_fn` for AveragedModel: lerp each averaged tensor towards the live one by 1 - decay_n."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        if not (torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0])):
+            torch._foreach_copy_(averaged, current)
+            return
+        if warmup:
+            n = n_averaged.to(torch.float32)
+            weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay)
+            torch._foreach_lerp_(averaged, current, weight.to(averaged[0].dtype))
+        else:
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+
+    return update
+
+
+def build_ema(spec: dict[str, Any] | None) -> WeightAveraging | None:
+    """The callback for the `trainer.ema` mapping, None when it is off; ValueError naming the key."""
+    spec = dict(spec or {})
+    unknown = sorted(set(spec) - set(KEYS))
+    if unknown:
+        raise ValueError(f"trainer.ema.{unknown[0]} is not a key; valid: {', '.join(KEYS)}")
+    if not spec.get("enabled", False):
+        return None
+    decay = spec.get("decay", 0.99)
+    if not isinstance(decay, int | float) or isinstance(decay, bool) or not 0.0 < float(decay) < 1.0:
+        raise ValueError(f"trainer.ema.decay={decay!r}; valid: a number between 0 and 1 (e.g. 0.99, 0.999)")
+    warmup = spec.get("warmup", True)
+    if not isinstance(warmup, bool):
+        raise ValueError(f"trainer.ema.warmup={warmup!r}; valid: true or false")
+    return WeightAveraging(use_buffers=True, multi_avg_fn=ema_update_fn(float(decay), warmup))
