@@ -51,7 +51,9 @@ def test_off_builds_nothing():
 
 
 def test_ema_and_swa_together_are_refused(compose_cfg, tmp_path):
-    cfg = compose_cfg([*FAST_OVERRIDES, "tracking=none", "trainer.ema.enabled=true", "trainer.swa.enabled=true"])
+    cfg = compose_cfg(
+        [*FAST_OVERRIDES, "tracking=none", "trainer.ema.enabled=true", "trainer.swa.enabled=true"]
+    )
     with pytest.raises(ValueError, match="trainer.ema.enabled=true and trainer.swa.enabled=true"):
         build_trainer(cfg, tmp_path, rec=None)
 
