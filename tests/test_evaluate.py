@@ -181,3 +181,66 @@ def test_a_missing_local_tracking_store_is_named_before_any_work(tmp_path):
         _check_store(OmegaConf.create({"enabled": True, "tracking_uri": gone}))
     _check_store(OmegaConf.create({"enabled": False, "tracking_uri": gone}))
     _check_store(OmegaConf.create({"enabled": True, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
+
+
+def test_dataset_statistics_travel_in_the_checkpoint_and_outlive_the_training_data(output_dir, tmp_path):
+    """data.normalize=dataset: the checkpoint keeps the mean/std the datamodule resolved, so agecls-eval and
+    agecls-predict give the same answers once the training run's manifest and image cache are deleted."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from omegaconf import OmegaConf
+
+    from agecls.data.cache import decode_image
+    from agecls.data.prepare import prepare_data
+    from agecls.evaluate import EvalError, normalize_stats
+    from agecls.predict import attribute_probs, load_model
+    from agecls.train import build_datamodule
+
+    own = tmp_path / "training-data"  # this run's own faces, manifest and cache: the shared ones stay put
+    folder = generate_synthetic(own / "faces", 120, seed=3)  # a plain folder: nothing regenerates it
+    cfg = compose_train(
+        [
+            *[o for o in FAST_OVERRIDES if not o.startswith("data.synthetic")],
+            "data=utkface",
+            f"data.root={folder}",
+            "trainer.max_epochs=1",
+            "data.normalize=dataset",
+            "data.grayscale=false",  # three channels, three means
+            f"paths.data_dir={own}/data",
+            f"paths.cache_dir={own}/cache",
+            "tracking.enabled=false",
+        ]
+    )
+    ckpt = train(cfg)["checkpoint"]
+    stored = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]["input_stats"]
+    datamodule, _ = build_datamodule(cfg, prepare_data(cfg.data, cfg.paths))
+    assert stored == {"mean": datamodule.mean.tolist(), "std": datamodule.std.tolist()}
+    assert len(stored["mean"]) == 3 and all(0 < v < 1 for v in stored["mean"] + stored["std"])
+    run_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    recomputed = normalize_stats(run_cfg, None, None)  # what a checkpoint without input_stats gets
+    assert recomputed[0].tolist() == stored["mean"] and recomputed[1].tolist() == stored["std"]
+
+    fresh = generate_synthetic(tmp_path / "fresh", 24, seed=5)
+    argv = [f"ckpt={ckpt}", f"data.root={fresh}", "tracking.enabled=false", f"paths.cache_dir={tmp_path}/ev"]
+    faces = sorted(fresh.glob("*.jpg"))[:6]
+
+    def predicted() -> tuple[dict, dict]:
+        model = load_model(Path(ckpt))
+        assert model.mean.flatten().tolist() == stored["mean"]
+        assert model.std.flatten().tolist() == stored["std"]
+        x = model.tensor([decode_image(f, model.size, False) for f in faces])
+        probs = attribute_probs(model.module, x)
+        return evaluate(parse_args(argv)), probs
+
+    before, probs_before = predicted()
+    shutil.rmtree(own)
+    with pytest.raises(EvalError, match="cannot be read again"):  # the old recompute has nothing to read
+        normalize_stats(run_cfg, None, None)
+    after, probs_after = predicted()
+    same = ("n_images", "macro_f1", "acc", "confusion_matrix", "per_class")
+    assert before["n_images"] == 24 and {k: after[k] for k in same} == {k: before[k] for k in same}
+    assert probs_after.keys() == probs_before.keys() == {"age"}
+    assert torch.equal(probs_after["age"], probs_before["age"])
+    assert not np.isnan(probs_after["age"].numpy()).any()

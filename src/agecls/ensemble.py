@@ -36,7 +36,11 @@ RULES = ("argmax", "ordinal_median", "mean_years")
 
 def prediction_spec(module) -> dict[str, Any]:
     """What a checkpoint predicts and how it reads an image: the values every ensemble member must share
-    ({key: value}; class names per attribute as `class_names.<attribute>`)."""
+    ({key: value}; class names per attribute as `class_names.<attribute>`).
+
+    `data.normalize` is compared as the setting, not the statistics it resolved to: each member normalises
+    the shared un-normalised batches with its own checkpoint's `input_stats` (`Member.inputs`), so members
+    whose `dataset` statistics differ (other train splits) still see their inputs as in training."""
     from agecls.data.bins import AgeBins
 
     cfg = module.cfg

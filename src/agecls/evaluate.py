@@ -151,18 +151,22 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(float(value)) else None
 
 
-def normalize_stats(run_cfg: DictConfig, images, rows) -> tuple[Any, Any] | None:
+def normalize_stats(run_cfg: DictConfig, images, rows, stored=None) -> tuple[Any, Any] | None:
     """(mean, std) the checkpoint's run normalised with, or None for data.normalize=none.
 
-    `dataset` statistics are not stored in the checkpoint: they are recomputed from the training run's
-    own train split (its persisted manifest and cached images, as recorded in the checkpoint's config)."""
+    `stored` is the checkpoint's `input_stats` (FaceClassifier): what the datamodule resolved, used as is.
+    Checkpoints saved before it was kept have None there; their `dataset` statistics are recomputed from
+    the training run's own train split (its persisted manifest and cached images, as recorded in the
+    checkpoint's config), which fails with EvalError when that data is gone."""
+    import numpy as np
+
     from agecls.data.augment import resolve_normalize
 
+    if stored is not None:
+        return np.asarray(stored["mean"], np.float32), np.asarray(stored["std"], np.float32)
     spec = run_cfg.data.get("normalize", "none")
     if spec != "dataset":
         return resolve_normalize(spec, images, rows)
-    import numpy as np
-
     from agecls.data.prepare import data_lock, resolve_manifest
 
     try:
@@ -370,7 +374,7 @@ def _score(cfg, modules, ckpts, data, transforms, study, picked) -> tuple[dict[s
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module = modules[0]
     if len(modules) == 1 and study is None:  # a study's best trial alone still reports its ensemble block
-        stats = normalize_stats(module.cfg, images, rows)
+        stats = normalize_stats(module.cfg, images, rows, module.input_stats)
         mean, std = stats if stats is not None else (None, None)
         loader = DataLoader(
             FaceDataset(images, rows, labels, transforms.eval, mean, std),
@@ -383,7 +387,7 @@ def _score(cfg, modules, ckpts, data, transforms, study, picked) -> tuple[dict[s
 
     members = []  # one un-normalised loader; each member normalises its batches as its own run did
     for path, member in zip(ckpts, modules, strict=True):
-        stats = normalize_stats(member.cfg, images, rows)
+        stats = normalize_stats(member.cfg, images, rows, member.input_stats)
         mean, std = (
             (torch.as_tensor(s, dtype=torch.float32).view(1, -1, 1, 1).to(device) for s in stats)
             if stats is not None

@@ -64,8 +64,11 @@ class FaceClassifier(L.LightningModule):
 
     `class_names`: a list (single task) or {attribute: names} (multitask); `class_weights` likewise (a list,
     or {attribute: list | None}) for classification heads; `age_stats` ({"mean", "std"} of the training
-    split's ages) standardises the regression head's target. A bad `augment.mix` block or `augment.tta`
-    raises ValueError naming the key here, before any model is built."""
+    split's ages) standardises the regression head's target. `input_stats` ({"mean", "std"} per channel on
+    the 0..1 scale, as the datamodule resolved `data.normalize`; None for `none` and for checkpoints saved
+    before it was kept) travels in the checkpoint, so agecls-eval and agecls-predict normalise as training
+    did without the training run's data (`dataset` statistics are estimated from its train split). A bad
+    `augment.mix` block or `augment.tta` raises ValueError naming the key here, before any model is built."""
 
     def __init__(
         self,
@@ -73,10 +76,12 @@ class FaceClassifier(L.LightningModule):
         class_names: list[str] | dict[str, list[str]],
         class_weights: list[float] | dict[str, list[float] | None] | None = None,
         age_stats: dict[str, float] | None = None,
+        input_stats: dict[str, list[float]] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.cfg = OmegaConf.create(cfg)
+        self.input_stats = input_stats
         augment = self.cfg.get("augment")
         self.mix = mix_spec(augment)
         self.tta = tta_mode(augment)

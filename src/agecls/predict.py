@@ -377,7 +377,8 @@ def load_model(path: Path, device: str = "cpu") -> Model:
         ) from None
     run_cfg = module.cfg
     grayscale = bool(run_cfg.data.grayscale)
-    stats = normalize_stats(run_cfg, np.zeros((1, 1, 1, 1 if grayscale else 3), np.uint8), np.arange(1))
+    dummy = np.zeros((1, 1, 1, 1 if grayscale else 3), np.uint8)  # `dataset`: stored, or the train split's
+    stats = normalize_stats(run_cfg, dummy, np.arange(1), getattr(module, "input_stats", None))
     mean = std = None
     if stats is not None:
         mean = torch.as_tensor(stats[0], dtype=torch.float32).view(1, -1, 1, 1).to(device)

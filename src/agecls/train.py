@@ -329,7 +329,8 @@ def build_module(
     cfg: DictConfig, resolved: dict[str, Any], datamodule: FaceDataModule, class_names: dict[str, list[str]]
 ) -> FaceClassifier:
     """The FaceClassifier of a run: loss class weights per attribute and, for a head predicting years, the
-    training split's age mean/std, both from the training rows."""
+    training split's age mean/std, both from the training rows; and the input normalisation the datamodule
+    resolved (kept in the checkpoint: `dataset` statistics need the train split to be estimated again)."""
     train_rows = datamodule.labels[datamodule.indices["train"]]
     train_rows = train_rows.reshape(len(train_rows), -1)
     weights: dict[str, list[float] | None] = {}
@@ -340,10 +341,13 @@ def build_module(
     if YEARS in target_columns(cfg.task):
         years = train_rows[:, -1][train_rows[:, -1] >= 0].astype(np.float64)
         age_stats = {"mean": float(years.mean()), "std": float(max(years.std(), 1.0))}
+    input_stats = None
+    if datamodule.mean is not None:
+        input_stats = {"mean": datamodule.mean.tolist(), "std": datamodule.std.tolist()}
     if is_multitask(cfg.task):
-        return FaceClassifier(resolved, class_names, weights, age_stats)
+        return FaceClassifier(resolved, class_names, weights, age_stats, input_stats)
     (attr,) = class_names
-    return FaceClassifier(resolved, class_names[attr], weights[attr], age_stats)
+    return FaceClassifier(resolved, class_names[attr], weights[attr], age_stats, input_stats)
 
 
 def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | None = None) -> dict[str, Any]:
