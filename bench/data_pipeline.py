@@ -68,7 +68,10 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip() or str(os.cpu_count())
+    # `nproc --all`: plain `nproc` honours OMP_NUM_THREADS, which the benches set per process
+    nproc = subprocess.run(["nproc", "--all"], capture_output=True, text=True).stdout.strip() or str(
+        len(os.sched_getaffinity(0))
+    )
     import albumentations
     import PIL
 

@@ -8,11 +8,13 @@ and one CPU thread each, on the same persisted split and image size:
                 epochs (its early stopping may end it sooner);
   agecls:       an Optuna study (agecls's own sweeper, TPE, median pruner) over optimizer, learning rate,
                 weight decay, scheduler, dropout and test-time flip, starting from the same recipe (same
-                architecture, so an epoch costs the same), of `(--budget - --retrain) // --epochs` trials
-                of at most `--epochs` epochs; with `--retrain R`, the best trial's configuration is then
-                trained once more for the epochs the study left (at least R), so both sides use at most
-                `--budget` epochs. The agecls model is the best on validation macro-F1 of the best trial
-                and the retrained run; nothing is chosen on test.
+                architecture, so an epoch costs the same; `--agecls-set` adds agecls's own starting
+                recipe on top, e.g. the levers that won on validation), of
+                `(--budget - --retrain) // --epochs` trials of at most `--epochs` epochs; with
+                `--retrain R`, the best trial's configuration is then trained once more for the epochs the
+                study left (at least R), so both sides use at most `--budget` epochs. The agecls model
+                is the best on validation macro-F1 of the best trial and the retrained run; nothing is
+                chosen on test.
 
 Each run (like every agecls run) scores its best checkpoint on test at its end; this script reads those
 test scores only for the two final models (the dissertation run and the study's best-on-val trial) and
@@ -153,6 +155,7 @@ def search(args, task: str, out: Path) -> dict:
     cmd += ["hydra/sweeper=agecls_optuna", f"optuna.study_name={name}", f"optuna.storage={storage}"]
     cmd += [f"optuna.n_trials={trials}", "optuna.n_jobs=1", "optuna.register_best=false"]
     cmd += [f"hydra.sweep.dir={out / task / 'study'}", *(f"{k}={v}" for k, v in SEARCH.items())]
+    cmd += args.agecls_set
     wall = _run(cmd, out / task / "study.log", _env(args.threads))
     side = read_study(task, out, wall)
     return retrain(args, task, out, side) if args.retrain else side
@@ -163,7 +166,7 @@ def retrain(args, task: str, out: Path, side: dict) -> dict:
     epochs = args.budget - side["epochs_trained"]
     run_dir = out / task / "retrain"
     cmd = [sys.executable, "-m", "agecls.train", *common(args, task)]
-    cmd += [f"{k}={v}" for k, v in side["best_params"].items()]
+    cmd += [*args.agecls_set, *(f"{k}={v}" for k, v in side["best_params"].items())]
     cmd += [f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True, exist_ok=True)
     wall = _run(cmd, out / task / "retrain.log", _env(args.threads))
@@ -237,7 +240,7 @@ def render(rep: dict) -> str:
         "",
         f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; torch {m['torch']}. Other "
         f"sessions' processes shared the cores (1-min load average at the start {rep['load_start']}); "
-        f"the script ran under `nice -n 10`.",
+        f"the script ran at niceness {rep.get('nice', 10)}.",
         f"- Data: {rep['data']} (train/val/test rows "
         f"{rep['sizes']['train']}/{rep['sizes']['val']}/{rep['sizes']['test']}); {a['size']} px greyscale. "
         f"An epoch here is {a['fraction']:g} of the training split "
@@ -246,7 +249,13 @@ def render(rep: dict) -> str:
         f"(`experiment=agecnn|gendercnn|ethnicitycnn`) trained once for up to {a['budget']} epochs. agecls: "
         f"an Optuna study (TPE, median pruner) of "
         f"{max(1, (a['budget'] - a.get('retrain', 0)) // a['epochs'])} trials of up to {a['epochs']} "
-        "epochs on the same recipe and architecture, searching "
+        "epochs on the same recipe and architecture"
+        + (
+            " plus " + ", ".join(f"`{o}`" for o in a["agecls_set"]) + " (agecls's starting recipe)"
+            if a.get("agecls_set")
+            else ""
+        )
+        + ", searching "
         + ", ".join(f"`{k}={v}`" for k, v in rep.get("search", SEARCH).items())
         + (
             f"; then the best trial's configuration trained once more for the epochs the study left of the "
@@ -323,6 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per run")
     parser.add_argument("--parallel", type=int, default=2, help="runs (or studies) at a time")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides for both sides")
+    parser.add_argument(
+        "--agecls-set",
+        nargs="*",
+        default=[],
+        help="overrides for the agecls side only (its starting recipe: levers kept because they won on "
+        "validation), applied to every trial and the retrain",
+    )
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="CI smoke: tiny synthetic data, 2+2 epochs")
     parser.add_argument("--out", type=Path, help="folder for runs, logs and the study (default outputs/)")
@@ -406,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f", 1 row in {args.stride} of each split of the persisted split {source}" if source else ""),
         "sizes": first["data_sizes"],
         "load_start": load_start,
+        "nice": os.nice(0),
         "n_boot": args.n_boot,
         "search": SEARCH,
         "tasks": tasks,
