@@ -160,7 +160,7 @@ def test_a_file_that_is_not_a_checkpoint_exits_1(tmp_path, capsys):
 def test_dataset_normalisation_is_recomputed_from_the_training_split(trained, tmp_path):
     from omegaconf import OmegaConf
 
-    from agecls.evaluate import EvalError, normalize_stats
+    from agecls.eval_score import EvalError, normalize_stats
 
     cfg = compose_train([*FAST_OVERRIDES, "data.normalize=dataset"])  # the data `trained` used
     run_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # as a checkpoint holds it
@@ -174,13 +174,14 @@ def test_dataset_normalisation_is_recomputed_from_the_training_split(trained, tm
 def test_a_missing_local_tracking_store_is_named_before_any_work(tmp_path):
     from omegaconf import OmegaConf
 
-    from agecls.evaluate import EvalError, _check_store
+    from agecls.eval_record import check_store
+    from agecls.eval_score import EvalError
 
     gone = f"sqlite:///{tmp_path}/moved/mlflow.db"
     with pytest.raises(EvalError, match=r"store .*moved/mlflow\.db is not there.*tracking\.enabled=false"):
-        _check_store(OmegaConf.create({"enabled": True, "tracking_uri": gone}))
-    _check_store(OmegaConf.create({"enabled": False, "tracking_uri": gone}))
-    _check_store(OmegaConf.create({"enabled": True, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
+        check_store(OmegaConf.create({"enabled": True, "tracking_uri": gone}))
+    check_store(OmegaConf.create({"enabled": False, "tracking_uri": gone}))
+    check_store(OmegaConf.create({"enabled": True, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}))
 
 
 def test_dataset_statistics_travel_in_the_checkpoint_and_outlive_the_training_data(output_dir, tmp_path):
@@ -194,7 +195,7 @@ def test_dataset_statistics_travel_in_the_checkpoint_and_outlive_the_training_da
 
     from agecls.data.cache import decode_image
     from agecls.data.prepare import prepare_data
-    from agecls.evaluate import EvalError, normalize_stats
+    from agecls.eval_score import EvalError, normalize_stats
     from agecls.predict import attribute_probs, load_model
     from agecls.train import build_datamodule
 

@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from agecls.cli_args import UsageError
-from agecls.evaluate import EvalError, _score_attributes
+from agecls.eval_score import EvalError, score_attributes
 
 RULES = ("argmax", "ordinal_median", "mean_years")
 
@@ -194,7 +194,7 @@ def report_block(
     from) beside the ensemble's macro_f1, and how each attribute was decided."""
     members = []
     for i, (path, got) in enumerate(zip(ckpts, per_member, strict=True)):
-        own = _score_attributes(got, module.class_names)
+        own = score_attributes(got, module.class_names)
         entry: dict[str, Any] = {"checkpoint": str(path.resolve())}
         entry.update(
             {k: own[module.objective][k] for k in ("macro_f1", "acc", "mae") if k in own[module.objective]}

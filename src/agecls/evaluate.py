@@ -9,14 +9,16 @@ The checkpoint alone defines the evaluation: its hyperparameters hold the traini
 (task, bins, class names, image size, colour mode, crop margin, normalisation), so the folder is decoded and
 scored exactly as that run's test split was. An ensemble's members must agree on all of that but the
 weights (`agecls.ensemble`). Arguments are Hydra-style `key=value` overrides of EVAL_DEFAULTS.
+
+This module is the command: its keys, decoding the folder and assembling the report. Which checkpoints
+are scored and how (loading, normalisation, predictions, per-attribute scores) is `agecls.eval_score`; what
+is written (the JSON file, the MLflow run) is `agecls.eval_record`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import os
 import sys
 import tempfile
 import time
@@ -27,6 +29,15 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, flat_keys, help_exit, require
+from agecls.eval_record import (
+    check_store,
+    run_metrics,
+    run_params,
+    run_tags,
+    tracking_config,
+    write_atomic,
+)
+from agecls.eval_score import EvalError, load_checkpoint, member_checkpoints, score_checkpoints
 
 PROG = "agecls-eval"
 
@@ -98,10 +109,6 @@ exit codes: 0 done, 1 the folder or checkpoint cannot be evaluated, 2 bad or mis
 """
 
 
-class EvalError(ValueError):
-    """The checkpoint or the folder cannot be evaluated (exit code 1)."""
-
-
 VALID_KEYS = flat_keys(EVAL_DEFAULTS)
 
 
@@ -133,120 +140,6 @@ def default_paths() -> DictConfig:
     return OmegaConf.create({"paths": OmegaConf.load(CONFIG_DIR / "paths" / "default.yaml")}).paths
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _finite(value: float) -> float | None:
-    return float(value) if math.isfinite(float(value)) else None
-
-
-def normalize_stats(run_cfg: DictConfig, images, rows, stored=None) -> tuple[Any, Any] | None:
-    """(mean, std) the checkpoint's run normalised with, or None for data.normalize=none.
-
-    `stored` is the checkpoint's `input_stats` (FaceClassifier): what the datamodule resolved, used as is.
-    Checkpoints saved before it was kept have None there; their `dataset` statistics are recomputed from
-    the training run's own train split (its persisted manifest and cached images, as recorded in the
-    checkpoint's config), which fails with EvalError when that data is gone."""
-    import numpy as np
-
-    from agecls.data.augment import resolve_normalize
-
-    if stored is not None:
-        return np.asarray(stored["mean"], np.float32), np.asarray(stored["std"], np.float32)
-    spec = run_cfg.data.get("normalize", "none")
-    if spec != "dataset":
-        return resolve_normalize(spec, images, rows)
-    from agecls.data.prepare import data_lock, resolve_manifest
-
-    try:
-        with data_lock(run_cfg.paths.data_dir):
-            manifest = resolve_manifest(run_cfg.data, run_cfg.paths)
-        from agecls.data.cache import build_cache
-
-        train_images = build_cache(
-            [manifest.root / p for p in manifest.df["path"]],
-            run_cfg.paths.cache_dir,
-            key=manifest.hash,
-            size=int(run_cfg.data.image_size) + int(run_cfg.data.get("crop_margin") or 0),
-            grayscale=bool(run_cfg.data.grayscale),
-        )
-    except (ValueError, OSError) as exc:
-        raise EvalError(
-            "the checkpoint was trained with data.normalize=dataset, whose mean/std come from its train "
-            f"split, and that split cannot be read again ({exc})"
-        ) from None
-    train_rows = np.flatnonzero(manifest.df["split"].to_numpy() == "train")
-    return resolve_normalize("dataset", train_images, train_rows)
-
-
-def _find_training_run(tracking: DictConfig, ckpt: Path) -> str | None:
-    """The MLflow run that wrote `ckpt` (tag run_dir = the checkpoint's run folder), if it can be found."""
-    import mlflow
-
-    try:
-        mlflow.set_tracking_uri(tracking.tracking_uri)
-        experiment = mlflow.get_experiment_by_name(str(tracking.experiment))
-        if experiment is None:
-            return None
-        run_dir = str(ckpt.resolve().parent.parent).replace("'", "\\'")
-        found = mlflow.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.run_dir = '{run_dir}'",
-            max_results=1,
-            output_format="list",
-        )
-    except Exception:  # an unreachable or foreign store only loses the link, not the evaluation
-        return None
-    return found[0].info.run_id if found else None
-
-
-def member_checkpoints(cfg: DictConfig) -> tuple[list[Path], dict[str, Any] | None, list[Any]]:
-    """The checkpoint files to score: `ckpt` (one path or a list), or the best `ensemble.top_k` trials of
-    `ensemble.study`; with, for a study, its description and the picked trials (`ensemble.StudyMember`)."""
-    if cfg.ensemble.study not in (None, ""):
-        from agecls.ensemble import study_members
-
-        storage = str(cfg.ensemble.storage or default_storage())
-        picked = study_members(storage, str(cfg.ensemble.study), int(cfg.ensemble.top_k))
-        study = {"name": str(cfg.ensemble.study), "storage": storage, "top_k": int(cfg.ensemble.top_k)}
-        return [m.checkpoint for m in picked], study, picked
-    given = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig) else [cfg.ckpt]
-    paths = [Path(str(c)).expanduser() for c in given]
-    for path in paths:
-        if not path.is_file():
-            raise UsageError(f"ckpt={path}: no such checkpoint file")
-    return paths, None, []
-
-
-def default_storage() -> str:
-    """optuna.storage as agecls-train composes it (AGECLS_OUTPUT_DIR or the default outputs/)."""
-    from agecls.report import default_tracking
-
-    return default_tracking()[2]
-
-
-def _load(path: Path):
-    from agecls.module import FaceClassifier
-
-    try:
-        return FaceClassifier.load_from_checkpoint(path, map_location="cpu")
-    except Exception as exc:
-        raise EvalError(
-            f"ckpt={path}: not a loadable agecls checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate `cfg.ckpt` (or the ensemble of checkpoints it lists or `cfg.ensemble` names) on every
     labelled image of `cfg.data.root` (a parse_args config); return the report, also written to eval.out
@@ -267,7 +160,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from agecls.metrics import plot_confusion
     from agecls.tracking import recording
 
-    modules = [_load(path) for path in ckpts]
+    modules = [load_checkpoint(path) for path in ckpts]
     if cfg.eval.get("tta") is not None:
         for m in modules:
             try:
@@ -284,8 +177,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     size = int(run_cfg.data.image_size) + int(run_cfg.data.get("crop_margin") or 0)
     grayscale = bool(run_cfg.data.grayscale)
     paths = default_paths()
-    tracking = _tracking_config(run_cfg, cfg, paths)
-    _check_store(tracking)
+    tracking = tracking_config(run_cfg, cfg, paths)
+    check_store(tracking)
 
     scan = scan_folder(folder, check_images=bool(cfg.eval.check_images))
     records = scan.records
@@ -307,7 +200,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         grayscale=grayscale,
     )
     transforms = build_augment(OmegaConf.create({"name": "none", "train": []}), data=run_cfg.data)
-    scored, ensemble = _score(cfg, modules, ckpts, (images, rows, labels, columns), transforms, study, picked)
+    scored, ensemble = score_checkpoints(
+        cfg, modules, ckpts, (images, rows, labels, columns), transforms, study, picked
+    )
     headline = scored[module.objective]
     report = headline.pop("report")
     class_names = headline["class_names"]
@@ -338,7 +233,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if ensemble is not None:
         result["ensemble"] = ensemble
 
-    tags = _run_tags(result, modules, ckpts, study, picked)
+    tags = run_tags(result, modules, ckpts, study, picked)
     default_name = (
         f"eval {folder.name}" if ensemble is None else f"eval ensemble of {len(ckpts)} {folder.name}"
     )
@@ -348,184 +243,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result["seconds"] = round(time.perf_counter() - started, 2)
         text = json.dumps(result, indent=2) + "\n"
         if cfg.eval.out:
-            _write_atomic(Path(str(cfg.eval.out)).expanduser(), text)
+            write_atomic(Path(str(cfg.eval.out)).expanduser(), text)
         if rec.enabled:
-            rec.params(_run_params(result, cfg, study))
-            rec.metrics(_run_metrics(result))
+            rec.params(run_params(result, cfg, study))
+            rec.metrics(run_metrics(result))
             report_file = Path(tmp) / "eval.json"
             report_file.write_text(text)
             rec.artifact(report_file, "evaluation")
             png = plot_confusion(report.confmat, class_names, Path(tmp) / "confusion_eval.png", folder.name)
             rec.artifact(png, "evaluation")
     return result
-
-
-def _score(cfg, modules, ckpts, data, transforms, study, picked) -> tuple[dict[str, dict], dict | None]:
-    """`_score_attributes` of the checkpoint's (or the ensemble's) predictions on `data` (decoded images,
-    labelled rows, targets, their columns), and the report's `ensemble` block (None for one checkpoint)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from agecls.data.datamodule import FaceDataset
-
-    images, rows, labels, columns = data
-    device = str(cfg.eval.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    module = modules[0]
-    if len(modules) == 1 and study is None:  # a study's best trial alone still reports its ensemble block
-        stats = normalize_stats(module.cfg, images, rows, module.input_stats)
-        mean, std = stats if stats is not None else (None, None)
-        loader = DataLoader(
-            FaceDataset(images, rows, labels, transforms.eval, mean, std),
-            batch_size=int(cfg.eval.batch_size),
-            num_workers=int(cfg.eval.num_workers),
-        )
-        module.to(device)
-        return _score_attributes(module.collect(loader), module.class_names), None
-    from agecls.ensemble import Member, collect, report_block
-
-    members = []  # one un-normalised loader; each member normalises its batches as its own run did
-    for path, member in zip(ckpts, modules, strict=True):
-        stats = normalize_stats(member.cfg, images, rows, member.input_stats)
-        mean, std = (
-            (torch.as_tensor(s, dtype=torch.float32).view(1, -1, 1, 1).to(device) for s in stats)
-            if stats is not None
-            else (None, None)
-        )
-        members.append(Member(path, member.to(device), mean, std))
-    loader = DataLoader(
-        FaceDataset(images, rows, labels, transforms.eval),
-        batch_size=int(cfg.eval.batch_size),
-        num_workers=int(cfg.eval.num_workers),
-    )
-    predicted, per_member, rules = collect(members, loader, columns, device)
-    scored = _score_attributes(predicted, module.class_names)
-    return scored, report_block(ckpts, per_member, module, rules, scored, study, picked)
-
-
-def _run_tags(result: dict, modules, ckpts: list[Path], study: dict | None, picked: list) -> dict[str, str]:
-    """The eval run's tags: its checkpoint (or members) and the training run(s) that wrote them."""
-    tags = {"agecls.kind": "eval", "task": result["task"]}
-    if "ensemble" not in result:
-        tags["eval.checkpoint"] = result["checkpoint"]
-        train_run = _training_run(modules[0], ckpts[0])
-        if train_run:
-            tags["train_run_id"] = train_run
-        return tags
-    tags["eval.members"] = "\n".join(result["checkpoint"])[:8000]
-    train_runs = [m.mlflow_run_id for m in picked] or [
-        _training_run(m, p) for m, p in zip(modules, ckpts, strict=True)
-    ]
-    if any(train_runs):
-        tags["train_run_ids"] = ",".join(r or "" for r in train_runs)
-    if study is not None:
-        tags["optuna.study"] = study["name"]
-    return tags
-
-
-def _run_params(result: dict, cfg: DictConfig, study: dict | None) -> dict[str, Any]:
-    ensemble = result.get("ensemble")
-    params = {
-        "ckpt": result["checkpoint"] if ensemble is None else ",".join(result["checkpoint"]),
-        "folder": result["folder"],
-        "task": result["task"],
-        "image_size": result["image_size"],
-        "grayscale": result["grayscale"],
-        "n_images": result["n_images"],
-        "check_images": bool(cfg.eval.check_images),
-        "tta": result["tta"],
-    }
-    if ensemble is not None:
-        params["ensemble.n_members"] = ensemble["n_members"]
-        params["ensemble.decision"] = ",".join(f"{a}:{r}" for a, r in ensemble["decision"].items())
-        if study is not None:
-            params.update({f"ensemble.{k}": v for k, v in study.items()})
-    return params
-
-
-def _run_metrics(result: dict) -> dict[str, float]:
-    metrics = {
-        "eval/macro_f1": result["macro_f1"],
-        "eval/acc": result["acc"],
-        "eval/n_images": result["n_images"],
-        "eval/n_rejected": result["n_rejected"],
-        "eval/n_unlabelled": result["n_unlabelled"],
-    }
-    if "mae" in result:
-        metrics["eval/mae"] = result["mae"]
-    for attr, d in result.get("attributes", {}).items():
-        metrics.update({f"eval/{attr}/{k}": d[k] for k in ("macro_f1", "acc", "mae") if k in d})
-    metrics.update({f"eval/f1_{r['class']}": r["f1"] for r in result["per_class"] if r["f1"] is not None})
-    ensemble = result.get("ensemble")
-    if ensemble is not None:
-        metrics.update({f"eval/member{i}/macro_f1": m["macro_f1"] for i, m in enumerate(ensemble["members"])})
-        metrics["eval/best_member_macro_f1"] = ensemble["best_member_macro_f1"]
-        metrics["eval/gain_over_best_member"] = ensemble["gain_over_best_member"]
-    return metrics
-
-
-def _training_run(module, ckpt: Path) -> str | None:
-    recorded = module.cfg.get("tracking") or {}
-    if recorded.get("enabled") and "tracking_uri" in recorded:
-        return _find_training_run(recorded, ckpt)
-    return None
-
-
-def _score_attributes(predicted: dict[str, dict], class_names: dict[str, list[str]]) -> dict[str, dict]:
-    """{attribute: macro_f1, acc, per_class, confusion_matrix, class_names, n_images (faces with the
-    attribute), mae (heads predicting years), report (its StageReport)} of FaceClassifier.collect output."""
-    from agecls.metrics import stage_report
-
-    scored: dict[str, dict] = {}
-    for attr, got in predicted.items():
-        known = got["labels"] >= 0
-        report = stage_report(got["preds"][known], got["labels"][known], class_names[attr])
-        scored[attr] = {
-            "class_names": class_names[attr],
-            "n_images": int(known.sum()),
-            "macro_f1": report.metrics["macro_f1"],
-            "acc": report.metrics["acc"],
-            "per_class": [
-                {
-                    "class": str(r["class"]),
-                    **{k: _finite(r[k]) for k in ("precision", "recall", "f1")},
-                    "support": int(r["support"]),
-                }
-                for _, r in report.table.iterrows()
-            ],
-            "confusion_matrix": report.confmat.astype(int).tolist(),  # rows true, columns predicted
-            "report": report,
-        }
-        if "years" in got:
-            scored[attr]["mae"] = float((got["years"][known] - got["true_years"][known]).abs().mean())
-    return scored
-
-
-def _check_store(tracking: DictConfig) -> None:
-    """EvalError before any work when a local sqlite tracking store's folder is gone (e.g. a moved run)."""
-    uri, prefix = str(tracking.tracking_uri), "sqlite:///"
-    if tracking.enabled and uri.startswith(prefix) and not Path(uri[len(prefix) :]).parent.is_dir():
-        raise EvalError(
-            f"the checkpoint's MLflow store {uri} is not there (its folder is missing); "
-            "set tracking.tracking_uri=URI, or tracking.enabled=false"
-        )
-
-
-def _tracking_config(run_cfg: DictConfig, cfg: DictConfig, paths: DictConfig) -> DictConfig:
-    """The checkpoint's tracking config, experiment + '-eval', with the command's tracking.* over it."""
-    base = {
-        "enabled": True,
-        "tracking_uri": f"sqlite:///{paths.output_dir}/mlflow.db",
-        "artifact_root": f"{paths.output_dir}/mlartifacts",
-        "experiment": "agecls",
-    }
-    recorded = OmegaConf.to_container(run_cfg.get("tracking") or {}, resolve=True)
-    tracking = {**base, **{k: v for k, v in recorded.items() if k in base}}
-    tracking["experiment"] = f"{tracking['experiment']}-eval"
-    given = {k: v for k, v in OmegaConf.to_container(cfg.tracking).items() if v is not None}
-    tracking.update(given)
-    return OmegaConf.create(tracking)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -366,7 +366,7 @@ def load_model(path: Path, device: str = "cpu") -> Model:
     """A checkpoint loaded for prediction (its normalisation resolved as agecls-eval does)."""
     import torch
 
-    from agecls.evaluate import normalize_stats
+    from agecls.eval_score import normalize_stats
     from agecls.module import FaceClassifier
 
     try:
