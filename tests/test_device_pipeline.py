@@ -3,6 +3,7 @@ augmentation translated from albumentations), `trainer.channels_last` and `train
 
 from __future__ import annotations
 
+import gc
 import math
 
 import albumentations as A
@@ -14,6 +15,7 @@ from tests.conftest import FAST_OVERRIDES
 from agecls.data.augment import build_augment
 from agecls.data.datamodule import DeviceBatches, FaceDataModule
 from agecls.data.device_augment import translate_pipeline
+from agecls.data.staged import _STAGED, StagedCache, staged_copies
 from agecls.module import FaceClassifier
 from agecls.train import train
 
@@ -320,3 +322,65 @@ def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
     assert resolve_auto(explicit) == {} and explicit.data.pipeline == "loader"
     with pytest.raises(ValueError, match=r"trainer\.channels_last='yes'; valid: true, false, auto"):
         resolve_auto(compose_cfg(["trainer.channels_last=yes"]))
+
+
+def test_staged_caches_over_one_cache_file_share_one_copy_until_none_holds_it(tmp_path):
+    """A hierarchy's stages each open the cache file (np.load) and build their own datamodule: the device
+    copy is made once and freed with its last holder; other data (slices, other files, arrays) never
+    shares it."""
+    images = np.random.default_rng(0).integers(0, 255, (6, 4, 4, 1), dtype=np.uint8)
+    np.save(tmp_path / "cache.npy", images)
+    first, second = (np.load(tmp_path / "cache.npy", mmap_mode="r") for _ in range(2))
+    assert first is not second
+    gc.collect()
+    before = staged_copies()  # copies other tests' datamodules may still hold
+    cpu = torch.device("cpu")
+    a, b = StagedCache(first), StagedCache(second)
+    assert a.on(cpu) is b.on(cpu), "two opens of one file: one staged tensor"
+    assert torch.equal(a.on(cpu), torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert staged_copies() == before + 1
+
+    np.save(tmp_path / "other.npy", images)  # same bytes, another file
+    others = [
+        StagedCache(first[:3]),
+        StagedCache(first[3:]),  # same shape as first[:3], other rows
+        StagedCache(first[::2]),
+        StagedCache(np.load(tmp_path / "other.npy", mmap_mode="r")),
+        StagedCache(images),
+        StagedCache(images.copy()),
+    ]
+    tensors = [cache.on(cpu) for cache in others]
+    assert len({id(t) for t in [a.on(cpu), *tensors]}) == 7, "different data never shares"
+    assert torch.equal(tensors[1], torch.from_numpy(images[3:]).permute(0, 3, 1, 2))
+    assert StagedCache(images).on(cpu) is tensors[4], "a plain array shares with itself only"
+    assert staged_copies() == before + 7
+
+    key = (a.key, "cpu")
+    del tensors, others
+    gc.collect()
+    assert staged_copies() == before + 1
+    del a
+    gc.collect()
+    assert key in _STAGED, "still held by the second cache"
+    del b
+    gc.collect()
+    assert key not in _STAGED and staged_copies() == before, "freed with its last holder"
+
+
+def test_datamodules_of_one_process_stage_the_cache_once(tmp_path):
+    images = np.random.default_rng(1).integers(0, 255, (30, 8, 8, 1), dtype=np.uint8)
+    np.save(tmp_path / "cache.npy", images)
+    labels = np.arange(30) % 3
+    split = np.array(["train", "val", "test"] * 10)
+
+    def datamodule() -> FaceDataModule:
+        opened = np.load(tmp_path / "cache.npy", mmap_mode="r")
+        return FaceDataModule(opened, labels, split, 3, batch_size=4, pipeline="device")
+
+    gc.collect()
+    before = staged_copies()
+    router, expert = datamodule(), datamodule()
+    next(iter(router.train_dataloader()))
+    next(iter(expert.val_dataloader()))
+    assert router.cache.on(router.device) is expert.cache.on(expert.device)
+    assert staged_copies() == before + 1

@@ -2,7 +2,8 @@
 
 Two pipelines build the same batches (`data.pipeline`): `loader`, the reference, runs the albumentations
 transforms per image in DataLoader workers on the CPU; `device` copies the decoded cache to the accelerator
-once and assembles every batch there (`DeviceBatches`: index, per-sample augmentation translated by
+once per process (`StagedCache`, agecls.data.staged: datamodules over the same cache share the copy) and
+assembles every batch there (`DeviceBatches`: index, per-sample augmentation translated by
 agecls.data.device_augment, centre crop, normalise), so a GPU is not left waiting on CPU augmentation."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_wor
 
 from agecls.data.augment import Transforms, check_normalize_spec, resolve_normalize, seed_transform
 from agecls.data.device_augment import DeviceAugment, translate_pipeline
+from agecls.data.staged import StagedCache
 from agecls.tasks.classification import sample_weights
 
 SPLITS = ("train", "val", "test")
@@ -75,22 +77,6 @@ class FaceDataset(Dataset):
         if self.mean is not None:
             x.sub_(self.mean).div_(self.std)
         return x, torch.as_tensor(self.labels[row], dtype=torch.long)
-
-
-class StagedCache:
-    """The decoded (N, H, W, C) uint8 cache as one (N, C, H, W) uint8 tensor on a device, copied there on
-    first use (and again only if the device changes)."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = images
-        self._tensor: torch.Tensor | None = None
-
-    def on(self, device: torch.device) -> torch.Tensor:
-        if self._tensor is None or self._tensor.device != device:
-            self._tensor = None  # free the old copy before making the new one
-            host = torch.from_numpy(np.array(self.images)).permute(0, 3, 1, 2)  # one writable copy
-            self._tensor = host.contiguous().to(device)
-        return self._tensor
 
 
 class DeviceBatches:
@@ -177,7 +163,8 @@ class FaceDataModule(L.LightningDataModule):
     DataLoader worker from the loader's seeded generator.
 
     `pipeline="device"` serves `DeviceBatches` instead of DataLoaders: the cache is staged on the device the
-    trainer runs on (else `device`, default CPU), the train pipeline is translated to per-sample torch
+    trainer runs on (else `device`, default CPU; one copy shared by every datamodule of the process over
+    the same cache, see agecls.data.staged), the train pipeline is translated to per-sample torch
     operations (a ValueError names a step that has no device version), and `num_workers` is not used.
     `image_size` is the side the model sees (default: the cache's; larger caches are centre-cropped, as
     the eval transform does). `channels_last` hands the model channels-last batches on either pipeline."""
