@@ -204,8 +204,9 @@ class LoadSampler:
         return {"mean": round(float(np.mean(s)), 2), "max": round(max(s), 2), "samples": len(s)}
 
 
-def data_share(images, labels, transform, workers: int, model_args: dict, size: int, steps: int, warmup: int):
-    """Train `steps` batches (after `warmup`) and split each step into waiting for the batch and computing."""
+def data_share(images, labels, transform, workers, model_args: dict, size: int, steps: int, warmup: int):
+    """Train `steps` batches (after `warmup`) and split each step into waiting for the batch and computing.
+    `workers`: DataLoader workers, or "device" for the data.pipeline=device batches (no DataLoader)."""
     from agecls.models import create_model
 
     torch.manual_seed(0)
@@ -213,7 +214,10 @@ def data_share(images, labels, transform, workers: int, model_args: dict, size: 
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
-    dl = loader(images, labels, transform, workers, batch_size=64)
+    if workers == "device":
+        dl = device_batches(images, labels, transform, size, batch_size=64)
+    else:
+        dl = loader(images, labels, transform, workers, batch_size=64)
     wait = compute = 0.0
     done = 0
     it = iter(dl)
@@ -312,7 +316,9 @@ def render(res: dict) -> str:
         *_rate_rows(res["no_augment"]),
         "",
         "Training the basic CNN from the cache loader (plain PyTorch loop: Adam, cross-entropy, batches of "
-        f"64, {a['warmup']} warm-up steps, then the timed steps in the table). "
+        f"64, {a['warmup']} warm-up steps, then the timed steps in the table); workers `device`: from the "
+        "device pipeline's batches instead (the cache as one tensor, augmented per sample by torch, in the "
+        "training process; here on the CPU). "
         "Data time = time blocked in `next(loader)`; step time = that + forward + backward + optimizer step.",
         "",
         "| model | workers | timed steps | step, ms | waiting for data, ms | data share of step time "
@@ -321,7 +327,8 @@ def render(res: dict) -> str:
     ]
     for r in res["training"]:
         lines.append(
-            f"| {r['model']} | {r['workers']} | {r['steps']} | {r['step_ms']:.0f} | {r['wait_ms']:.1f} | "
+            f"| {r['model']} | {'device pipeline' if r['workers'] == 'device' else r['workers']} "
+            f"| {r['steps']} | {r['step_ms']:.0f} | {r['wait_ms']:.1f} | "
             f"{100 * r['data_share']:.1f}% | {r['train_images_per_s']:.0f} |"
         )
     t = res["targets"]
@@ -375,7 +382,8 @@ def verdicts(res: dict) -> dict:
         )
 
     def label(r: dict) -> str:
-        return f"{r['model'].split(' ')[0]} model, {r['workers']} workers ({100 * r['data_share']:.1f}%)"
+        how = "device pipeline" if r["workers"] == "device" else f"{r['workers']} workers"
+        return f"{r['model'].split(' ')[0]} model, {how} ({100 * r['data_share']:.1f}%)"
 
     ok = [label(r) for r in res["training"] if r["data_share"] < 0.05]
     bad = [label(r) for r in res["training"] if r["data_share"] >= 0.05]
@@ -449,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
 
     training = []
     for name, (model_args, steps) in MODELS.items():
-        for w in args.train_workers:
+        for w in [*args.train_workers, *([] if args.no_device else ["device"])]:
             steps = args.steps or steps
             r = data_share(cached, labels, transform, w, model_args, args.size, steps, args.warmup)
             training.append({"model": name, **r})
