@@ -5,6 +5,7 @@ run against stand-in Slurm commands, tests/fake_slurm.py: no real Slurm here) an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -12,14 +13,17 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import optuna
 import pytest
 from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 from tests import fake_slurm
 from tests.conftest import FAST_OVERRIDES
+from tests.test_sweeper import _start_training_sweep
 
 from agecls.config import CONFIG_DIR
 from agecls.sweeper import (
@@ -236,3 +240,88 @@ def test_study_as_slurm_jobs_on_stand_in_slurm_commands(tmp_path):
         assert "#SBATCH --partition=gpu" in text and "#SBATCH --gpus-per-task=1" in text
         assert "#SBATCH --job-name=sl-trial-000" in text
     assert sorted(p.read_text().strip() for p in state.glob("*.rc")) == ["0", "0"]
+
+
+class _StopFit(L.Callback):
+    """Stops a fit at its first batch the way an interruption reaches it."""
+
+    def __init__(self, raise_: type[BaseException]) -> None:
+        self.raise_ = raise_
+
+    def on_train_batch_start(self, *args) -> None:
+        raise self.raise_()
+
+
+@pytest.mark.parametrize(
+    ("stop", "status"),
+    [(KeyboardInterrupt, "KILLED"), (SIGTERMException, "KILLED"), (RuntimeError, "FAILED")],
+    ids=["ctrl-c", "sigterm", "crash"],
+)
+def test_an_interrupted_fit_ends_its_run_killed_and_a_crash_failed(tmp_path, stop, status):
+    """A cancelled trial job (submitit's local cancel is SIGINT, scancel and the job wrapper pass SIGTERM)
+    stops the trial's fit; Lightning turns Ctrl-C into sys.exit(1) and SIGTERM into SIGTERMException, both
+    SystemExit, which the run used to record as FAILED like a crash, on every launcher."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from agecls.tracking import recording
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = OmegaConf.create(
+        {"enabled": True, "tracking_uri": uri, "experiment": "t", "artifact_root": str(tmp_path / "art")}
+    )
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[_StopFit(stop)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    previous = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C after the first one
+    try:
+        with pytest.raises(BaseException) as raised, recording(tracking) as rec:
+            trainer.fit(BoringModel())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert isinstance(raised.value, SystemExit if stop is KeyboardInterrupt else stop)
+    assert mlflow.MlflowClient(tracking_uri=uri).get_run(rec.run_id).info.status == status
+
+
+def _session_processes(session: int) -> dict[int, str]:
+    """pid -> command line of the processes of one session (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == session:
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return found
+
+
+# heavy: about a minute of subprocess sweep each; the fit-level test above runs by default.
+@pytest.mark.heavy
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_a_trial_cancelled_from_outside_is_failed_requeued_and_its_run_killed(tmp_path, launcher):
+    """A trial stopped from outside the sweeper (a local trial process sent Ctrl-C; a submitit job cancelled
+    as submitit's LocalJob.cancel does, SIGINT to the job's controller): the study fails and re-queues it,
+    and its MLflow run ends KILLED, the same on both launchers."""
+    out = tmp_path / "out"
+    args = ["sweep=optuna_optimizers", "optuna.study_name=x", "optuna.n_trials=1", "optuna/pruner=none"]
+    args += ["optuna.max_failures=0", f"hydra/launcher={launcher}"]  # stop after the cancelled trial
+    proc = _start_training_sweep(tmp_path, out, args)
+    running = _session_processes(proc.pid)
+    if launcher == "basic":
+        target = [pid for pid, cmd in running.items() if "optuna.trial=0" in cmd]
+    else:
+        target = [pid for pid, cmd in running.items() if "submitit.local._local" in cmd]
+    assert len(target) == 1, running
+    os.kill(target[0], signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "optuna.max_failures=0" in err.decode(), err.decode()[-3000:]
+    study = optuna.load_study(study_name="x", storage=f"sqlite:///{out}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert study.trials[1].system_attrs["failed_trial"] == 0, "re-queued with the cancelled trial's params"
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("optuna_optimizers").experiment_id])
+    (trial_run,) = [r for r in runs if r.data.tags.get("optuna.trial") == "0"]
+    assert trial_run.info.status == "KILLED"

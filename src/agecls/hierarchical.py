@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from agecls.config import CONFIG_DIR
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
-from agecls.tracking import Recorder
+from agecls.tracking import Recorder, interrupted
 
 log = logging.getLogger("agecls.hierarchical")
 
@@ -204,8 +204,8 @@ def run_hierarchy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         rec = _ClientRecorder(client, parent)
         combined = evaluate_routing(cfg, stages, results, run_dir, rec)
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except BaseException as exc:
+        status = "KILLED" if interrupted(exc) else "FAILED"  # Ctrl-C in a stage's fit is a SystemExit
         raise
     finally:
         if client is not None and status != "FINISHED":

@@ -152,11 +152,23 @@ class Recorder:
             _mlflow().log_artifact(str(path), artifact_path=folder)
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether a run ended because it was stopped from outside (Ctrl-C, a cancelled job) rather than failed.
+
+    Lightning's fit turns Ctrl-C into `sys.exit(1)` raised while handling the KeyboardInterrupt, and SIGTERM
+    (what Slurm's scancel and the trial job wrapper pass on) into SIGTERMException, a SystemExit: without
+    looking for these, an interrupted trial's run ended FAILED like a crash, on every launcher."""
+    if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "SIGTERMException":
+        return True
+    return isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt)
+
+
 @contextmanager
 def recording(
     tracking: DictConfig, run_name: str | None = None, tags: dict | None = None
 ) -> Iterator[Recorder]:
-    """One MLflow run around a training job: FAILED on an exception, KILLED on Ctrl-C, else FINISHED."""
+    """One MLflow run around a training job: FAILED on an exception, KILLED when interrupted (Ctrl-C,
+    SIGTERM, a cancelled trial job: see `interrupted`), else FINISHED."""
     if not tracking.enabled:
         yield Recorder(enabled=False)
         return
@@ -168,9 +180,6 @@ def recording(
     recorder.run_id = run.info.run_id
     try:
         yield recorder
-    except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
-        raise
     except Exception as exc:
         if type(exc).__name__ != "TrialPruned":
             mlflow.end_run("FAILED")
@@ -179,8 +188,8 @@ def recording(
         mlflow.set_tag("trial_state", "PRUNED")
         mlflow.end_run("KILLED")
         raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as exc:
+        mlflow.end_run("KILLED" if interrupted(exc) else "FAILED")
         raise
     mlflow.end_run("FINISHED")
 
