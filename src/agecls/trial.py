@@ -3,9 +3,12 @@ and tells the study its outcome. The sweeper (agecls.sweeper) only asks for tria
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,28 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 log = logging.getLogger("agecls.trial")
+
+
+@contextmanager
+def sqlite_lock(url: str) -> Iterator[None]:
+    """For a `sqlite:///PATH` storage: make PATH's folder and hold an exclusive lock on PATH.lock meanwhile.
+
+    The first RDBStorage on a new database creates its tables and stamps the schema version; two processes
+    doing that at once (two sweeps started together on one fresh file, as `bench/quality.py --parallel 2`
+    does) make the second fail with `UNIQUE constraint failed: alembic_version.version_num`. Opening the
+    storage under this lock makes the second process find the finished schema. Other URLs (PostgreSQL,
+    MySQL) pass through: create their database once before starting parallel sweeps."""
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(url[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def open_study(
@@ -38,14 +63,15 @@ def open_study(
     )
 
     url = str(optuna_cfg.storage)
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    storage = RDBStorage(
-        url,
-        heartbeat_interval=int(optuna_cfg.heartbeat_interval),
-        grace_period=int(optuna_cfg.grace_period),
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=int(optuna_cfg.retries)),
-    )
+    with sqlite_lock(url):
+        storage = RDBStorage(
+            url,
+            heartbeat_interval=int(optuna_cfg.heartbeat_interval),
+            grace_period=int(optuna_cfg.grace_period),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                max_retry=int(optuna_cfg.retries)
+            ),
+        )
     kwargs: dict[str, Any] = {"pruner": instantiate(optuna_cfg.pruner)}
     if with_sampler:
         seed = {} if sampler_seed is None else {"seed": sampler_seed}
