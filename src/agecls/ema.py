@@ -6,7 +6,9 @@ them in `state_dict` and the live weights under `current_model_state`, so a resu
 What agecls adds is the update rule: with `warmup`, the decay after n updates is min(decay, (1+n)/(10+n))
 (as timm's ModelEmaV2 and TF's ExponentialMovingAverage with num_updates), so in the short runs of a sweep
 the average is not dominated by the first, random, weights. The rule is computed on the device from the
-AveragedModel's own update counter (no host read, and right after a resume).
+AveragedModel's own update counter (no host read of ours, and right after a resume; torch's
+`AveragedModel.update_parameters` itself still compares its counter with 0 on the host, one small
+synchronisation per step on a GPU).
 
 Because validation sees the averaged weights, everything chosen on validation (the best checkpoint, early
 stopping, the sweeper's pruning and objective) is about the averaged model, and that is the model tested and
