@@ -45,9 +45,15 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "utkface"
 
 
-def markers(size: int) -> tuple[str, str]:
-    """The BENCHMARKS.md markers of the section for one image size (each size keeps its own section)."""
-    return f"<!-- quality-{size}px:begin -->", f"<!-- quality-{size}px:end -->"
+def section_name(size: int, recipe: bool = False) -> str:
+    """Each image size and protocol keeps its own section and results file (quality-32px[-recipe])."""
+    return f"quality-{size}px" + ("-recipe" if recipe else "")
+
+
+def markers(size: int, recipe: bool = False) -> tuple[str, str]:
+    """The BENCHMARKS.md markers of one section."""
+    name = section_name(size, recipe)
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
 
 
 EXPERIMENTS = {"age": "agecnn", "gender": "gendercnn", "ethnicity": "ethnicitycnn"}
@@ -140,6 +146,31 @@ def read_dissertation(task: str, out: Path, wall: float = float("nan")) -> dict:
     return {"side": "dissertation", "wall_s": wall, "results": res, "epochs_trained": res["epochs_trained"]}
 
 
+def recipe(args, task: str, out: Path) -> dict:
+    """`--no-search`: the agecls side is the dissertation's recipe plus `--agecls-set` (levers chosen on
+    validation beforehand), trained once for the whole budget."""
+    run_dir = out / task / "recipe"
+    cmd = [sys.executable, "-m", "agecls.train", *common(args, task), *args.agecls_set]
+    cmd += [f"trainer.max_epochs={args.budget}", f"hydra.run.dir={run_dir}"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    wall = _run(cmd, out / task / "recipe.log", _env(args.threads))
+    return read_recipe(task, out, wall)
+
+
+def read_recipe(task: str, out: Path, wall: float = float("nan")) -> dict:
+    res = json.loads((out / task / "recipe" / "results.json").read_text())
+    return {
+        "side": "agecls",
+        "wall_s": wall,
+        "results": res,
+        "epochs_trained": res["epochs_trained"],
+        "trials": 0,
+        "pruned": 0,
+        "best_params": {},
+        "trial_vals": [],
+    }
+
+
 def search(args, task: str, out: Path) -> dict:
     trials = max(1, (args.budget - args.retrain) // args.epochs)
     name = f"quality-{task}-{out.name}"
@@ -226,27 +257,10 @@ def with_ci(side: dict, n: int) -> dict:
     return side
 
 
-def render(rep: dict) -> str:
+def _study_text(rep: dict) -> str:
+    """The agecls side's protocol when it searches: study, search space, retrain."""
     a = rep["args"]
-    m = rep["machine"]
-    f = lambda t: f"{t[0]:.4f} [{t[1]:.4f}, {t[2]:.4f}]"  # noqa: E731
-    begin, end = markers(a["size"])
-    lines = [
-        begin,
-        f"## Quality on real UTKFace at {a['size']} px: the dissertation's settings vs agecls's best under "
-        "the same budget (issue #6, item 4)",
-        "",
-        f"Written by `{rep['command']}` on {rep['date']}; {rep['seconds'] / 60:.0f} min in all.",
-        "",
-        f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; torch {m['torch']}. Other "
-        f"sessions' processes shared the cores (1-min load average at the start {rep['load_start']}); "
-        f"the script ran at niceness {rep.get('nice', 10)}.",
-        f"- Data: {rep['data']} (train/val/test rows "
-        f"{rep['sizes']['train']}/{rep['sizes']['val']}/{rep['sizes']['test']}); {a['size']} px greyscale. "
-        f"An epoch here is {a['fraction']:g} of the training split "
-        f"(`trainer.limit_train_batches={a['fraction']:g}`, reshuffled every epoch); val and test are whole.",
-        f"- Budget per task and side: {a['budget']} such epochs. Dissertation: its final recipe "
-        f"(`experiment=agecnn|gendercnn|ethnicitycnn`) trained once for up to {a['budget']} epochs. agecls: "
+    return (
         f"an Optuna study (TPE, median pruner) of "
         f"{max(1, (a['budget'] - a.get('retrain', 0)) // a['epochs'])} trials of up to {a['epochs']} "
         "epochs on the same recipe and architecture"
@@ -265,7 +279,47 @@ def render(rep: dict) -> str:
             else "; the best trial on validation macro-F1 is the agecls model. "
         )
         + rep.get("schedule", f"Runs went {a['parallel']} at a time (studies first)")
-        + f", one process and {a['threads']} CPU thread each.",
+        + f", one process and {a['threads']} CPU thread each."
+    )
+
+
+def render(rep: dict) -> str:
+    a = rep["args"]
+    m = rep["machine"]
+    f = lambda t: f"{t[0]:.4f} [{t[1]:.4f}, {t[2]:.4f}]"  # noqa: E731
+    no_search = bool(a.get("no_search"))
+    begin, end = markers(a["size"], no_search)
+    lines = [
+        begin,
+        (
+            f"## Quality on real UTKFace at {a['size']} px: the dissertation's settings vs agecls's recipe "
+            "(the same plus the levers kept on validation), same budget, no search (issue #6, item 4)"
+            if no_search
+            else f"## Quality on real UTKFace at {a['size']} px: the dissertation's settings vs agecls's "
+            "best under the same budget (issue #6, item 4)"
+        ),
+        "",
+        f"Written by `{rep['command']}` on {rep['date']}; {rep['seconds'] / 60:.0f} min in all.",
+        "",
+        f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; torch {m['torch']}. Other "
+        f"sessions' processes shared the cores (1-min load average at the start {rep['load_start']}); "
+        f"the script ran at niceness {rep.get('nice', 10)}.",
+        f"- Data: {rep['data']} (train/val/test rows "
+        f"{rep['sizes']['train']}/{rep['sizes']['val']}/{rep['sizes']['test']}); {a['size']} px greyscale. "
+        f"An epoch here is {a['fraction']:g} of the training split "
+        f"(`trainer.limit_train_batches={a['fraction']:g}`, reshuffled every epoch); val and test are whole.",
+        f"- Budget per task and side: {a['budget']} such epochs. Dissertation: its final recipe "
+        f"(`experiment=agecnn|gendercnn|ethnicitycnn`) trained once for up to {a['budget']} epochs. agecls: "
+        + (
+            "the same recipe plus "
+            + ", ".join(f"`{o}`" for o in a.get("agecls_set", []))
+            + f", trained once for up to {a['budget']} epochs: no search in this budget (the levers were "
+            "chosen on validation in earlier runs, see the levers section). "
+            + rep.get("schedule", f"Runs went {a['parallel']} at a time")
+            + f", one process and {a['threads']} CPU thread each."
+            if no_search
+            else _study_text(rep)
+        ),
         "- Test was never used to choose anything: every agecls run scores its best checkpoint on test at "
         "its end, and only the two final models' test scores are read here. Intervals: 95% percentile "
         f"bootstrap over the {rep['n_boot']} resamples of the test rows (`agecls.bootstrap.bootstrap_ci`).",
@@ -276,14 +330,15 @@ def render(rep: dict) -> str:
     ]
     for task, sides in rep["tasks"].items():
         for s in sides:
-            extra = f" ({s['trials']} trials, {s['pruned']} pruned)" if s["side"] == "agecls" else ""
+            searched = s["side"] == "agecls" and s["trials"]
+            extra = f" ({s['trials']} trials, {s['pruned']} pruned)" if searched else ""
             lines.append(
                 f"| {task} | {s['side']} | {s['epochs_trained']}{extra} | {s['val_macro_f1']:.4f} "
                 f"| {f(s['test_macro_f1'])} | {f(s['test_acc'])} "
                 f"| {'-' if s['wall_s'] != s['wall_s'] else round(s['wall_s'] / 60, 1)} |"
             )
-    lines += ["", "Best agecls trial per task (chosen on validation):", ""]
-    for task, sides in rep["tasks"].items():
+    lines += [] if no_search else ["", "Best agecls trial per task (chosen on validation):", ""]
+    for task, sides in {} if no_search else rep["tasks"].items():
         s = next(x for x in sides if x["side"] == "agecls")
         params = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["best_params"].items()
@@ -339,6 +394,11 @@ def main(argv: list[str] | None = None) -> int:
         help="overrides for the agecls side only (its starting recipe: levers kept because they won on "
         "validation), applied to every trial and the retrain",
     )
+    parser.add_argument(
+        "--no-search",
+        action="store_true",
+        help="agecls side: the recipe plus --agecls-set trained once for the budget (own section)",
+    )
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="CI smoke: tiny synthetic data, 2+2 epochs")
     parser.add_argument("--out", type=Path, help="folder for runs, logs and the study (default outputs/)")
@@ -357,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         section = render(rep)
         print(section)
         if args.write:
-            write_section(args.write, section, *markers(rep["args"]["size"]))
+            write_section(args.write, section, *markers(rep["args"]["size"], rep["args"].get("no_search")))
         return 0
     if args.quick:  # one task, a 2-epoch budget: the dissertation run and a study of 2 one-epoch trials
         args.size, args.budget, args.epochs, args.fraction = 32, 2, 1, 1.0
@@ -381,13 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         args.manifest, source = strided_manifest(args, out)
         print(f"1 row in {args.stride} of each split of {source}: {args.manifest}", flush=True)
     # The longest jobs first, `--parallel` at a time (the searches cost a few runs' start-up and scoring).
-    jobs = [(search, t) for t in args.tasks] + [(dissertation, t) for t in args.tasks]
+    jobs = [(recipe if args.no_search else search, t) for t in args.tasks]
+    jobs += [(dissertation, t) for t in args.tasks]
     if args.collect:  # only tasks whose two sides both finished
         finished = []
         for t in args.tasks:
             try:
-                study = read_study(t, out)
-                if args.retrain:
+                study = read_recipe(t, out) if args.no_search else read_study(t, out)
+                if args.retrain and not args.no_search:
                     study = read_retrain(t, out, study)
                 finished += [(t, read_dissertation(t, out)), (t, study)]
             except (OSError, KeyError, ValueError) as exc:
@@ -446,9 +507,11 @@ def main(argv: list[str] | None = None) -> int:
                 t: [{k: v for k, v in s.items() if k != "results"} for s in ss] for t, ss in tasks.items()
             },
         }
-        (results / f"quality-{args.size}px.json").write_text(json.dumps(slim, indent=1, default=str) + "\n")
+        (results / f"{section_name(args.size, args.no_search)}.json").write_text(
+            json.dumps(slim, indent=1, default=str) + "\n"
+        )
     if args.write:
-        write_section(args.write, section, *markers(args.size))
+        write_section(args.write, section, *markers(args.size, args.no_search))
         print(f"wrote {args.write}")
     return 0
 
