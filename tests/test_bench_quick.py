@@ -72,7 +72,7 @@ def test_quality_quick_runs_both_sides(tmp_path):
     assert "| age | agecls | 2 (2 trials" in md.read_text()
 
 
-def test_quality_section_renders_from_saved_json(tmp_path):
+def _saved_report(tmp_path, **extra_args):
     side = {
         "wall_s": 60.0,
         "val_macro_f1": 0.5,
@@ -84,7 +84,15 @@ def test_quality_section_renders_from_saved_json(tmp_path):
         "command": "python bench/quality.py",
         "date": "2026-01-01 00:00 UTC",
         "machine": {"cpu": "cpu", "nproc": "2", "gpu": "none", "torch": "2"},
-        "args": {"size": 32, "fraction": 0.25, "budget": 4, "epochs": 2, "threads": 1, "parallel": 2},
+        "args": {
+            "size": 32,
+            "fraction": 0.25,
+            "budget": 4,
+            "epochs": 2,
+            "threads": 1,
+            "parallel": 2,
+            **extra_args,
+        },
         "data": "real UTKFace",
         "sizes": {"train": 10, "val": 5, "test": 5},
         "load_start": 1.0,
@@ -108,6 +116,10 @@ def test_quality_section_renders_from_saved_json(tmp_path):
     }
     saved = tmp_path / "quality.json"
     saved.write_text(json.dumps(rep))
+    return saved
+
+
+def _render(tmp_path, saved):
     md = tmp_path / "BENCHMARKS.md"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "quality.py"), "--from-json", str(saved), "--write", str(md)],
@@ -117,9 +129,26 @@ def test_quality_section_renders_from_saved_json(tmp_path):
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    text = md.read_text()
+    return md.read_text()
+
+
+def test_quality_section_renders_from_saved_json(tmp_path):
+    text = _render(tmp_path, _saved_report(tmp_path))
+    assert "<!-- quality-32px:begin -->" in text
     assert "| age | agecls | 4 (2 trials, 0 pruned) | 0.5000 | 0.6000 [0.5600, 0.6400]" in text
     assert "optimizer=adam, optimizer.lr=0.001" in text
+
+
+def test_quality_no_search_section_has_its_own_markers_and_names_the_recipe(tmp_path):
+    saved = _saved_report(tmp_path, no_search=True, agecls_set=["trainer.ema.enabled=true"])
+    rep = json.loads(saved.read_text())
+    rep["tasks"]["age"][1].update(trials=0, best_params={}, trial_vals=[])
+    saved.write_text(json.dumps(rep))
+    text = _render(tmp_path, saved)
+    assert "<!-- quality-32px-recipe:begin -->" in text and "<!-- quality-32px:begin -->" not in text
+    assert "| age | agecls | 4 | 0.5000 | 0.6000 [0.5600, 0.6400]" in text
+    assert "the same recipe plus `trainer.ema.enabled=true`, trained once for up to 4 epochs" in text
+    assert "Best agecls trial" not in text
 
 
 @pytest.mark.heavy
