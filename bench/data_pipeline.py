@@ -355,7 +355,10 @@ def render(res: dict) -> str:
         "",
         "These are CPU figures: the step times come from CPU training. On a GPU the compute part of a step "
         "shrinks by orders of magnitude while the loading cost stays, so the data share there is not "
-        "implied by these numbers.",
+        "implied by these numbers. The device pipeline has no workers: its batches are indexed and "
+        "augmented in the training process, so on a CPU that time is all data time (nothing overlaps it) "
+        "and it shares the cores with the step; on a GPU the same operations are kernels queued behind the "
+        "previous step's.",
         "",
         "Targets from issue #6:",
         f"- cache >= 5x the images/s of per-epoch JPEG decoding: **{t['cache_5x']}**",
