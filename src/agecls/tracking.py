@@ -62,16 +62,10 @@ def open_store(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
         return
-    import fcntl
+    from agecls.locks import file_lock, sqlite_lock_path
 
-    db = Path(tracking_uri[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.parent / f".{db.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            mlflow.MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(sqlite_lock_path(tracking_uri)):
+        mlflow.MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
     _READY_STORES.add(tracking_uri)
 
 

@@ -3,26 +3,26 @@ and tells the study its outcome. The sweeper (agecls.sweeper) only asks for tria
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from agecls.locks import file_lock, sqlite_lock_path
+
 log = logging.getLogger("agecls.trial")
 
 
 @contextmanager
 def sqlite_lock(url: str) -> Iterator[None]:
-    """For a `sqlite:///PATH` storage: make PATH's folder and hold an exclusive lock on PATH.lock meanwhile.
+    """For a `sqlite:///PATH` storage: hold an exclusive lock on `.NAME.lock` beside it meanwhile.
 
     The first RDBStorage on a new database creates its tables and stamps the schema version; two processes
     doing that at once (two sweeps started together on one fresh file, as `bench/quality.py --parallel 2`
@@ -32,14 +32,8 @@ def sqlite_lock(url: str) -> Iterator[None]:
     if not url.startswith("sqlite:///"):
         yield
         return
-    db = Path(url[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(sqlite_lock_path(url)):
+        yield
 
 
 def open_study(

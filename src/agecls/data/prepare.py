@@ -7,7 +7,6 @@ imported as it is (`load_manifest`); otherwise agecls's own persisted split of `
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from agecls.data.cache import build_cache
 from agecls.data.manifest import Manifest, ManifestError, load_manifest, prepare_manifest
 from agecls.data.records import DataError
 from agecls.data.synthetic import generate_synthetic
+from agecls.locks import file_lock
 
 
 @dataclass
@@ -44,14 +44,8 @@ def manifest_dir(data: DictConfig, root: Path, data_dir: str) -> Path:
 def data_lock(data_dir: str | Path) -> Iterator[None]:
     """Exclusive lock over data preparation: concurrent runs (sweep trials, workers sharing a folder)
     generate, split and cache one at a time; whoever comes second reuses what the first wrote."""
-    folder = Path(data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".prepare.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(data_dir) / ".prepare.lock"):
+        yield
 
 
 def prepare_data(data: DictConfig, paths: DictConfig) -> PreparedData:
