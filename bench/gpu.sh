@@ -83,6 +83,6 @@ timeout 200 "$PYTHON" bench/quality.py --root "$ROOT" --size 224 --budget 4 --ep
   --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 --out "$OUT_DIR/quality" \
   > "$OUT_DIR/quality.log" 2>&1 || echo "quality bench did not finish (see quality.log)" | tee -a "$OUT_DIR/summary.txt"
 echo "quality bench wall $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
-cp bench/results/quality-224px.json "$OUT_DIR/" 2>/dev/null || true
+cp "$OUT_DIR"/quality/*/quality.json "$OUT_DIR/quality-224px.json" 2>/dev/null || true
 tail -n 30 "$OUT_DIR/quality.log"
 cat "$OUT_DIR/summary.txt"

@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render(rep)
     print(section)
     (out / "quality.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
-    if not args.quick:
+    if args.write and not args.quick:  # the committed record of a section; side runs keep only quality.json
         results = Path(__file__).parent / "results"
         results.mkdir(exist_ok=True)
         slim = {
