@@ -1,4 +1,4 @@
-"""Several processes opening one fresh sqlite study storage at once (two sweeps started together) all succeed."""
+"""Several processes opening one fresh sqlite study storage at once (two sweeps started together) succeed."""
 
 from __future__ import annotations
 
