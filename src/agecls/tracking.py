@@ -14,6 +14,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from agecls.config import project_root
@@ -152,7 +153,7 @@ def interrupted(exc: BaseException) -> bool:
     Lightning's fit turns Ctrl-C into `sys.exit(1)` raised while handling the KeyboardInterrupt, and SIGTERM
     (what Slurm's scancel and the trial job wrapper pass on) into SIGTERMException, a SystemExit: without
     looking for these, an interrupted trial's run ended FAILED like a crash, on every launcher."""
-    if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "SIGTERMException":
+    if isinstance(exc, KeyboardInterrupt | SIGTERMException):
         return True
     return isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt)
 
