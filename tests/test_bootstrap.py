@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from agecls.bootstrap import bootstrap_ci
+from agecls.bootstrap import bootstrap_ci, bootstrap_diff
 from agecls.metrics import stage_report
 
 
@@ -93,3 +93,55 @@ def test_bad_labels_are_named():
         bootstrap_ci([0, 1, 1], [0, 1], 2)
     with pytest.raises(ValueError, match="empty"):
         bootstrap_ci([], [], 2)
+
+
+# ---- bootstrap_diff: the paired difference of two models on the same rows ----------------------------------
+
+
+def test_diff_of_a_model_with_itself_is_exactly_zero():
+    preds, target = noisy_preds(500, 7, 0.5, 0)
+    got = bootstrap_diff(preds, preds, target, 7, n=200)
+    assert (got["diff"], got["lo"], got["hi"]) == (0.0, 0.0, 0.0)
+    assert got["p_a_not_better"] == 1.0
+
+
+def test_diff_point_is_the_difference_of_the_two_scores():
+    preds_b, target = noisy_preds(800, 5, 0.5, 1)
+    preds_a = np.where(np.random.default_rng(2).random(800) < 0.2, target, preds_b)  # A fixes 20% of rows
+    for metric in ("macro_f1", "acc"):
+        got = bootstrap_diff(preds_a, preds_b, target, 5, metric=metric, n=300)
+        a = bootstrap_ci(preds_a, target, 5, metric=metric, n=1)[0]
+        b = bootstrap_ci(preds_b, target, 5, metric=metric, n=1)[0]
+        assert got["diff"] == pytest.approx(a - b)
+        assert 0 < got["lo"] <= got["diff"] <= got["hi"]
+        assert got["p_a_not_better"] == 0.0  # A is never worse on any resample: it only fixes rows
+
+
+def test_paired_interval_is_narrower_than_the_separate_ones():
+    # Two models that agree on most faces: separate intervals overlap, the paired one excludes zero.
+    preds_b, target = noisy_preds(1500, 7, 0.55, 3)
+    rng = np.random.default_rng(4)
+    preds_a = np.where(rng.random(1500) < 0.06, target, preds_b)
+    _, a_lo, a_hi = bootstrap_ci(preds_a, target, 7, n=500)
+    _, b_lo, b_hi = bootstrap_ci(preds_b, target, 7, n=500)
+    assert a_lo < b_hi  # the separate intervals overlap ...
+    got = bootstrap_diff(preds_a, preds_b, target, 7, n=500)
+    assert got["lo"] > 0  # ... the paired difference does not include zero
+    assert got["hi"] - got["lo"] < (a_hi - a_lo) / 2
+
+
+def test_diff_is_seeded_and_antisymmetric():
+    preds_a, target = noisy_preds(400, 4, 0.6, 5)
+    preds_b, _ = noisy_preds(400, 4, 0.6, 6)
+    one = bootstrap_diff(preds_a, preds_b, target, 4, n=300, seed=1)
+    assert bootstrap_diff(preds_a, preds_b, target, 4, n=300, seed=1) == one
+    other = bootstrap_diff(preds_b, preds_a, target, 4, n=300, seed=1)
+    assert other["diff"] == pytest.approx(-one["diff"])
+    assert (other["lo"], other["hi"]) == pytest.approx((-one["hi"], -one["lo"]))
+
+
+def test_diff_refuses_rows_of_different_lengths():
+    with pytest.raises(ValueError, match=r"preds_a \(3\), preds_b \(2\) and target \(3\) differ in length"):
+        bootstrap_diff([0, 1, 1], [0, 1], [0, 1, 1], 2)
+    with pytest.raises(ValueError, match="metric='f2'"):
+        bootstrap_diff([0], [0], [0], 2, metric="f2")
