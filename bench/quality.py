@@ -253,8 +253,27 @@ def with_ci(side: dict, n: int) -> dict:
     side["val_macro_f1"] = float(res["best_val/macro_f1"])
     side["test_rows"] = int(cm.sum())
     side["best_epoch"] = res["best_epoch"]
+    if res.get("tta"):
+        side["tta"] = res["tta"]
     side["fit_s"] = res["fit_seconds"]
     return side
+
+
+def paired_diff(dissertation: dict, agecls: dict, n: int) -> dict | None:
+    """agecls minus dissertation test macro-F1 with a paired bootstrap interval (`agecls.bootstrap.
+    bootstrap_diff`), from the two runs' face-level test predictions; None when a run predates them."""
+    import pandas as pd
+
+    from agecls.bootstrap import bootstrap_diff
+
+    files = [Path(s["results"].get("run_dir", "")) / "predictions_test.csv" for s in (agecls, dissertation)]
+    if not all(f.is_file() for f in files):
+        return None
+    a, b = (pd.read_csv(f) for f in files)
+    if not (a["row"].equals(b["row"]) and a["label"].equals(b["label"])):
+        raise SystemExit(f"{files[0]} and {files[1]} do not hold the same test faces; cannot pair them")
+    k = len(agecls["results"]["class_names"])
+    return bootstrap_diff(a["pred"], b["pred"], a["label"], k, n=n, seed=0) | {"rows": len(a)}
 
 
 def _study_text(rep: dict) -> str:
@@ -322,7 +341,13 @@ def render(rep: dict) -> str:
         ),
         "- Test was never used to choose anything: every agecls run scores its best checkpoint on test at "
         "its end, and only the two final models' test scores are read here. Intervals: 95% percentile "
-        f"bootstrap over the {rep['n_boot']} resamples of the test rows (`agecls.bootstrap.bootstrap_ci`).",
+        f"bootstrap over the {rep['n_boot']} resamples of the test rows (`agecls.bootstrap.bootstrap_ci`)"
+        + (
+            "; the verdicts' paired intervals resample the same test faces for both models "
+            "(`agecls.bootstrap.bootstrap_diff` on the runs' `predictions_test.csv`)."
+            if rep.get("paired")
+            else "."
+        ),
         "",
         "| task | side | epochs trained | val macro-F1 | test macro-F1 [95% CI] | test accuracy [95% CI] "
         "| wall, min |",
@@ -355,6 +380,8 @@ def render(rep: dict) -> str:
 
 
 def verdict(rep: dict) -> list[str]:
+    """One line per task: the test macro-F1 difference, and whether it is significant by the paired
+    bootstrap (when both runs wrote face-level predictions) or else by the separate intervals."""
     out = []
     for task, sides in rep["tasks"].items():
         d, g = (next(x for x in sides if x["side"] == s) for s in ("dissertation", "agecls"))
@@ -362,10 +389,26 @@ def verdict(rep: dict) -> list[str]:
         overlap = (
             g["test_macro_f1"][1] <= d["test_macro_f1"][2] and d["test_macro_f1"][1] <= g["test_macro_f1"][2]
         )
+        pair = rep.get("paired", {}).get(task)
+        if pair:
+            sign = "better" if pair["lo"] > 0 else "worse" if pair["hi"] < 0 else "not significant"
+            reading = (
+                f"paired 95% bootstrap interval of the difference [{pair['lo']:+.4f}, {pair['hi']:+.4f}] "
+                f"over the same {pair['rows']} test faces, agecls no better in "
+                f"{pair['p_a_not_better']:.1%} of resamples: {sign}; the separate intervals "
+                + ("overlap" if overlap else "do not overlap")
+            )
+        else:
+            reading = "intervals overlap" if overlap else "intervals do not overlap"
         out.append(
             f"- {task}: agecls {'+' if diff >= 0 else ''}{diff:.4f} test macro-F1 vs the dissertation's "
-            f"settings ({'intervals overlap' if overlap else 'intervals do not overlap'})."
+            f"settings ({reading})."
         )
+        if g.get("tta"):
+            scores = ", ".join(f"{m} {v:.4f}" for m, v in g["tta"]["val_macro_f1"].items())
+            out.append(
+                f"  - agecls's `augment.tta=auto` chose `{g['tta']['chosen']}` on validation ({scores})."
+            )
     return out
 
 
@@ -490,6 +533,13 @@ def main(argv: list[str] | None = None) -> int:
         "out": str(out),
         "seconds": time.perf_counter() - began,
     }
+    pairs = {
+        t: paired_diff(
+            *(next(x for x in ss if x["side"] == s) for s in ("dissertation", "agecls")), args.n_boot
+        )
+        for t, ss in tasks.items()
+    }
+    rep["paired"] = {t: p for t, p in pairs.items() if p}
     rep["verdict"] = verdict(rep)
     if args.notes:
         rep["notes"] = args.notes.read_text().splitlines()

@@ -70,6 +70,12 @@ def test_quality_quick_runs_both_sides(tmp_path):
         assert 0 <= lo <= point <= hi <= 1
     assert sides[1]["trials"] == 2
     assert "| age | agecls | 2 (2 trials" in md.read_text()
+    pair = res["paired"]["age"]  # both runs wrote predictions_test.csv: the paired difference
+    assert pair["lo"] <= pair["diff"] <= pair["hi"] and pair["rows"] == res["sizes"]["test"]
+    assert pair["diff"] == pytest.approx(
+        sides[1]["test_macro_f1"][0] - sides[0]["test_macro_f1"][0], abs=1e-9
+    )
+    assert "paired 95% bootstrap interval of the difference" in md.read_text()
 
 
 def _saved_report(tmp_path, **extra_args):
@@ -149,6 +155,38 @@ def test_quality_no_search_section_has_its_own_markers_and_names_the_recipe(tmp_
     assert "| age | agecls | 4 | 0.5000 | 0.6000 [0.5600, 0.6400]" in text
     assert "the same recipe plus `trainer.ema.enabled=true`, trained once for up to 4 epochs" in text
     assert "Best agecls trial" not in text
+
+
+def _face_predictions(run_dir: Path, preds: list[int], labels: list[int]) -> dict:
+    import pandas as pd
+
+    run_dir.mkdir(parents=True)
+    pd.DataFrame({"row": range(len(labels)), "label": labels, "pred": preds}).to_csv(
+        run_dir / "predictions_test.csv", index=False
+    )
+    return {"results": {"run_dir": str(run_dir), "class_names": ["0", "1", "2"]}}
+
+
+def test_paired_verdict_reads_both_runs_face_level_predictions(tmp_path, monkeypatch):
+    quality = load_bench("quality", monkeypatch)
+    labels = [0, 1, 2] * 40
+    diss = _face_predictions(tmp_path / "d", [0] * 120, labels)  # predicts one class
+    ours = _face_predictions(tmp_path / "a", labels[:100] + [0] * 20, labels)  # right on 100 faces
+    pair = quality.paired_diff(diss, ours, n=300)
+    assert pair["rows"] == 120 and pair["lo"] > 0 and pair["p_a_not_better"] == 0.0
+    rep = json.loads(_saved_report(tmp_path).read_text())
+    rep["paired"] = {"age": pair}
+    rep["tasks"]["age"][1]["tta"] = {"chosen": "flip", "val_macro_f1": {"none": 0.5, "flip": 0.52}}
+    (line, tta) = quality.verdict(rep)
+    assert "paired 95% bootstrap interval of the difference [+" in line and ": better;" in line
+    assert "over the same 120 test faces" in line and "the separate intervals do not overlap" in line
+    assert "`augment.tta=auto` chose `flip` on validation (none 0.5000, flip 0.5200)" in tta
+    # A run from before face-level predictions: no pairing, the separate intervals' reading.
+    assert quality.paired_diff(diss, {"results": {"run_dir": str(tmp_path / "old")}}, n=10) is None
+    # Runs over different test faces are refused rather than paired.
+    other = _face_predictions(tmp_path / "o", [0] * 120, [1, 0, 2] * 40)
+    with pytest.raises(SystemExit, match="do not hold the same test faces"):
+        quality.paired_diff(diss, other, n=10)
 
 
 @pytest.mark.heavy

@@ -277,7 +277,7 @@ def test_every_augment_file_ships_both_levers_off(name):
             r"augment\.mix\.mixup_alhpa is not a key \(did you mean mixup_alpha",
         ),
         ("augment.mix=0.2", r"augment\.mix=0\.2; valid: a mapping with keys mixup_alpha, cutmix_alpha"),
-        ("augment.tta=hflip", r"augment\.tta='hflip'; valid: none, flip"),
+        ("augment.tta=hflip", r"augment\.tta='hflip'; valid: none, flip, auto"),
     ],
 )
 def test_bad_keys_raise_naming_the_key_when_the_module_is_built(override, match):
@@ -291,6 +291,73 @@ def test_sweep_overrides_of_the_new_keys_compose():
     assert "augment.mix.mixup_alpha" in params and "augment.tta" in params
     cfg = compose_train(["augment=strong", "augment.mix.cutmix_alpha=1.0", "augment.tta=flip"])
     assert mix_spec(cfg.augment).cutmix_alpha == 1.0 and tta_mode(cfg.augment) == "flip"
+
+
+# ---- augment.tta=auto: chosen on validation after the fit -----------------------------------------------
+
+
+class _Rec:
+    def __init__(self):
+        self.tags_, self.metrics_ = {}, {}
+
+    def tags(self, d):
+        self.tags_.update(d)
+
+    def metrics(self, d):
+        self.metrics_.update(d)
+
+
+class _Val:
+    def eval_dataloader(self, split):
+        assert split == "val"  # never test
+        return "loader"
+
+
+def _auto_module(flip_helps: bool | None):
+    """An auto-TTA gender module whose validation predictions are right on 9 of 10 faces with flip and on 6
+    without (`flip_helps` False: the other way round; None: equal)."""
+    module = _module("augment.tta=auto", task="gender")
+    labels = torch.tensor([0, 1] * 5)
+
+    def collect(loader):
+        good = 7 if flip_helps is None else 9 if (module.tta == "flip") == flip_helps else 6
+        preds = labels.clone()
+        preds[good:] = 1 - preds[good:]
+        return {"gender": {"preds": preds, "labels": labels}}
+
+    module.collect = collect
+    return module
+
+
+def test_auto_starts_without_tta_and_is_not_a_mode_of_a_model():
+    module = _module("augment.tta=auto")
+    assert module.tta_auto and module.tta == "none"
+    with pytest.raises(ValueError, match=r"augment\.tta='auto'; valid: none, flip$"):
+        module.tta = "auto"
+    assert not _module("augment.tta=flip").tta_auto
+
+
+@pytest.mark.parametrize(("flip_helps", "chosen"), [(True, "flip"), (False, "none"), (None, "none")])
+def test_choose_tta_keeps_the_better_mode_on_validation_and_writes_it_into_the_checkpoint(
+    tmp_path, flip_helps, chosen
+):
+    from agecls.train import choose_tta
+
+    module = _auto_module(flip_helps)
+    best = tmp_path / "best.ckpt"
+    state = {"hyper_parameters": {"cfg": {"augment": {"tta": "auto"}}}, "state_dict": {}}
+    torch.save(state, best)
+    rec = _Rec()
+    got = choose_tta(module, _Val(), str(best), state, rec)
+    assert got["chosen"] == chosen and module.tta == chosen
+    assert set(got["val_macro_f1"]) == {"none", "flip"}
+    if flip_helps is None:
+        assert got["val_macro_f1"]["none"] == got["val_macro_f1"]["flip"]  # a tie keeps the cheaper none
+    saved = torch.load(best, weights_only=False)
+    assert saved["hyper_parameters"]["cfg"]["augment"]["tta"] == chosen
+    assert not list(tmp_path.glob(".*tmp"))  # written atomically, nothing left behind
+    assert rec.tags_ == {"augment.tta_chosen": chosen}
+    assert set(rec.metrics_) == {"tta_val/none/macro_f1", "tta_val/flip/macro_f1"}
 
 
 # ---- end to end --------------------------------------------------------------------------------------------
@@ -347,3 +414,31 @@ def test_a_run_with_mixing_and_flip_tta_trains_and_its_checkpoint_keeps_tta(
     assert seen and set(seen) == {("none", False)}
     with pytest.raises(UsageError, match=r"eval\.tta='mirror'; valid: none, flip"):
         evaluate(parse_args([*args[:3], "eval.tta=mirror"]))
+
+
+@pytest.mark.slow
+def test_a_run_with_auto_tta_chooses_on_validation_and_writes_face_level_predictions(output_dir):
+    import pandas as pd
+
+    from agecls.train import train
+
+    overrides = [*FAST_OVERRIDES, "trainer.max_epochs=2", "task=gender", "augment.tta=auto"]
+    results = train(compose_train([*overrides, "tracking.experiment=tta-auto"]))
+    tta = results["tta"]
+    assert tta["chosen"] in ("none", "flip")
+    # The reported validation score is the chosen mode's, and the run's objective follows it.
+    assert results["best_val/macro_f1"] == pytest.approx(tta["val_macro_f1"][tta["chosen"]], abs=1e-6)
+    assert results["objective"] >= tta["val_macro_f1"]["none"] - 1e-6
+    model = FaceClassifier.load_from_checkpoint(Path(results["checkpoint"]), map_location="cpu")
+    assert model.tta == tta["chosen"] and not model.tta_auto
+    # predictions_{val,test}.csv: one line per face of the split, agreeing with the confusion matrices.
+    run_dir = Path(results["run_dir"])
+    for split in ("val", "test"):
+        table = pd.read_csv(run_dir / f"predictions_{split}.csv")
+        assert list(table.columns) == ["row", "path", "label", "pred"]
+        assert len(table) == results["data_sizes"][split] and table["row"].is_unique
+        cm = torch.zeros(2, 2, dtype=torch.long)
+        for label, pred in zip(table["label"], table["pred"], strict=True):
+            cm[label, pred] += 1
+        assert cm.tolist() == results[f"confusion_{split}"]
+    assert not (run_dir / "predictions_train.csv").exists()

@@ -8,7 +8,9 @@
   on any device; with both alphas 0 (the default) nothing is drawn at all.
 - `augment.tta` (evaluation only): `none`, or `flip`: each eval-mode prediction combines the face and its
   left-right mirror (a mirrored face keeps its age, gender and ethnicity); how the two outputs are combined
-  is each head's `Head.average`.
+  is each head's `Head.average`. `auto` (agecls-train only): validation during the fit runs without it;
+  after the fit the best checkpoint is scored on validation both ways and keeps the better mode (ties:
+  `none`), written into the checkpoint so agecls-eval/predict/serve use it (`agecls.train.choose_tta`).
 
 A missing `mix` block or `tta` key (older checkpoints and configs) means off; a bad value raises ValueError
 naming `augment.mix.<key>` or `augment.tta` and what is valid.
@@ -25,7 +27,8 @@ from typing import Any
 import torch
 
 MIX_KEYS = ("mixup_alpha", "cutmix_alpha", "prob", "switch_prob")
-TTA_CHOICES = ("none", "flip")
+TTA_CHOICES = ("none", "flip")  # what a model applies; `auto` (chosen on validation) is a config value only
+TTA_AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,15 @@ def mix_spec(augment: Mapping | None) -> MixSpec:
     )
 
 
-def tta_mode(augment: Mapping | None) -> str:
-    """The validated `augment.tta` of an `augment` node: `none` (also when missing or null) or `flip`."""
+def tta_mode(augment: Mapping | None, allow_auto: bool = False) -> str:
+    """The validated `augment.tta` of an `augment` node: `none` (also when missing or null) or `flip`, and
+    with `allow_auto` (a training config) also `auto`."""
     value = augment.get("tta") if augment is not None else None
     if value is None:
         return "none"
-    if not isinstance(value, str) or value not in TTA_CHOICES:
-        raise ValueError(f"augment.tta={value!r}; valid: {', '.join(TTA_CHOICES)}")
+    valid = (*TTA_CHOICES, TTA_AUTO) if allow_auto else TTA_CHOICES
+    if not isinstance(value, str) or value not in valid:
+        raise ValueError(f"augment.tta={value!r}; valid: {', '.join(valid)}")
     return value
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from agecls.batch_augment import Mix, mix_batch, mix_spec, tta_mode
+from agecls.batch_augment import TTA_AUTO, Mix, mix_batch, mix_spec, tta_mode
 from agecls.data.bins import AgeBins
 from agecls.models import create_model, skip_weights
 from agecls.tasks.classification import ClassificationTask
@@ -84,7 +84,10 @@ class FaceClassifier(L.LightningModule):
         self.input_stats = input_stats
         augment = self.cfg.get("augment")
         self.mix = mix_spec(augment)
-        self.tta = tta_mode(augment)
+        requested = tta_mode(augment, allow_auto=True)
+        # augment.tta=auto: no TTA while training and validating; agecls.train.choose_tta picks it after.
+        self.tta_auto = requested == TTA_AUTO
+        self.tta = "none" if self.tta_auto else requested
         task = self.cfg.task
         self.multitask = is_multitask(task)
         self.attributes = tuple(task_attributes(task))

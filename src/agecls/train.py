@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from datetime import datetime
@@ -19,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from agecls.batch_augment import TTA_CHOICES
 from agecls.bin_search import InfeasibleBins, check_counts, draw_bins, search_spec
 from agecls.config import CONFIG_DIR, flatten
 from agecls.data.augment import build_augment
@@ -214,6 +216,35 @@ def prefer_swa(cfg, trainer, module, datamodule, best: str, best_score: float, r
     return best, best_score
 
 
+def choose_tta(
+    module: FaceClassifier, datamodule: FaceDataModule, best: str, state: dict, rec: Recorder
+) -> dict:
+    """`augment.tta=auto`: score the loaded best checkpoint on validation without and with flip TTA (macro-F1
+    of the objective attribute) and keep the better (a tie keeps `none`, half the inference cost). The
+    choice is set on `module` and written into the checkpoint's config (atomically), so every later reader
+    of the checkpoint uses it. Returns {"chosen", "val_macro_f1": {mode: score}}."""
+    loader = datamodule.eval_dataloader("val")
+    names = module.class_names[module.objective]
+    scores = {}
+    for mode in TTA_CHOICES:
+        module.tta = mode
+        got = module.collect(loader)[module.objective]
+        known = got["labels"] >= 0
+        scores[mode] = float(
+            stage_report(got["preds"][known], got["labels"][known], names).metrics["macro_f1"]
+        )
+    chosen = "flip" if scores["flip"] > scores["none"] else "none"
+    module.tta = chosen
+    state["hyper_parameters"]["cfg"]["augment"]["tta"] = chosen
+    tmp = Path(best).with_name(f".{Path(best).name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, best)
+    log.info("augment.tta=auto: validation macro-F1 %s; chose %s", scores, chosen)
+    rec.tags({"augment.tta_chosen": chosen})
+    rec.metrics({f"tta_val/{mode}/macro_f1": score for mode, score in scores.items()})
+    return {"chosen": chosen, "val_macro_f1": scores}
+
+
 def subgroup_scores(
     preds: torch.Tensor,
     labels: torch.Tensor,
@@ -249,10 +280,13 @@ def evaluate_splits(
     run_dir: Path,
     rec: Recorder,
     groups: dict[str, tuple[np.ndarray, tuple[str, ...]]] | None = None,
+    paths: np.ndarray | None = None,
 ) -> tuple[dict[str, dict[str, StageReport]], dict[str, pd.DataFrame]]:
     """Score the loaded (best) model on train, val and test, per attribute ({attribute: {split: report}};
     report.metrics holds macro_f1, acc and, for heads predicting years, mae); write and record tables and
-    confusion plots (multitask: one per attribute, named `..._{split}_{attribute}`).
+    confusion plots (multitask: one per attribute, named `..._{split}_{attribute}`), and each face's
+    prediction on val and test (`predictions_{split}.csv`, see `prediction_table`; `paths`: the manifest's
+    image path per row).
 
     `groups` (attribute -> (code per manifest row, -1 if unknown; group names)) adds the fairness view of
     the age task (a single task: its target): its macro-F1 within each group, on val and test."""
@@ -262,6 +296,10 @@ def evaluate_splits(
     fairness: dict[str, pd.DataFrame] = {}
     for split in ("train", "val", "test"):
         predicted = module.collect(datamodule.eval_dataloader(split))
+        if split != "train":
+            table = prediction_table(predicted, datamodule.indices[split], paths, module.multitask)
+            table.to_csv(run_dir / f"predictions_{split}.csv", index=False)
+            rec.artifact(run_dir / f"predictions_{split}.csv", "evaluation")
         for attr, names in class_names.items():
             got = predicted[attr]
             known = got["labels"] >= 0
@@ -290,6 +328,26 @@ def evaluate_splits(
                 )
                 fairness[split] = table
     return reports, fairness
+
+
+def prediction_table(
+    predicted: dict[str, dict[str, torch.Tensor]], rows: np.ndarray, paths: np.ndarray | None, multi: bool
+) -> pd.DataFrame:
+    """One line per face of a split: `row` (its manifest row), `path`, and per attribute the true and the
+    predicted class index (`label`, `pred`; multitask: `label_<attribute>`, ...; -1: the face lacks that
+    label), plus `years`/`pred_years` for heads predicting exact age. Two runs on the same split list the
+    same rows in the same order, so their predictions can be compared face by face (paired bootstrap)."""
+    table = pd.DataFrame({"row": rows})
+    if paths is not None:
+        table["path"] = paths[rows]
+    for attr, got in predicted.items():
+        suffix = f"_{attr}" if multi else ""
+        table[f"label{suffix}"] = got["labels"].numpy()
+        table[f"pred{suffix}"] = got["preds"].numpy()
+        if "years" in got:
+            table[f"years{suffix}"] = got["true_years"].numpy()
+            table[f"pred_years{suffix}"] = got["years"].numpy().round(2)
+    return table
 
 
 def _metric_prefixes(prefix: str, attr: str, multi: bool, objective: str) -> list[str]:
@@ -424,13 +482,17 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
             )
         state = torch.load(best, map_location=module.device, weights_only=False)
         module.load_state_dict(state["state_dict"])
+        tta = choose_tta(module, datamodule, best, state, rec) if module.tta_auto else None
+        if tta is not None and tta["chosen"] == "flip" and str(cfg.objective.metric) == "val/macro_f1":
+            best_score = tta["val_macro_f1"]["flip"]  # the objective of the model as it will be used
         fair_attr = "age" if module.multitask else module.objective
         groups = {
             attr: (manifest.df[attr].fillna(-1).to_numpy(dtype=np.int64), names)
             for attr, names in (("gender", GENDER_NAMES), ("ethnicity", ETHNICITY_NAMES))
             if attr != fair_attr
         }
-        reports, fairness = evaluate_splits(module, datamodule, class_names, run_dir, rec, groups)
+        paths = manifest.df["path"].astype(str).to_numpy()
+        reports, fairness = evaluate_splits(module, datamodule, class_names, run_dir, rec, groups, paths)
 
         results: dict[str, Any] = {
             "objective": best_score,
@@ -457,6 +519,8 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
                 results[f"confusion_{split}"] = confusion[module.objective][split]
         test_table = reports[module.objective]["test"].table
         results["fairness_test"] = fairness["test"].to_dict(orient="records") if "test" in fairness else []
+        if tta is not None:
+            results["tta"] = tta
         results["checkpoint"] = best
         results["run_dir"] = str(run_dir)
         results["mlflow_run_id"] = rec.run_id
