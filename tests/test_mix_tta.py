@@ -435,8 +435,10 @@ def test_a_run_with_auto_tta_chooses_on_validation_and_writes_face_level_predict
     run_dir = Path(results["run_dir"])
     for split in ("val", "test"):
         table = pd.read_csv(run_dir / f"predictions_{split}.csv")
-        assert list(table.columns) == ["row", "path", "label", "pred"]
+        assert list(table.columns) == ["row", "path", "label", "pred", "p_male", "p_female"]
         assert len(table) == results["data_sizes"][split] and table["row"].is_unique
+        proba = table[["p_male", "p_female"]].to_numpy()
+        assert abs(proba.sum(axis=1) - 1).max() < 1e-4 and (proba.argmax(axis=1) == table["pred"]).all()
         cm = torch.zeros(2, 2, dtype=torch.long)
         for label, pred in zip(table["label"], table["pred"], strict=True):
             cm[label, pred] += 1

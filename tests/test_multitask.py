@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -136,6 +137,15 @@ def test_multitask_trains_scores_every_attribute_and_reloads(multitask_run, outp
     assert json.loads((run_dir / "results.json").read_text())["test/gender/macro_f1"] == pytest.approx(
         results["test/gender/macro_f1"]
     )
+    # Face-level predictions: every attribute's label, prediction and probabilities in one line per face.
+    table = pd.read_csv(run_dir / "predictions_test.csv")
+    assert len(table) == results["data_sizes"]["test"]
+    for attr in ("age", "gender", "ethnicity"):
+        proba = table[[f"p_{attr}_{name}" for name in NAMES[attr]]].to_numpy()
+        assert abs(proba.sum(axis=1) - 1).max() < 1e-3
+        known = table[f"label_{attr}"] >= 0
+        cm = pd.crosstab(table.loc[known, f"label_{attr}"], table.loc[known, f"pred_{attr}"])
+        assert int(cm.to_numpy().sum()) == sum(map(sum, results["confusion_test"][attr]))
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{output_dir}/mlflow.db")
     run = client.get_run(results["mlflow_run_id"])
@@ -171,3 +181,24 @@ def test_the_v19_experiment_composes():
     assert cfg.model.name == "basic_cnn" and cfg.model.hidden == 132 and cfg.model.blocks == 4
     assert cfg.optimizer._target_ == "torch.optim.NAdam" and cfg.optimizer.lr == pytest.approx(1e-3)
     assert cfg.objective.metric == "val/macro_f1" and cfg.task.objective == "age"
+
+
+def test_prediction_table_of_a_head_predicting_years():
+    from agecls.train import prediction_table
+
+    predicted = {
+        "age": {
+            "preds": torch.tensor([0, 2]),
+            "labels": torch.tensor([0, 1]),
+            "proba": torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+            "years": torch.tensor([1.234, 40.0]),
+            "true_years": torch.tensor([2, 20]),
+        }
+    }
+    paths = np.array(["a.jpg", "b.jpg", "c.jpg"])
+    table = prediction_table(predicted, np.array([2, 0]), paths, False, {"age": ["0-2", "3-30", "31-116"]})
+    assert list(table.columns) == [
+        "row", "path", "label", "pred", "years", "pred_years", "p_0-2", "p_3-30", "p_31-116"
+    ]  # fmt: skip
+    assert table["path"].tolist() == ["c.jpg", "a.jpg"] and table["pred_years"].tolist() == [1.23, 40.0]
+    assert table["p_31-116"].tolist() == [0.0, 1.0]

@@ -228,8 +228,8 @@ class FaceClassifier(L.LightningModule):
     @torch.no_grad()
     def collect(self, loader) -> dict[str, dict[str, torch.Tensor]]:
         """Every batch of `loader` predicted (eval mode, on the module's device): {attribute: {"preds",
-        "labels"} (-1 labels where a face lacks the attribute), plus {"years", "true_years"} for heads that
-        predict exact age}."""
+        "labels"} (-1 labels where a face lacks the attribute), "proba" ((N, classes), as `predict_proba`),
+        plus {"years", "true_years"} for heads that predict exact age}."""
         parts: dict[str, dict[str, list[torch.Tensor]]] = {a: {} for a in self.attributes}
         with _eval_mode(self):
             for x, y in loader:
@@ -237,7 +237,11 @@ class FaceClassifier(L.LightningModule):
                 targets = self.targets(y)
                 for a in self.attributes:
                     head = self.heads[a]
-                    got = {"preds": head.decode(out[a]).cpu(), "labels": targets[a]}
+                    got = {
+                        "preds": head.decode(out[a]).cpu(),
+                        "labels": targets[a],
+                        "proba": head.proba(out[a]).cpu(),
+                    }
                     if head.predicts_years:
                         got["years"] = head.years(out[a]).cpu()
                         got["true_years"] = targets[YEARS]

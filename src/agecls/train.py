@@ -297,7 +297,9 @@ def evaluate_splits(
     for split in ("train", "val", "test"):
         predicted = module.collect(datamodule.eval_dataloader(split))
         if split != "train":
-            table = prediction_table(predicted, datamodule.indices[split], paths, module.multitask)
+            table = prediction_table(
+                predicted, datamodule.indices[split], paths, module.multitask, class_names
+            )
             table.to_csv(run_dir / f"predictions_{split}.csv", index=False)
             rec.artifact(run_dir / f"predictions_{split}.csv", "evaluation")
         for attr, names in class_names.items():
@@ -331,23 +333,32 @@ def evaluate_splits(
 
 
 def prediction_table(
-    predicted: dict[str, dict[str, torch.Tensor]], rows: np.ndarray, paths: np.ndarray | None, multi: bool
+    predicted: dict[str, dict[str, torch.Tensor]],
+    rows: np.ndarray,
+    paths: np.ndarray | None,
+    multi: bool,
+    class_names: dict[str, list[str]],
 ) -> pd.DataFrame:
     """One line per face of a split: `row` (its manifest row), `path`, and per attribute the true and the
     predicted class index (`label`, `pred`; multitask: `label_<attribute>`, ...; -1: the face lacks that
-    label), plus `years`/`pred_years` for heads predicting exact age. Two runs on the same split list the
-    same rows in the same order, so their predictions can be compared face by face (paired bootstrap)."""
-    table = pd.DataFrame({"row": rows})
+    label), `years`/`pred_years` for heads predicting exact age, and the class probabilities (`p_<class>`;
+    multitask `p_<attribute>_<class>`; `FaceClassifier.predict_proba`'s, rounded to 5 decimals). Two runs
+    on the same split list the same rows in the same order, so their predictions can be compared face by
+    face (paired bootstrap) or averaged (an ensemble); `class_names` gives the classes' order."""
+    columns: dict[str, Any] = {"row": rows}
     if paths is not None:
-        table["path"] = paths[rows]
+        columns["path"] = paths[rows]
     for attr, got in predicted.items():
         suffix = f"_{attr}" if multi else ""
-        table[f"label{suffix}"] = got["labels"].numpy()
-        table[f"pred{suffix}"] = got["preds"].numpy()
+        columns[f"label{suffix}"] = got["labels"].numpy()
+        columns[f"pred{suffix}"] = got["preds"].numpy()
         if "years" in got:
-            table[f"years{suffix}"] = got["true_years"].numpy()
-            table[f"pred_years{suffix}"] = got["years"].numpy().round(2)
-    return table
+            columns[f"years{suffix}"] = got["true_years"].numpy()
+            columns[f"pred_years{suffix}"] = got["years"].double().numpy().round(2)
+        proba = got["proba"].double().numpy().round(5)
+        for k, name in enumerate(class_names[attr]):
+            columns[f"p{suffix}_{name}"] = proba[:, k]
+    return pd.DataFrame(columns)
 
 
 def _metric_prefixes(prefix: str, attr: str, multi: bool, objective: str) -> list[str]:
