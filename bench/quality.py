@@ -260,20 +260,19 @@ def with_ci(side: dict, n: int) -> dict:
 
 
 def paired_diff(dissertation: dict, agecls: dict, n: int) -> dict | None:
-    """agecls minus dissertation test macro-F1 with a paired bootstrap interval (`agecls.bootstrap.
-    bootstrap_diff`), from the two runs' face-level test predictions; None when a run predates them."""
-    import pandas as pd
-
-    from agecls.bootstrap import bootstrap_diff
+    """agecls minus dissertation test macro-F1 with a paired bootstrap interval (`agecls.compare`, as
+    `agecls-compare --split test` reports it), from the two runs' face-level test predictions; None when a
+    run predates them."""
+    from agecls.compare import CompareError, compare_runs
 
     files = [Path(s["results"].get("run_dir", "")) / "predictions_test.csv" for s in (agecls, dissertation)]
     if not all(f.is_file() for f in files):
         return None
-    a, b = (pd.read_csv(f) for f in files)
-    if not (a["row"].equals(b["row"]) and a["label"].equals(b["label"])):
-        raise SystemExit(f"{files[0]} and {files[1]} do not hold the same test faces; cannot pair them")
-    k = len(agecls["results"]["class_names"])
-    return bootstrap_diff(a["pred"], b["pred"], a["label"], k, n=n, seed=0) | {"rows": len(a)}
+    try:
+        report = compare_runs(*files, split="test", n=n, seed=0)
+    except CompareError as exc:
+        raise SystemExit(f"cannot pair the two runs' test predictions: {exc}") from exc
+    return report["macro_f1"]["A-B"] | {"rows": report["faces"]}
 
 
 def _study_text(rep: dict) -> str:

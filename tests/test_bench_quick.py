@@ -185,7 +185,7 @@ def test_paired_verdict_reads_both_runs_face_level_predictions(tmp_path, monkeyp
     assert quality.paired_diff(diss, {"results": {"run_dir": str(tmp_path / "old")}}, n=10) is None
     # Runs over different test faces are refused rather than paired.
     other = _face_predictions(tmp_path / "o", [0] * 120, [1, 0, 2] * 40)
-    with pytest.raises(SystemExit, match="do not hold the same test faces"):
+    with pytest.raises(SystemExit, match="do not hold the same faces"):
         quality.paired_diff(diss, other, n=10)
 
 
