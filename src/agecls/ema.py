@@ -5,10 +5,12 @@ the module, updated after every optimizer step; validation runs on the averaged 
 them in `state_dict` and the live weights under `current_model_state`, so a resumed fit continues both).
 What agecls adds is the update rule: with `warmup`, the decay after n updates is min(decay, (1+n)/(10+n))
 (as timm's ModelEmaV2 and TF's ExponentialMovingAverage with num_updates), so in the short runs of a sweep
-the average is not dominated by the first, random, weights. The rule is computed on the device from the
-AveragedModel's own update counter (no host read of ours, and right after a resume; torch's
-`AveragedModel.update_parameters` itself still compares its counter with 0 on the host, one small
-synchronisation per step on a GPU).
+the average is not dominated by the first, random, weights; `decay` itself only binds after
+(10 decay - 1) / (1 - decay) updates (890 for 0.99, 1990 for 0.995): a shorter run's average weighs step k
+of N about as (k/N)^8 (about 60% of the weight on the last tenth of the steps), whatever `decay` is.
+The rule is computed on the device from the AveragedModel's own update counter (no host read of ours, and
+right after a resume; torch's `AveragedModel.update_parameters` itself still compares its counter with 0 on
+the host, one small synchronisation per step on a GPU).
 
 Because validation sees the averaged weights, everything chosen on validation (the best checkpoint, early
 stopping, the sweeper's pruning and objective) is about the averaged model, and that is the model tested and
