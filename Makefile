@@ -39,7 +39,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
 	$(BIN)/python bench/overhead.py --write BENCHMARKS.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --epochs 2 --retrain 8 \
-	  --set data.pipeline=device --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 --write BENCHMARKS.md
+	  --set data.pipeline=device --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 augment.tta=auto \
+	  --write BENCHMARKS.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --no-search \
 	  --set data.pipeline=device --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 augment.tta=auto \
 	  --write BENCHMARKS.md

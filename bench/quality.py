@@ -7,7 +7,7 @@ and one CPU thread each, on the same persisted split and image size:
   dissertation: its final recipe (experiment=agecnn / gendercnn / ethnicitycnn), one run of `--budget`
                 epochs (its early stopping may end it sooner);
   agecls:       an Optuna study (agecls's own sweeper, TPE, median pruner) over optimizer, learning rate,
-                weight decay, scheduler, dropout and test-time flip, starting from the same recipe (same
+                weight decay, scheduler and dropout, starting from the same recipe (same
                 architecture, so an epoch costs the same; `--agecls-set` adds agecls's own starting
                 recipe on top, e.g. the levers that won on validation), of
                 `(--budget - --retrain) // --epochs` trials of at most `--epochs` epochs; with
@@ -64,7 +64,6 @@ SEARCH = {
     "optimizer.weight_decay": "choice(0.0,1e-4,1e-2,0.1)",
     "scheduler": "choice(none,cosine,onecycle)",
     "model.dropout": "interval(0.1,0.6)",
-    "augment.tta": "choice(none,flip)",
 }
 QUICK_DATA = [
     "data=synthetic",
