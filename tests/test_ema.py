@@ -84,3 +84,32 @@ def test_fit_validates_checkpoints_and_tests_the_averaged_weights(compose_cfg):
     floats = [k for k, v in averaged.items() if v.is_floating_point()]
     assert any(not torch.equal(averaged[k], live[k]) for k in floats), "state_dict holds the average"
     assert ckpt["averaging_state"]["n_averaged"].item() >= 1
+
+
+class _Trainer:
+    def __init__(self, steps):
+        self.estimated_stepping_batches = steps
+
+
+@pytest.mark.parametrize(
+    ("spec", "steps", "warns"),
+    [
+        ({"enabled": True, "decay": 0.99, "warmup": False}, 464, True),  # the quality bench's runs
+        ({"enabled": True, "decay": 0.99, "warmup": False}, 5000, False),  # long enough
+        ({"enabled": True, "decay": 0.99, "warmup": False}, float("inf"), False),  # unknown length
+        ({"enabled": True, "decay": 0.99, "warmup": True}, 464, False),  # the warm-up keeps up
+    ],
+)
+def test_a_fixed_decay_too_slow_for_the_run_warns_at_fit_start(spec, steps, warns, caplog):
+    callback = build_ema(spec)
+    with caplog.at_level("WARNING", logger="agecls.ema"):
+        callback.on_fit_start(_Trainer(steps), None)
+    assert bool(caplog.records) == warns
+    if warns:
+        text = caplog.records[0].getMessage()
+        assert (
+            "decay 0.99 over about 464 steps" in text
+            and "holds 63% of the initial weights" in text
+            and "0.9% at its end" in text
+        )
+        assert "trainer.ema.warmup=true" in text

@@ -19,12 +19,39 @@ predicted with. Integer buffers (BatchNorm's num_batches_tracked) are copied, no
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
 
+log = logging.getLogger("agecls.ema")
 KEYS = ("enabled", "decay", "warmup")
+
+
+class EMAWeights(WeightAveraging):
+    """Lightning's `WeightAveraging` with agecls's update rule, warning at the start of a fit when a fixed
+    decay (`warmup=false`) is too slow for the run: validation (best checkpoint, early stopping, pruning)
+    sees an average that still holds decay^n of the initial weights after n steps."""
+
+    def __init__(self, decay: float, warmup: bool):
+        super().__init__(use_buffers=True, multi_avg_fn=ema_update_fn(decay, warmup))
+        self.decay, self.warmup = decay, warmup
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        super().on_fit_start(trainer, pl_module)
+        steps = trainer.estimated_stepping_batches
+        if not self.warmup and steps != float("inf") and steps < 10 / (1 - self.decay):
+            log.warning(
+                "trainer.ema.warmup=false with decay %g over about %d steps: the average holds %.0f%% of the "
+                "initial weights a tenth into the run and %.1f%% at its end, and validation, early stopping "
+                "and the best checkpoint see it (a short run can stop before it recovers); use "
+                "trainer.ema.warmup=true, or a decay with 1/(1-decay) well under the run's steps",
+                self.decay,
+                steps,
+                100 * self.decay ** (steps / 10),
+                100 * self.decay**steps,
+            )
 
 
 def ema_update_fn(decay: float, warmup: bool):
@@ -45,7 +72,7 @@ def ema_update_fn(decay: float, warmup: bool):
     return update
 
 
-def build_ema(spec: dict[str, Any] | None) -> WeightAveraging | None:
+def build_ema(spec: dict[str, Any] | None) -> EMAWeights | None:
     """The callback for the `trainer.ema` mapping, None when it is off; ValueError naming the key."""
     spec = dict(spec or {})
     unknown = sorted(set(spec) - set(KEYS))
@@ -59,4 +86,4 @@ def build_ema(spec: dict[str, Any] | None) -> WeightAveraging | None:
     warmup = spec.get("warmup", True)
     if not isinstance(warmup, bool):
         raise ValueError(f"trainer.ema.warmup={warmup!r}; valid: true or false")
-    return WeightAveraging(use_buffers=True, multi_avg_fn=ema_update_fn(float(decay), warmup))
+    return EMAWeights(float(decay), warmup)
