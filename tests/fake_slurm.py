@@ -30,15 +30,18 @@ def sbatch(args):
         "SLURM_JOB_NODELIST": "node1",
     }
     rc = STATE / f"{job}.rc"
+    # Run a copy: submitit moves the submitted file into its job folder as soon as sbatch returns, so
+    # running the original raced with that move (bash exited 127 when it lost).
+    copy = STATE / f"{job}.sh"
+    copy.write_text(Path(script).read_text())
     proc = subprocess.Popen(
-        ["bash", "-c", f'bash "{script}"; echo $? > "{rc}"'],
+        ["bash", "-c", f'bash "{copy}"; echo $? > "{rc}"'],
         env=env,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     (STATE / f"{job}.pid").write_text(str(proc.pid))
-    (STATE / f"{job}.sh").write_text(Path(script).read_text())
     print(f"Submitted batch job {job}")
 
 
