@@ -351,6 +351,10 @@ def test_choose_tta_keeps_the_better_mode_on_validation_and_writes_it_into_the_c
     got = choose_tta(module, _Val(), str(best), state, rec)
     assert got["chosen"] == chosen and module.tta == chosen
     assert set(got["val_macro_f1"]) == {"none", "flip"}
+    # the chosen mode's validation predictions come back for evaluate_splits to reuse
+    assert got["val_predicted"]["gender"]["preds"].eq(got["val_predicted"]["gender"]["labels"]).sum() == (
+        7 if flip_helps is None else 9
+    )
     if flip_helps is None:
         assert got["val_macro_f1"]["none"] == got["val_macro_f1"]["flip"]  # a tie keeps the cheaper none
     saved = torch.load(best, weights_only=False)
@@ -417,14 +421,26 @@ def test_a_run_with_mixing_and_flip_tta_trains_and_its_checkpoint_keeps_tta(
 
 
 @pytest.mark.slow
-def test_a_run_with_auto_tta_chooses_on_validation_and_writes_face_level_predictions(output_dir):
+def test_a_run_with_auto_tta_chooses_on_validation_and_writes_face_level_predictions(output_dir, monkeypatch):
     import pandas as pd
 
     from agecls.train import train
 
+    calls = []
+    original = FaceClassifier.collect
+
+    def counting(self, loader):
+        calls.append(self.tta)
+        return original(self, loader)
+
+    monkeypatch.setattr(FaceClassifier, "collect", counting)
     overrides = [*FAST_OVERRIDES, "trainer.max_epochs=2", "task=gender", "augment.tta=auto"]
     results = train(compose_train([*overrides, "tracking.experiment=tta-auto"]))
     tta = results["tta"]
+    assert set(tta) == {"chosen", "val_macro_f1"}
+    # validation none + flip, then train and test in the chosen mode: the chosen mode's validation
+    # predictions are reused, not made a third time
+    assert calls == ["none", "flip", tta["chosen"], tta["chosen"]]
     assert tta["chosen"] in ("none", "flip")
     # The reported validation score is the chosen mode's, and the run's objective follows it.
     assert results["best_val/macro_f1"] == pytest.approx(tta["val_macro_f1"][tta["chosen"]], abs=1e-6)

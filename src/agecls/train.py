@@ -222,13 +222,15 @@ def choose_tta(
     """`augment.tta=auto`: score the loaded best checkpoint on validation without and with flip TTA (macro-F1
     of the objective attribute) and keep the better (a tie keeps `none`, half the inference cost). The
     choice is set on `module` and written into the checkpoint's config (atomically), so every later reader
-    of the checkpoint uses it. Returns {"chosen", "val_macro_f1": {mode: score}}."""
+    of the checkpoint uses it. Returns {"chosen", "val_macro_f1": {mode: score}, "val_predicted": the chosen
+    mode's `module.collect` of validation (so `evaluate_splits` need not predict it a third time)}."""
     loader = datamodule.eval_dataloader("val")
     names = module.class_names[module.objective]
-    scores = {}
+    scores, predicted = {}, {}
     for mode in TTA_CHOICES:
         module.tta = mode
-        got = module.collect(loader)[module.objective]
+        predicted[mode] = module.collect(loader)
+        got = predicted[mode][module.objective]
         known = got["labels"] >= 0
         scores[mode] = float(
             stage_report(got["preds"][known], got["labels"][known], names).metrics["macro_f1"]
@@ -242,7 +244,7 @@ def choose_tta(
     log.info("augment.tta=auto: validation macro-F1 %s; chose %s", scores, chosen)
     rec.tags({"augment.tta_chosen": chosen})
     rec.metrics({f"tta_val/{mode}/macro_f1": score for mode, score in scores.items()})
-    return {"chosen": chosen, "val_macro_f1": scores}
+    return {"chosen": chosen, "val_macro_f1": scores, "val_predicted": predicted[chosen]}
 
 
 def subgroup_scores(
@@ -281,6 +283,7 @@ def evaluate_splits(
     rec: Recorder,
     groups: dict[str, tuple[np.ndarray, tuple[str, ...]]] | None = None,
     paths: np.ndarray | None = None,
+    predicted: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None,
 ) -> tuple[dict[str, dict[str, StageReport]], dict[str, pd.DataFrame]]:
     """Score the loaded (best) model on train, val and test, per attribute ({attribute: {split: report}};
     report.metrics holds macro_f1, acc and, for heads predicting years, mae); write and record tables and
@@ -289,21 +292,20 @@ def evaluate_splits(
     image path per row).
 
     `groups` (attribute -> (code per manifest row, -1 if unknown; group names)) adds the fairness view of
-    the age task (a single task: its target): its macro-F1 within each group, on val and test."""
+    the age task (a single task: its target): its macro-F1 within each group, on val and test. `predicted`
+    ({split: `module.collect` output}) reuses predictions already made by the same model and TTA mode."""
     multi = module.multitask
     fair_attr = "age" if multi else module.objective
     reports: dict[str, dict[str, StageReport]] = {a: {} for a in class_names}
     fairness: dict[str, pd.DataFrame] = {}
     for split in ("train", "val", "test"):
-        predicted = module.collect(datamodule.eval_dataloader(split))
+        made = (predicted or {}).get(split) or module.collect(datamodule.eval_dataloader(split))
         if split != "train":
-            table = prediction_table(
-                predicted, datamodule.indices[split], paths, module.multitask, class_names
-            )
+            table = prediction_table(made, datamodule.indices[split], paths, module.multitask, class_names)
             table.to_csv(run_dir / f"predictions_{split}.csv", index=False)
             rec.artifact(run_dir / f"predictions_{split}.csv", "evaluation")
         for attr, names in class_names.items():
-            got = predicted[attr]
+            got = made[attr]
             known = got["labels"] >= 0
             preds, labels = got["preds"][known], got["labels"][known]
             report = stage_report(preds, labels, names)
@@ -503,7 +505,10 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
             if attr != fair_attr
         }
         paths = manifest.df["path"].astype(str).to_numpy()
-        reports, fairness = evaluate_splits(module, datamodule, class_names, run_dir, rec, groups, paths)
+        reused = {"val": tta.pop("val_predicted")} if tta is not None else None
+        reports, fairness = evaluate_splits(
+            module, datamodule, class_names, run_dir, rec, groups, paths, predicted=reused
+        )
 
         results: dict[str, Any] = {
             "objective": best_score,
