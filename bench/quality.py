@@ -110,6 +110,21 @@ def strided_manifest(args, out: Path) -> tuple[Path, Path]:
     return path, manifest.path
 
 
+def agecls_overrides(a: dict, task: str) -> list[str]:
+    """The agecls side's overrides for one task: `--agecls-set` (every task), then `--agecls-set-<task>`."""
+    return [*a.get("agecls_set", []), *a.get(f"agecls_set_{task}", [])]
+
+
+def _per_task_text(a: dict) -> str:
+    """'; per task: gender also `k=v`, ...' for the tasks given their own levers ('' when none)."""
+    parts = [
+        f"{t} also " + ", ".join(f"`{o}`" for o in a[f"agecls_set_{t}"])
+        for t in EXPERIMENTS
+        if a.get(f"agecls_set_{t}")
+    ]
+    return "; per task: " + "; ".join(parts) if parts else ""
+
+
 def common(args, task: str) -> list[str]:
     if args.quick:
         data = QUICK_DATA
@@ -149,7 +164,7 @@ def recipe(args, task: str, out: Path) -> dict:
     """`--no-search`: the agecls side is the dissertation's recipe plus `--agecls-set` (levers chosen on
     validation beforehand), trained once for the whole budget."""
     run_dir = out / task / "recipe"
-    cmd = [sys.executable, "-m", "agecls.train", *common(args, task), *args.agecls_set]
+    cmd = [sys.executable, "-m", "agecls.train", *common(args, task), *agecls_overrides(vars(args), task)]
     cmd += [f"trainer.max_epochs={args.budget}", f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True, exist_ok=True)
     wall = _run(cmd, out / task / "recipe.log", _env(args.threads))
@@ -185,7 +200,7 @@ def search(args, task: str, out: Path) -> dict:
     cmd += ["hydra/sweeper=agecls_optuna", f"optuna.study_name={name}", f"optuna.storage={storage}"]
     cmd += [f"optuna.n_trials={trials}", "optuna.n_jobs=1", "optuna.register_best=false"]
     cmd += [f"hydra.sweep.dir={out / task / 'study'}", *(f"{k}={v}" for k, v in SEARCH.items())]
-    cmd += args.agecls_set
+    cmd += agecls_overrides(vars(args), task)
     wall = _run(cmd, out / task / "study.log", _env(args.threads))
     side = read_study(task, out, wall)
     return retrain(args, task, out, side) if args.retrain else side
@@ -196,7 +211,7 @@ def retrain(args, task: str, out: Path, side: dict) -> dict:
     epochs = args.budget - side["epochs_trained"]
     run_dir = out / task / "retrain"
     cmd = [sys.executable, "-m", "agecls.train", *common(args, task)]
-    cmd += [*args.agecls_set, *(f"{k}={v}" for k, v in side["best_params"].items())]
+    cmd += [*agecls_overrides(vars(args), task), *(f"{k}={v}" for k, v in side["best_params"].items())]
     cmd += [f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True, exist_ok=True)
     wall = _run(cmd, out / task / "retrain.log", _env(args.threads))
@@ -286,6 +301,7 @@ def _study_text(rep: dict) -> str:
             if a.get("agecls_set")
             else ""
         )
+        + _per_task_text(a)
         + ", searching "
         + ", ".join(f"`{k}={v}`" for k, v in rep.get("search", SEARCH).items())
         + (
@@ -330,6 +346,7 @@ def render(rep: dict) -> str:
         + (
             "the same recipe plus "
             + ", ".join(f"`{o}`" for o in a.get("agecls_set", []))
+            + _per_task_text(a)
             + f", trained once for up to {a['budget']} epochs: no search in this budget (the levers were "
             "chosen on validation in earlier runs, see the levers section). "
             + rep.get("schedule", f"Runs went {a['parallel']} at a time")
@@ -435,6 +452,14 @@ def main(argv: list[str] | None = None) -> int:
         help="overrides for the agecls side only (its starting recipe: levers kept because they won on "
         "validation), applied to every trial and the retrain",
     )
+    for task in EXPERIMENTS:
+        parser.add_argument(
+            f"--agecls-set-{task}",
+            nargs="*",
+            default=[],
+            help=f"overrides for the agecls side's {task} runs only, after --agecls-set (levers that won on "
+            f"validation for {task})",
+        )
     parser.add_argument(
         "--no-search",
         action="store_true",

@@ -157,6 +157,20 @@ def test_quality_no_search_section_has_its_own_markers_and_names_the_recipe(tmp_
     assert "Best agecls trial" not in text
 
 
+def test_per_task_agecls_overrides_follow_the_shared_ones_and_are_named_in_the_section(tmp_path, monkeypatch):
+    quality = load_bench("quality", monkeypatch)
+    a = {"agecls_set": ["trainer.ema.enabled=true"], "agecls_set_gender": ["optimizer.lr=3e-4"]}
+    assert quality.agecls_overrides(a, "gender") == ["trainer.ema.enabled=true", "optimizer.lr=3e-4"]
+    assert quality.agecls_overrides(a, "age") == ["trainer.ema.enabled=true"]
+    assert quality.agecls_overrides({}, "age") == []  # reports saved before per-task overrides existed
+    saved = _saved_report(tmp_path, no_search=True, **a)
+    rep = json.loads(saved.read_text())
+    rep["tasks"]["age"][1].update(trials=0, best_params={}, trial_vals=[])
+    saved.write_text(json.dumps(rep))
+    text = _render(tmp_path, saved)
+    assert "plus `trainer.ema.enabled=true`; per task: gender also `optimizer.lr=3e-4`, trained once" in text
+
+
 def _face_predictions(run_dir: Path, preds: list[int], labels: list[int]) -> dict:
     import pandas as pd
 
