@@ -218,6 +218,11 @@ def test_trial_of_a_killed_machine_is_failed_when_stale_and_rerun(tmp_path):
     study = _study(out, "k")
     assert _states(study) == ["FAIL", "COMPLETE"]
     assert study.trials[1].params == study.trials[0].params
+    # the dead trial's MLflow run could not end itself; the resumed sweep ended it FAILED
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("optuna_optimizers").experiment_id])
+    status = {r.data.tags.get("optuna.trial"): r.info.status for r in runs if "optuna.trial" in r.data.tags}
+    assert status == {"0": "FAILED", "1": "FINISHED"}
 
 
 SWEEP_FILES = sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("optuna_*.yaml"))

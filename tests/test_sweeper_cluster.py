@@ -287,6 +287,43 @@ def test_an_interrupted_fit_ends_its_run_killed_and_a_crash_failed(tmp_path, sto
     assert mlflow.MlflowClient(tracking_uri=uri).get_run(rec.run_id).info.status == status
 
 
+def test_runs_of_trials_killed_outright_are_ended_failed_and_running_trials_left_alone(tmp_path):
+    """A trial process killed outright (SIGKILL, out of memory) cannot end its MLflow run; once the study has
+    failed that trial, the sweeper ends the run FAILED. Runs of trials still running (this worker's or
+    another's) and of finished trials are untouched."""
+    from agecls.study_tracking import StudyRun
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = OmegaConf.create(
+        {
+            "tracking": {"tracking_uri": uri, "experiment": "e", "artifact_root": str(tmp_path / "art")},
+            "optuna": {"storage": "sqlite:///x.db", "register_best": False},
+        }
+    )
+    study = optuna.create_study(study_name="s")
+    for state in ("FAIL", "RUNNING", "COMPLETE"):
+        trial = study.ask()
+        if state != "RUNNING":
+            study.tell(trial, 0.5 if state == "COMPLETE" else None, state=getattr(TrialState, state))
+    tracker = StudyRun.open(cfg, "s")
+    client = tracker.client
+    runs = {}
+    for number, status in ((0, "RUNNING"), (1, "RUNNING"), (2, "FINISHED")):
+        tags = {"optuna.study": "s", "optuna.trial": str(number), "mlflow.parentRunId": tracker.run_id}
+        runs[number] = client.create_run(tracker.experiment_id, tags=tags).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(runs[number], status=status)
+    other = client.create_run(tracker.experiment_id, tags={"optuna.study": "t", "optuna.trial": "0"})
+
+    assert tracker.end_orphan_runs(study) == [runs[0]]
+    status = {n: client.get_run(r).info.status for n, r in runs.items()}
+    assert status == {0: "FAILED", 1: "RUNNING", 2: "FINISHED"}
+    assert client.get_run(runs[0]).data.tags["agecls.ended_by"].startswith("sweeper:")
+    assert client.get_run(other.info.run_id).info.status == "RUNNING"  # another study's trial 0
+    assert client.get_run(tracker.run_id).info.status == "RUNNING"  # the study's own run
+    assert tracker.end_orphan_runs(study) == []  # idempotent
+
+
 def _session_processes(session: int) -> dict[int, str]:
     """pid -> command line of the processes of one session (Linux /proc)."""
     found = {}
@@ -300,11 +337,20 @@ def _session_processes(session: int) -> dict[int, str]:
 
 # heavy: about a minute of subprocess sweep each; the fit-level test above runs by default.
 @pytest.mark.heavy
-@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
-def test_a_trial_cancelled_from_outside_is_failed_requeued_and_its_run_killed(tmp_path, launcher):
+@pytest.mark.parametrize(
+    ("launcher", "sig", "status"),
+    [
+        ("basic", signal.SIGINT, "KILLED"),
+        ("submitit_local", signal.SIGINT, "KILLED"),
+        ("basic", signal.SIGKILL, "FAILED"),
+    ],
+    ids=["basic", "submitit_local", "basic-sigkill"],
+)
+def test_a_trial_stopped_from_outside_is_failed_requeued_and_its_run_ended(tmp_path, launcher, sig, status):
     """A trial stopped from outside the sweeper (a local trial process sent Ctrl-C; a submitit job cancelled
     as submitit's LocalJob.cancel does, SIGINT to the job's controller): the study fails and re-queues it,
-    and its MLflow run ends KILLED, the same on both launchers."""
+    and its MLflow run ends KILLED, the same on both launchers. A trial process killed outright (SIGKILL, as
+    the out-of-memory killer does) cannot end its run: the sweeper ends it FAILED."""
     out = tmp_path / "out"
     args = ["sweep=optuna_optimizers", "optuna.study_name=x", "optuna.n_trials=1", "optuna/pruner=none"]
     args += ["optuna.max_failures=0", f"hydra/launcher={launcher}"]  # stop after the cancelled trial
@@ -315,7 +361,7 @@ def test_a_trial_cancelled_from_outside_is_failed_requeued_and_its_run_killed(tm
     else:
         target = [pid for pid, cmd in running.items() if "submitit.local._local" in cmd]
     assert len(target) == 1, running
-    os.kill(target[0], signal.SIGINT)
+    os.kill(target[0], sig)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0 and "optuna.max_failures=0" in err.decode(), err.decode()[-3000:]
     study = optuna.load_study(study_name="x", storage=f"sqlite:///{out}/optuna.db")
@@ -324,4 +370,5 @@ def test_a_trial_cancelled_from_outside_is_failed_requeued_and_its_run_killed(tm
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("optuna_optimizers").experiment_id])
     (trial_run,) = [r for r in runs if r.data.tags.get("optuna.trial") == "0"]
-    assert trial_run.info.status == "KILLED"
+    assert trial_run.info.status == status
+    assert ("agecls.ended_by" in trial_run.data.tags) == (sig == signal.SIGKILL)

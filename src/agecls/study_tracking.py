@@ -20,6 +20,8 @@ class StudyRun:
     client: Any
     run_id: str
     cfg: DictConfig
+    experiment_id: str = ""
+    study_name: str = ""
 
     @classmethod
     def open(cls, cfg: DictConfig, study_name: str) -> StudyRun:
@@ -41,12 +43,41 @@ class StudyRun:
                 "optuna.storage": str(cfg.optuna.storage),
             }
             run_id = client.create_run(experiment_id, run_name=f"study {study_name}", tags=tags).info.run_id
-        return cls(client=client, run_id=run_id, cfg=cfg)
+        return cls(client=client, run_id=run_id, cfg=cfg, experiment_id=experiment_id, study_name=study_name)
+
+    def end_orphan_runs(self, study) -> list[str]:
+        """End FAILED the trial runs still RUNNING whose Optuna trial has failed: a trial process killed
+        outright (SIGKILL, out of memory, a lost node) cannot end its own MLflow run, and the sweeper fails
+        its trial instead. Trials still RUNNING in the study (this or another worker's) are left alone.
+        Returns the run ids ended."""
+        from mlflow.exceptions import MlflowException
+        from optuna.trial import TrialState
+
+        failed = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        if not failed or not self.experiment_id:
+            return []
+        query = f"tags.`optuna.study` = '{self.study_name}' and attributes.status = 'RUNNING'"
+        ended = []
+        try:
+            for run in self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000):
+                tags = run.data.tags
+                if tags.get("agecls.role") == "study" or tags.get("optuna.trial") not in failed:
+                    continue
+                why = "sweeper: the trial process died without ending its run"
+                self.client.set_tag(run.info.run_id, "agecls.ended_by", why)
+                self.client.set_terminated(run.info.run_id, status="FAILED")
+                ended.append(run.info.run_id)
+        except MlflowException as exc:  # tracking is a record, not the study: never stop a sweep over it
+            log.warning("could not end the MLflow runs of failed trials: %s", exc)
+        if ended:
+            log.info("ended %d MLflow run(s) of failed trials as FAILED", len(ended))
+        return ended
 
     def close(self, study, status: str, seconds: float) -> None:
         """Summary of the study so far (trial counts by state, epochs, best value and params), then status."""
         from optuna.trial import TrialState
 
+        self.end_orphan_runs(study)
         trials = study.get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
         epochs = sum(int(t.user_attrs.get("epochs_trained", 0)) for t in trials)

@@ -435,6 +435,8 @@ class StudyRunner:
                         # failed and re-queued as a stale trial is (optuna.retries)
                         _fail_and_requeue(study, frozen, int(ocfg.retries))
                         frozen = study._storage.get_trial(item.trial_id)
+                        if tracker:
+                            tracker.end_orphan_runs(study)  # its MLflow run could not end itself
                     if frozen.state == TrialState.FAIL:
                         failures += 1
                         stopping = stopping or failures > max_failures
