@@ -8,7 +8,7 @@ import pytest
 import torch
 from tests.conftest import FAST_OVERRIDES
 
-from agecls.ema import build_ema, ema_update_fn
+from agecls.ema import HostCountedAveragedModel, build_ema, ema_update_fn
 from agecls.train import build_trainer, train
 
 
@@ -29,6 +29,79 @@ def test_integer_buffers_are_copied_not_averaged():
     avg, cur = [torch.tensor([3])], [torch.tensor([10])]
     ema_update_fn(0.5, warmup=True)(avg, cur, torch.tensor(5))
     assert avg[0].item() == 10
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+
+
+def _steps(net, n, seed=1):
+    """n small random changes of the live weights (and its BatchNorm statistics), one per update."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+        net.train()(torch.randn(16, 4, generator=gen))
+        yield
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_host_counted_average_equals_torchs_averaged_model_exactly(warmup):
+    from torch.optim.swa_utils import AveragedModel
+
+    fn = ema_update_fn(0.9, warmup)
+    live_a, live_b = _net(), _net()
+    theirs = AveragedModel(live_a, use_buffers=True, multi_avg_fn=fn)
+    mine = AveragedModel(live_b, use_buffers=True, multi_avg_fn=fn)
+    mine.__class__ = HostCountedAveragedModel  # as EMAWeights.setup does
+    for _ in zip(_steps(live_a, 30), _steps(live_b, 30), strict=True):
+        theirs.update_parameters(live_a)
+        mine.update_parameters(live_b)
+    for (name, a), b in zip(theirs.state_dict().items(), mine.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert int(mine.n_averaged) == 30 and mine.module[1].num_batches_tracked.item() == 30
+
+
+class _NoHostRead(torch.Tensor):
+    def __bool__(self):
+        raise AssertionError("the update read its counter back from the device")
+
+    item = __int__ = __float__ = __index__ = __bool__
+
+
+def test_host_counted_average_never_reads_its_counter_after_the_first_update_and_resumes():
+    live = _net()
+    avg = _host_counted(live)
+    steps = _steps(live, 12)
+    for _ in range(4):
+        next(steps)
+        avg.update_parameters(live)
+    avg.n_averaged = avg.n_averaged.as_subclass(_NoHostRead)
+    for _ in range(4):
+        next(steps)
+        avg.update_parameters(live)  # raises if it compares or converts the device counter
+    state = {k: v.as_subclass(torch.Tensor) for k, v in avg.state_dict().items()}
+    assert int(state["n_averaged"]) == 8
+    # a resumed fit loads the saved average and its count, and the host count follows it
+    resumed = _host_counted(live)
+    resumed.update_parameters(live)  # a fresh average: its first update copies the live weights
+    resumed.load_state_dict(state)
+    next(steps)
+    resumed.update_parameters(live)
+    avg.update_parameters(live)
+    assert int(resumed.n_averaged) == 9
+    for (name, a), b in zip(avg.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a.as_subclass(torch.Tensor), b), name
+
+
+def _host_counted(live):
+    from torch.optim.swa_utils import AveragedModel
+
+    avg = AveragedModel(live, use_buffers=True, multi_avg_fn=ema_update_fn(0.9, True))
+    avg.__class__ = HostCountedAveragedModel
+    return avg
 
 
 @pytest.mark.parametrize(
@@ -59,7 +132,15 @@ def test_ema_and_swa_together_are_refused(compose_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_fit_validates_checkpoints_and_tests_the_averaged_weights(compose_cfg):
+def test_fit_validates_checkpoints_and_tests_the_averaged_weights(compose_cfg, monkeypatch):
+    updates = []
+    original = HostCountedAveragedModel.update_parameters
+
+    def counting(self, model):
+        updates.append(self._host_n)
+        return original(self, model)
+
+    monkeypatch.setattr(HostCountedAveragedModel, "update_parameters", counting)
     results = train(
         compose_cfg(
             [
@@ -83,7 +164,10 @@ def test_fit_validates_checkpoints_and_tests_the_averaged_weights(compose_cfg):
     assert averaged.keys() == live.keys()
     floats = [k for k, v in averaged.items() if v.is_floating_point()]
     assert any(not torch.equal(averaged[k], live[k]) for k in floats), "state_dict holds the average"
-    assert ckpt["averaging_state"]["n_averaged"].item() >= 1
+    # the fit's average is agecls's host-counted one: one update per optimizer step (2 epochs x 3), the count
+    # read from the device once (None), and the device counter the checkpoint saves kept in step
+    assert updates == [None, 1, 2, 3, 4, 5]
+    assert ckpt["averaging_state"]["n_averaged"].item() == 3 * results["best_epoch"]
 
 
 class _Trainer:

@@ -8,9 +8,12 @@ What agecls adds is the update rule: with `warmup`, the decay after n updates is
 the average is not dominated by the first, random, weights; `decay` itself only binds after
 (10 decay - 1) / (1 - decay) updates (890 for 0.99, 1990 for 0.995): a shorter run's average weighs step k
 of N about as (k/N)^8 (about 60% of the weight on the last tenth of the steps), whatever `decay` is.
-The rule is computed on the device from the AveragedModel's own update counter (no host read of ours, and
-right after a resume; torch's `AveragedModel.update_parameters` itself still compares its counter with 0 on
-the host, one small synchronisation per step on a GPU).
+The average is kept by `HostCountedAveragedModel`, an AveragedModel whose update never reads its update
+counter back from the device: torch's `update_parameters` compares its device counter with 0 twice per step,
+which on a GPU waits for the queued work every step and stops the host from running ahead. It counts on the
+host instead (read from the device once per fit, so a resumed fit continues the count) and still advances
+the device counter that checkpoints save. The update is the same arithmetic as torch's path (float32 decay),
+so averages match it exactly (tests/test_ema.py).
 
 Because validation sees the averaged weights, everything chosen on validation (the best checkpoint, early
 stopping, the sweeper's pruning and objective) is about the averaged model, and that is the model tested and
@@ -19,11 +22,14 @@ predicted with. Integer buffers (BatchNorm's num_batches_tracked) are copied, no
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim.swa_utils import AveragedModel
 
 log = logging.getLogger("agecls.ema")
 KEYS = ("enabled", "decay", "warmup")
@@ -37,6 +43,12 @@ class EMAWeights(WeightAveraging):
     def __init__(self, decay: float, warmup: bool):
         super().__init__(use_buffers=True, multi_avg_fn=ema_update_fn(decay, warmup))
         self.decay, self.warmup = decay, warmup
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self._average_model is not None and type(self._average_model) is AveragedModel:
+            # the same module, buffers and state; only update_parameters differs (no device reads)
+            self._average_model.__class__ = HostCountedAveragedModel
 
     def on_fit_start(self, trainer, pl_module) -> None:
         super().on_fit_start(trainer, pl_module)
@@ -54,20 +66,57 @@ class EMAWeights(WeightAveraging):
             )
 
 
-def ema_update_fn(decay: float, warmup: bool):
-    """`multi_avg_fn` for AveragedModel: lerp each averaged tensor towards the live one by 1 - decay_n."""
+class HostCountedAveragedModel(AveragedModel):
+    """`AveragedModel` whose `update_parameters` keeps its update count on the host: no device read per
+    step (see the module docstring). `EMAWeights.setup` makes Lightning's AveragedModel one; same state."""
+
+    _host_n: int | None = None  # updates so far; None: read `n_averaged` once (a new fit, or after a load)
+
+    def load_state_dict(self, *args, **kwargs):
+        self._host_n = None
+        return super().load_state_dict(*args, **kwargs)
 
     @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        if self._host_n is None:
+            self._host_n = int(self.n_averaged)
+        mine = itertools.chain(self.module.parameters(), self.module.buffers())
+        theirs = itertools.chain(model.parameters(), model.buffers())
+        groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for avg, cur in zip(mine, theirs, strict=True):
+            avg = avg.detach()
+            got = groups.setdefault((avg.device, avg.dtype), ([], []))
+            got[0].append(avg)
+            got[1].append(cur.detach().to(avg.device))
+        for averaged, current in groups.values():
+            if self._host_n == 0:
+                torch._foreach_copy_(averaged, current)
+            else:
+                self.multi_avg_fn(averaged, current, self._host_n)
+        self.n_averaged += 1
+        self._host_n += 1
+
+
+def ema_update_fn(decay: float, warmup: bool):
+    """`multi_avg_fn` for AveragedModel: lerp each averaged tensor towards the live one by 1 - decay_n. The
+    update count is a host int (`HostCountedAveragedModel`) or, from torch's own AveragedModel, a tensor on
+    the device; the decay is computed in float32 either way."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged) -> None:
         if not (torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0])):
             torch._foreach_copy_(averaged, current)
             return
-        if warmup:
+        if not warmup:
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        elif isinstance(n_averaged, torch.Tensor):
             n = n_averaged.to(torch.float32)
             weight = 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=decay)
             torch._foreach_lerp_(averaged, current, weight.to(averaged[0].dtype))
         else:
-            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+            n = np.float32(n_averaged)
+            ratio = min((np.float32(1.0) + n) / (np.float32(10.0) + n), np.float32(decay))
+            torch._foreach_lerp_(averaged, current, float(np.float32(1.0) - ratio))
 
     return update
 
