@@ -3,6 +3,7 @@ submitted script at once as its own process group with the SLURM_* variables a j
 RUNNING / COMPLETED / FAILED / CANCELLED, `scancel` stops the group. State lives in $FAKE_SLURM_DIR.
 `install(bin_dir)` writes the four commands; tests put bin_dir first on PATH."""
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -16,9 +17,12 @@ STATE = Path(os.environ.get("FAKE_SLURM_DIR", "fake-slurm"))
 def sbatch(args):
     script = args[-1]
     STATE.mkdir(parents=True, exist_ok=True)
-    counter = STATE / "next"
-    job = int(counter.read_text()) if counter.exists() else 1000
-    counter.write_text(str(job + 1))
+    # job ids under an exclusive lock: two sweeper workers may submit at the same moment
+    with open(STATE / "next.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        counter = STATE / "next"
+        job = int(counter.read_text()) if counter.exists() else 1000
+        counter.write_text(str(job + 1))
     env = {
         **os.environ,
         "SLURM_JOB_ID": str(job),
