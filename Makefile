@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean bench bench-quick bench-sweep bench-predict bench-gpu browser
+.PHONY: install demo test test-heavy lint format clean bench bench-quick bench-sweep bench-predict bench-gpu bench-64 browser
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -37,6 +37,9 @@ test-heavy: $(STAMP)
 # UTKFace folder). The recipe's per-task levers (--agecls-set-age/-gender: OneCycle to 1e-3, chosen on
 # validation, BENCHMARKS.md levers round 3) are not given to the search protocol, which searches the
 # scheduler and learning rate itself. The sweep bench is separate: make bench-sweep.
+# agecls's recipe for the no-search quality runs: the levers that won on validation (BENCHMARKS.md levers).
+RECIPE := --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 augment.tta=auto \
+	--agecls-set-age scheduler=onecycle optimizer.lr=1e-3 --agecls-set-gender scheduler=onecycle optimizer.lr=1e-3
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
 	$(BIN)/python bench/overhead.py --write BENCHMARKS.md
@@ -44,9 +47,7 @@ bench: $(STAMP)
 	  --set data.pipeline=device --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 augment.tta=auto \
 	  --write BENCHMARKS.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --no-search \
-	  --set data.pipeline=device --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 augment.tta=auto \
-	  --agecls-set-age scheduler=onecycle optimizer.lr=1e-3 --agecls-set-gender scheduler=onecycle optimizer.lr=1e-3 \
-	  --write BENCHMARKS.md
+	  --set data.pipeline=device $(RECIPE) --write BENCHMARKS.md
 
 # CI smoke of the overhead, quality and throughput benches on tiny generated data (a few minutes; BENCHMARKS.md
 # untouched).
@@ -62,12 +63,12 @@ bench-gpu: $(STAMP)
 	$(BIN)/python bench/throughput.py --from-json outputs/bench/gpu/throughput.json --write BENCHMARKS.md
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 format: $(STAMP)
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests bench
+	$(BIN)/ruff format src tests bench
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache build dist src/*.egg-info
@@ -78,6 +79,12 @@ clean:
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep_pruning.py --write BENCHMARKS.md
 
+
+# The same recipe comparison at 64 px (about 45 minutes on 2 CPU cores; needs the UTKFace folder); rewrites its
+# BENCHMARKS.md section.
+bench-64: $(STAMP)
+	nice -n 10 $(BIN)/python bench/quality.py --size 64 --stride 3 --fraction 0.5 --budget 16 --no-search \
+	  --set data.pipeline=device $(RECIPE) --write BENCHMARKS.md
 
 # agecls-predict latency per stage (decode, detect, preprocess, model) for one photo and a batch of 32, CPU,
 # dissertation-size untrained model (a few minutes); rewrites its BENCHMARKS.md section.
