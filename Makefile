@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean bench bench-quick bench-sweep bench-predict bench-gpu bench-64 browser
+.PHONY: install demo test test-heavy lint format clean bench bench-quick bench-sweep bench-predict bench-gpu bench-64 bench-levers browser
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -55,6 +55,7 @@ bench-quick: $(STAMP)
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/overhead.py --quick
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/quality.py --quick
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/throughput.py --quick
+	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/levers.py --quick
 
 # On a machine with a CUDA GPU and this checkout installed: the prepared GPU check (bench/gpu.sh, under 10
 # minutes), then its throughput table into BENCHMARKS.md. Through the `device` tool see bench/gpu_prepare.sh.
@@ -79,6 +80,11 @@ clean:
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep_pruning.py --write BENCHMARKS.md
 
+
+# Quality levers per task on validation (bench/levers.py: the dissertation's recipe plus each lever, whole UTKFace
+# split, 32 px, 8 half-epochs; about 25 minutes on 2 CPU cores); rewrites its BENCHMARKS.md section.
+bench-levers: $(STAMP)
+	nice -n 5 $(BIN)/python bench/levers.py --notes bench/results/levers-notes.md --write BENCHMARKS.md
 
 # The same recipe comparison at 64 px (about 45 minutes on 2 CPU cores; needs the UTKFace folder); rewrites its
 # BENCHMARKS.md section.

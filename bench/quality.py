@@ -75,11 +75,11 @@ QUICK_DATA = [
 ]
 
 
-def _env(threads: int) -> dict[str, str]:
+def thread_env(threads: int) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str]) -> float:
+def run_logged(cmd: list[str], log: Path, env: dict[str, str]) -> float:
     """Run one agecls command, its output to `log`; seconds taken; SystemExit naming the log on failure."""
     started = time.perf_counter()
     with log.open("w") as out:
@@ -151,7 +151,7 @@ def dissertation(args, task: str, out: Path) -> dict:
     cmd = [sys.executable, "-m", "agecls.train", *common(args, task), f"trainer.max_epochs={args.budget}"]
     cmd.append(f"hydra.run.dir={run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    wall = _run(cmd, out / task / "dissertation.log", _env(args.threads))
+    wall = run_logged(cmd, out / task / "dissertation.log", thread_env(args.threads))
     return read_dissertation(task, out, wall)
 
 
@@ -167,7 +167,7 @@ def recipe(args, task: str, out: Path) -> dict:
     cmd = [sys.executable, "-m", "agecls.train", *common(args, task), *agecls_overrides(vars(args), task)]
     cmd += [f"trainer.max_epochs={args.budget}", f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    wall = _run(cmd, out / task / "recipe.log", _env(args.threads))
+    wall = run_logged(cmd, out / task / "recipe.log", thread_env(args.threads))
     return read_recipe(task, out, wall)
 
 
@@ -201,7 +201,7 @@ def search(args, task: str, out: Path) -> dict:
     cmd += [f"optuna.n_trials={trials}", "optuna.n_jobs=1", "optuna.register_best=false"]
     cmd += [f"hydra.sweep.dir={out / task / 'study'}", *(f"{k}={v}" for k, v in SEARCH.items())]
     cmd += agecls_overrides(vars(args), task)
-    wall = _run(cmd, out / task / "study.log", _env(args.threads))
+    wall = run_logged(cmd, out / task / "study.log", thread_env(args.threads))
     side = read_study(task, out, wall)
     return retrain(args, task, out, side) if args.retrain else side
 
@@ -214,7 +214,7 @@ def retrain(args, task: str, out: Path, side: dict) -> dict:
     cmd += [*agecls_overrides(vars(args), task), *(f"{k}={v}" for k, v in side["best_params"].items())]
     cmd += [f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    wall = _run(cmd, out / task / "retrain.log", _env(args.threads))
+    wall = run_logged(cmd, out / task / "retrain.log", thread_env(args.threads))
     return read_retrain(task, out, side, wall)
 
 

@@ -212,3 +212,56 @@ def test_throughput_quick_times_the_cpu_variants(tmp_path):
     for r in res["results"]:
         assert "error" not in r, r
         assert r["timed_steps"] == 4 and 0 < r["timed_images"] <= 4 * 32 and r["images_per_s"] > 0
+
+
+# ---- bench/levers.py -------------------------------------------------------------------------------------
+
+
+def _lever_run(out: Path, name: str, best: float, curve: list[float]) -> None:
+    run_dir = out / name / "run"
+    run_dir.mkdir(parents=True)
+    results = {
+        "best_val/macro_f1": best,
+        "best_epoch": curve.index(best) + 1,
+        "epochs_trained": len(curve),
+        "fit_seconds": 12.5,
+        "data_sizes": {"train": 100, "val": 40, "test": 40},
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    log = "\n".join(
+        f"[12:00:0{e}][agecls.train][INFO] epoch {e}  lr 0.0001  train/macro_f1 0.5  val/macro_f1 {v}"
+        for e, v in enumerate(curve, start=1)
+    )
+    (run_dir / "train.log").write_text("data: ...\n" + log + "\nbest epoch 2: val macro-F1 ...\n")
+
+
+def test_levers_collect_reads_finished_runs_marks_the_best_per_task_and_skips_missing(tmp_path, monkeypatch):
+    levers = load_bench("levers", monkeypatch)
+    _lever_run(tmp_path, "g_none", 0.81, [0.7, 0.81, 0.8])
+    _lever_run(tmp_path, "g_ema", 0.83, [0.72, 0.79, 0.83])
+    _lever_run(tmp_path, "e_ema", 0.6, [0.5, 0.6])
+    md = tmp_path / "BENCHMARKS.md"
+    args = ["--collect", str(tmp_path), "--only", "g_none", "g_ema", "e_ema", "a_ema", "--write", str(md)]
+    assert levers.main(args) == 0
+    text = md.read_text()
+    assert text.count("<!-- levers-runs:begin -->") == 1
+    assert "| gender | none (the dissertation's recipe) | 0.8100 | 2 of 3 | 0.700 0.810 0.800 | 12 |" in text
+    assert "| gender | `trainer.ema.enabled=true`, `trainer.ema.decay=0.995` | **0.8300** | 3 of 3 |" in text
+    assert "| ethnicity | `trainer.ema.enabled=true`, `trainer.ema.decay=0.995` | **0.6000** |" in text
+    assert "| age |" not in text, "a lever without a finished run is left out"
+    saved = json.loads((tmp_path / "levers.json").read_text())
+    assert levers.render(saved).strip() in text  # --from-json renders the same section
+
+
+def test_levers_only_names_an_unknown_lever_and_the_valid_ones(monkeypatch):
+    levers = load_bench("levers", monkeypatch)
+    with pytest.raises(SystemExit, match=r"--only g_fast: not a lever; valid: g_none, g_ema, "):
+        levers.main(["--only", "g_fast", "--quick"])
+
+
+# heavy: two 1-epoch subprocess fits on generated faces (a minute on shared cores).
+@pytest.mark.heavy
+def test_levers_quick_runs_two_levers(tmp_path):
+    done = run_bench("levers.py", ["--quick"], tmp_path, timeout=900)
+    assert "| gender | none (the dissertation's recipe) |" in done.stdout
+    assert "| gender | `trainer.ema.enabled=true`, `trainer.ema.decay=0.995` |" in done.stdout
