@@ -46,7 +46,8 @@ class EMAWeights(WeightAveraging):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self._average_model is not None and type(self._average_model) is AveragedModel:
+        built = self._average_model
+        if built is not None and type(built) is AveragedModel and built.use_buffers:
             # the same module, buffers and state; only update_parameters differs (no device reads)
             self._average_model.__class__ = HostCountedAveragedModel
 
