@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from quality import DEFAULT_ROOT, EXPERIMENTS, QUICK_DATA, REPO, run_logged, thread_env
 from sections import write_section  # bench/ is on sys.path when a script in it runs
 
@@ -85,6 +86,7 @@ def read_run(out: Path, name: str, task: str, overrides: list[str]) -> dict:
         "fit_s": float(res["fit_seconds"]),
         "curve": [curve[e] for e in sorted(curve)],
         "sizes": res["data_sizes"],
+        "root": str(OmegaConf.load(run_dir / "config.yaml").data.root),
     }
 
 
@@ -177,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         levers = [lever for lever in LEVERS if lever[0] in args.only]
     if args.quick:
         args.size, args.epochs, args.fraction = 32, 1, 1.0
-    elif not args.root.is_dir():
+    elif not args.collect and not args.root.is_dir():
         raise SystemExit(f"UTKFace folder not found: {args.root} (--root or AGECLS_UTKFACE)")
     from data_pipeline import machine
 
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "data": "generated synthetic faces (quick mode)"
         if args.quick
-        else f"the whole persisted split of real UTKFace at {args.root}",
+        else f"the whole persisted split of real UTKFace at {runs[0]['root']}",
         "load_start": load_start,
         "nice": os.nice(0),
         "runs": runs,

@@ -228,6 +228,7 @@ def _lever_run(out: Path, name: str, best: float, curve: list[float]) -> None:
         "data_sizes": {"train": 100, "val": 40, "test": 40},
     }
     (run_dir / "results.json").write_text(json.dumps(results))
+    (run_dir / "config.yaml").write_text("data:\n  root: /faces/UTKFace\n")
     log = "\n".join(
         f"[12:00:0{e}][agecls.train][INFO] epoch {e}  lr 0.0001  train/macro_f1 0.5  val/macro_f1 {v}"
         for e, v in enumerate(curve, start=1)
@@ -237,6 +238,7 @@ def _lever_run(out: Path, name: str, best: float, curve: list[float]) -> None:
 
 def test_levers_collect_reads_finished_runs_marks_the_best_per_task_and_skips_missing(tmp_path, monkeypatch):
     levers = load_bench("levers", monkeypatch)
+    monkeypatch.setenv("AGECLS_UTKFACE", str(tmp_path / "absent"))  # collecting needs no data folder
     _lever_run(tmp_path, "g_none", 0.81, [0.7, 0.81, 0.8])
     _lever_run(tmp_path, "g_ema", 0.83, [0.72, 0.79, 0.83])
     _lever_run(tmp_path, "e_ema", 0.6, [0.5, 0.6])
@@ -249,6 +251,7 @@ def test_levers_collect_reads_finished_runs_marks_the_best_per_task_and_skips_mi
     assert "| gender | `trainer.ema.enabled=true`, `trainer.ema.decay=0.995` | **0.8300** | 3 of 3 |" in text
     assert "| ethnicity | `trainer.ema.enabled=true`, `trainer.ema.decay=0.995` | **0.6000** |" in text
     assert "| age |" not in text, "a lever without a finished run is left out"
+    assert "real UTKFace at /faces/UTKFace (train/val rows 100/40)" in text  # where the runs read it
     saved = json.loads((tmp_path / "levers.json").read_text())
     assert levers.render(saved).strip() in text  # --from-json renders the same section
 
