@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from quality import DEFAULT_ROOT, EXPERIMENTS, QUICK_DATA, REPO, run_logged, thread_env
-from sections import write_section  # bench/ is on sys.path when a script in it runs
+from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
 
 BEGIN, END = "<!-- levers-runs:begin -->", "<!-- levers-runs:end -->"
 EMA = ["trainer.ema.enabled=true", "trainer.ema.decay=0.995"]
@@ -162,14 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path, help="render a saved bench/results/levers.json instead")
     args = parser.parse_args(argv)
     if args.from_json:
-        rep = json.loads(args.from_json.read_text())
-        if args.notes:
-            rep["notes"] = args.notes.read_text().splitlines()
-        section = render(rep)
-        print(section)
-        if args.write:
-            write_section(args.write, section, BEGIN, END)
-        return 0
+        return render_saved(args.from_json, render, args.write, (BEGIN, END), args.notes)
     levers = QUICK if args.quick else LEVERS
     if args.only:
         unknown = sorted(set(args.only) - {name for name, _, _ in LEVERS})

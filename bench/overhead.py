@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sections import write_section  # bench/ is on sys.path when a script in it runs
+from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
 
 from agecls.data_cli import compose_train_config
 
@@ -298,14 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path, help="render a saved outputs/bench/overhead.json instead")
     args = parser.parse_args(argv)
     if args.from_json:
-        res = json.loads(args.from_json.read_text())
-        if args.notes:
-            res["notes"] = args.notes.read_text().splitlines()
-        section = render(res)
-        print(section)
-        if args.write:
-            write_section(args.write, section, BEGIN, END)
-        return 0
+        return render_saved(args.from_json, render, args.write, (BEGIN, END), args.notes)
     from data_pipeline import LoadSampler, machine
 
     began = time.perf_counter()

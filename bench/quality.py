@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from sections import write_section  # bench/ is on sys.path when a script in it runs
+from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "utkface"
@@ -477,14 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.from_json:
-        rep = json.loads(args.from_json.read_text())
-        if args.notes:
-            rep["notes"] = args.notes.read_text().splitlines()
-        section = render(rep)
-        print(section)
-        if args.write:
-            write_section(args.write, section, *markers(rep["args"]["size"], rep["args"].get("no_search")))
-        return 0
+        saved_markers = lambda rep: markers(rep["args"]["size"], rep["args"].get("no_search"))  # noqa: E731
+        return render_saved(args.from_json, render, args.write, saved_markers, args.notes)
     if args.quick:  # one task, a 2-epoch budget: the dissertation run and a study of 2 one-epoch trials
         args.size, args.budget, args.epochs, args.fraction = 32, 2, 1, 1.0
         args.tasks = args.tasks if "--tasks" in (argv if argv is not None else sys.argv) else ["age"]

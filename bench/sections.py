@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 HEADER = "# Benchmarks\n\nFigures measured by the scripts in `bench/`.\n"
@@ -16,3 +18,22 @@ def write_section(path: Path, section: str, begin: str, end: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def render_saved(
+    saved: Path,
+    render: Callable[[dict], str],
+    write: Path | None,
+    markers: tuple[str, str] | Callable[[dict], tuple[str, str]],
+    notes: Path | None = None,
+) -> int:
+    """`--from-json`: render a saved report (with `--notes` lines appended), print it, and rewrite its section
+    of `write` when given; `markers` may depend on the report (a callable). Returns the exit status, 0."""
+    rep = json.loads(saved.read_text())
+    if notes:
+        rep["notes"] = notes.read_text().splitlines()
+    section = render(rep)
+    print(section)
+    if write:
+        write_section(write, section, *(markers(rep) if callable(markers) else markers))
+    return 0

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from sections import write_section  # bench/ is on sys.path when a script in it runs
+from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
 
 from agecls.data_cli import compose_train_config
 
@@ -198,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-json", type=Path, help="render a saved throughput.json instead of running")
     args = parser.parse_args(argv)
     if args.from_json:
-        section = render(json.loads(args.from_json.read_text()))
-        print(section)
-        if args.write:
-            write_section(args.write, section, BEGIN, END)
-        return 0
+        return render_saved(args.from_json, render, args.write, (BEGIN, END))
     if args.quick:
         args.size, args.batch_size, args.workers, args.steps, args.warmup = 32, 32, 0, 4, 2
         data = ["data.synthetic.n=300", "model.blocks=2", "model.base_channels=8", "model.hidden=16"]
