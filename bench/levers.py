@@ -215,10 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         rep["notes"] = args.notes.read_text().splitlines()
     section = render(rep)
     print(section)
-    (out / "levers.json").parent.mkdir(parents=True, exist_ok=True)
-    (out / "levers.json").write_text(json.dumps(rep, indent=1) + "\n")
-    if args.write and not args.quick:
-        (Path(__file__).parent / "results" / "levers.json").write_text(json.dumps(rep, indent=1) + "\n")
+    saved = json.dumps(rep, indent=1) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "levers.json").write_text(saved)
+    if args.write and not args.quick:  # the committed record of the section
+        (Path(__file__).parent / "results" / "levers.json").write_text(saved)
     if args.write:
         write_section(args.write, section, BEGIN, END)
         print(f"wrote {args.write}")
