@@ -86,7 +86,8 @@ bench-sweep: $(STAMP)
 
 
 # Quality levers per task on validation (bench/levers.py: the dissertation's recipe plus each lever, whole UTKFace
-# split, 32 px, 8 half-epochs; about 25 minutes on 2 CPU cores); rewrites its BENCHMARKS.md section.
+# split, 32 px, 8 half-epochs, and the dissertation's hierarchies V15/V16 for age; about 45 minutes on 2 CPU
+# cores); rewrites its BENCHMARKS.md section.
 bench-levers: $(STAMP)
 	nice -n 5 $(BIN)/python bench/levers.py --notes bench/results/levers-notes.md --write BENCHMARKS.md
 

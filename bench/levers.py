@@ -4,7 +4,7 @@ plus its overrides, on the whole persisted UTKFace split at a small image size f
 `--parallel` at a time with one CPU thread each. Only validation is read (best epoch's macro-F1, no TTA):
 levers are kept or dropped without looking at test, which the quality bench (bench/quality.py) then reports.
 
-    .venv/bin/python bench/levers.py --write BENCHMARKS.md          # the default set, ~25 min on 2 cores
+    .venv/bin/python bench/levers.py --write BENCHMARKS.md          # the default set, ~45 min on 2 cores
     .venv/bin/python bench/levers.py --only g_ema g_ema_onecycle1e-3
     .venv/bin/python bench/levers.py --collect outputs/bench/levers/<stamp> --write BENCHMARKS.md
     .venv/bin/python bench/levers.py --quick                        # CI smoke: generated faces, seconds
@@ -41,6 +41,10 @@ LEVERS = [
     ("a_none", "age", []),
     ("a_ema", "age", EMA),
     ("a_ema_onecycle1e-3", "age", [*EMA, *ONECYCLE]),
+    # the dissertation's V15/V16: a router (the recipe with task=gender|ethnicity), an age expert per group
+    ("a_hier_gender", "age", ["hierarchy=gender"]),
+    ("a_hier_ethnicity", "age", ["hierarchy=ethnicity"]),
+    ("a_ema_hier_gender", "age", [*EMA, "hierarchy=gender"]),
     ("e_none", "ethnicity", []),
     ("e_ema", "ethnicity", EMA),
     ("e_ema_onecycle1e-3", "ethnicity", [*EMA, *ONECYCLE]),
@@ -72,22 +76,55 @@ def command(args, task: str, overrides: list[str], run_dir: Path) -> list[str]:
 
 def read_run(out: Path, name: str, task: str, overrides: list[str]) -> dict:
     """One finished lever run: its best validation macro-F1 and epoch, fit time, and the per-epoch curve
-    (from the run's train.log, where agecls logs each epoch's metrics)."""
+    (from the run's train.log, where agecls logs each epoch's metrics). A hierarchy run (`hierarchy=...`)
+    has no single curve: its score is the routed model's validation macro-F1 (every expert at its own best
+    epoch on its group's validation faces), kept with the router's accuracy, the oracle routing's score and
+    each stage's best epoch."""
     run_dir = out / name / "run"
     res = json.loads((run_dir / "results.json").read_text())
-    curve = {int(e): float(v) for e, v in EPOCH_LINE.findall((run_dir / "train.log").read_text())}
-    return {
+    row = {
         "name": name,
         "task": task,
         "overrides": overrides,
         "val_macro_f1": float(res["best_val/macro_f1"]),
-        "best_epoch": int(res["best_epoch"]),
-        "epochs_trained": int(res["epochs_trained"]),
         "fit_s": float(res["fit_seconds"]),
-        "curve": [curve[e] for e in sorted(curve)],
-        "sizes": res["data_sizes"],
         "root": str(OmegaConf.load(run_dir / "config.yaml").data.root),
     }
+    if "stages" in res:
+        stages = res["stages"]
+        return {
+            **row,
+            "best_epoch": {stage: int(r["best_epoch"]) for stage, r in stages.items()},
+            "epochs_trained": max(int(r["epochs_trained"]) for r in stages.values()),
+            "curve": [],
+            "hierarchy": {
+                "router_val_acc": float(res["val/router_acc"]),
+                "oracle_val_macro_f1": float(res["val/oracle/macro_f1"]),
+                "stage_val_macro_f1": {stage: float(r["best_val/macro_f1"]) for stage, r in stages.items()},
+            },
+            "sizes": next(iter(stages.values()))["data_sizes"],  # the router's: the whole split
+        }
+    curve = {int(e): float(v) for e, v in EPOCH_LINE.findall((run_dir / "train.log").read_text())}
+    return {
+        **row,
+        "best_epoch": int(res["best_epoch"]),
+        "epochs_trained": int(res["epochs_trained"]),
+        "curve": [curve[e] for e in sorted(curve)],
+        "sizes": res["data_sizes"],
+    }
+
+
+def _epoch_and_curve(r: dict) -> tuple[str, str]:
+    """The table's 'best epoch' and 'per epoch' cells; a hierarchy run shows its stages instead."""
+    if "hierarchy" not in r:
+        return f"{r['best_epoch']} of {r['epochs_trained']}", " ".join(f"{v:.3f}" for v in r["curve"])
+    h = r["hierarchy"]
+    epochs = ", ".join(f"{stage} {e}" for stage, e in r["best_epoch"].items())
+    stages = ", ".join(f"{stage} {v:.3f}" for stage, v in h["stage_val_macro_f1"].items())
+    return f"{epochs} (of {r['epochs_trained']})", (
+        f"routed by the router's prediction (router val accuracy {h['router_val_acc']:.3f}); "
+        f"oracle routing {h['oracle_val_macro_f1']:.4f}; stages' own val macro-F1: {stages}"
+    )
 
 
 def run_one(args, out: Path, name: str, task: str, overrides: list[str]) -> dict:
@@ -135,11 +172,8 @@ def render(rep: dict) -> str:
         shown = ", ".join(f"`{o}`" for o in r["overrides"]) or "none (the dissertation's recipe)"
         score = f"{r['val_macro_f1']:.4f}"
         score = f"**{score}**" if r["val_macro_f1"] == best[r["task"]] else score
-        curve = " ".join(f"{v:.3f}" for v in r["curve"])
-        lines.append(
-            f"| {r['task']} | {shown} | {score} | {r['best_epoch']} of {r['epochs_trained']} | {curve} | "
-            f"{r['fit_s']:.0f} |"
-        )
+        epoch, curve = _epoch_and_curve(r)
+        lines.append(f"| {r['task']} | {shown} | {score} | {epoch} | {curve} | {r['fit_s']:.0f} |")
     lines += ["", *rep.get("notes", []), END, ""]
     return "\n".join(lines)
 

@@ -256,6 +256,40 @@ def test_levers_collect_reads_finished_runs_marks_the_best_per_task_and_skips_mi
     assert levers.render(saved).strip() in text  # --from-json renders the same section
 
 
+def test_levers_collect_reads_a_hierarchy_run_by_its_routed_score_and_stages(tmp_path, monkeypatch):
+    levers = load_bench("levers", monkeypatch)
+    monkeypatch.setenv("AGECLS_UTKFACE", str(tmp_path / "absent"))
+    _lever_run(tmp_path, "a_none", 0.52, [0.4, 0.52])
+    run_dir = tmp_path / "a_hier_gender" / "run"
+    run_dir.mkdir(parents=True)
+    stage = {"epochs_trained": 2, "fit_seconds": 5.0, "data_sizes": {"train": 100, "val": 40, "test": 40}}
+    results = {  # the keys agecls.hierarchical.run_hierarchy writes (tests/test_hierarchical.py)
+        "best_val/macro_f1": 0.55,
+        "val/router_acc": 0.9,
+        "val/oracle/macro_f1": 0.57,
+        "test/macro_f1": 0.99,  # never shown: levers are read on validation only
+        "fit_seconds": 15.0,
+        "stages": {
+            "router-gender": {**stage, "best_epoch": 2, "best_val/macro_f1": 0.9},
+            "expert-male": {**stage, "best_epoch": 1, "best_val/macro_f1": 0.5},
+            "expert-female": {**stage, "best_epoch": 2, "best_val/macro_f1": 0.6},
+        },
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    (run_dir / "config.yaml").write_text("data:\n  root: /faces/UTKFace\n")
+    md = tmp_path / "BENCHMARKS.md"
+    args = ["--collect", str(tmp_path), "--only", "a_none", "a_hier_gender", "--write", str(md)]
+    assert levers.main(args) == 0
+    text = md.read_text()
+    assert (
+        "| age | `hierarchy=gender` | **0.5500** | router-gender 2, expert-male 1, expert-female 2 (of 2) | "
+        "routed by the router's prediction (router val accuracy 0.900); oracle routing 0.5700; stages' own "
+        "val macro-F1: router-gender 0.900, expert-male 0.500, expert-female 0.600 | 15 |" in text
+    )
+    assert "| age | none (the dissertation's recipe) | 0.5200 | 2 of 2 |" in text
+    assert "0.99" not in text
+
+
 def test_levers_only_names_an_unknown_lever_and_the_valid_ones(monkeypatch):
     levers = load_bench("levers", monkeypatch)
     with pytest.raises(SystemExit, match=r"--only g_fast: not a lever; valid: g_none, g_ema, "):

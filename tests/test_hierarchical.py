@@ -78,6 +78,9 @@ def test_hierarchy_trains_only_on_training_faces_of_one_split(output_dir, tmp_pa
 
     stages = summary["stages"]
     assert set(stages) == {"router-gender", "expert-male", "expert-female"}
+    for r in stages.values():  # what bench/levers.py reads of a hierarchy run
+        assert r["best_epoch"] >= 1 and r["epochs_trained"] >= 1 and r["fit_seconds"] > 0, r
+        assert set(r["data_sizes"]) >= {"train", "val"}
     assert 0.0 <= summary["test/macro_f1"] <= 1.0 and 0.0 <= summary["test/router_acc"] <= 1.0
     assert "test/oracle/macro_f1" in summary and summary["objective"] == summary["val/macro_f1"]
     assert (

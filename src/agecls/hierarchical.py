@@ -223,6 +223,9 @@ def run_hierarchy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 for k in (
                     "best_val/macro_f1",
                     "test/macro_f1",
+                    "best_epoch",
+                    "epochs_trained",
+                    "fit_seconds",
                     "data_sizes",
                     "checkpoint",
                     "mlflow_run_id",
