@@ -26,6 +26,7 @@ from quality import DEFAULT_ROOT, EXPERIMENTS, QUICK_DATA, REPO, run_logged, thr
 from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
 
 BEGIN, END = "<!-- levers-runs:begin -->", "<!-- levers-runs:end -->"
+RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
 EMA = ["trainer.ema.enabled=true", "trainer.ema.decay=0.995"]
 ONECYCLE = ["scheduler=onecycle", "optimizer.lr=1e-3"]
 # (name, task, overrides on the task's dissertation recipe); the names are the run folders.
@@ -253,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "levers.json").write_text(saved)
     if args.write and not args.quick:  # the committed record of the section
-        (Path(__file__).parent / "results" / "levers.json").write_text(saved)
+        (RESULTS / "levers.json").write_text(saved)
     if args.write:
         write_section(args.write, section, BEGIN, END)
         print(f"wrote {args.write}")

@@ -244,6 +244,8 @@ def test_levers_collect_reads_finished_runs_marks_the_best_per_task_and_skips_mi
     _lever_run(tmp_path, "e_ema", 0.6, [0.5, 0.6])
     md = tmp_path / "BENCHMARKS.md"
     args = ["--collect", str(tmp_path), "--only", "g_none", "g_ema", "e_ema", "a_ema", "--write", str(md)]
+    monkeypatch.setattr(levers, "RESULTS", tmp_path / "record")  # not the committed bench/results
+    (tmp_path / "record").mkdir()
     assert levers.main(args) == 0
     text = md.read_text()
     assert text.count("<!-- levers-runs:begin -->") == 1
@@ -254,6 +256,7 @@ def test_levers_collect_reads_finished_runs_marks_the_best_per_task_and_skips_mi
     assert "real UTKFace at /faces/UTKFace (train/val rows 100/40)" in text  # where the runs read it
     saved = json.loads((tmp_path / "levers.json").read_text())
     assert levers.render(saved).strip() in text  # --from-json renders the same section
+    assert json.loads((tmp_path / "record" / "levers.json").read_text()) == saved
 
 
 def test_levers_collect_reads_a_hierarchy_run_by_its_routed_score_and_stages(tmp_path, monkeypatch):
@@ -279,6 +282,8 @@ def test_levers_collect_reads_a_hierarchy_run_by_its_routed_score_and_stages(tmp
     (run_dir / "config.yaml").write_text("data:\n  root: /faces/UTKFace\n")
     md = tmp_path / "BENCHMARKS.md"
     args = ["--collect", str(tmp_path), "--only", "a_none", "a_hier_gender", "--write", str(md)]
+    monkeypatch.setattr(levers, "RESULTS", tmp_path / "record")  # not the committed bench/results
+    (tmp_path / "record").mkdir()
     assert levers.main(args) == 0
     text = md.read_text()
     assert (
