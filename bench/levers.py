@@ -29,6 +29,7 @@ BEGIN, END = "<!-- levers-runs:begin -->", "<!-- levers-runs:end -->"
 RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
 EMA = ["trainer.ema.enabled=true", "trainer.ema.decay=0.995"]
 ONECYCLE = ["scheduler=onecycle", "optimizer.lr=1e-3"]
+EXPERTS_16 = 'hierarchy.expert_overrides=["trainer.max_epochs=16"]'
 # (name, task, overrides on the task's dissertation recipe); the names are the run folders.
 LEVERS = [
     ("g_none", "gender", []),
@@ -46,6 +47,9 @@ LEVERS = [
     ("a_hier_gender", "age", ["hierarchy=gender"]),
     ("a_hier_ethnicity", "age", ["hierarchy=ethnicity"]),
     ("a_ema_hier_gender", "age", [*EMA, "hierarchy=gender"]),
+    # V15 with 16 epochs per expert, twice the default --epochs: an expert sees about half the faces, so it
+    # then takes about as many steps as a flat run
+    ("a_hier_gender_e16", "age", ["hierarchy=gender", EXPERTS_16]),
     ("e_none", "ethnicity", []),
     ("e_ema", "ethnicity", EMA),
     ("e_ema_onecycle1e-3", "ethnicity", [*EMA, *ONECYCLE]),
