@@ -87,13 +87,16 @@ def read_run(out: Path, name: str, task: str, overrides: list[str]) -> dict:
     each stage's best epoch."""
     run_dir = out / name / "run"
     res = json.loads((run_dir / "results.json").read_text())
+    config = run_dir / "config.yaml"
+    if not config.is_file() and "stages" in res:  # a hierarchy run of before agecls saved its config there
+        config = Path(next(iter(res["stages"].values()))["run_dir"]) / "config.yaml"
     row = {
         "name": name,
         "task": task,
         "overrides": overrides,
         "val_macro_f1": float(res["best_val/macro_f1"]),
         "fit_s": float(res["fit_seconds"]),
-        "root": str(OmegaConf.load(run_dir / "config.yaml").data.root),
+        "root": str(OmegaConf.load(config).data.root),
     }
     if "stages" in res:
         stages = res["stages"]

@@ -273,13 +273,20 @@ def test_levers_collect_reads_a_hierarchy_run_by_its_routed_score_and_stages(tmp
         "test/macro_f1": 0.99,  # never shown: levers are read on validation only
         "fit_seconds": 15.0,
         "stages": {
-            "router-gender": {**stage, "best_epoch": 2, "best_val/macro_f1": 0.9},
+            "router-gender": {
+                **stage,
+                "best_epoch": 2,
+                "best_val/macro_f1": 0.9,
+                "run_dir": str(run_dir / "router-gender"),
+            },
             "expert-male": {**stage, "best_epoch": 1, "best_val/macro_f1": 0.5},
             "expert-female": {**stage, "best_epoch": 2, "best_val/macro_f1": 0.6},
         },
     }
     (run_dir / "results.json").write_text(json.dumps(results))
-    (run_dir / "config.yaml").write_text("data:\n  root: /faces/UTKFace\n")
+    # a hierarchy run from before agecls saved its config beside results.json: the router's is read
+    (run_dir / "router-gender").mkdir()
+    (run_dir / "router-gender" / "config.yaml").write_text("data:\n  root: /faces/UTKFace\n")
     md = tmp_path / "BENCHMARKS.md"
     args = ["--collect", str(tmp_path), "--only", "a_none", "a_hier_gender", "--write", str(md)]
     monkeypatch.setattr(levers, "RESULTS", tmp_path / "record")  # not the committed bench/results

@@ -8,6 +8,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES, compose_train
 
 from agecls.data.datamodule import FaceDataModule
@@ -78,6 +79,8 @@ def test_hierarchy_trains_only_on_training_faces_of_one_split(output_dir, tmp_pa
 
     stages = summary["stages"]
     assert set(stages) == {"router-gender", "expert-male", "expert-female"}
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")  # the hierarchy's own composed config
+    assert saved.hierarchy.by == "gender" and saved.task.target == "age"
     for r in stages.values():  # what bench/levers.py reads of a hierarchy run
         assert r["best_epoch"] >= 1 and r["epochs_trained"] >= 1 and r["fit_seconds"] > 0, r
         assert set(r["data_sizes"]) >= {"train", "val"}

@@ -194,6 +194,8 @@ def run_hierarchy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     by = str(cfg.hierarchy.by)
     client, parent = _parent_run(cfg, by)
     stages = stage_configs(cfg, parent)
+    run_dir.mkdir(parents=True, exist_ok=True)  # the composed config, as a flat run's folder holds it
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
     started = time.perf_counter()
     results: dict[str, dict] = {}
     status = "FAILED"
@@ -244,6 +246,7 @@ def run_hierarchy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for key, value in metrics.items():
             client.log_metric(parent, key, value)
         client.log_artifact(parent, str(run_dir / "results.json"), "evaluation")
+        client.log_artifact(parent, str(run_dir / "config.yaml"), "config")
         client.set_terminated(parent, status="FINISHED")
     log.info(
         "hierarchy by %s: val macro-F1 %.4f, test macro-F1 %.4f (oracle routing: test %.4f; router acc %.3f)",
