@@ -280,6 +280,31 @@ def test_a_run_on_the_device_pipeline_with_channels_last_and_compile_trains_and_
     assert not any("_orig_mod" in k for k in module.state_dict())  # compile left the checkpoint plain
 
 
+def test_early_stopping_auto_stays_off_under_a_whole_run_schedule(compose_cfg, tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from agecls.tracking import Recorder
+    from agecls.train import build_trainer, resolve_auto
+
+    for scheduler, enabled in (("none", True), ("plateau", True), ("onecycle", False), ("cosine", False)):
+        cfg = compose_cfg([f"scheduler={scheduler}"])
+        assert cfg.trainer.early_stopping.enabled == "auto"
+        why = resolve_auto(cfg)
+        assert cfg.trainer.early_stopping.enabled is enabled, scheduler
+        assert why["trainer.early_stopping.enabled"].startswith(str(enabled).lower()), why
+    why = resolve_auto(compose_cfg(["scheduler=onecycle"]))
+    assert "total_steps" in why["trainer.early_stopping.enabled"]
+    forced = compose_cfg(["scheduler=onecycle", "trainer.early_stopping.enabled=true"])
+    assert "trainer.early_stopping.enabled" not in resolve_auto(forced)
+    assert forced.trainer.early_stopping.enabled is True  # an explicit setting is kept
+    bad = compose_cfg(["trainer.early_stopping.enabled=sometimes"])
+    with pytest.raises(ValueError, match=r"enabled='sometimes'; valid: true, false, auto"):
+        resolve_auto(bad)
+    for scheduler, stops in (("onecycle", False), ("plateau", True)):
+        trainer, _ = build_trainer(compose_cfg([f"scheduler={scheduler}"]), tmp_path, Recorder(enabled=False))
+        assert any(isinstance(c, EarlyStopping) for c in trainer.callbacks) is stops, scheduler
+
+
 def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
     from agecls.train import resolve_auto
 
@@ -302,7 +327,12 @@ def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
         "bf16-mixed",
         True,
     )
-    assert set(why) == {"data.pipeline", "trainer.precision", "trainer.channels_last"}
+    assert set(why) == {
+        "data.pipeline",
+        "trainer.precision",
+        "trainer.channels_last",
+        "trainer.early_stopping.enabled",
+    }
     assert resolve_auto(gpu) == {}  # idempotent: nothing left to resolve
     strong = compose_cfg(["augment=strong", "data.crop_margin=4"])
     assert "augment.train[4]" in resolve_auto(strong)["data.pipeline"] and strong.data.pipeline == "loader"
@@ -317,7 +347,12 @@ def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
         False,
     )
     explicit = compose_cfg(
-        ["data.pipeline=loader", "trainer.precision=32-true", "trainer.channels_last=false"]
+        [
+            "data.pipeline=loader",
+            "trainer.precision=32-true",
+            "trainer.channels_last=false",
+            "trainer.early_stopping.enabled=true",
+        ]
     )
     assert resolve_auto(explicit) == {} and explicit.data.pipeline == "loader"
     with pytest.raises(ValueError, match=r"trainer\.channels_last='yes'; valid: true, false, auto"):

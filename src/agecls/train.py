@@ -149,7 +149,8 @@ def _on_cuda(cfg: DictConfig) -> bool:
 
 def resolve_auto(cfg: DictConfig) -> dict[str, str]:
     """Replace the `auto` values of data.pipeline, trainer.precision and trainer.channels_last in `cfg` by
-    what this machine runs, so the saved config, MLflow params and checkpoint record the real setting.
+    what this machine runs, so the saved config, MLflow params and checkpoint record the real setting; and
+    trainer.early_stopping.enabled by what the scheduler allows (off under a whole-run schedule).
 
     On a CUDA GPU: the device pipeline (when there is one device and every augment.train step has a device
     version; else the loader pipeline), bf16-mixed precision (when the GPU supports bf16, else 32-true) and
@@ -183,6 +184,20 @@ def resolve_auto(cfg: DictConfig) -> dict[str, str]:
         if str(cfg.trainer.get("channels_last", False)) == "auto":
             cfg.trainer.channels_last = cuda
             why["trainer.channels_last"] = f"{str(cuda).lower()} ({'a CUDA GPU' if cuda else 'no CUDA GPU'})"
+        stop = cfg.trainer.get("early_stopping")
+        if stop is not None and stop.get("enabled") not in (True, False, "auto"):
+            raise ValueError(
+                f"trainer.early_stopping.enabled={stop.get('enabled')!r}; valid: true, false, auto"
+            )
+        if stop is not None and stop.get("enabled") == "auto":
+            planned = sorted((cfg.get("scheduler") or {}).get("from_trainer") or {})
+            stop.enabled = not planned
+            name = (cfg.get("scheduler") or {}).get("name", "none")
+            why["trainer.early_stopping.enabled"] = (
+                f"false (scheduler={name} plans the whole run: {', '.join(planned)} from the trainer)"
+                if planned
+                else f"true (scheduler={name} does not plan the run's length)"
+            )
     return why
 
 
