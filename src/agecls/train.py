@@ -185,14 +185,14 @@ def resolve_auto(cfg: DictConfig) -> dict[str, str]:
             cfg.trainer.channels_last = cuda
             why["trainer.channels_last"] = f"{str(cuda).lower()} ({'a CUDA GPU' if cuda else 'no CUDA GPU'})"
         stop = cfg.trainer.get("early_stopping")
-        if stop is not None and stop.get("enabled") not in (True, False, "auto"):
-            raise ValueError(
-                f"trainer.early_stopping.enabled={stop.get('enabled')!r}; valid: true, false, auto"
-            )
-        if stop is not None and stop.get("enabled") == "auto":
-            planned = sorted((cfg.get("scheduler") or {}).get("from_trainer") or {})
+        enabled = None if stop is None else stop.get("enabled")
+        if stop is not None and enabled not in (True, False, "auto"):
+            raise ValueError(f"trainer.early_stopping.enabled={enabled!r}; valid: true, false, auto")
+        if enabled == "auto":
+            scheduler = cfg.get("scheduler") or {}
+            planned = sorted(scheduler.get("from_trainer") or {})
             stop.enabled = not planned
-            name = (cfg.get("scheduler") or {}).get("name", "none")
+            name = scheduler.get("name", "none")
             why["trainer.early_stopping.enabled"] = (
                 f"false (scheduler={name} plans the whole run: {', '.join(planned)} from the trainer)"
                 if planned
