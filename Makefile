@@ -21,9 +21,10 @@ demo: $(STAMP)
 	$(BIN)/agecls-report demo
 
 # Installs the system Chromium for the browser test first when it can (apt-get as root); otherwise that one
-# test skips, saying why.
+# test skips, saying why. Then the package's layer contracts (import-linter, pyproject.toml), then pytest.
 test: $(STAMP)
 	@$(MAKE) --no-print-directory browser || echo ">> no Chromium: the browser upload test will skip"
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -m "not heavy"
 
 test-heavy: $(STAMP)
@@ -68,6 +69,7 @@ bench-gpu: $(STAMP)
 	$(BIN)/python bench/throughput.py --from-json outputs/bench/gpu/throughput.json --write BENCHMARKS.md
 
 lint: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 

@@ -114,10 +114,10 @@ def age_labels(paths: list[Path]) -> np.ndarray:
 
 
 def transforms_for(augment: str, size: int):
+    from agecls.config import compose_train
     from agecls.data.augment import build_augment
-    from agecls.data_cli import compose_train_config
 
-    cfg = compose_train_config([f"augment={augment}", f"data.image_size={size}", "data.grayscale=true"])
+    cfg = compose_train([f"augment={augment}", f"data.image_size={size}", "data.grayscale=true"])
     return build_augment(cfg.augment)
 
 

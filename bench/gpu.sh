@@ -57,7 +57,7 @@ grep -E "train images/s|FAILED" "$OUT_DIR/throughput.log" | tee -a "$OUT_DIR/sum
 FAST=(data.pipeline=device trainer.channels_last=true)
 echo ">> 2. AGECNN at 224 px, 3 epochs, ${FAST[*]} bf16-mixed" | tee -a "$OUT_DIR/summary.txt"
 start=$(date +%s)
-timeout 120 "$PYTHON" -m agecls.train experiment=agecnn "${COMMON[@]}" "${FAST[@]}" trainer.max_epochs=3 \
+timeout 120 "$PYTHON" -m agecls.cli.train experiment=agecnn "${COMMON[@]}" "${FAST[@]}" trainer.max_epochs=3 \
   trainer.early_stopping.enabled=false "hydra.run.dir=$OUT_DIR/agecnn224" > "$OUT_DIR/agecnn224.log" 2>&1 \
   || echo "the AGECNN run did not finish (see agecnn224.log)" | tee -a "$OUT_DIR/summary.txt"
 echo "wall $(( $(date +%s) - start )) s (data preparation included)" | tee -a "$OUT_DIR/summary.txt"

@@ -65,7 +65,7 @@ def command(args, task: str, overrides: list[str], run_dir: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "agecls.train",
+        "agecls.cli.train",
         f"experiment={EXPERIMENTS[task]}",
         *data,
         f"data.image_size={args.size}",

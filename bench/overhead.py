@@ -5,7 +5,7 @@ FaceDataModule loaders (same cached images, batch size, sampler, augmentation), 
 threads and deterministic setting, for the same number of epochs, each epoch a training pass and a
 validation pass. They run in one process, back to back, alternating which goes first, several times.
 
-  agecls: FaceClassifier + FaceDataModule + the lightning.Trainer that `agecls.train.build_trainer` builds
+  agecls: FaceClassifier + FaceDataModule + the Trainer of `agecls.training.trainer.build_trainer`
           from the composed config (best-checkpoint and early-stopping callbacks, MLflow epoch logging to a
           throwaway store, per-step torchmetrics updates, progress bar as configured, sanity validation).
   plain:  for x, y in loader: zero_grad, loss, backward, step; then predictions on val and macro-F1, the
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
 
-from agecls.data_cli import compose_train_config
+from agecls.config import compose_train
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- overhead:begin -->", "<!-- overhead:end -->"
@@ -66,9 +66,10 @@ class Setup:
         from omegaconf import OmegaConf
 
         from agecls.data.prepare import prepare_data
-        from agecls.train import build_datamodule
+        from agecls.training.settings import resolve_auto
+        from agecls.training.train import build_datamodule
 
-        self.cfg = compose_train_config(
+        self.cfg = compose_train(
             [
                 *overrides,
                 f"trainer.max_epochs={epochs}",
@@ -79,16 +80,17 @@ class Setup:
                 "tracking.log_checkpoint=false",
             ]
         )
+        resolve_auto(self.cfg)
         self.resolved = OmegaConf.to_container(self.cfg, resolve=True)
         prepared = prepare_data(self.cfg.data, self.cfg.paths)
-        self.datamodule, self.class_names = build_datamodule(self.cfg, prepared)  # as agecls.train does
+        self.datamodule, self.class_names = build_datamodule(self.cfg, prepared)  # as train() does
         self.sizes = {s: len(self.datamodule.indices[s]) for s in ("train", "val")}
 
     def module(self):
-        """A fresh FaceClassifier from the seeded global RNG, built as agecls.train builds it."""
+        """A fresh FaceClassifier from the seeded global RNG, built as agecls.training.train builds it."""
         import lightning as L
 
-        from agecls.train import build_module
+        from agecls.training.train import build_module
 
         L.seed_everything(int(self.cfg.seed), workers=True, verbose=False)
         return build_module(self.cfg, self.resolved, self.datamodule, self.class_names)
@@ -113,11 +115,11 @@ def _timings(started: tuple[float, float], marks: list[tuple[float, float]]) -> 
 
 
 def run_agecls(setup: Setup, run_dir: Path) -> dict:
-    """One fit exactly as agecls.train builds it."""
+    """One fit exactly as agecls.training.train builds it."""
     import lightning as L
 
     from agecls.tracking import recording
-    from agecls.train import build_trainer
+    from agecls.training.trainer import build_trainer
 
     class EpochClock(L.Callback):
         def __init__(self) -> None:
@@ -243,7 +245,7 @@ def render(res: dict) -> str:
         "(`time.process_time`) is the headline; wall time is shown beside it.",
         f"- Data: generated synthetic faces (`data=synthetic`), the persisted split, decoded cache, "
         f"0 DataLoader workers. Extra config: `{' '.join(res['extra']) or '(none)'}`.",
-        "- agecls side: `FaceClassifier` + `FaceDataModule` + the Trainer of `agecls.train.build_trainer` "
+        "- agecls side: `FaceClassifier` + `FaceDataModule` + the Trainer of `build_trainer` "
         "(checkpoint + early-stopping callbacks, MLflow epoch logging, sanity validation, per-step "
         "torchmetrics updates, config as composed). Plain side: the same model class and initial "
         "weights (checked), loss, optimizer, loaders; `zero_grad/forward/backward/step`, then val "
@@ -305,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     load_start = [round(x, 2) for x in os.getloadavg()]
     load = LoadSampler()
     torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as agecls.train does for the default config
-    from agecls.train import _quiet_lightning
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as train() does for the default config
+    from agecls.training.trainer import quiet_lightning
 
-    _quiet_lightning()
+    quiet_lightning()
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

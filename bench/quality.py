@@ -18,7 +18,7 @@ and one CPU thread each, on the same persisted split and image size:
 
 Each run (like every agecls run) scores its best checkpoint on test at its end; this script reads those
 test scores only for the two final models (the dissertation run and the study's best-on-val trial) and
-adds a percentile bootstrap interval (agecls.bootstrap.bootstrap_ci) from the test confusion matrix.
+adds a percentile bootstrap interval (evaluation.bootstrap.bootstrap_ci) from the test confusion matrix.
 Epoch = `--fraction` of the training split (trainer.limit_train_batches; shuffled, so each epoch draws
 other rows); validation and test are always whole.
 
@@ -148,7 +148,7 @@ def common(args, task: str) -> list[str]:
 
 def dissertation(args, task: str, out: Path) -> dict:
     run_dir = out / task / "dissertation"
-    cmd = [sys.executable, "-m", "agecls.train", *common(args, task), f"trainer.max_epochs={args.budget}"]
+    cmd = [sys.executable, "-m", "agecls.cli.train", *common(args, task), f"trainer.max_epochs={args.budget}"]
     cmd.append(f"hydra.run.dir={run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
     wall = run_logged(cmd, out / task / "dissertation.log", thread_env(args.threads))
@@ -164,7 +164,7 @@ def recipe(args, task: str, out: Path) -> dict:
     """`--no-search`: the agecls side is the dissertation's recipe plus `--agecls-set` (levers chosen on
     validation beforehand), trained once for the whole budget."""
     run_dir = out / task / "recipe"
-    cmd = [sys.executable, "-m", "agecls.train", *common(args, task), *agecls_overrides(vars(args), task)]
+    cmd = [sys.executable, "-m", "agecls.cli.train", *common(args, task), *agecls_overrides(vars(args), task)]
     cmd += [f"trainer.max_epochs={args.budget}", f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True, exist_ok=True)
     wall = run_logged(cmd, out / task / "recipe.log", thread_env(args.threads))
@@ -192,7 +192,7 @@ def search(args, task: str, out: Path) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "agecls.train",
+        "agecls.cli.train",
         "-m",
         *common(args, task),
         f"trainer.max_epochs={args.epochs}",
@@ -210,7 +210,7 @@ def retrain(args, task: str, out: Path, side: dict) -> dict:
     """Train the study's best configuration once more for the epochs the study left of the budget."""
     epochs = args.budget - side["epochs_trained"]
     run_dir = out / task / "retrain"
-    cmd = [sys.executable, "-m", "agecls.train", *common(args, task)]
+    cmd = [sys.executable, "-m", "agecls.cli.train", *common(args, task)]
     cmd += [*agecls_overrides(vars(args), task), *(f"{k}={v}" for k, v in side["best_params"].items())]
     cmd += [f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ def read_study(task: str, out: Path, wall: float = float("nan")) -> dict:
 
 def with_ci(side: dict, n: int) -> dict:
     """Test macro-F1 and accuracy with 95% bootstrap intervals, from the run's test confusion matrix."""
-    from agecls.bootstrap import bootstrap_ci
+    from agecls.evaluation.bootstrap import bootstrap_ci
 
     res = side["results"]
     cm = np.asarray(res["confusion_test"], dtype=np.int64)
@@ -274,10 +274,10 @@ def with_ci(side: dict, n: int) -> dict:
 
 
 def paired_diff(dissertation: dict, agecls: dict, n: int) -> dict | None:
-    """agecls minus dissertation test macro-F1 with a paired bootstrap interval (`agecls.compare`, as
+    """agecls minus dissertation test macro-F1 with a paired bootstrap interval (`evaluation.compare`, as
     `agecls-compare --split test` reports it), from the two runs' face-level test predictions; None when a
     run predates them."""
-    from agecls.compare import CompareError, compare_runs
+    from agecls.evaluation.compare import CompareError, compare_runs
 
     files = [Path(s["results"].get("run_dir", "")) / "predictions_test.csv" for s in (agecls, dissertation)]
     if not all(f.is_file() for f in files):
@@ -356,10 +356,10 @@ def render(rep: dict) -> str:
         ),
         "- Test was never used to choose anything: every agecls run scores its best checkpoint on test at "
         "its end, and only the two final models' test scores are read here. Intervals: 95% percentile "
-        f"bootstrap over the {rep['n_boot']} resamples of the test rows (`agecls.bootstrap.bootstrap_ci`)"
+        f"bootstrap over the {rep['n_boot']} resamples of the test rows (`evaluation.bootstrap.bootstrap_ci`)"
         + (
             "; the verdicts' paired intervals resample the same test faces for both models "
-            "(`agecls.bootstrap.bootstrap_diff` on the runs' `predictions_test.csv`)."
+            "(`agecls.evaluation.bootstrap.bootstrap_diff` on the runs' `predictions_test.csv`)."
             if rep.get("paired")
             else "."
         ),

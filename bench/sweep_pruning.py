@@ -23,14 +23,14 @@ import optuna
 import torch
 from sections import write_section
 
-from agecls.study_report import compute_spent
+from agecls.evaluation.study_report import compute_spent
 
 
 def run_study(out: Path, name: str, pruner: str, args) -> dict:
     cmd = [
         sys.executable,
         "-m",
-        "agecls.train",
+        "agecls.cli.train",
         "-m",
         "experiment=demo",
         "sweep=demo",

@@ -2,7 +2,7 @@
 final AGECNN at 224 px on a lent H100").
 
 For each variant the config is composed like `agecls-train experiment=agecnn data=utkface ...` and the data
-module and model are built exactly as agecls.train builds them (`build_datamodule`, `build_module`,
+module and model are built exactly as agecls.training.train builds them (`build_datamodule`, `build_module`,
 `prepare_model`: the data pipeline, channels_last and torch.compile come from the config). A
 lightning.Trainer with the variant's precision then trains `--warmup` + `--steps` optimizer steps, no
 validation; a callback times the steps after the warm-up (CUDA-synchronised), so start-up, cache build and
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
 
-from agecls.data_cli import compose_train_config
+from agecls.config import compose_train
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
@@ -84,9 +84,12 @@ def run_variant(name: str, overrides: list[str], args) -> dict:
     from omegaconf import OmegaConf
 
     from agecls.data.prepare import prepare_data
-    from agecls.train import build_datamodule, build_module, prepare_model
+    from agecls.training.settings import resolve_auto
+    from agecls.training.train import build_datamodule, build_module
+    from agecls.training.trainer import prepare_model
 
-    cfg = compose_train_config([*args.common, *overrides])
+    cfg = compose_train([*args.common, *overrides])
+    resolve_auto(cfg)
     L.seed_everything(int(cfg.seed), verbose=False)
     started = time.perf_counter()
     prepared = prepare_data(cfg.data, cfg.paths)

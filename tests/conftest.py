@@ -49,7 +49,7 @@ def compose_cfg(output_dir):
 def tiny_multitask_ckpt(output_dir) -> Path:
     """One tiny multitask checkpoint (age, gender, ethnicity; 1 epoch on 200 synthetic 32 px faces) shared by
     the agecls-predict and agecls-serve tests."""
-    from agecls.train import train
+    from agecls.training.train import train
 
     overrides = [*FAST_OVERRIDES, "data.synthetic.n=200", "trainer.max_epochs=1", "task=multitask"]
     result = train(compose_train([*overrides, "tracking.experiment=predict-src"]))

@@ -297,7 +297,7 @@ def test_seed_pipeline_is_the_dissertations(compose_cfg):
 def test_a_run_trains_with_seed_augment_margin_and_dataset_normalisation(compose_cfg):
     from tests.conftest import FAST_OVERRIDES
 
-    from agecls.train import train
+    from agecls.training.train import train
 
     overrides = [*FAST_OVERRIDES, "trainer.max_epochs=2", "tracking.experiment=augment"]
     results = train(compose_cfg([*overrides, "augment=seed", "data.crop_margin=4", "data.normalize=dataset"]))

@@ -266,7 +266,7 @@ def test_levers_collect_reads_a_hierarchy_run_by_its_routed_score_and_stages(tmp
     run_dir = tmp_path / "a_hier_gender" / "run"
     run_dir.mkdir(parents=True)
     stage = {"epochs_trained": 2, "fit_seconds": 5.0, "data_sizes": {"train": 100, "val": 40, "test": 40}}
-    results = {  # the keys agecls.hierarchical.run_hierarchy writes (tests/test_hierarchical.py)
+    results = {  # the keys agecls.training.hierarchy.run_hierarchy writes (tests/test_hierarchical.py)
         "best_val/macro_f1": 0.55,
         "val/router_acc": 0.9,
         "val/oracle/macro_f1": 0.57,

@@ -13,8 +13,9 @@ import torch
 import yaml
 from tests.conftest import FAST_OVERRIDES, compose_train
 
-from agecls import bins_cli
-from agecls.bin_discovery import (
+from agecls.cli import bins as bins_cli
+from agecls.data.bins import AgeBins
+from agecls.evaluation.bin_discovery import (
     Constraints,
     DiscoveryError,
     SegmentScores,
@@ -23,7 +24,6 @@ from agecls.bin_discovery import (
     parse_fine_ranges,
     score_ranges,
 )
-from agecls.data.bins import AgeBins
 from agecls.metrics import stage_report
 
 
@@ -162,7 +162,7 @@ def test_bad_inputs_name_the_problem():
 
 @pytest.fixture(scope="module")
 def pairs_run(output_dir) -> dict:
-    from agecls.train import train
+    from agecls.training.train import train
 
     cfg = compose_train([*FAST_OVERRIDES, "bins=pairs", "trainer.max_epochs=2", "tracking.experiment=bins"])
     return train(cfg)

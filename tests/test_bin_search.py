@@ -1,4 +1,4 @@
-"""bins=search: Optuna draws age-bin edges per trial under constraints (agecls.bin_search)."""
+"""bins=search: Optuna draws age-bin edges per trial under constraints (agecls.training.bin_search)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import yaml
 from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES
 
-from agecls.bin_search import EdgeSearch, InfeasibleBins, check_counts, draw_bins, search_spec
 from agecls.data.bins import AgeBins, BinsError
-from agecls.study_report import bins_vary, trials_table
+from agecls.evaluation.study_report import bins_vary, trials_table
+from agecls.training.bin_search import EdgeSearch, InfeasibleBins, check_counts, draw_bins, search_spec
 
 
 def _trials(n: int, seed: int = 0):
@@ -117,7 +117,7 @@ def test_bin_edge_study_trains_drawn_bins_and_prunes_infeasible_ones(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "agecls.train",
+        "agecls.cli.train",
         "-m",
         *FAST_OVERRIDES,
         "data.synthetic.n=300",

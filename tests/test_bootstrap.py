@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from agecls.bootstrap import bootstrap_ci, bootstrap_diff
+from agecls.evaluation.bootstrap import bootstrap_ci, bootstrap_diff
 from agecls.metrics import stage_report
 
 
@@ -62,7 +62,7 @@ def test_interval_narrows_with_more_rows():
 
 
 def test_chunked_resampling_equals_unchunked(monkeypatch):
-    import agecls.bootstrap as bs
+    import agecls.evaluation.bootstrap as bs
 
     preds, target = noisy_preds(300, 5, 0.5, 2)
     whole = bootstrap_ci(preds, target, 5, n=100, seed=9)

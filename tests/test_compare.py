@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from agecls.compare import CompareError, compare_runs, main
+from agecls.cli.compare import main
+from agecls.evaluation.compare import CompareError, compare_runs
 
 
 def _run(folder: Path, preds, labels, split: str = "val", class_names=None, **extra) -> Path:

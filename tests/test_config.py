@@ -77,7 +77,11 @@ def test_utkface_requires_a_root(compose_cfg):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "agecls.train", *args], capture_output=True, text=True, timeout=120, cwd="/"
+        [sys.executable, "-m", "agecls.cli.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
     )
 
 

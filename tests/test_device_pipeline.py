@@ -16,8 +16,8 @@ from agecls.data.augment import build_augment
 from agecls.data.datamodule import DeviceBatches, FaceDataModule
 from agecls.data.device_augment import translate_pipeline
 from agecls.data.staged import _STAGED, StagedCache, staged_copies
-from agecls.module import FaceClassifier
-from agecls.train import train
+from agecls.tasks.module import FaceClassifier
+from agecls.training.train import train
 
 SIZE = 48
 
@@ -284,7 +284,8 @@ def test_early_stopping_auto_stays_off_under_a_whole_run_schedule(compose_cfg, t
     from lightning.pytorch.callbacks import EarlyStopping
 
     from agecls.tracking import Recorder
-    from agecls.train import build_trainer, resolve_auto
+    from agecls.training.settings import resolve_auto
+    from agecls.training.trainer import build_trainer
 
     for scheduler, enabled in (("none", True), ("plateau", True), ("onecycle", False), ("cosine", False)):
         cfg = compose_cfg([f"scheduler={scheduler}"])
@@ -301,12 +302,14 @@ def test_early_stopping_auto_stays_off_under_a_whole_run_schedule(compose_cfg, t
     with pytest.raises(ValueError, match=r"enabled='sometimes'; valid: true, false, auto"):
         resolve_auto(bad)
     for scheduler, stops in (("onecycle", False), ("plateau", True)):
-        trainer, _ = build_trainer(compose_cfg([f"scheduler={scheduler}"]), tmp_path, Recorder(enabled=False))
+        cfg = compose_cfg([f"scheduler={scheduler}"])
+        resolve_auto(cfg)
+        trainer, _ = build_trainer(cfg, tmp_path, Recorder(enabled=False))
         assert any(isinstance(c, EarlyStopping) for c in trainer.callbacks) is stops, scheduler
 
 
 def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
-    from agecls.train import resolve_auto
+    from agecls.training.settings import resolve_auto
 
     cfg = compose_cfg(["augment=seed"])
     assert (cfg.data.pipeline, cfg.trainer.precision, cfg.trainer.channels_last) == ("auto", "auto", "auto")

@@ -8,8 +8,10 @@ import pytest
 import torch
 from tests.conftest import FAST_OVERRIDES
 
-from agecls.ema import HostCountedAveragedModel, build_ema, ema_update_fn
-from agecls.train import build_trainer, train
+from agecls.training.ema import HostCountedAveragedModel, build_ema, ema_update_fn
+from agecls.training.settings import resolve_auto
+from agecls.training.train import train
+from agecls.training.trainer import build_trainer
 
 
 def test_update_follows_the_warmup_then_the_set_decay():
@@ -127,6 +129,7 @@ def test_ema_and_swa_together_are_refused(compose_cfg, tmp_path):
     cfg = compose_cfg(
         [*FAST_OVERRIDES, "tracking=none", "trainer.ema.enabled=true", "trainer.swa.enabled=true"]
     )
+    resolve_auto(cfg)
     with pytest.raises(ValueError, match="trainer.ema.enabled=true and trainer.swa.enabled=true"):
         build_trainer(cfg, tmp_path, rec=None)
 
@@ -186,7 +189,7 @@ class _Trainer:
 )
 def test_a_fixed_decay_too_slow_for_the_run_warns_at_fit_start(spec, steps, warns, caplog):
     callback = build_ema(spec)
-    with caplog.at_level("WARNING", logger="agecls.ema"):
+    with caplog.at_level("WARNING", logger="agecls.training.ema"):
         callback.on_fit_start(_Trainer(steps), None)
     assert bool(caplog.records) == warns
     if warns:

@@ -12,9 +12,10 @@ import mlflow
 import pytest
 from tests.conftest import FAST_OVERRIDES, compose_train
 
+from agecls.cli.eval import VALID_KEYS, main, parse_args
 from agecls.data.synthetic import generate_synthetic
-from agecls.evaluate import VALID_KEYS, UsageError, evaluate, main, parse_args
-from agecls.train import train
+from agecls.evaluation.evaluate import UsageError, evaluate
+from agecls.training.train import train
 from data_helpers import jpeg_bytes
 
 pytestmark = pytest.mark.slow
@@ -160,7 +161,7 @@ def test_a_file_that_is_not_a_checkpoint_exits_1(tmp_path, capsys):
 def test_dataset_normalisation_is_recomputed_from_the_training_split(trained, tmp_path):
     from omegaconf import OmegaConf
 
-    from agecls.eval_score import EvalError, normalize_stats
+    from agecls.evaluation.scoring import EvalError, normalize_stats
 
     cfg = compose_train([*FAST_OVERRIDES, "data.normalize=dataset"])  # the data `trained` used
     run_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # as a checkpoint holds it
@@ -174,8 +175,8 @@ def test_dataset_normalisation_is_recomputed_from_the_training_split(trained, tm
 def test_a_missing_local_tracking_store_is_named_before_any_work(tmp_path):
     from omegaconf import OmegaConf
 
-    from agecls.eval_record import check_store
-    from agecls.eval_score import EvalError
+    from agecls.evaluation.record import check_store
+    from agecls.evaluation.scoring import EvalError
 
     gone = f"sqlite:///{tmp_path}/moved/mlflow.db"
     with pytest.raises(EvalError, match=r"store .*moved/mlflow\.db is not there.*tracking\.enabled=false"):
@@ -195,9 +196,9 @@ def test_dataset_statistics_travel_in_the_checkpoint_and_outlive_the_training_da
 
     from agecls.data.cache import decode_image
     from agecls.data.prepare import prepare_data
-    from agecls.eval_score import EvalError, normalize_stats
-    from agecls.predict import attribute_probs, load_model
-    from agecls.train import build_datamodule
+    from agecls.evaluation.scoring import EvalError, normalize_stats
+    from agecls.serving.predict import attribute_probs, load_model
+    from agecls.training.train import build_datamodule
 
     own = tmp_path / "training-data"  # this run's own faces, manifest and cache: the shared ones stay put
     folder = generate_synthetic(own / "faces", 120, seed=3)  # a plain folder: nothing regenerates it

@@ -14,9 +14,10 @@ import torch
 from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES, compose_train
 
+from agecls.cli.eval import main, parse_args
 from agecls.data.bins import AgeBins
 from agecls.data.synthetic import generate_synthetic
-from agecls.ensemble import (
+from agecls.evaluation.ensemble import (
     Member,
     collect,
     decide,
@@ -25,9 +26,9 @@ from agecls.ensemble import (
     member_outputs,
     study_members,
 )
-from agecls.evaluate import EvalError, UsageError, evaluate, main, parse_args
-from agecls.module import FaceClassifier
+from agecls.evaluation.evaluate import EvalError, UsageError, evaluate
 from agecls.tasks.heads import CoralHead, CornHead, LabelDistributionHead, RegressionHead
+from agecls.tasks.module import FaceClassifier
 
 N_FRESH = 48
 

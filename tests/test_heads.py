@@ -11,10 +11,10 @@ import pytest
 import torch
 from tests.conftest import FAST_OVERRIDES, compose_train
 
+from agecls.cli.eval import parse_args
 from agecls.data.bins import AgeBins
 from agecls.data.synthetic import generate_synthetic
-from agecls.evaluate import evaluate, parse_args
-from agecls.module import FaceClassifier
+from agecls.evaluation.evaluate import evaluate
 from agecls.tasks.heads import (
     AGE_HEADS,
     CoralHead,
@@ -23,7 +23,8 @@ from agecls.tasks.heads import (
     RegressionHead,
     build_head,
 )
-from agecls.train import train
+from agecls.tasks.module import FaceClassifier
+from agecls.training.train import train
 
 BINS = AgeBins.named("seed7")  # 0-2, 3-6, 7-14, 15-30, 31-40, 41-65, 66-116
 K = BINS.n

@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES, compose_train
 
 from agecls.data.datamodule import FaceDataModule
-from agecls.hierarchical import HierarchyError, run_hierarchy, stage_configs, subset_labels
+from agecls.data.prepare import subset_labels
+from agecls.data.records import DataError
+from agecls.training.hierarchy import HierarchyError, run_hierarchy, stage_configs
 
 
 def test_stage_configs_route_by_gender_to_one_expert_per_gender(output_dir):
@@ -36,9 +38,9 @@ def test_bad_hierarchy_settings_are_named(output_dir):
         stage_configs(compose_train(["hierarchy=gender", "task=gender"]))
     df = pd.DataFrame({"gender": [0, 1, None], "age": [3, 30, 50]})
     assert subset_labels(np.array([0, 1, 2]), df, {"gender": 1}).tolist() == [-1, 1, -1]
-    with pytest.raises(HierarchyError, match="data.subset.race"):
+    with pytest.raises(DataError, match="data.subset.race"):
         subset_labels(np.array([0, 1, 2]), df, {"race": 1})
-    with pytest.raises(HierarchyError, match="selects no row"):
+    with pytest.raises(DataError, match="selects no row"):
         subset_labels(np.array([0, 1, 2]), df, {"gender": 7})
 
 

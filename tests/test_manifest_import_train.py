@@ -10,7 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES
 
-import agecls.train as train_mod
+import agecls.training.train as train_mod
 from agecls.data.manifest import ManifestError, load_manifest
 from agecls.data.prepare import prepare_data
 from agecls.data.records import DataError

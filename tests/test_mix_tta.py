@@ -11,11 +11,11 @@ import torch
 from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES, compose_train
 
-from agecls.batch_augment import MixSpec, cutmix_box, mix_batch, mix_spec, tta_mode
-from agecls.cli_args import UsageError
-from agecls.module import FaceClassifier
+from agecls.cli.args import UsageError
+from agecls.data.batch_augment import MixSpec, cutmix_box, mix_batch, mix_spec, tta_mode
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
 from agecls.tasks.heads import AGE_HEADS
+from agecls.tasks.module import FaceClassifier
 
 AGE7 = ["0-2", "3-6", "7-14", "15-30", "31-40", "41-65", "66-116"]
 NAMES = {"age": AGE7, "gender": list(GENDER_NAMES), "ethnicity": list(ETHNICITY_NAMES)}
@@ -341,7 +341,7 @@ def test_auto_starts_without_tta_and_is_not_a_mode_of_a_model():
 def test_choose_tta_keeps_the_better_mode_on_validation_and_writes_it_into_the_checkpoint(
     tmp_path, flip_helps, chosen
 ):
-    from agecls.train import choose_tta
+    from agecls.training.train import choose_tta
 
     module = _auto_module(flip_helps)
     best = tmp_path / "best.ckpt"
@@ -371,10 +371,11 @@ def test_choose_tta_keeps_the_better_mode_on_validation_and_writes_it_into_the_c
 def test_a_run_with_mixing_and_flip_tta_trains_and_its_checkpoint_keeps_tta(
     output_dir, tmp_path, monkeypatch
 ):
+    from agecls.cli.eval import parse_args
     from agecls.data.synthetic import generate_synthetic
-    from agecls.evaluate import evaluate, parse_args
-    from agecls.predict import attribute_probs
-    from agecls.train import train
+    from agecls.evaluation.evaluate import evaluate
+    from agecls.serving.predict import attribute_probs
+    from agecls.training.train import train
 
     overrides = [
         *FAST_OVERRIDES,
@@ -424,7 +425,7 @@ def test_a_run_with_mixing_and_flip_tta_trains_and_its_checkpoint_keeps_tta(
 def test_a_run_with_auto_tta_chooses_on_validation_and_writes_face_level_predictions(output_dir, monkeypatch):
     import pandas as pd
 
-    from agecls.train import train
+    from agecls.training.train import train
 
     calls = []
     original = FaceClassifier.collect

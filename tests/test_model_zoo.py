@@ -14,8 +14,8 @@ from tests.conftest import FAST_OVERRIDES, compose_train
 
 from agecls.config import CONFIG_DIR
 from agecls.models import WeightsError, available_models, create_backbone, create_model, skip_weights
-from agecls.module import FaceClassifier
-from agecls.train import train
+from agecls.tasks.module import FaceClassifier
+from agecls.training.train import train
 
 MODEL_FILES = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
 

@@ -14,14 +14,15 @@ import torch
 from omegaconf import OmegaConf
 from tests.conftest import FAST_OVERRIDES, compose_train
 
+from agecls.cli.eval import parse_args
 from agecls.data.datamodule import FaceDataModule
 from agecls.data.synthetic import generate_synthetic
-from agecls.evaluate import evaluate, parse_args
-from agecls.module import FaceClassifier
+from agecls.evaluation.evaluate import evaluate
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
 from agecls.tasks.heads import AGE_HEADS
+from agecls.tasks.module import FaceClassifier
 from agecls.tasks.multitask import loss_weights, objective_attribute, target_columns
-from agecls.train import train
+from agecls.training.train import train
 
 AGE7 = ["0-2", "3-6", "7-14", "15-30", "31-40", "41-65", "66-116"]
 NAMES = {"age": AGE7, "gender": list(GENDER_NAMES), "ethnicity": list(ETHNICITY_NAMES)}
@@ -184,7 +185,7 @@ def test_the_v19_experiment_composes():
 
 
 def test_prediction_table_of_a_head_predicting_years():
-    from agecls.train import prediction_table
+    from agecls.evaluation.splits import prediction_table
 
     predicted = {
         "age": {

@@ -46,7 +46,7 @@ def test_non_editable_install_ships_config_and_plugin(tmp_path):
     where = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd="/")
     assert where.stdout.strip() == str(target / "agecls" / "conf")
     shown = subprocess.run(
-        [sys.executable, "-m", "agecls.train", "sweep=optuna_bins", "--cfg", "hydra"],
+        [sys.executable, "-m", "agecls.cli.train", "sweep=optuna_bins", "--cfg", "hydra"],
         capture_output=True,
         text=True,
         env=env,

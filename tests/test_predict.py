@@ -13,14 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
+from agecls.cli.predict import main, parse_args
 from agecls.data.cache import decode_image
-from agecls.predict import (
+from agecls.serving.predict import (
     Predictor,
     UsageError,
     attribute_probs,
     fit_square,
-    main,
-    parse_args,
     resolve_checkpoint,
     run,
 )
@@ -99,7 +98,7 @@ def test_faces_are_found_and_every_output_is_well_formed(tiny_multitask_ckpt, ph
 
 
 def test_a_large_photo_is_searched_downscaled_and_boxes_map_back():
-    from agecls.predict import find_faces
+    from agecls.serving.predict import find_faces
 
     small, large = grace(), grace().resize((1536, 1800))
     a, b = find_faces(small)[0], find_faces(large)[0]  # the largest face (at 1536 px the cascade also
@@ -132,7 +131,7 @@ def test_one_checkpoint_per_attribute_and_the_softmax_fallback(tiny_multitask_ck
     assert torch.allclose(probs["gender"].sum(1), torch.ones(3))
 
     # one model per attribute, each with its own preprocessing (grey 32 px, RGB 40 px cropped to 32)
-    from agecls.predict import Model
+    from agecls.serving.predict import Model
 
     age = Model(Path("age"), Plain(), 32, 32, True, None, None, {"gender": ["male", "female"]})
 

@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -30,7 +32,7 @@ def test_rerunning_a_trials_config_reproduces_its_metrics(tmp_path):
     study_args = ["sweep=optuna_optimizers", "optuna.study_name=rep", "optuna.n_trials=1"]
     study_args += ["optuna/pruner=none", "optuna.devices=null", "seed=123"]
     sweep = subprocess.run(
-        [sys.executable, "-m", "agecls.train", "-m", *TINY, *study_args],
+        [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *study_args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -51,7 +53,7 @@ def test_rerunning_a_trials_config_reproduces_its_metrics(tmp_path):
         [
             sys.executable,
             "-m",
-            "agecls.train",
+            "agecls.cli.train",
             "--config-path",
             trial_dir,
             "--config-name",
@@ -113,3 +115,36 @@ def compose_train_with_hydra(output_dir):
             return compose(config_name="train", overrides=overrides, return_hydra_config=True)
 
     return compose_it
+
+
+GOLDEN = json.loads((Path(__file__).parent / "golden" / "reference_runs.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(GOLDEN["runs"]))
+def test_a_run_gives_the_reference_metrics_of_the_code_before_the_package_moved(tmp_path, name):
+    """Three deterministic runs (single task, multitask, EMA + TTA auto + OneCycle) recorded with the code as
+    it was before the modules moved into layers: the same command gives the same results and predictions."""
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() != GOLDEN["cpu_capability"]:
+        pytest.skip(f"reference made on a {GOLDEN['cpu_capability']} CPU: other kernels round differently")
+    ref = GOLDEN["runs"][name]
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(tmp_path / "out"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "agecls.cli.train", *ref["overrides"], f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads((tmp_path / "run" / "results.json").read_text())
+    for key, value in ref["results"].items():
+        if isinstance(value, float):
+            assert got[key] == pytest.approx(value, abs=1e-6), key
+        else:
+            assert got[key] == value, key
+    predictions = (tmp_path / "run" / "predictions_test.csv").read_bytes()
+    assert hashlib.sha256(predictions).hexdigest() == ref["predictions_test_sha256"]

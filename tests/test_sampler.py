@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agecls.data.datamodule import FaceDataModule
-from agecls.tasks.classification import class_weights, sample_weights
+from agecls.data.datamodule import FaceDataModule, sample_weights
+from agecls.tasks.classification import class_weights
 
 LABELS = np.array([0] * 60 + [1] * 30 + [2] * 10)
 

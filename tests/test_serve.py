@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from agecls.predict import Predictor, parse_args
+from agecls.cli.predict import parse_args
+from agecls.serving.predict import Predictor
 
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("AGECLS_CHROMIUM", "/usr/bin/chromium")
@@ -36,7 +37,7 @@ def face_jpeg() -> bytes:
 
 @pytest.fixture(scope="module")
 def app(tiny_multitask_ckpt):
-    from agecls.serve import create_app
+    from agecls.serving.serve import create_app
 
     cfg = parse_args([f"ckpt={tiny_multitask_ckpt}", "images=-", "max_pixels=1000000"])
     return create_app(Predictor.from_config(cfg), max_upload_mb=0.5, max_batch=3)

@@ -9,7 +9,7 @@ import time
 OPEN = """
 import sys, time
 from omegaconf import OmegaConf
-from agecls.trial import open_study
+from agecls.study import open_study
 cfg = OmegaConf.create({
     "storage": sys.argv[1], "study_name": sys.argv[2], "heartbeat_interval": 60, "grace_period": 120,
     "retries": 0, "pruner": {"_target_": "optuna.pruners.NopPruner"},

@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 from tests.conftest import FAST_OVERRIDES
 
 from agecls.config import CONFIG_DIR
-from agecls.sweeper import SweepError, format_value, search_space
+from agecls.sweep.sweeper import SweepError, format_value, search_space
 
 TINY = [*FAST_OVERRIDES, "trainer.max_epochs=2", "data.synthetic.n=300"]
 
@@ -50,7 +50,7 @@ def test_unsupported_sweep_is_a_clear_error():
 
 def _sweep(out: Path, *args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
-    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, *args]
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *args]
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent, **popen
     )
@@ -97,7 +97,7 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
         assert child.data.params["optuna.trial"] == child.data.tags["optuna.trial"]
 
     report = subprocess.run(
-        [sys.executable, "-m", "agecls.report", "s1", "--out", str(tmp_path / "rep")],
+        [sys.executable, "-m", "agecls.cli.report", "s1", "--out", str(tmp_path / "rep")],
         capture_output=True,
         text=True,
         timeout=300,
@@ -160,7 +160,7 @@ def _start_training_sweep(tmp_path: Path, out: Path, args: list[str]) -> subproc
     out.mkdir()
     env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
     slow = ["trainer.max_epochs=1000", "trainer.early_stopping.enabled=false"]
-    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, *slow, *args]
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *slow, *args]
     proc = subprocess.Popen(
         cmd,
         env=env,
@@ -247,7 +247,7 @@ def test_two_worker_processes_share_one_study(tmp_path):
     out.mkdir()
     env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
     args = ["sweep=optuna_optimizers", "optuna.study_name=w", "optuna.n_trials=3", "optuna/pruner=none"]
-    cmd = [sys.executable, "-m", "agecls.train", "-m", *TINY, "trainer.max_epochs=1", *args]
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, "trainer.max_epochs=1", *args]
     # The first creates the storage and the MLflow experiment; the second joins while it runs.
     first = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120

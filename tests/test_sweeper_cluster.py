@@ -26,7 +26,7 @@ from tests.conftest import FAST_OVERRIDES
 from tests.test_sweeper import _start_training_sweep
 
 from agecls.config import CONFIG_DIR
-from agecls.sweeper import (
+from agecls.sweep.sweeper import (
     SubmititExecutor,
     SubprocessExecutor,
     _fail_and_requeue,
@@ -34,7 +34,7 @@ from agecls.sweeper import (
     submitit_parameters,
     trial_executor,
 )
-from agecls.trial import TrialContext, TrialNotRunning
+from agecls.training.trial import TrialContext, TrialNotRunning
 
 ONE_EPOCH = [*FAST_OVERRIDES, "trainer.max_epochs=1", "data.synthetic.n=300"]
 SLURM = [
@@ -175,7 +175,7 @@ def _multirun(
     out: Path, *args: str, launcher: str = "submitit_local", env: dict | None = None
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {}), "AGECLS_OUTPUT_DIR": str(out)}
-    cmd = [sys.executable, "-m", "agecls.train", "-m", *ONE_EPOCH, f"hydra/launcher={launcher}", *args]
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *ONE_EPOCH, f"hydra/launcher={launcher}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
 
 
@@ -291,7 +291,7 @@ def test_runs_of_trials_killed_outright_are_ended_failed_and_running_trials_left
     """A trial process killed outright (SIGKILL, out of memory) cannot end its MLflow run; once the study has
     failed that trial, the sweeper ends the run FAILED. Runs of trials still running (this worker's or
     another's) and of finished trials are untouched."""
-    from agecls.study_tracking import StudyRun
+    from agecls.sweep.study_tracking import StudyRun
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = OmegaConf.create(

@@ -12,11 +12,11 @@ import pytest
 import torch
 from tests.conftest import FAST_OVERRIDES
 
-from agecls.module import FaceClassifier
-from agecls.report import leaderboard, load_runs
+from agecls.evaluation.report import leaderboard, load_runs
 from agecls.tasks.classification import GENDER_NAMES
+from agecls.tasks.module import FaceClassifier
 from agecls.tracking import ManifestMismatchError, check_manifest
-from agecls.train import train
+from agecls.training.train import train
 
 pytestmark = pytest.mark.slow
 

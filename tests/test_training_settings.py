@@ -8,7 +8,7 @@ import pytest
 from tests.conftest import FAST_OVERRIDES
 
 from agecls.config import CONFIG_DIR
-from agecls.train import train
+from agecls.training.train import train
 
 pytestmark = pytest.mark.slow
 

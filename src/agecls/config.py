@@ -1,7 +1,9 @@
-"""Config helpers shared by every entry point: resolvers, paths and flattening for tracking."""
+"""Config helpers shared by every entry point: composing the train config, resolvers, paths and flattening
+for tracking."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,22 @@ def project_root() -> Path:
     if (candidate / "pyproject.toml").is_file() and (candidate / "src" / "agecls").is_dir():
         return candidate
     return Path.cwd()
+
+
+def compose_train(overrides: Sequence[str] = ()) -> DictConfig:
+    """The train config `agecls-train OVERRIDES` would run with; UsageError naming a bad override."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from agecls.errors import UsageError
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        detail = str(exc).split("\nConfig search path:")[0].strip()  # Hydra appends its search path
+        raise UsageError(f"bad override(s) {' '.join(overrides)}: {detail}") from None
 
 
 def register_resolvers() -> None:

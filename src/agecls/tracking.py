@@ -17,10 +17,16 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from agecls.config import project_root
+from agecls.config import compose_train, project_root
 
 MAX_PARAM_CHARS = 6000
-log = logging.getLogger("agecls.train")
+log = logging.getLogger("agecls.cli.train")
+
+
+def default_tracking(overrides: list[str] | None = None) -> tuple[str, Path, str]:
+    """Tracking URI, output folder and Optuna storage from the same config `agecls-train` composes."""
+    cfg = compose_train(overrides or [])
+    return cfg.tracking.tracking_uri, Path(cfg.paths.output_dir), str(cfg.optuna.storage)
 
 
 def git_commit() -> str:
@@ -63,7 +69,7 @@ def open_store(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
         return
-    from agecls.locks import file_lock, sqlite_lock_path
+    from agecls.files import file_lock, sqlite_lock_path
 
     with file_lock(sqlite_lock_path(tracking_uri)):
         mlflow.MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)

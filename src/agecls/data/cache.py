@@ -19,7 +19,7 @@ from agecls.data.records import DataError
 
 def fit_square(img: Image.Image, size: int, grayscale: bool) -> np.ndarray:
     """An opened image as (size, size, C) uint8: shorter side resized to `size` (bilinear, reducing_gap=None),
-    centre-cropped. The one preprocessing of training files and of faces found in photos (agecls.predict)."""
+    centre-cropped. The one preprocessing of training files and of faces found in photos (serving.predict)."""
     if img.mode not in ("L", "RGB"):
         img = img.convert("RGB")  # CMYK, P, LA, RGBA, I;16 ... via RGB
     img = img.convert("L" if grayscale else "RGB")

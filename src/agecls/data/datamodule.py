@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler, get_wor
 from agecls.data.augment import Transforms, check_normalize_spec, resolve_normalize, seed_transform
 from agecls.data.device_augment import DeviceAugment, translate_pipeline
 from agecls.data.staged import StagedCache
-from agecls.tasks.classification import sample_weights
 
 SPLITS = ("train", "val", "test")
 PIPELINES = ("loader", "device")
@@ -43,6 +42,12 @@ def seed_worker_transform(worker_id: int) -> None:
         import cv2  # albumentations' backend; its thread pool would oversubscribe the cores
 
         cv2.setNumThreads(0)
+
+
+def sample_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-sample weights 1 / count of the sample's class (the dissertation's weighted sampler)."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return 1.0 / counts[labels]
 
 
 class FaceDataset(Dataset):

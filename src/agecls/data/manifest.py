@@ -27,6 +27,7 @@ from agecls.data.records import (
     scan_folder,
 )
 from agecls.data.split import SPLITS, build_split, check_no_leak
+from agecls.files import write_atomic
 
 COLUMNS = ("path", "age", "gender", "ethnicity", "sha1", "split")
 FORMAT_VERSION = 1
@@ -149,15 +150,6 @@ def normalise_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _params(ratios, stratify, seed, dedupe, conflicts) -> tuple[dict, dict]:
@@ -286,9 +278,9 @@ def prepare_manifest(
         "fingerprint": fingerprint,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "rejected.csv", rejected.to_csv(index=False, lineterminator="\n").encode())
-    _write_atomic(out_dir / "manifest.csv", data)
-    _write_atomic(out_dir / "manifest.json", (json.dumps(info, indent=1) + "\n").encode())
+    write_atomic(out_dir / "rejected.csv", rejected.to_csv(index=False, lineterminator="\n").encode())
+    write_atomic(out_dir / "manifest.csv", data)
+    write_atomic(out_dir / "manifest.json", (json.dumps(info, indent=1) + "\n").encode())
     df = normalise_table(
         pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False), out_dir / "manifest.csv"
     )

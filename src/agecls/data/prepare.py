@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -21,7 +22,7 @@ from agecls.data.cache import build_cache
 from agecls.data.manifest import Manifest, ManifestError, load_manifest, prepare_manifest
 from agecls.data.records import DataError
 from agecls.data.synthetic import generate_synthetic
-from agecls.locks import file_lock
+from agecls.files import file_lock
 
 
 @dataclass
@@ -167,3 +168,19 @@ def frame_targets(df, columns: list[str], bins: AgeBins) -> np.ndarray:
     if len(columns) == 1:
         return frame_labels(df, columns[0], bins)
     return np.stack([frame_labels(df, c, bins) for c in columns], axis=1)
+
+
+def subset_labels(labels: np.ndarray, df, subset: Any) -> np.ndarray:
+    """Labels with every row outside `subset` ({column: value, ...} of the manifest) set to -1 (left out).
+
+    A row whose subset column is missing is left out too."""
+    if not subset:
+        return labels
+    keep = np.ones(len(df), dtype=bool)
+    for column, value in dict(subset).items():
+        if column not in df.columns:
+            raise DataError(f"data.subset.{column}: no such manifest column; valid: {', '.join(df.columns)}")
+        keep &= (df[column] == value).fillna(False).to_numpy(dtype=bool)
+    if not keep.any():
+        raise DataError(f"data.subset={dict(subset)} selects no row of the manifest")
+    return np.where(keep.reshape(-1, *[1] * (labels.ndim - 1)), labels, -1)  # 2-D targets: whole rows

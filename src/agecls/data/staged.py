@@ -1,6 +1,6 @@
 """The decoded image cache staged on a device for `data.pipeline=device`: one copy per process and device.
 
-A hierarchy run (agecls.hierarchical) trains a router and then an expert per group in one process, each
+A hierarchy run (agecls.training.hierarchy) trains a router and then an expert per group in one process, each
 with its own FaceDataModule over the same cache file; staging per datamodule would copy the whole cache to
 the GPU again for every stage (and keep the earlier copies until garbage collection gets to them). So
 `StagedCache` objects that wrap the same data share one device tensor through a registry of weak

@@ -1,12 +1,10 @@
-"""Single-attribute classification: which label column a task reads, its classes, and its loss."""
+"""Single-attribute classification: which label column a task reads, its classes, and its loss weights."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from torch import nn
 
 GENDER_NAMES = ("male", "female")
 ETHNICITY_NAMES = ("white", "black", "asian", "indian", "other")
@@ -25,19 +23,6 @@ class ClassificationTask:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def loss_fn(self, class_weights: list[float] | None = None) -> nn.Module:
-        """Cross-entropy with label smoothing and optional per-class weights."""
-        weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.label_smoothing)
-
-
-def task_classes(target: str, age_labels: list[str]) -> tuple[str, ...]:
-    """Class names for a target column; age uses the configured bins."""
-    names = {"age": tuple(age_labels), "gender": GENDER_NAMES, "ethnicity": ETHNICITY_NAMES}
-    if target not in names:
-        raise ValueError(f"task.target={target!r}; valid: {', '.join(names)}")
-    return names[target]
-
 
 def class_weights(labels: np.ndarray, num_classes: int, scheme: str) -> list[float] | None:
     """Loss weights from training-label counts: 1 - count/total (dissertation) or normalised 1/count."""
@@ -50,9 +35,3 @@ def class_weights(labels: np.ndarray, num_classes: int, scheme: str) -> list[flo
         return (1.0 - counts / counts.sum()).tolist()
     safe = np.where(counts > 0, counts, 1.0)
     return (counts.sum() / (num_classes * safe)).tolist()
-
-
-def sample_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per-sample weights 1 / count of the sample's class (the dissertation's weighted sampler)."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    return 1.0 / counts[labels]

@@ -1,4 +1,4 @@
-"""The `agecls_optuna` Hydra sweeper: a thin adapter over agecls.sweeper.StudyRunner."""
+"""The `agecls_optuna` Hydra sweeper: a thin adapter over agecls.sweep.sweeper.StudyRunner."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class AgeclsOptunaSweeper(Sweeper):
         self.hydra_context, self.config = hydra_context, config
 
     def sweep(self, arguments: list[str]) -> Any:
-        from agecls.sweeper import StudyRunner
+        from agecls.sweep.sweeper import StudyRunner
 
         assert self.config is not None and self.hydra_context is not None
         return StudyRunner(self.config, self.hydra_context).sweep(arguments)

@@ -6,30 +6,13 @@ The store is checked before any work (`check_store`) so that a moved run fails a
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from agecls.eval_score import EvalError
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """`text` into `path` (folders created) through a synced temporary file renamed over it, so a reader
-    never sees half a report and a failed write leaves no temporary file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from agecls.evaluation.scoring import EvalError
+from agecls.files import write_atomic  # noqa: F401  (callers import it from here)
 
 
 def check_store(tracking: DictConfig) -> None:

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from agecls.cli_args import UsageError
-from agecls.eval_score import EvalError, score_attributes
+from agecls.errors import UsageError
+from agecls.evaluation.scoring import EvalError, score_attributes
 
 RULES = ("argmax", "ordinal_median", "mean_years")
 

@@ -10,18 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-log = logging.getLogger("agecls.report")
-
-
-def find_study(storage: str, name: str):
-    """The study `name` in `storage`, or None when the storage or the study does not exist."""
-    import optuna
-
-    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
-        return None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage, include_best_trial=False)]
-    return optuna.load_study(study_name=name, storage=storage) if name in names else None
+log = logging.getLogger("agecls.cli.report")
 
 
 def compute_spent(study) -> dict[str, Any]:

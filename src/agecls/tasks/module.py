@@ -11,7 +11,7 @@ years, for heads that predict exact age). Multitask logs `{stage}/{attribute}/..
 for the objective attribute (`task.objective`), the same scores unprefixed as well (`val/macro_f1`), so
 `objective.metric`, checkpointing and early stopping work unchanged.
 
-Two levers of the `augment` group act here rather than in the data pipeline (`agecls.batch_augment`):
+Two levers of the `augment` group act here rather than in the data pipeline (`agecls.data.batch_augment`):
 `augment.mix` mixes training batches (mixup / CutMix; `training_step` only) and `augment.tta=flip` makes every
 eval-mode prediction (validation, test, `collect`, `predict*`, hence agecls-eval and agecls-predict, which
 read the checkpoint's config) combine each face with its mirror image. Both are off by default and for
@@ -30,7 +30,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from agecls.batch_augment import TTA_AUTO, Mix, mix_batch, mix_spec, tta_mode
+from agecls.data.batch_augment import TTA_AUTO, Mix, mix_batch, mix_spec, tta_mode
 from agecls.data.bins import AgeBins
 from agecls.models import create_model, skip_weights
 from agecls.tasks.classification import ClassificationTask
@@ -85,7 +85,7 @@ class FaceClassifier(L.LightningModule):
         augment = self.cfg.get("augment")
         self.mix = mix_spec(augment)
         requested = tta_mode(augment, allow_auto=True)
-        # augment.tta=auto: no TTA while training and validating; agecls.train.choose_tta picks it after.
+        # augment.tta=auto: no TTA while training and validating; evaluation.splits.choose_tta picks it after.
         self.tta_auto = requested == TTA_AUTO
         self.tta = "none" if self.tta_auto else requested
         task = self.cfg.task

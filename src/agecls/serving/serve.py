@@ -17,26 +17,20 @@ served. ckpt and the face-finding keys are those of agecls-predict.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 from fastapi import Request
-from omegaconf import DictConfig, OmegaConf
 
-from agecls.cli_args import help_exit
-from agecls.predict import (
+from agecls.serving.predict import (
     PREDICT_DEFAULTS,
     ImageError,
     Predictor,
     TooLargeError,
-    UsageError,
     image_result,
     open_image,
 )
 
-PROG = "agecls-serve"
 SERVE_DEFAULTS: dict[str, Any] = {
     **{k: v for k, v in PREDICT_DEFAULTS.items() if k not in ("images", "out", "grid")},
     "host": "127.0.0.1",
@@ -44,42 +38,6 @@ SERVE_DEFAULTS: dict[str, Any] = {
     "max_upload_mb": 10,  # per file
     "max_batch": 16,  # files per batch request
 }
-HELP = f"""usage: {PROG} ckpt=PATH [host=127.0.0.1] [port=8000] [max_upload_mb=10] [max_batch=16]
-       [max_pixels=N] [detect=true] [margin=0.3] [align=true] [device=cpu] [tracking_uri=URI]
-
-Serve an upload page at http://HOST:PORT/ and a JSON API (POST /api/predict with field `file`,
-POST /api/predict/batch with fields `files`).
-ckpt as for agecls-predict (a file, [a,b,c], models:/NAME@ALIAS).
-"""
-
-
-def parse_args(argv: Sequence[str]) -> DictConfig:
-    """SERVE_DEFAULTS with `key=value` overrides; UsageError for unknown keys or bad values."""
-    from agecls import predict
-
-    serve_keys = {k: v for k, v in SERVE_DEFAULTS.items() if k not in PREDICT_DEFAULTS}
-    own = [a for a in argv if a.split("=", 1)[0] in serve_keys]
-    rest = [a for a in argv if a not in own]
-    for arg in rest:
-        if arg.split("=", 1)[0] not in SERVE_DEFAULTS:
-            raise UsageError(f"unknown key {arg.split('=', 1)[0]!r} (valid: {', '.join(SERVE_DEFAULTS)})")
-    cfg = predict.parse_args([*rest, "images=-"])
-    del cfg["images"], cfg["out"], cfg["grid"]
-    extra = OmegaConf.create(serve_keys)
-    for arg in own:
-        key, value = arg.split("=", 1)
-        extra[key] = value if key == "host" else _positive_int(key, value)
-    return OmegaConf.merge(cfg, extra)
-
-
-def _positive_int(key: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise UsageError(f"{key}={value!r}: valid: a whole number >= 1")
-    return number
 
 
 class BodyTooLarge(Exception):
@@ -140,7 +98,7 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = 10, max_batch: in
     from starlette.concurrency import run_in_threadpool
 
     max_bytes = int(max_upload_mb * 1024 * 1024)
-    page = resources.files("agecls").joinpath("static/index.html").read_text()
+    page = resources.files("agecls.serving").joinpath("static/index.html").read_text()
     lock = threading.Lock()  # one forward pass at a time: torch already uses every core
     app = FastAPI(title="agecls", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -227,25 +185,3 @@ def create_app(predictor: Predictor, *, max_upload_mb: float = 10, max_batch: in
 
     # the whole body: every file plus multipart overhead
     return LimitBody(app, limit=max_bytes * max_batch + 64 * 1024)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    code = help_exit(args, HELP)
-    if code is not None:
-        return code
-    try:
-        cfg = parse_args(args)
-        predictor = Predictor.from_config(cfg)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    import uvicorn
-
-    app = create_app(predictor, max_upload_mb=float(cfg.max_upload_mb), max_batch=int(cfg.max_batch))
-    uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level="info")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

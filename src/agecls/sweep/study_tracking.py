@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from agecls.tracking import ensure_experiment
 
-log = logging.getLogger("agecls.sweeper")
+log = logging.getLogger("agecls.sweep.sweeper")
 
 
 @dataclass

@@ -8,28 +8,26 @@
 The checkpoint alone defines the evaluation: its hyperparameters hold the training run's resolved config
 (task, bins, class names, image size, colour mode, crop margin, normalisation), so the folder is decoded and
 scored exactly as that run's test split was. An ensemble's members must agree on all of that but the
-weights (`agecls.ensemble`). Arguments are Hydra-style `key=value` overrides of EVAL_DEFAULTS.
+weights (`agecls.evaluation.ensemble`). Arguments are Hydra-style `key=value` overrides of EVAL_DEFAULTS.
 
 This module is the command: its keys, decoding the folder and assembling the report. Which checkpoints
-are scored and how (loading, normalisation, predictions, per-attribute scores) is `agecls.eval_score`; what
-is written (the JSON file, the MLflow run) is `agecls.eval_record`.
+are scored and how (loading, normalisation, predictions, per-attribute scores) is `evaluation.scoring`; what
+is written (the JSON file, the MLflow run) is `agecls.evaluation.record`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, flat_keys, help_exit, require
-from agecls.eval_record import (
+from agecls.errors import UsageError
+from agecls.evaluation.ensemble import Member, collect, report_block, study_members
+from agecls.evaluation.record import (
     check_store,
     run_metrics,
     run_params,
@@ -37,9 +35,8 @@ from agecls.eval_record import (
     tracking_config,
     write_atomic,
 )
-from agecls.eval_score import EvalError, load_checkpoint, member_checkpoints, score_checkpoints
-
-PROG = "agecls-eval"
+from agecls.evaluation.scoring import EvalError, load_checkpoint, normalize_stats, score_attributes
+from agecls.tracking import default_tracking
 
 # Every key agecls-eval takes (`key=value`); null means "from the checkpoint / the environment".
 EVAL_DEFAULTS: dict[str, Any] = {
@@ -68,76 +65,78 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "paths": {"cache_dir": None},  # decoded-image cache; default: <output dir>/cache (AGECLS_OUTPUT_DIR)
 }
 
-HELP = f"""usage: {PROG} ckpt=PATH data.root=DIR [KEY=VALUE ...]
-       {PROG} ckpt=[PATH,PATH,...] data.root=DIR [KEY=VALUE ...]
-       {PROG} ensemble.study=NAME [ensemble.top_k=K] data.root=DIR [KEY=VALUE ...]
-
-Score a trained agecls checkpoint on every labelled image of a folder of UTKFace-named images
-(labels from the file names; no split). The checkpoint's own config decides the task, bins, class names,
-image size, colour mode, crop and normalisation. Prints a JSON report (macro_f1, acc, per-class precision/
-recall/f1/support, confusion matrix, class names, image and rejected-file counts) and records it as an MLflow
-run in the checkpoint's tracking store (experiment <training experiment>-eval) unless tracking.enabled=false.
-
-Several checkpoints are scored as one ensemble: each predicts class probabilities, the ensemble's are their
-mean, its class the argmax (coral/corn age heads: the median bin of the mean distribution; regression and
-label_distribution: the mean predicted age, binned). The members must share task, class names, bins, image
-size, crop margin, colour mode and normalisation. The report's `ensemble` block lists the members with their
-own macro_f1 beside the ensemble's (gain_over_best_member).
-
-keys (Hydra override syntax; quote values holding spaces or commas):
-  ckpt=PATH                 checkpoint file, e.g. outputs/runs/<date>/<time>/checkpoints/best.ckpt (required
-                            unless ensemble.study is given); ckpt=[A,B,C]: an ensemble of those checkpoints
-  ensemble.study=NAME       an ensemble of the Optuna study's best trials (by their validation objective, in
-                            the study's direction; never a test score): their `checkpoint` user attributes
-  ensemble.top_k=K          how many of its COMPLETE trials (default 3; 1: the best trial alone)
-  ensemble.storage=URI      the study's Optuna storage (default: optuna.storage of agecls-train,
-                            sqlite:///<output dir>/optuna.db)
-  data.root=DIR             folder of images named like UTKFace (required); unusable files are reported
-  eval.out=FILE             also write the JSON report to FILE (atomically)
-  eval.batch_size=N         images per forward pass (default 256)
-  eval.num_workers=N        DataLoader worker processes (default 0)
-  eval.check_images=BOOL    fully decode every file when scanning (default true)
-  eval.device=DEV           auto | cpu | cuda | cuda:N (default auto)
-  eval.tta=MODE             none | flip: test-time augmentation for every checkpoint (default: each one's
-                            augment.tta from training), e.g. to measure what flip TTA adds on validation
-  tracking.enabled=BOOL     record the evaluation in MLflow (default: as the checkpoint's run did)
-  tracking.experiment=NAME  MLflow experiment (default: the training run's experiment + '-eval')
-  tracking.tracking_uri=URI, tracking.artifact_root=DIR, tracking.run_name=NAME
-  paths.cache_dir=DIR       where decoded images are cached (default: the output dir's cache/)
-
-exit codes: 0 done, 1 the folder or checkpoint cannot be evaluated, 2 bad or missing arguments
-"""
-
-
-VALID_KEYS = flat_keys(EVAL_DEFAULTS)
-
-
-def parse_args(argv: Sequence[str]) -> DictConfig:
-    """EVAL_DEFAULTS with `key=value` overrides applied (Hydra's override grammar); UsageError otherwise."""
-    cfg = apply_overrides(argv, EVAL_DEFAULTS, "quote a value holding commas; a list is ckpt=[a,b]")
-    if cfg.ensemble.study in (None, ""):
-        require(cfg, "ckpt", "data.root")
-    elif cfg.ckpt not in (None, "", []):
-        raise UsageError("give ckpt=... or ensemble.study=..., not both")
-    require(cfg, "data.root")
-    check_int(cfg, "ensemble.top_k", 1)
-    if isinstance(cfg.ckpt, ListConfig):
-        given = [str(c) for c in cfg.ckpt]
-        twice = sorted({c for c in given if given.count(c) > 1})
-        if twice:
-            raise UsageError(f"ckpt=[...] lists {twice[0]} more than once; give each member once")
-    check_int(cfg, "eval.batch_size", 1)
-    check_int(cfg, "eval.num_workers", 0)
-    check_bool(cfg, "eval.check_images", optional=True)
-    check_bool(cfg, "tracking.enabled", optional=True)
-    return cfg
-
 
 def default_paths() -> DictConfig:
     """The `paths` group as agecls-train resolves it here (AGECLS_OUTPUT_DIR or the default outputs/)."""
     from agecls.config import CONFIG_DIR
 
     return OmegaConf.create({"paths": OmegaConf.load(CONFIG_DIR / "paths" / "default.yaml")}).paths
+
+
+def member_checkpoints(cfg: DictConfig) -> tuple[list[Path], dict[str, Any] | None, list[Any]]:
+    """The checkpoint files to score: `ckpt` (one path or a list), or the best `ensemble.top_k` trials of
+    `ensemble.study`; with, for a study, its description and the picked trials (`ensemble.StudyMember`)."""
+    if cfg.ensemble.study not in (None, ""):
+        storage = str(cfg.ensemble.storage or default_storage())
+        picked = study_members(storage, str(cfg.ensemble.study), int(cfg.ensemble.top_k))
+        study = {"name": str(cfg.ensemble.study), "storage": storage, "top_k": int(cfg.ensemble.top_k)}
+        return [m.checkpoint for m in picked], study, picked
+    given = list(cfg.ckpt) if isinstance(cfg.ckpt, ListConfig) else [cfg.ckpt]
+    paths = [Path(str(c)).expanduser() for c in given]
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"ckpt={path}: no such checkpoint file")
+    return paths, None, []
+
+
+def default_storage() -> str:
+    """optuna.storage as agecls-train composes it (AGECLS_OUTPUT_DIR or the default outputs/)."""
+    return default_tracking()[2]
+
+
+def score_checkpoints(
+    cfg, modules, ckpts, data, transforms, study, picked
+) -> tuple[dict[str, dict], dict | None]:
+    """`score_attributes` of the checkpoint's (or the ensemble's) predictions on `data` (decoded images,
+    labelled rows, targets, their columns), and the report's `ensemble` block (None for one checkpoint).
+    `cfg` is the agecls-eval config (eval.device, eval.batch_size, eval.num_workers)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from agecls.data.datamodule import FaceDataset
+
+    images, rows, labels, columns = data
+    device = str(cfg.eval.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    module = modules[0]
+    if len(modules) == 1 and study is None:  # a study's best trial alone still reports its ensemble block
+        stats = normalize_stats(module.cfg, images, rows, module.input_stats)
+        mean, std = stats if stats is not None else (None, None)
+        loader = DataLoader(
+            FaceDataset(images, rows, labels, transforms.eval, mean, std),
+            batch_size=int(cfg.eval.batch_size),
+            num_workers=int(cfg.eval.num_workers),
+        )
+        module.to(device)
+        return score_attributes(module.collect(loader), module.class_names), None
+    members = []  # one un-normalised loader; each member normalises its batches as its own run did
+    for path, member in zip(ckpts, modules, strict=True):
+        stats = normalize_stats(member.cfg, images, rows, member.input_stats)
+        mean, std = (
+            (torch.as_tensor(s, dtype=torch.float32).view(1, -1, 1, 1).to(device) for s in stats)
+            if stats is not None
+            else (None, None)
+        )
+        members.append(Member(path, member.to(device), mean, std))
+    loader = DataLoader(
+        FaceDataset(images, rows, labels, transforms.eval),
+        batch_size=int(cfg.eval.batch_size),
+        num_workers=int(cfg.eval.num_workers),
+    )
+    predicted, per_member, rules = collect(members, loader, columns, device)
+    scored = score_attributes(predicted, module.class_names)
+    return scored, report_block(ckpts, per_member, module, rules, scored, study, picked)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -168,7 +167,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             except ValueError as exc:
                 raise UsageError(str(exc).replace("augment.tta", "eval.tta")) from None
     if len(modules) > 1:
-        from agecls.ensemble import check_members
+        from agecls.evaluation.ensemble import check_members
 
         check_members(ckpts, modules)
     module = modules[0]  # every member predicts and reads images as this one does
@@ -253,29 +252,3 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             png = plot_confusion(report.confmat, class_names, Path(tmp) / "confusion_eval.png", folder.name)
             rec.artifact(png, "evaluation")
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    code = help_exit(args, HELP)
-    if code is not None:
-        return code
-    try:
-        cfg = parse_args(args)
-        with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON report
-            result = evaluate(cfg)
-    except UsageError as exc:
-        print(
-            f"usage: {PROG} ckpt=PATH data.root=DIR [KEY=VALUE ...]  (--help for all keys)", file=sys.stderr
-        )
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError) as exc:  # EvalError, DataError (folder without valid images), ...
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps(result, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

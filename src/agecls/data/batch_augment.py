@@ -10,7 +10,7 @@
   left-right mirror (a mirrored face keeps its age, gender and ethnicity); how the two outputs are combined
   is each head's `Head.average`. `auto` (agecls-train only): validation during the fit runs without it;
   after the fit the best checkpoint is scored on validation both ways and keeps the better mode (ties:
-  `none`), written into the checkpoint so agecls-eval/predict/serve use it (`agecls.train.choose_tta`).
+  `none`), written into the checkpoint so agecls-eval/predict/serve use it (`evaluation.splits.choose_tta`).
 
 A missing `mix` block or `tta` key (older checkpoints and configs) means off; a bad value raises ValueError
 naming `augment.mix.<key>` or `augment.tta` and what is valid.

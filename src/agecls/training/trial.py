@@ -1,84 +1,19 @@
 """The trial side of an Optuna study: one `agecls-train` process reports per-epoch values, may be pruned,
-and tells the study its outcome. The sweeper (agecls.sweeper) only asks for trials and launches them."""
+and tells the study its outcome. The sweeper (agecls.sweep.sweeper) only asks for trials and launches them."""
 
 from __future__ import annotations
 
 import logging
 import threading
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from agecls.locks import file_lock, sqlite_lock_path
+from agecls.study import open_study
 
-log = logging.getLogger("agecls.trial")
-
-
-@contextmanager
-def sqlite_lock(url: str) -> Iterator[None]:
-    """For a `sqlite:///PATH` storage: hold an exclusive lock on `.NAME.lock` beside it meanwhile.
-
-    The first RDBStorage on a new database creates its tables and stamps the schema version; two processes
-    doing that at once (two sweeps started together on one fresh file, as `bench/quality.py --parallel 2`
-    does) make the second fail with `UNIQUE constraint failed: alembic_version.version_num`. Opening the
-    storage under this lock makes the second process find the finished schema. Other URLs (PostgreSQL,
-    MySQL) pass through: create their database once before starting parallel sweeps."""
-    if not url.startswith("sqlite:///"):
-        yield
-        return
-    with file_lock(sqlite_lock_path(url)):
-        yield
-
-
-def open_study(
-    optuna_cfg: DictConfig,
-    direction: str | None = None,
-    *,
-    with_sampler: bool = False,
-    sampler_seed: int | None = None,
-):
-    """The study named in config, on an RDB storage with heartbeats (stale trials are detectable).
-
-    `sampler_seed` replaces the configured sampler's seed (a trial process drawing its own parameters,
-    such as bins=search's edges, must not repeat another trial's random draws)."""
-    import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
-
-    # Heartbeats and stale-trial retry are marked experimental in optuna; agecls relies on them knowingly.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings(
-        "ignore", message=".*Heartbeat of storage is supposed to be used with Study.optimize.*"
-    )
-
-    url = str(optuna_cfg.storage)
-    with sqlite_lock(url):
-        storage = RDBStorage(
-            url,
-            heartbeat_interval=int(optuna_cfg.heartbeat_interval),
-            grace_period=int(optuna_cfg.grace_period),
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                max_retry=int(optuna_cfg.retries)
-            ),
-        )
-    kwargs: dict[str, Any] = {"pruner": instantiate(optuna_cfg.pruner)}
-    if with_sampler:
-        seed = {} if sampler_seed is None else {"seed": sampler_seed}
-        kwargs["sampler"] = instantiate(optuna_cfg.sampler, **seed)
-    if direction is None:
-        return optuna.load_study(study_name=str(optuna_cfg.study_name), storage=storage, **kwargs)
-    return optuna.create_study(
-        study_name=str(optuna_cfg.study_name),
-        storage=storage,
-        direction=direction,
-        load_if_exists=True,
-        **kwargs,
-    )
+log = logging.getLogger("agecls.training.trial")
 
 
 class TrialNotRunning(RuntimeError):

@@ -9,7 +9,7 @@ RUN_A and RUN_B are run folders (each agecls-train run writes `predictions_val.c
 `predictions_test.csv` beside its `results.json`) or those CSV files themselves. Both must hold the same faces
 (same manifest rows, same labels, same order: two runs on the same persisted split); otherwise the command
 refuses, naming both files. Each resample of the faces scores both runs on the same draw
-(`agecls.bootstrap.bootstrap_diff`), so the interval is of the difference itself: two runs whose separate
+(`bootstrap.bootstrap_diff`), so the interval is of the difference itself: two runs whose separate
 intervals overlap can still differ with confidence when they err on many of the same faces.
 
 Printed: each run's macro-F1 and accuracy with 95% bootstrap intervals, then A - B with its paired interval
@@ -19,16 +19,14 @@ and the share of resamples in which A was no better; exit 0 (also when the diffe
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from agecls.bootstrap import bootstrap_ci, bootstrap_diff
+from agecls.evaluation.bootstrap import bootstrap_ci, bootstrap_diff
 
 SPLITS = ("val", "test")
 
@@ -160,34 +158,3 @@ def render(report: dict[str, Any]) -> str:
     if report["split"] == "test":
         lines += ["", "Test scores are for reporting a choice made on validation, not for making it."]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="agecls-compare",
-        description=__doc__.split("\n\n")[0],
-        epilog="See README, 'Comparing two runs'.",
-    )
-    parser.add_argument("run_a", type=Path, help="run folder (or its predictions_<split>.csv): A")
-    parser.add_argument("run_b", type=Path, help="run folder (or its predictions_<split>.csv): B")
-    parser.add_argument("--split", default="val", choices=SPLITS, help="val (default: choose on it) or test")
-    parser.add_argument("--attribute", help="multitask runs: age, gender or ethnicity (default: the first)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
-    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
-    if args.n_boot < 1:
-        parser.error(f"--n-boot {args.n_boot}: must be at least 1")
-    try:
-        report = compare_runs(args.run_a, args.run_b, args.split, args.attribute, args.n_boot, args.seed)
-    except CompareError as exc:
-        print(f"agecls-compare: {exc}", file=sys.stderr)
-        return 1
-    print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -39,8 +38,9 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from agecls.cli_args import UsageError, apply_overrides, check_bool, check_int, help_exit, require
 from agecls.data.cache import fit_square
+from agecls.errors import UsageError
+from agecls.files import write_atomic
 
 PROG = "agecls-predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -62,27 +62,6 @@ PREDICT_DEFAULTS: dict[str, Any] = {
     "tracking_uri": None,  # MLflow store for ckpt=models:/...
 }
 
-HELP = f"""usage: {PROG} ckpt=PATH images=FILE_OR_DIR [KEY=VALUE ...]
-
-Find faces in photos and predict every attribute the checkpoint(s) know (age group, gender, ethnicity)
-with probabilities. Writes predictions.json, predictions.csv and predictions.png under out=.
-
-keys (Hydra override syntax):
-  ckpt=PATH | ckpt=[A,B,C]   a checkpoint, or one per attribute; or models:/NAME@ALIAS, models:/NAME/VER
-  images=FILE_OR_DIR         a photo or a folder of photos (jpg, png, webp, bmp, tif, gif)
-  out=DIR                    output folder (default predictions)
-  detect=BOOL                find faces with OpenCV Haar cascades (default true); false: images are crops
-  margin=F                   square crop side = face box side * (1 + 2*F) (default 0.3, ~UTKFace framing)
-  align=BOOL                 level the eyes before cropping when two are found (default true)
-  min_face=N, max_faces=N    smallest face side in pixels (24); faces kept per photo (20)
-  max_pixels=N               refuse larger photos (default {DEFAULT_MAX_PIXELS})
-  batch_size=N, device=DEV   forward-pass batch (32); cpu | cuda | auto (cpu)
-  grid=BOOL                  write the annotated grid predictions.png (default true)
-  tracking_uri=URI           MLflow store for ckpt=models:/... (default: MLFLOW_TRACKING_URI / the default)
-
-exit codes: 0 done (even when some files were unreadable), 1 nothing could be predicted, 2 bad arguments
-"""
-
 
 class ImageError(ValueError):
     """A file that is not a readable image, or one too large."""
@@ -101,19 +80,6 @@ def image_result(name: str, img: Image.Image, faces: list[dict]) -> dict[str, An
         "height": img.height,
         "faces": faces,
     }
-
-
-def parse_args(argv: Sequence[str]) -> DictConfig:
-    """PREDICT_DEFAULTS with `key=value` overrides (Hydra's override grammar); UsageError otherwise."""
-    cfg = apply_overrides(argv, PREDICT_DEFAULTS, "a list of checkpoints: ckpt=[a,b]")
-    require(cfg, "ckpt", "images")
-    for key in ("min_face", "max_faces", "max_pixels", "batch_size"):
-        check_int(cfg, key, 1)
-    if isinstance(cfg.margin, bool) or not isinstance(cfg.margin, int | float) or not 0 <= cfg.margin <= 2:
-        raise UsageError(f"margin={cfg.margin!r}: valid: a number from 0 to 2")
-    for key in ("detect", "align", "grid"):
-        check_bool(cfg, key)
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -366,8 +332,8 @@ def load_model(path: Path, device: str = "cpu") -> Model:
     """A checkpoint loaded for prediction (its normalisation resolved as agecls-eval does)."""
     import torch
 
-    from agecls.eval_score import normalize_stats
-    from agecls.module import FaceClassifier
+    from agecls.evaluation.scoring import normalize_stats
+    from agecls.tasks.module import FaceClassifier
 
     try:
         module = FaceClassifier.load_from_checkpoint(path, map_location="cpu")
@@ -511,18 +477,6 @@ def list_images(source: Path) -> list[Path]:
     return sorted(p for p in source.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def csv_rows(results: list[dict[str, Any]], attributes: Sequence[str]) -> list[dict[str, Any]]:
     """One row per face (face=-1 and empty predictions for a photo without a face or an unreadable file)."""
     rows = []
@@ -608,31 +562,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 2),
         "images": results,
     }
-    _write_atomic(out / "predictions.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_atomic(out / "predictions.json", (json.dumps(summary, indent=2) + "\n").encode())
     buf = io.StringIO()
     rows = csv_rows(results, attributes)
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["file"])
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(out / "predictions.csv", buf.getvalue().encode())
+    write_atomic(out / "predictions.csv", buf.getvalue().encode())
     if cfg.grid:
-        _write_atomic(out / "predictions.png", grid_png(results, images, attributes))
+        write_atomic(out / "predictions.png", grid_png(results, images, attributes))
     return summary
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    code = help_exit(args, HELP)
-    if code is not None:
-        return code
-    try:
-        summary = run(parse_args(args))
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2))
-    return 0 if summary["n_files"] > summary["n_errors"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.errors import UsageError
+
 
 def help_exit(args: Sequence[str], text: str) -> int | None:
     """Exit code after printing `text`: -h/--help/help -> stdout, 0; no arguments -> stderr, 2; else None."""
@@ -18,10 +20,6 @@ def help_exit(args: Sequence[str], text: str) -> int | None:
         return None
     print(text, end="", file=sys.stdout if args else sys.stderr)
     return 0 if args else 2
-
-
-class UsageError(Exception):
-    """Bad, unknown or missing arguments (exit code 2)."""
 
 
 def flat_keys(node: dict[str, Any], prefix: str = "") -> list[str]:

@@ -5,7 +5,7 @@
                         [tracking_uri=URI] [--install | install=true]
 
 Selection uses the validation confusion matrix (split=val, the default) or train; never test. The chosen
-grouping is the exact optimum of expected macro-F1 (agecls.bin_discovery). Writes <out>/<name>.yaml (a bins
+grouping is the exact optimum of expected macro-F1 (bin_discovery). Writes <out>/<name>.yaml (a bins
 config like conf/bins/*.yaml; default out: <paths.output_dir>/bins), <name>_confusion.png (the fine matrix
 with the bins outlined), <name>_tradeoff.png and <name>_tradeoff.csv (best expected macro-F1 for every k).
 --install also copies the YAML into the package's conf/bins/ so that `agecls-train bins=<name>` works.
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from agecls.bin_discovery import (
+from agecls.errors import UsageError
+from agecls.evaluation.bin_discovery import (
     Constraints,
     Discovery,
     DiscoveryError,
@@ -53,10 +54,6 @@ NOT_COMPARABLE = (
     "Expected macro-F1 is not comparable across different bin sets: fewer, wider bins score higher by "
     "construction. Use the table to see what each extra bin costs; choose k for what the bins are for."
 )
-
-
-class UsageError(ValueError):
-    """A bad command line; the message names the key."""
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
@@ -141,7 +138,7 @@ def _from_mlflow(run_id: str, tracking_uri: str | None) -> tuple[dict[str, Any],
 
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     if tracking_uri is None:
-        from agecls.report import default_tracking
+        from agecls.tracking import default_tracking
 
         tracking_uri = default_tracking()[0]
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -335,7 +332,7 @@ def propose(opts: dict[str, Any]) -> dict[str, Any]:
         except DiscoveryError as exc:
             raise UsageError(f"compare={opts['compare']!r}: {exc}") from None
 
-    from agecls.report import default_tracking
+    from agecls.tracking import default_tracking
 
     out = Path(opts["out"]) if opts.get("out") else default_tracking()[1] / "bins"
     out.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from agecls.config import CONFIG_DIR
+from agecls.config import compose_train
 from agecls.data.bins import AgeBins
 from agecls.data.manifest import Manifest, load_manifest
 from agecls.data.prepare import (
@@ -33,22 +31,9 @@ from agecls.data.prepare import (
     resolve_manifest,
 )
 from agecls.data.records import DataError
+from agecls.errors import UsageError
 
 PROG = "agecls-data"
-
-
-class UsageError(Exception):
-    """Bad arguments or overrides (exit code 2)."""
-
-
-def compose_train_config(overrides: Sequence[str]) -> DictConfig:
-    """The train config `agecls-train OVERRIDES` would run with (UsageError for a bad override)."""
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name="train", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
-        detail = str(exc).split("\nConfig search path:")[0].strip()  # Hydra appends its search path
-        raise UsageError(f"bad override(s) {' '.join(overrides)}: {detail}") from None
 
 
 def _bins(cfg: DictConfig) -> AgeBins:
@@ -174,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = compose_train_config(args.overrides)
+        cfg = compose_train(args.overrides)
         bins = _bins(cfg)
         if args.command == "prepare":
             check_data_keys(cfg)

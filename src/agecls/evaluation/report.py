@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
-from pathlib import Path
-
 import pandas as pd
 
 # Params that differ between runs without being a choice (locations, derived sizes).
@@ -21,17 +15,6 @@ _METRICS = (
     "epochs_trained",
     "fit_seconds",
 )
-
-
-def default_tracking(overrides: list[str] | None = None) -> tuple[str, Path, str]:
-    """Tracking URI, output folder and Optuna storage from the same config `agecls-train` composes."""
-    from hydra import compose, initialize_config_dir
-
-    from agecls.config import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides or []))
-    return cfg.tracking.tracking_uri, Path(cfg.paths.output_dir), str(cfg.optuna.storage)
 
 
 def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
@@ -112,60 +95,3 @@ def to_markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agecls-report", description=__doc__)
-    parser.add_argument("name", help="MLflow experiment (tracking.experiment) and/or Optuna study name")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one agecls-train uses)")
-    parser.add_argument("--storage", help="Optuna storage URL (default: optuna.storage of agecls-train)")
-    parser.add_argument("--out", type=Path, help="output folder (default: outputs/reports/<name>)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    uri, output_dir, storage = default_tracking()
-    uri, storage = args.tracking_uri or uri, args.storage or storage
-    out = args.out or output_dir / "reports" / args.name
-    out.mkdir(parents=True, exist_ok=True)
-
-    from agecls.study_report import bins_vary, compute_spent, find_study, trials_table, write_plots
-
-    study = find_study(storage, args.name)
-    try:
-        runs = load_runs(uri, args.name)
-    except SystemExit:
-        if study is None:
-            raise
-        runs = None
-    if runs is not None:
-        table = leaderboard(runs)
-        table.to_csv(out / "leaderboard.csv", index=False)
-        markdown = to_markdown(table)
-        (out / "leaderboard.md").write_text(markdown + "\n")
-        print(f"\nLeaderboard of {args.name!r} ({len(table)} runs, ranked by validation macro-F1):\n")
-        print(markdown)
-    if study is not None:
-        trials = trials_table(study)
-        trials.to_csv(out / "trials.csv", index=False)
-        spent = compute_spent(study)
-        (out / "compute.json").write_text(json.dumps(spent, indent=2) + "\n")
-        plots = write_plots(study, out, uri)
-        print(f"\nOptuna study {args.name!r} ({storage}): {len(trials)} trials\n")
-        print(to_markdown(trials.head(20)))
-        if bins_vary(trials):
-            print(
-                "\nNote: these trials used different age bins. Macro-F1 over different bin sets is not "
-                "comparable (fewer, wider bins are easier); compare trials of the same k and constraints."
-            )
-        print("\ncompute: " + ", ".join(f"{k} {v}" for k, v in spent.items() if v))
-        print("plots: " + ", ".join(p.name for p in plots))
-        print(f"Dashboard:  optuna-dashboard {storage}   (pip install optuna-dashboard)")
-    print(f"\nWritten to {out}/")
-    if uri.startswith("sqlite:///"):
-        print(
-            f"Browse every run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
-        )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Why not hydra-optuna-sweeper: 1.3.0 pins optuna<3 and its sqlite storage fails with SQLAlchemy 2; it runs
 trials in blocking batches through the launcher and cannot prune. Here the study lives in an RDB storage,
-and each trial is its own `python -m agecls.train` process: it reports every epoch's validation value,
+and each trial is its own `python -m agecls.cli.train` process: it reports every epoch's validation value,
 is pruned by the study's pruner, and tells the study its outcome. This process only asks for trials and
 keeps `n_jobs` (or one per GPU) of them running, starting the next the moment one ends.
 
@@ -14,7 +14,7 @@ processes (or machines sharing a PostgreSQL storage) may run the same command at
 Where trials run: as child processes of this one (Hydra's default launcher), or as submitit jobs when the
 command selects a submitit launcher (`hydra/launcher=slurm` submits each trial as a Slurm job with the
 launcher's GPU/CPU/memory/time requests; `hydra/launcher=submitit_local` runs them as local submitit jobs).
-Either way a trial is the same `python -m agecls.train ... optuna.trial=N` command; see `trial_executor`.
+Either way a trial is the same `python -m agecls.cli.train ... optuna.trial=N` command; see `trial_executor`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("agecls.sweeper")
+log = logging.getLogger("agecls.sweep.sweeper")
 
 
 class SweepError(ValueError):
@@ -350,7 +350,7 @@ class StudyRunner:
         self, fixed: list[str], params: dict[str, Any], number: int, parent: str | None, run_dir: Path
     ):
         cfg = self.config
-        cmd = [sys.executable, "-m", "agecls.train", "--config-name", str(cfg.hydra.job.config_name)]
+        cmd = [sys.executable, "-m", "agecls.cli.train", "--config-name", str(cfg.hydra.job.config_name)]
         cmd += [line for line in fixed if not line.startswith("hydra.sweep")]
         cmd += [f"{k}={format_value(v)}" for k, v in params.items()]
         cmd += [f"optuna.trial={number}", f"hydra.run.dir={run_dir}"]
@@ -364,8 +364,8 @@ class StudyRunner:
         from optuna.storages import fail_stale_trials
         from optuna.trial import TrialState
 
-        from agecls.study_tracking import StudyRun
-        from agecls.trial import open_study
+        from agecls.study import open_study
+        from agecls.sweep.study_tracking import StudyRun
 
         assert self.config is not None and self.hydra_context is not None
         cfg, ocfg = self.config, self.config.optuna

@@ -30,8 +30,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from agecls.config import CONFIG_DIR
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
 from agecls.tracking import Recorder, interrupted
+from agecls.training.train import build_datamodule, train
 
-log = logging.getLogger("agecls.hierarchical")
+log = logging.getLogger("agecls.training.hierarchy")
 
 GROUPS: dict[str, tuple[str, ...]] = {"gender": GENDER_NAMES, "ethnicity": ETHNICITY_NAMES}
 
@@ -90,24 +91,6 @@ def stage_configs(cfg: DictConfig, parent_run_id: str | None = None) -> list[Sta
     return stages
 
 
-def subset_labels(labels: np.ndarray, df, subset: Any) -> np.ndarray:
-    """Labels with every row outside `subset` ({column: value, ...} of the manifest) set to -1 (left out).
-
-    A row whose subset column is missing is left out too."""
-    if not subset:
-        return labels
-    keep = np.ones(len(df), dtype=bool)
-    for column, value in dict(subset).items():
-        if column not in df.columns:
-            raise HierarchyError(
-                f"data.subset.{column}: no such manifest column; valid: {', '.join(df.columns)}"
-            )
-        keep &= (df[column] == value).fillna(False).to_numpy(dtype=bool)
-    if not keep.any():
-        raise HierarchyError(f"data.subset={dict(subset)} selects no row of the manifest")
-    return np.where(keep.reshape(-1, *[1] * (labels.ndim - 1)), labels, -1)  # 2-D targets: whole rows
-
-
 def _parent_run(cfg: DictConfig, by: str):
     """(client, run id) of a new MLflow parent run for this hierarchy, or (None, None) without tracking."""
     if not cfg.tracking.enabled:
@@ -127,8 +110,7 @@ def _parent_run(cfg: DictConfig, by: str):
 @torch.no_grad()
 def _predict_rows(ckpt: str, cfg: DictConfig, prepared, rows: np.ndarray) -> np.ndarray:
     """Predicted class of `rows` (manifest indices) by the checkpoint, preprocessed as in its training."""
-    from agecls.module import FaceClassifier
-    from agecls.train import build_datamodule
+    from agecls.tasks.module import FaceClassifier
 
     module = FaceClassifier.load_from_checkpoint(ckpt, map_location="cpu")
     module.eval()
@@ -189,8 +171,6 @@ def evaluate_routing(cfg: DictConfig, stages: list[Stage], results: dict[str, di
 def run_hierarchy(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train the router and the experts, then score the combined model; returns train()-like results
     whose `objective` is the combined model's validation macro-F1."""
-    from agecls.train import train
-
     by = str(cfg.hierarchy.by)
     client, parent = _parent_run(cfg, by)
     stages = stage_configs(cfg, parent)

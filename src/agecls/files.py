@@ -1,0 +1,65 @@
+"""Files that several processes share: an exclusive advisory lock per file (whoever comes second waits and
+then finds the first-time work done), and atomic writes (a reader never sees half a file, and a failed
+write leaves the old file and no temporary file behind)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created, with its folder, if missing) for the `with` block."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_lock_path(url: str) -> Path:
+    """The lock file of a `sqlite:///PATH` database: `.NAME.lock` in PATH's folder."""
+    db = Path(url[len("sqlite:///") :])
+    return db.parent / f".{db.name}.lock"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` (folders created) to write to; renamed over `path` when the block
+    ends without an error, removed when it fails. The file gets the permissions a plain `open` would give
+    (mkstemp's are owner-only)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """`data` (text or bytes) into `path` through a synced temporary file renamed over it."""
+    with atomic_path(path) as tmp, open(tmp, "wb" if isinstance(data, bytes) else "w") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
