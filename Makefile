@@ -41,7 +41,7 @@ test-heavy: $(STAMP)
 # agecls's recipe for the no-search quality runs: the levers that won on validation at each image size
 # (BENCHMARKS.md levers and quality sections): OneCycle to 1e-3 won for age and gender at 32 px, and for
 # gender only at 64 px (it lost for age there).
-SHARED := --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 augment.tta=auto
+SHARED := --agecls-set callbacks.ema.enabled=true callbacks.ema.decay=0.995 augment.tta=auto
 RECIPE := $(SHARED) --agecls-set-age scheduler=onecycle optimizer.lr=1e-3 \
 	--agecls-set-gender scheduler=onecycle optimizer.lr=1e-3
 RECIPE_64 := $(SHARED) --agecls-set-gender scheduler=onecycle optimizer.lr=1e-3
@@ -49,7 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
 	$(BIN)/python bench/overhead.py --write BENCHMARKS.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --epochs 2 --retrain 8 \
-	  --set data.pipeline=device --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 augment.tta=auto \
+	  --set data.pipeline=device --agecls-set callbacks.ema.enabled=true callbacks.ema.decay=0.995 augment.tta=auto \
 	  --write BENCHMARKS.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --no-search \
 	  --set data.pipeline=device $(RECIPE) --write BENCHMARKS.md

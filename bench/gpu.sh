@@ -58,7 +58,7 @@ FAST=(data.pipeline=device trainer.channels_last=true)
 echo ">> 2. AGECNN at 224 px, 3 epochs, ${FAST[*]} bf16-mixed" | tee -a "$OUT_DIR/summary.txt"
 start=$(date +%s)
 timeout 120 "$PYTHON" -m agecls.cli.train experiment=agecnn "${COMMON[@]}" "${FAST[@]}" trainer.max_epochs=3 \
-  trainer.early_stopping.enabled=false "hydra.run.dir=$OUT_DIR/agecnn224" > "$OUT_DIR/agecnn224.log" 2>&1 \
+  callbacks.early_stopping.enabled=false "hydra.run.dir=$OUT_DIR/agecnn224" > "$OUT_DIR/agecnn224.log" 2>&1 \
   || echo "the AGECNN run did not finish (see agecnn224.log)" | tee -a "$OUT_DIR/summary.txt"
 echo "wall $(( $(date +%s) - start )) s (data preparation included)" | tee -a "$OUT_DIR/summary.txt"
 "$PYTHON" - "$OUT_DIR" <<'PYEOF' | tee -a "$OUT_DIR/summary.txt" || true
@@ -80,7 +80,7 @@ echo ">> 3. a short sweep: quality bench at 224 px" | tee -a "$OUT_DIR/summary.t
 start=$(date +%s)
 timeout 200 "$PYTHON" bench/quality.py --root "$ROOT" --size 224 --budget 4 --epochs 2 --fraction 1.0 \
   --threads 4 --workers "$WORKERS" --set trainer.precision=bf16-mixed tracking.enabled=false "${FAST[@]}" \
-  --agecls-set trainer.ema.enabled=true trainer.ema.decay=0.995 augment.tta=auto --out "$OUT_DIR/quality" \
+  --agecls-set callbacks.ema.enabled=true callbacks.ema.decay=0.995 augment.tta=auto --out "$OUT_DIR/quality" \
   > "$OUT_DIR/quality.log" 2>&1 || echo "quality bench did not finish (see quality.log)" | tee -a "$OUT_DIR/summary.txt"
 echo "quality bench wall $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 cp "$OUT_DIR"/quality/*/quality.json "$OUT_DIR/quality-224px.json" 2>/dev/null || true

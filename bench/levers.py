@@ -27,7 +27,7 @@ from sections import render_saved, write_section  # bench/ is on sys.path when a
 
 BEGIN, END = "<!-- levers-runs:begin -->", "<!-- levers-runs:end -->"
 RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
-EMA = ["trainer.ema.enabled=true", "trainer.ema.decay=0.995"]
+EMA = ["callbacks.ema.enabled=true", "callbacks.ema.decay=0.995"]
 ONECYCLE = ["scheduler=onecycle", "optimizer.lr=1e-3"]
 EXPERTS_16 = 'hierarchy.expert_overrides=["trainer.max_epochs=16"]'
 # (name, task, overrides on the task's dissertation recipe); the names are the run folders.

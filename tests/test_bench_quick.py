@@ -146,29 +146,31 @@ def test_quality_section_renders_from_saved_json(tmp_path):
 
 
 def test_quality_no_search_section_has_its_own_markers_and_names_the_recipe(tmp_path):
-    saved = _saved_report(tmp_path, no_search=True, agecls_set=["trainer.ema.enabled=true"])
+    saved = _saved_report(tmp_path, no_search=True, agecls_set=["callbacks.ema.enabled=true"])
     rep = json.loads(saved.read_text())
     rep["tasks"]["age"][1].update(trials=0, best_params={}, trial_vals=[])
     saved.write_text(json.dumps(rep))
     text = _render(tmp_path, saved)
     assert "<!-- quality-32px-recipe:begin -->" in text and "<!-- quality-32px:begin -->" not in text
     assert "| age | agecls | 4 | 0.5000 | 0.6000 [0.5600, 0.6400]" in text
-    assert "the same recipe plus `trainer.ema.enabled=true`, trained once for up to 4 epochs" in text
+    assert "the same recipe plus `callbacks.ema.enabled=true`, trained once for up to 4 epochs" in text
     assert "Best agecls trial" not in text
 
 
 def test_per_task_agecls_overrides_follow_the_shared_ones_and_are_named_in_the_section(tmp_path, monkeypatch):
     quality = load_bench("quality", monkeypatch)
-    a = {"agecls_set": ["trainer.ema.enabled=true"], "agecls_set_gender": ["optimizer.lr=3e-4"]}
-    assert quality.agecls_overrides(a, "gender") == ["trainer.ema.enabled=true", "optimizer.lr=3e-4"]
-    assert quality.agecls_overrides(a, "age") == ["trainer.ema.enabled=true"]
+    a = {"agecls_set": ["callbacks.ema.enabled=true"], "agecls_set_gender": ["optimizer.lr=3e-4"]}
+    assert quality.agecls_overrides(a, "gender") == ["callbacks.ema.enabled=true", "optimizer.lr=3e-4"]
+    assert quality.agecls_overrides(a, "age") == ["callbacks.ema.enabled=true"]
     assert quality.agecls_overrides({}, "age") == []  # reports saved before per-task overrides existed
     saved = _saved_report(tmp_path, no_search=True, **a)
     rep = json.loads(saved.read_text())
     rep["tasks"]["age"][1].update(trials=0, best_params={}, trial_vals=[])
     saved.write_text(json.dumps(rep))
     text = _render(tmp_path, saved)
-    assert "plus `trainer.ema.enabled=true`; per task: gender also `optimizer.lr=3e-4`, trained once" in text
+    assert (
+        "plus `callbacks.ema.enabled=true`; per task: gender also `optimizer.lr=3e-4`, trained once" in text
+    )
 
 
 def _face_predictions(run_dir: Path, preds: list[int], labels: list[int]) -> dict:
@@ -250,8 +252,9 @@ def test_levers_collect_reads_finished_runs_marks_the_best_per_task_and_skips_mi
     text = md.read_text()
     assert text.count("<!-- levers-runs:begin -->") == 1
     assert "| gender | none (the dissertation's recipe) | 0.8100 | 2 of 3 | 0.700 0.810 0.800 | 12 |" in text
-    assert "| gender | `trainer.ema.enabled=true`, `trainer.ema.decay=0.995` | **0.8300** | 3 of 3 |" in text
-    assert "| ethnicity | `trainer.ema.enabled=true`, `trainer.ema.decay=0.995` | **0.6000** |" in text
+    ema = "`callbacks.ema.enabled=true`, `callbacks.ema.decay=0.995`"
+    assert f"| gender | {ema} | **0.8300** | 3 of 3 |" in text
+    assert "| ethnicity | `callbacks.ema.enabled=true`, `callbacks.ema.decay=0.995` | **0.6000** |" in text
     assert "| age |" not in text, "a lever without a finished run is left out"
     assert "real UTKFace at /faces/UTKFace (train/val rows 100/40)" in text  # where the runs read it
     saved = json.loads((tmp_path / "levers.json").read_text())
@@ -313,4 +316,4 @@ def test_levers_only_names_an_unknown_lever_and_the_valid_ones(monkeypatch):
 def test_levers_quick_runs_two_levers(tmp_path):
     done = run_bench("levers.py", ["--quick"], tmp_path, timeout=900)
     assert "| gender | none (the dissertation's recipe) |" in done.stdout
-    assert "| gender | `trainer.ema.enabled=true`, `trainer.ema.decay=0.995` |" in done.stdout
+    assert "| gender | `callbacks.ema.enabled=true`, `callbacks.ema.decay=0.995` |" in done.stdout

@@ -269,7 +269,7 @@ def test_a_run_on_the_device_pipeline_with_channels_last_and_compile_trains_and_
                 "trainer.compile.enabled=true",
                 "trainer.compile.backend=eager",
                 "trainer.max_epochs=2",
-                "trainer.early_stopping.enabled=false",
+                "callbacks.early_stopping.enabled=false",
                 "tracking=none",
             ]
         )
@@ -289,16 +289,16 @@ def test_early_stopping_auto_stays_off_under_a_whole_run_schedule(compose_cfg, t
 
     for scheduler, enabled in (("none", True), ("plateau", True), ("onecycle", False), ("cosine", False)):
         cfg = compose_cfg([f"scheduler={scheduler}"])
-        assert cfg.trainer.early_stopping.enabled == "auto"
+        assert cfg.callbacks.early_stopping.enabled == "auto"
         why = resolve_auto(cfg)
-        assert cfg.trainer.early_stopping.enabled is enabled, scheduler
-        assert why["trainer.early_stopping.enabled"].startswith(str(enabled).lower()), why
+        assert cfg.callbacks.early_stopping.enabled is enabled, scheduler
+        assert why["callbacks.early_stopping.enabled"].startswith(str(enabled).lower()), why
     why = resolve_auto(compose_cfg(["scheduler=onecycle"]))
-    assert "total_steps" in why["trainer.early_stopping.enabled"]
-    forced = compose_cfg(["scheduler=onecycle", "trainer.early_stopping.enabled=true"])
-    assert "trainer.early_stopping.enabled" not in resolve_auto(forced)
-    assert forced.trainer.early_stopping.enabled is True  # an explicit setting is kept
-    bad = compose_cfg(["trainer.early_stopping.enabled=sometimes"])
+    assert "total_steps" in why["callbacks.early_stopping.enabled"]
+    forced = compose_cfg(["scheduler=onecycle", "callbacks.early_stopping.enabled=true"])
+    assert "callbacks.early_stopping.enabled" not in resolve_auto(forced)
+    assert forced.callbacks.early_stopping.enabled is True  # an explicit setting is kept
+    bad = compose_cfg(["callbacks.early_stopping.enabled=sometimes"])
     with pytest.raises(ValueError, match=r"enabled='sometimes'; valid: true, false, auto"):
         resolve_auto(bad)
     for scheduler, stops in (("onecycle", False), ("plateau", True)):
@@ -334,7 +334,7 @@ def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
         "data.pipeline",
         "trainer.precision",
         "trainer.channels_last",
-        "trainer.early_stopping.enabled",
+        "callbacks.early_stopping.enabled",
     }
     assert resolve_auto(gpu) == {}  # idempotent: nothing left to resolve
     strong = compose_cfg(["augment=strong", "data.crop_margin=4"])
@@ -354,7 +354,7 @@ def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
             "data.pipeline=loader",
             "trainer.precision=32-true",
             "trainer.channels_last=false",
-            "trainer.early_stopping.enabled=true",
+            "callbacks.early_stopping.enabled=true",
         ]
     )
     assert resolve_auto(explicit) == {} and explicit.data.pipeline == "loader"

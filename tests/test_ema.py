@@ -1,4 +1,5 @@
-"""trainer.ema: the update rule, the config checks, and a fit whose checkpoint holds the averaged weights."""
+"""callbacks.ema: the update rule, the config checks, and a fit whose checkpoint holds the averaged
+weights."""
 
 from __future__ import annotations
 
@@ -109,10 +110,10 @@ def _host_counted(live):
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ({"enabled": True, "decay": 1.5}, "trainer.ema.decay=1.5"),
-        ({"enabled": True, "decay": "fast"}, "trainer.ema.decay='fast'"),
-        ({"enabled": True, "warmup": "yes"}, "trainer.ema.warmup='yes'"),
-        ({"enabled": True, "decya": 0.9}, "trainer.ema.decya is not a key"),
+        ({"enabled": True, "decay": 1.5}, "callbacks.ema.decay=1.5"),
+        ({"enabled": True, "decay": "fast"}, "callbacks.ema.decay='fast'"),
+        ({"enabled": True, "warmup": "yes"}, "callbacks.ema.warmup='yes'"),
+        ({"enabled": True, "decya": 0.9}, "callbacks.ema.decya is not a key"),
     ],
 )
 def test_bad_settings_name_the_key(spec, message):
@@ -127,10 +128,10 @@ def test_off_builds_nothing():
 
 def test_ema_and_swa_together_are_refused(compose_cfg, tmp_path):
     cfg = compose_cfg(
-        [*FAST_OVERRIDES, "tracking=none", "trainer.ema.enabled=true", "trainer.swa.enabled=true"]
+        [*FAST_OVERRIDES, "tracking=none", "callbacks.ema.enabled=true", "callbacks.swa.enabled=true"]
     )
     resolve_auto(cfg)
-    with pytest.raises(ValueError, match="trainer.ema.enabled=true and trainer.swa.enabled=true"):
+    with pytest.raises(ValueError, match="callbacks.ema.enabled=true and callbacks.swa.enabled=true"):
         build_trainer(cfg, tmp_path, rec=None)
 
 
@@ -151,10 +152,10 @@ def test_fit_validates_checkpoints_and_tests_the_averaged_weights(compose_cfg, m
                 "data.synthetic.n=300",
                 "trainer.max_epochs=2",
                 "trainer.limit_train_batches=3",
-                "trainer.early_stopping.enabled=false",
+                "callbacks.early_stopping.enabled=false",
                 "tracking=none",
-                "trainer.ema.enabled=true",
-                "trainer.ema.decay=0.9",
+                "callbacks.ema.enabled=true",
+                "callbacks.ema.decay=0.9",
             ]
         )
     )
@@ -199,4 +200,4 @@ def test_a_fixed_decay_too_slow_for_the_run_warns_at_fit_start(spec, steps, warn
             and "holds 63% of the initial weights" in text
             and "0.9% at its end" in text
         )
-        assert "trainer.ema.warmup=true" in text
+        assert "callbacks.ema.warmup=true" in text

@@ -159,7 +159,7 @@ def _start_training_sweep(tmp_path: Path, out: Path, args: list[str]) -> subproc
     """A sweep (own process group) whose one trial cannot finish soon; returns once it is training."""
     out.mkdir()
     env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
-    slow = ["trainer.max_epochs=1000", "trainer.early_stopping.enabled=false"]
+    slow = ["trainer.max_epochs=1000", "callbacks.early_stopping.enabled=false"]
     cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *slow, *args]
     proc = subprocess.Popen(
         cmd,

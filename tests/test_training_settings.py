@@ -18,7 +18,7 @@ QUICK = [
     "data.synthetic.n=300",
     "trainer.max_epochs=2",
     "trainer.limit_train_batches=3",
-    "trainer.early_stopping.enabled=false",
+    "callbacks.early_stopping.enabled=false",
     "tracking=none",
 ]
 
@@ -56,9 +56,9 @@ def test_clipping_label_smoothing_and_bf16_autocast_train(compose_cfg):
 def test_swa_weights_are_scored_on_validation_and_kept_only_when_better(compose_cfg):
     results = _train_ok(
         compose_cfg,
-        "trainer.swa.enabled=true",
-        "trainer.swa.swa_epoch_start=1",
-        "trainer.swa.annealing_epochs=1",
+        "callbacks.swa.enabled=true",
+        "callbacks.swa.swa_epoch_start=1",
+        "callbacks.swa.annealing_epochs=1",
         epochs=3,  # lightning's SWA adds one epoch that recomputes the BatchNorm statistics
     )
     ckpt = results["checkpoint"]

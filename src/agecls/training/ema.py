@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights (`trainer.ema`), one of issue #6's quality levers.
+"""Exponential moving average of the weights (`callbacks.ema`), a quality lever the dissertation did not have.
 
 Lightning's `WeightAveraging` callback does the bookkeeping (a `torch.optim.swa_utils.AveragedModel` beside
 the module, updated after every optimizer step; validation runs on the averaged weights, checkpoints hold
@@ -56,10 +56,10 @@ class EMAWeights(WeightAveraging):
         steps = trainer.estimated_stepping_batches
         if not self.warmup and steps != float("inf") and steps < 10 / (1 - self.decay):
             log.warning(
-                "trainer.ema.warmup=false with decay %g over about %d steps: the average holds %.0f%% of the "
-                "initial weights a tenth into the run and %.1f%% at its end, and validation, early stopping "
-                "and the best checkpoint see it (a short run can stop before it recovers); use "
-                "trainer.ema.warmup=true, or a decay with 1/(1-decay) well under the run's steps",
+                "callbacks.ema.warmup=false with decay %g over about %d steps: the average holds %.0f%% of "
+                "the initial weights a tenth into the run and %.1f%% at its end, and validation, early "
+                "stopping and the best checkpoint see it (a short run can stop before it recovers); use "
+                "callbacks.ema.warmup=true, or a decay with 1/(1-decay) well under the run's steps",
                 self.decay,
                 steps,
                 100 * self.decay ** (steps / 10),
@@ -123,17 +123,17 @@ def ema_update_fn(decay: float, warmup: bool):
 
 
 def build_ema(spec: dict[str, Any] | None) -> EMAWeights | None:
-    """The callback for the `trainer.ema` mapping, None when it is off; ValueError naming the key."""
+    """The callback for the `callbacks.ema` mapping, None when it is off; ValueError naming the key."""
     spec = dict(spec or {})
     unknown = sorted(set(spec) - set(KEYS))
     if unknown:
-        raise ValueError(f"trainer.ema.{unknown[0]} is not a key; valid: {', '.join(KEYS)}")
+        raise ValueError(f"callbacks.ema.{unknown[0]} is not a key; valid: {', '.join(KEYS)}")
     if not spec.get("enabled", False):
         return None
     decay = spec.get("decay", 0.99)
     if not isinstance(decay, int | float) or isinstance(decay, bool) or not 0.0 < float(decay) < 1.0:
-        raise ValueError(f"trainer.ema.decay={decay!r}; valid: a number between 0 and 1 (e.g. 0.99, 0.999)")
+        raise ValueError(f"callbacks.ema.decay={decay!r}; valid: a number between 0 and 1 (e.g. 0.99, 0.999)")
     warmup = spec.get("warmup", True)
     if not isinstance(warmup, bool):
-        raise ValueError(f"trainer.ema.warmup={warmup!r}; valid: true or false")
+        raise ValueError(f"callbacks.ema.warmup={warmup!r}; valid: true or false")
     return EMAWeights(float(decay), warmup)

@@ -26,7 +26,7 @@ def _on_cuda(cfg: DictConfig) -> bool:
 def resolve_auto(cfg: DictConfig) -> dict[str, str]:
     """Replace the `auto` values of data.pipeline, trainer.precision and trainer.channels_last in `cfg` by
     what this machine runs, so the saved config, MLflow params and checkpoint record the real setting; and
-    trainer.early_stopping.enabled by what the scheduler allows (off under a whole-run schedule).
+    callbacks.early_stopping.enabled by what the scheduler allows (off under a whole-run schedule).
 
     On a CUDA GPU: the device pipeline (when there is one device and every augment.train step has a device
     version; else the loader pipeline), bf16-mixed precision (when the GPU supports bf16, else 32-true) and
@@ -60,16 +60,16 @@ def resolve_auto(cfg: DictConfig) -> dict[str, str]:
         if str(cfg.trainer.get("channels_last", False)) == "auto":
             cfg.trainer.channels_last = cuda
             why["trainer.channels_last"] = f"{str(cuda).lower()} ({'a CUDA GPU' if cuda else 'no CUDA GPU'})"
-        stop = cfg.trainer.get("early_stopping")
+        stop = (cfg.get("callbacks") or {}).get("early_stopping")
         enabled = None if stop is None else stop.get("enabled")
         if stop is not None and enabled not in (True, False, "auto"):
-            raise ValueError(f"trainer.early_stopping.enabled={enabled!r}; valid: true, false, auto")
+            raise ValueError(f"callbacks.early_stopping.enabled={enabled!r}; valid: true, false, auto")
         if enabled == "auto":
             scheduler = cfg.get("scheduler") or {}
             planned = sorted(scheduler.get("from_trainer") or {})
             stop.enabled = not planned
             name = scheduler.get("name", "none")
-            why["trainer.early_stopping.enabled"] = (
+            why["callbacks.early_stopping.enabled"] = (
                 f"false (scheduler={name} plans the whole run: {', '.join(planned)} from the trainer)"
                 if planned
                 else f"true (scheduler={name} does not plan the run's length)"
@@ -93,7 +93,12 @@ def check_pipeline(cfg: DictConfig) -> str:
     return pipeline
 
 
-AUTO_KEYS = ("data.pipeline", "trainer.precision", "trainer.channels_last", "trainer.early_stopping.enabled")
+AUTO_KEYS = (
+    "data.pipeline",
+    "trainer.precision",
+    "trainer.channels_last",
+    "callbacks.early_stopping.enabled",
+)
 
 
 def check_resolved(cfg: DictConfig) -> None:

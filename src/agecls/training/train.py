@@ -159,7 +159,7 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         fit_seconds = time.perf_counter() - started
         best = checkpoint.best_model_path
         best_score = float(checkpoint.best_model_score) if best else float("nan")
-        if best and cfg.trainer.get("swa", {}).get("enabled"):
+        if best and cfg.callbacks.swa.enabled:
             best, best_score = prefer_swa(cfg, trainer, module, datamodule, best, best_score, run_dir)
         if not best:
             raise RuntimeError(

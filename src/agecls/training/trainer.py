@@ -19,14 +19,10 @@ from agecls.training.settings import check_resolved
 
 log = logging.getLogger("agecls.training.train")
 
-# Trainer-group keys that configure callbacks rather than lightning.Trainer itself.
-_CALLBACK_KEYS = ("early_stopping", "checkpoint", "swa", "ema")
-
-
-# Trainer-group keys that configure the model's memory layout and compilation (see `prepare_model`).
+# The callbacks group's entries (conf/callbacks/default.yaml).
+CALLBACKS = ("checkpoint", "early_stopping", "swa", "ema")
+# Trainer-group keys that say how the trainer runs the model rather than lightning.Trainer arguments.
 _MODEL_KEYS = ("channels_last", "compile")
-
-
 _COMPILE_KEYS = ("enabled", "mode", "backend", "dynamic", "fullgraph")
 
 
@@ -49,16 +45,16 @@ class _NoAdverts(logging.Filter):
         return "litlogger" not in record.getMessage()
 
 
-def build_trainer(
-    cfg: DictConfig, run_dir: Path, rec: Recorder, extra_callbacks: list[L.Callback] | None = None
-) -> tuple[L.Trainer, ModelCheckpoint]:
-    """lightning.Trainer from the trainer group, with best-checkpoint and early-stopping callbacks,
-    logging each epoch's metrics to `rec`. `cfg` is resolved (`resolve_auto`)."""
-    check_resolved(cfg)
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    stop_cfg, ckpt_cfg, swa_cfg, ema_cfg = (trainer_cfg.pop(k, None) or {} for k in _CALLBACK_KEYS)
-    for key in _MODEL_KEYS:
-        trainer_cfg.pop(key, None)
+def build_callbacks(
+    callbacks_cfg: DictConfig, run_dir: Path, extra: list[L.Callback] | None = None
+) -> tuple[list[L.Callback], ModelCheckpoint]:
+    """The run's callbacks from the `callbacks` group (best checkpoint, early stopping, SWA or EMA) after
+    `extra` (pruning), and the checkpoint callback; ValueError naming a bad entry."""
+    spec = OmegaConf.to_container(callbacks_cfg, resolve=True)
+    unknown = sorted(set(spec) - set(CALLBACKS))
+    if unknown:
+        raise ValueError(f"callbacks.{unknown[0]} is not a callback; valid: {', '.join(CALLBACKS)}")
+    ckpt_cfg, stop_cfg, swa_cfg, ema_cfg = (dict(spec.get(k) or {}) for k in CALLBACKS)
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
@@ -67,19 +63,32 @@ def build_trainer(
         save_top_k=1,
         enable_version_counter=False,
     )
-    callbacks: list[L.Callback] = [checkpoint, *(extra_callbacks or [])]
-    if stop_cfg.pop("enabled"):
+    callbacks: list[L.Callback] = [checkpoint, *(extra or [])]
+    if stop_cfg.pop("enabled", False):
         callbacks.append(EarlyStopping(**stop_cfg))
     ema = build_ema(ema_cfg)
     if ema is not None and swa_cfg.get("enabled"):
         raise ValueError(
-            "trainer.ema.enabled=true and trainer.swa.enabled=true: two weight averages of one run; "
+            "callbacks.ema.enabled=true and callbacks.swa.enabled=true: two weight averages of one run; "
             "valid: enable one of them"
         )
     if swa_cfg.pop("enabled", False):
         callbacks.append(StochasticWeightAveraging(**swa_cfg))
     if ema is not None:
         callbacks.append(ema)
+    return callbacks, checkpoint
+
+
+def build_trainer(
+    cfg: DictConfig, run_dir: Path, rec: Recorder, extra_callbacks: list[L.Callback] | None = None
+) -> tuple[L.Trainer, ModelCheckpoint]:
+    """lightning.Trainer from the trainer group with the callbacks group's callbacks, logging each epoch's
+    metrics to `rec`; and its best-checkpoint callback. `cfg` is resolved (`resolve_auto`)."""
+    check_resolved(cfg)
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in _MODEL_KEYS:
+        trainer_cfg.pop(key, None)
+    callbacks, checkpoint = build_callbacks(cfg.callbacks, run_dir, extra_callbacks)
     trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=EpochLogger(rec), default_root_dir=run_dir)
     return trainer, checkpoint
 
