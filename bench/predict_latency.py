@@ -37,6 +37,7 @@ def build_model():
 
     from agecls.config import CONFIG_DIR
     from agecls.data.bins import AgeBins
+    from agecls.evaluation.inference import Preprocess
     from agecls.serving.predict import Model
     from agecls.tasks.module import FaceClassifier
 
@@ -47,7 +48,7 @@ def build_model():
     module = FaceClassifier(resolved, names, None, None).eval()
     size = int(cfg.data.image_size)
     params = sum(p.numel() for p in module.parameters())
-    model = Model(Path("untrained"), module, size, size, bool(cfg.data.grayscale), None, None, {"age": names})
+    model = Model(Path("untrained"), module, Preprocess(size, 0, bool(cfg.data.grayscale)), {"age": names})
     return model, params
 
 

@@ -14,12 +14,11 @@ import torch
 from PIL import Image
 
 from agecls.cli.predict import main, parse_args
-from agecls.data.cache import decode_image
+from agecls.data.cache import decode_image, fit_square
 from agecls.serving.predict import (
     Predictor,
     UsageError,
     attribute_probs,
-    fit_square,
     resolve_checkpoint,
     run,
 )
@@ -131,9 +130,10 @@ def test_one_checkpoint_per_attribute_and_the_softmax_fallback(tiny_multitask_ck
     assert torch.allclose(probs["gender"].sum(1), torch.ones(3))
 
     # one model per attribute, each with its own preprocessing (grey 32 px, RGB 40 px cropped to 32)
+    from agecls.evaluation.inference import Preprocess
     from agecls.serving.predict import Model
 
-    age = Model(Path("age"), Plain(), 32, 32, True, None, None, {"gender": ["male", "female"]})
+    age = Model(Path("age"), Plain(), Preprocess(32, 0, grayscale=True), {"gender": ["male", "female"]})
 
     class Eth(Plain):
         cfg = type("C", (), {"task": type("T", (), {"target": "ethnicity"})})()
@@ -142,7 +142,7 @@ def test_one_checkpoint_per_attribute_and_the_softmax_fallback(tiny_multitask_ck
             assert x.shape[1:] == (3, 32, 32)
             return torch.zeros(len(x), 5)
 
-    eth = Model(Path("eth"), Eth(), 40, 32, False, None, None, {"ethnicity": list("abcde")})
+    eth = Model(Path("eth"), Eth(), Preprocess(32, 8, grayscale=False), {"ethnicity": list("abcde")})
     predictor = Predictor([age, eth], detect=False)
     (face,) = predictor.predict_image(grace())
     assert face["gender"]["label"] == "male" and face["ethnicity"]["prob"] == pytest.approx(0.2)

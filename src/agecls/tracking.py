@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from agecls.config import compose_train, project_root
+from agecls.files import file_lock, sqlite_lock_path
 
 MAX_PARAM_CHARS = 6000
 log = logging.getLogger("agecls.cli.train")
@@ -69,8 +70,6 @@ def open_store(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     if not tracking_uri.startswith("sqlite:///") or tracking_uri in _READY_STORES:
         return
-    from agecls.files import file_lock, sqlite_lock_path
-
     with file_lock(sqlite_lock_path(tracking_uri)):
         mlflow.MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
     _READY_STORES.add(tracking_uri)

@@ -50,12 +50,38 @@ def sample_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return 1.0 / counts[labels]
 
 
+def normalize_input(
+    x: torch.Tensor, mean: torch.Tensor | None = None, std: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`(x - mean) / std` per channel of a 0..1-scale (C, H, W) or (B, C, H, W) tensor (`mean`, `std`
+    shaped to broadcast over the channel axis); `x` itself when `mean` is None. Out of place: the
+    ensemble's members each normalise the same batch."""
+    return x if mean is None else (x - mean) / std
+
+
+def face_tensor(
+    image: np.ndarray,
+    transform: Callable[..., dict] | None = None,
+    mean: torch.Tensor | None = None,
+    std: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decoded (H, W, C) uint8 face (a cache row, or `agecls.data.cache.fit_square` of a photo's crop)
+    as the model's (C, H, W) float input: `transform` on the uint8 image (eval: the centre crop of
+    `build_augment`), then /255, then `normalize_input`. Every loader item and every predicted face is
+    made here, so training, scoring and prediction feed a model the same numbers."""
+    image = np.array(image)  # a writable copy (memory-mapped cache rows and PIL-backed arrays are read-only)
+    if transform is not None:
+        image = transform(image=image)["image"]
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+    return normalize_input(x, mean, std)
+
+
 class FaceDataset(Dataset):
     """Rows `indices` of a decoded (N, H, W, C) uint8 array with one integer label per row (or a row of
     integer targets, e.g. age bin and exact age, when `labels` is 2-D; -1 marks a missing one).
 
-    An item is a (C, H, W) float tensor: `transform` on the uint8 image, then /255, then `(x - mean) / std`
-    per channel when `mean` and `std` are given (0..1 scale)."""
+    An item is `face_tensor` of the row (`transform`, /255, `(x - mean) / std` per channel when `mean` and
+    `std` are given, 0..1 scale) and its label."""
 
     def __init__(
         self,
@@ -75,12 +101,7 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         row = self.indices[i]
-        image = np.array(self.images[row])  # a writable copy of the memory-mapped row
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        if self.mean is not None:
-            x.sub_(self.mean).div_(self.std)
+        x = face_tensor(self.images[row], self.transform, self.mean, self.std)
         return x, torch.as_tensor(self.labels[row], dtype=torch.long)
 
 
@@ -147,8 +168,7 @@ class DeviceBatches:
                 x = self.augment(x, self._generator(device))
             top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
             x = x[:, :, top : top + self.size, left : left + self.size]
-            if mean is not None:
-                x = (x - mean) / std
+            x = normalize_input(x, mean, std)
             x = x.contiguous(
                 memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
             )

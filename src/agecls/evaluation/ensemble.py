@@ -126,7 +126,8 @@ def ensemble_proba(modules: Sequence[Any], x: torch.Tensor) -> dict[str, torch.T
 
 @dataclass
 class Member:
-    """One loaded ensemble checkpoint and its input normalisation ((1, C, 1, 1) tensors, or None)."""
+    """One loaded ensemble checkpoint and its input normalisation (per-channel tensors broadcasting over a
+    (B, C, H, W) batch, e.g. `Preprocess.stats()`, or None)."""
 
     path: Path
     module: Any
@@ -134,8 +135,10 @@ class Member:
     std: torch.Tensor | None = None
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (0..1 scale) normalised as this member's training run did."""
-        return x if self.mean is None else (x - self.mean) / self.std
+        """x (0..1 scale) normalised as this member's training run did (the loaders' `normalize_input`)."""
+        from agecls.data.datamodule import normalize_input
+
+        return normalize_input(x, self.mean, self.std)
 
 
 @torch.no_grad()

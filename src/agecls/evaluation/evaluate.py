@@ -8,7 +8,7 @@
 The checkpoint alone defines the evaluation: its hyperparameters hold the training run's resolved config
 (task, bins, class names, image size, colour mode, crop margin, normalisation), so the folder is decoded and
 scored exactly as that run's test split was. An ensemble's members must agree on all of that but the
-weights (`agecls.evaluation.ensemble`). Arguments are Hydra-style `key=value` overrides of EVAL_DEFAULTS.
+weights (`agecls.evaluation.ensemble`). Its keys and their defaults: conf/eval.yaml (`agecls.cli.eval`).
 
 This module is the command: its keys, decoding the folder and assembling the report. Which checkpoints
 are scored and how (loading, normalisation, predictions, per-attribute scores) is `evaluation.scoring`; what
@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from agecls.errors import UsageError
 from agecls.evaluation.ensemble import Member, collect, report_block, study_members
+from agecls.evaluation.inference import Preprocess, load_checkpoint
 from agecls.evaluation.record import (
     check_store,
     run_metrics,
@@ -35,35 +36,8 @@ from agecls.evaluation.record import (
     tracking_config,
     write_atomic,
 )
-from agecls.evaluation.scoring import EvalError, load_checkpoint, normalize_stats, score_attributes
+from agecls.evaluation.scoring import EvalError, score_attributes
 from agecls.tracking import default_tracking
-
-# Every key agecls-eval takes (`key=value`); null means "from the checkpoint / the environment".
-EVAL_DEFAULTS: dict[str, Any] = {
-    "ckpt": None,  # the FaceClassifier checkpoint (e.g. a run's checkpoints/best.ckpt), or a list (ensemble)
-    "ensemble": {  # instead of ckpt: the checkpoints of an Optuna study's best top_k COMPLETE trials
-        "study": None,
-        "top_k": 3,
-        "storage": None,  # default: optuna.storage as agecls-train composes it
-    },
-    "data": {"root": None},  # a folder of UTKFace-named images; every labelled one is scored
-    "eval": {
-        "out": None,  # also write the JSON here (atomically)
-        "batch_size": 256,
-        "num_workers": 0,
-        "check_images": True,  # fully decode each file when scanning (rejects truncated files)
-        "device": "auto",  # auto (cuda when available) | cpu | cuda | cuda:N
-        "tta": None,  # none | flip: test-time augmentation of every member (null: each checkpoint's own)
-    },
-    "tracking": {  # over the checkpoint's tracking config; experiment default: <its experiment>-eval
-        "enabled": None,
-        "experiment": None,
-        "tracking_uri": None,
-        "artifact_root": None,
-        "run_name": None,
-    },
-    "paths": {"cache_dir": None},  # decoded-image cache; default: <output dir>/cache (AGECLS_OUTPUT_DIR)
-}
 
 
 def default_paths() -> DictConfig:
@@ -95,26 +69,29 @@ def default_storage() -> str:
 
 
 def score_checkpoints(
-    cfg, modules, ckpts, data, transforms, study, picked
+    cfg: DictConfig,
+    modules: list[Any],
+    ckpts: list[Path],
+    data: tuple[Any, Any, Any, Any],
+    study: dict[str, Any] | None,
+    picked: list[Any],
 ) -> tuple[dict[str, dict], dict | None]:
     """`score_attributes` of the checkpoint's (or the ensemble's) predictions on `data` (decoded images,
     labelled rows, targets, their columns), and the report's `ensemble` block (None for one checkpoint).
-    `cfg` is the agecls-eval config (eval.device, eval.batch_size, eval.num_workers)."""
+    Faces reach each model as its `Preprocess` makes them. `cfg` is the agecls-eval config (eval.device,
+    eval.batch_size, eval.num_workers)."""
     import torch
     from torch.utils.data import DataLoader
-
-    from agecls.data.datamodule import FaceDataset
 
     images, rows, labels, columns = data
     device = str(cfg.eval.device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     module = modules[0]
+    preprocess = Preprocess.of(module)
     if len(modules) == 1 and study is None:  # a study's best trial alone still reports its ensemble block
-        stats = normalize_stats(module.cfg, images, rows, module.input_stats)
-        mean, std = stats if stats is not None else (None, None)
         loader = DataLoader(
-            FaceDataset(images, rows, labels, transforms.eval, mean, std),
+            preprocess.dataset(images, rows, labels),
             batch_size=int(cfg.eval.batch_size),
             num_workers=int(cfg.eval.num_workers),
         )
@@ -122,15 +99,10 @@ def score_checkpoints(
         return score_attributes(module.collect(loader), module.class_names), None
     members = []  # one un-normalised loader; each member normalises its batches as its own run did
     for path, member in zip(ckpts, modules, strict=True):
-        stats = normalize_stats(member.cfg, images, rows, member.input_stats)
-        mean, std = (
-            (torch.as_tensor(s, dtype=torch.float32).view(1, -1, 1, 1).to(device) for s in stats)
-            if stats is not None
-            else (None, None)
-        )
+        mean, std = (s if s is None else s.to(device) for s in Preprocess.of(member).stats())
         members.append(Member(path, member.to(device), mean, std))
-    loader = DataLoader(
-        FaceDataset(images, rows, labels, transforms.eval),
+    loader = DataLoader(  # the members share image size, crop margin and colour mode (check_members)
+        preprocess.dataset(images, rows, labels, normalize=False),
         batch_size=int(cfg.eval.batch_size),
         num_workers=int(cfg.eval.num_workers),
     )
@@ -151,7 +123,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     import numpy as np
 
-    from agecls.data.augment import build_augment
     from agecls.data.bins import AgeBins
     from agecls.data.cache import build_cache
     from agecls.data.prepare import frame_targets
@@ -198,10 +169,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         size=size,
         grayscale=grayscale,
     )
-    transforms = build_augment(OmegaConf.create({"name": "none", "train": []}), data=run_cfg.data)
-    scored, ensemble = score_checkpoints(
-        cfg, modules, ckpts, (images, rows, labels, columns), transforms, study, picked
-    )
+    scored, ensemble = score_checkpoints(cfg, modules, ckpts, (images, rows, labels, columns), study, picked)
     headline = scored[module.objective]
     report = headline.pop("report")
     class_names = headline["class_names"]

@@ -1,11 +1,10 @@
-"""Scoring a loaded checkpoint: loading it, the input normalisation its run used, and each attribute's
-scores (macro-F1, accuracy, per class, confusion matrix, MAE in years) as agecls-eval's report and the
-ensemble block show them."""
+"""Scoring a loaded checkpoint: the input normalisation its run used, and each attribute's scores (macro-F1,
+accuracy, per class, confusion matrix, MAE in years) as agecls-eval's report and the ensemble block show
+them. Loading a checkpoint and preprocessing faces for it is `agecls.evaluation.inference`."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -13,18 +12,6 @@ from omegaconf import DictConfig
 
 class EvalError(ValueError):
     """The checkpoint or the folder cannot be evaluated (exit code 1)."""
-
-
-def load_checkpoint(path: Path):
-    """The FaceClassifier saved at `path` (on the CPU), or EvalError naming the file."""
-    from agecls.tasks.module import FaceClassifier
-
-    try:
-        return FaceClassifier.load_from_checkpoint(path, map_location="cpu")
-    except Exception as exc:
-        raise EvalError(
-            f"ckpt={path}: not a loadable agecls checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
 
 
 def _finite(value: float) -> float | None:

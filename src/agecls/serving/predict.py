@@ -12,7 +12,8 @@ whose side is the box side * (1 + 2 * margin): UTKFace's aligned crops show the 
 and neck, about 1.6x the tight Haar box, hence margin=0.3 by default. With align=true and two eyes found
 (haarcascade_eye, upper half of the box), the photo is rotated about the face centre so the eyes are level
 first. The square crop is then resized and centre-cropped exactly as training decoded UTKFace files
-(agecls.data.cache.decode_image), centre-cropped by the eval transform and normalised as the run was.
+(agecls.data.cache.decode_image), centre-cropped by the eval transform and normalised as the run was (the
+checkpoint's `agecls.evaluation.inference.Preprocess`, which agecls-eval and post-fit scoring share).
 `detect=false` treats every image as an already-cropped face (decoded exactly like a training image).
 
 Writes predictions.json, predictions.csv (one row per face; a row with face=-1 for a photo without a face)
@@ -38,29 +39,14 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageOps
 
-from agecls.data.cache import fit_square
 from agecls.errors import UsageError
+from agecls.evaluation.inference import Preprocess, load_checkpoint
+from agecls.evaluation.scoring import EvalError
 from agecls.files import write_atomic
 
 PROG = "agecls-predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-DEFAULT_MAX_PIXELS = 40_000_000  # larger photos are refused (decompression-bomb guard)
-
-PREDICT_DEFAULTS: dict[str, Any] = {
-    "ckpt": None,  # PATH | [PATH, ...] (one per attribute) | models:/NAME@ALIAS | models:/NAME/VERSION
-    "images": None,  # an image file or a folder (not recursive)
-    "out": "predictions",  # output folder
-    "detect": True,  # false: every image is already a face crop
-    "margin": 0.3,  # crop side = detector box side * (1 + 2 * margin)
-    "align": True,  # level the eyes when haarcascade_eye finds two
-    "min_face": 24,  # smallest face side in pixels the detector reports
-    "max_faces": 20,  # at most this many faces per photo (largest first)
-    "max_pixels": DEFAULT_MAX_PIXELS,
-    "batch_size": 32,
-    "device": "cpu",
-    "grid": True,  # write predictions.png
-    "tracking_uri": None,  # MLflow store for ckpt=models:/...
-}
+DEFAULT_MAX_PIXELS = 40_000_000  # larger photos are refused (decompression-bomb guard); conf/predict.yaml too
 
 
 class ImageError(ValueError):
@@ -303,67 +289,47 @@ def attribute_probs(module, x) -> dict[str, Any]:
 
 @dataclass
 class Model:
-    """One loaded checkpoint with what prediction needs to preprocess a face as its training run did."""
+    """One loaded checkpoint with the preprocessing of its training run (`agecls.evaluation.inference`)."""
 
     path: Path
     module: Any
-    size: int  # decode size: image_size + crop_margin
-    image_size: int
-    grayscale: bool
-    mean: Any
-    std: Any
+    preprocess: Preprocess
     class_names: dict[str, list[str]]
 
-    def tensor(self, squares: list[np.ndarray]):
-        """(N, C, image_size, image_size) normalised float tensor of decoded (size, size, C) uint8 faces."""
-        import torch
+    @property
+    def size(self) -> int:
+        """Side of the decoded faces: data.image_size + data.crop_margin."""
+        return self.preprocess.size
 
-        batch = np.stack(squares)
-        if self.size > self.image_size:  # the eval transform's centre crop
-            off = (self.size - self.image_size) // 2
-            batch = batch[:, off : off + self.image_size, off : off + self.image_size]
-        x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
-        if self.mean is not None:
-            x.sub_(self.mean).div_(self.std)
-        return x
+    @property
+    def grayscale(self) -> bool:
+        return self.preprocess.grayscale
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        return self.preprocess.mean
+
+    @property
+    def std(self) -> np.ndarray | None:
+        return self.preprocess.std
+
+    def tensor(self, squares: list[np.ndarray]):
+        """(N, C, image_size, image_size) model input of decoded (size, size, C) uint8 faces: the eval
+        transform's centre crop and the run's normalisation, as its loaders made every item."""
+        return self.preprocess.batch(squares)
 
 
 def load_model(path: Path, device: str = "cpu") -> Model:
-    """A checkpoint loaded for prediction (its normalisation resolved as agecls-eval does)."""
-    import torch
-
-    from agecls.evaluation.scoring import normalize_stats
-    from agecls.tasks.module import FaceClassifier
-
+    """A checkpoint loaded for prediction (its normalisation resolved as agecls-eval does); UsageError
+    naming the file when it is not a loadable checkpoint."""
     try:
-        module = FaceClassifier.load_from_checkpoint(path, map_location="cpu")
-    except Exception as exc:
-        raise UsageError(
-            f"ckpt={path}: not a loadable agecls checkpoint ({type(exc).__name__}: {exc})"
-        ) from None
-    run_cfg = module.cfg
-    grayscale = bool(run_cfg.data.grayscale)
-    dummy = np.zeros((1, 1, 1, 1 if grayscale else 3), np.uint8)  # `dataset`: stored, or the train split's
-    stats = normalize_stats(run_cfg, dummy, np.arange(1), getattr(module, "input_stats", None))
-    mean = std = None
-    if stats is not None:
-        mean = torch.as_tensor(stats[0], dtype=torch.float32).view(1, -1, 1, 1).to(device)
-        std = torch.as_tensor(stats[1], dtype=torch.float32).view(1, -1, 1, 1).to(device)
-    module.to(device).eval()
+        module = load_checkpoint(path, device)
+    except EvalError as exc:
+        raise UsageError(str(exc)) from None
     names = getattr(module, "class_names", None)
     if not isinstance(names, dict):
-        names = {str(run_cfg.task.target): list(module.hparams.class_names)}
-    image_size = int(run_cfg.data.image_size)
-    return Model(
-        path,
-        module,
-        image_size + int(run_cfg.data.get("crop_margin") or 0),
-        image_size,
-        grayscale,
-        mean,
-        std,
-        {a: list(n) for a, n in names.items()},
-    )
+        names = {str(module.cfg.task.target): list(module.hparams.class_names)}
+    return Model(path, module, Preprocess.of(module), {a: list(n) for a, n in names.items()})
 
 
 @dataclass
@@ -424,7 +390,7 @@ class Predictor:
         """Per crop {attribute: {label, prob, probs}}."""
         out: list[dict[str, dict[str, Any]]] = [{} for _ in crops]
         for model in self.models:
-            squares = [fit_square(c, model.size, model.grayscale) for c in crops]
+            squares = [model.preprocess.decode(c) for c in crops]
             for start in range(0, len(crops), self.batch_size):
                 x = model.tensor(squares[start : start + self.batch_size]).to(self.device)
                 for attr, probs in attribute_probs(model.module, x).items():

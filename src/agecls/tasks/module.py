@@ -33,6 +33,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from agecls.data.batch_augment import TTA_AUTO, Mix, mix_batch, mix_spec, tta_mode
 from agecls.data.bins import AgeBins
 from agecls.models import create_model, skip_weights
+from agecls.models.registry import create_backbone
 from agecls.tasks.classification import ClassificationTask
 from agecls.tasks.heads import Head, build_head
 from agecls.tasks.multitask import (
@@ -124,8 +125,6 @@ class FaceClassifier(L.LightningModule):
         model_kwargs = {k: v for k, v in self.cfg.model.items() if k not in _MODEL_META}
         in_chans, image_size = 1 if self.cfg.data.grayscale else 3, int(self.cfg.data.image_size)
         if self.multitask:
-            from agecls.models.registry import create_backbone
-
             self.model, dim = create_backbone(
                 self.cfg.model.name, in_chans=in_chans, image_size=image_size, **model_kwargs
             )

@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from agecls.config import CONFIG_DIR
+from agecls.evaluation.inference import load_checkpoint
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
 from agecls.tracking import Recorder, interrupted
 from agecls.training.train import build_datamodule, train
@@ -110,10 +111,7 @@ def _parent_run(cfg: DictConfig, by: str):
 @torch.no_grad()
 def _predict_rows(ckpt: str, cfg: DictConfig, prepared, rows: np.ndarray) -> np.ndarray:
     """Predicted class of `rows` (manifest indices) by the checkpoint, preprocessed as in its training."""
-    from agecls.tasks.module import FaceClassifier
-
-    module = FaceClassifier.load_from_checkpoint(ckpt, map_location="cpu")
-    module.eval()
+    module = load_checkpoint(ckpt)
     datamodule, _ = build_datamodule(cfg, prepared)
     if len(rows) == 0:
         return np.zeros(0, dtype=np.int64)

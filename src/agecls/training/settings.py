@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from agecls.data.augment import build_augment
+from agecls.data.device_augment import translate_pipeline
 
 
 def _several_devices(cfg: DictConfig) -> bool:
@@ -40,8 +41,6 @@ def resolve_auto(cfg: DictConfig) -> dict[str, str]:
             if cuda and _several_devices(cfg):
                 pipeline, reason = "loader", f"trainer.devices={cfg.trainer.devices}"
             if pipeline == "device":
-                from agecls.data.device_augment import translate_pipeline
-
                 try:
                     translate_pipeline(build_augment(cfg.augment, cfg.data).train)
                 except ValueError as exc:
@@ -104,8 +103,6 @@ AUTO_KEYS = (
 def check_resolved(cfg: DictConfig) -> None:
     """ValueError when a key `resolve_auto` settles is still `auto`: the builders below `train()` take a
     config whose machine-dependent settings were resolved once, at its top."""
-    from omegaconf import OmegaConf
-
     left = [key for key in AUTO_KEYS if str(OmegaConf.select(cfg, key, default=None)) == "auto"]
     if left:
         raise ValueError(f"{', '.join(left)}=auto not resolved; call resolve_auto(cfg) first")
