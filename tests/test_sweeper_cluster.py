@@ -155,19 +155,27 @@ def test_trial_that_died_without_telling_is_failed_and_requeued_once(tmp_path):
 
 def test_trial_process_refuses_a_finished_trial_and_records_seed_and_heartbeat(compose_cfg, tmp_path):
     storage = f"sqlite:///{tmp_path}/s.db"
-    base = [f"optuna.storage={storage}", "optuna.study_name=h", "seed=7", "optuna.heartbeat_interval=2"]
+    base = [f"optuna.storage={storage}", "optuna.study_name=h", "seed=7"]
+    base += ["optuna.heartbeat_interval=2", "optuna.grace_period=4"]
     study = optuna.create_study(storage=storage, study_name="h", direction="maximize")
-    stale, live = study.ask(), study.ask()
+    stale, live, quiet = study.ask(), study.ask(), study.ask()
     study.tell(stale.number, state=TrialState.FAIL)
     with pytest.raises(TrialNotRunning, match="FAIL, not RUNNING"):
         TrialContext.from_cfg(compose_cfg([*base, f"optuna.trial={stale.number}"]))
+    with pytest.raises(TrialNotRunning, match="has no trial 9"):
+        TrialContext.from_cfg(compose_cfg([*base, "optuna.trial=9"]))
 
     ctx = TrialContext.from_cfg(compose_cfg([*base, f"optuna.trial={live.number}"]))
-    assert ctx is not None
-    time.sleep(2.5)  # the trial's own heartbeat thread beats every second
-    assert not ctx.study._storage._get_stale_trial_ids(ctx.study._study_id), "heartbeat recorded"
+    other = TrialContext.from_cfg(compose_cfg([*base, f"optuna.trial={quiet.number}"]))
+    assert ctx is not None and other is not None
+    other.stop_heartbeat()  # its one heartbeat, recorded at the start, goes stale
+    time.sleep(5.5)  # past the grace period: the live trial's own thread beats every second
+    optuna.storages.fail_stale_trials(ctx.study)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[live.number] == TrialState.RUNNING, "the trial process kept its heartbeat fresh"
+    assert states[quiet.number] == TrialState.FAIL, "its heartbeat was recorded, then went stale"
     ctx.complete(0.5, {})
-    trial = study._storage.get_trial(live._trial_id)
+    trial = study.get_trials()[live.number]
     assert trial.state == TrialState.COMPLETE and trial.user_attrs["seed"] == 7
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import difflib
 import gc
 import logging
 import math
@@ -39,11 +40,29 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.study import find_trial, open_study, record_heartbeat, trial_id
+from agecls.sweep.settings import SETTINGS
+
 log = logging.getLogger("agecls.sweep.sweeper")
 
 
 class SweepError(ValueError):
     """A search-space entry or study setting that cannot be used."""
+
+
+def check_settings(ocfg: DictConfig) -> None:
+    """SweepError naming a key of the `optuna` block that is not a setting, with the closest valid one.
+
+    The schema (agecls.sweep.settings.OptunaSettings) rejects a misspelled key while the config is composed;
+    one added past it with Hydra's `+` (`+optuna.n_trails=8`, which inserts a key regardless of the schema)
+    is caught here, before the study starts."""
+    for key in ocfg:
+        if key in SETTINGS:
+            continue
+        close = difflib.get_close_matches(str(key), SETTINGS, n=1)
+        hint = f"did you mean optuna.{close[0]}? " if close else ""
+        valid = ", ".join(SETTINGS)
+        raise SweepError(f"optuna.{key}: not a setting of an Optuna study; {hint}valid: {valid}")
 
 
 def distribution(override: Override):
@@ -364,11 +383,11 @@ class StudyRunner:
         from optuna.storages import fail_stale_trials
         from optuna.trial import TrialState
 
-        from agecls.study import open_study
         from agecls.sweep.study_tracking import StudyRun
 
         assert self.config is not None and self.hydra_context is not None
         cfg, ocfg = self.config, self.config.optuna
+        check_settings(ocfg)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         space, fixed = search_space(OmegaConf.to_container(ocfg.params) or {}, arguments, parser)
@@ -417,10 +436,9 @@ class StudyRunner:
                     cmd = self._command(fixed, trial.params, trial.number, parent, run_dir)
                     name = f"{study.study_name}-trial-{trial.number:04d}"
                     handle = executor.start(cmd, slots[free[0]], run_dir / "process.log", name)
-                    running[trial.number] = Running(
-                        handle, trial.number, trial._trial_id, trial.params, free[0]
-                    )
-                    study._storage.record_heartbeat(trial._trial_id)
+                    item = Running(handle, trial.number, trial_id(trial), trial.params, free[0])
+                    running[trial.number] = item
+                    record_heartbeat(study, item.trial_id)
                     log.info("trial %d started (slot %d): %s", trial.number, free[0], _show(trial.params))
                     continue
                 if not running:
@@ -429,12 +447,12 @@ class StudyRunner:
                     if not item.handle.done():
                         continue
                     del running[number]
-                    frozen = study._storage.get_trial(item.trial_id)
+                    frozen = _current(study, number)
                     if frozen.state == TrialState.RUNNING:
                         # died without telling (killed, out of memory, a lost node or cancelled job):
                         # failed and re-queued as a stale trial is (optuna.retries)
                         _fail_and_requeue(study, frozen, int(ocfg.retries))
-                        frozen = study._storage.get_trial(item.trial_id)
+                        frozen = _current(study, number)
                         if tracker:
                             tracker.end_orphan_runs(study)  # its MLflow run could not end itself
                     if frozen.state == TrialState.FAIL:
@@ -453,7 +471,7 @@ class StudyRunner:
                 now = time.monotonic()
                 if now - last_beat > max(1, int(ocfg.heartbeat_interval) // 2):
                     for item in running.values():
-                        study._storage.record_heartbeat(item.trial_id)
+                        record_heartbeat(study, item.trial_id)
                     last_beat = now
                 if now - last_stale > int(ocfg.grace_period):
                     fail_stale_trials(study)  # trials of other workers whose machine died
@@ -485,7 +503,7 @@ class StudyRunner:
 
         stop_trials([item.handle for item in running.values()])
         for item in running.values():
-            frozen = study._storage.get_trial(item.trial_id)
+            frozen = _current(study, item.number)
             if frozen.state == TrialState.RUNNING:
                 study.tell(item.number, state=TrialState.FAIL, skip_if_finished=True)
                 # frozen.params also holds what the trial drew itself (bins.cut1.. of bins=search)
@@ -513,11 +531,19 @@ def _fail_and_requeue(study, frozen, retries: int) -> None:
     from optuna.trial import TrialState
 
     study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-    failed = study._storage.get_trial(frozen._trial_id)
+    failed = _current(study, frozen.number)
     if failed.state == TrialState.FAIL:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             RetryHeartbeatStaleTrialCallback(max_retry=retries)(study, failed)
+
+
+def _current(study, number: int):
+    """Trial `number` (one this sweeper asked for, so it exists) as the storage holds it now."""
+    frozen = find_trial(study, number)
+    if frozen is None:  # pragma: no cover - the study lost a trial this sweeper asked for
+        raise SweepError(f"study {study.study_name!r} has no trial {number}")
+    return frozen
 
 
 def _raise_interrupt(signum, frame) -> None:

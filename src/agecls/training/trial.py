@@ -11,13 +11,14 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from agecls.study import open_study
+from agecls.study import attach_trial, find_trial, open_study, record_heartbeat, trial_id
 
 log = logging.getLogger("agecls.training.trial")
 
 
 class TrialNotRunning(RuntimeError):
-    """The trial this process was started for is already finished (failed as stale, or re-queued)."""
+    """The trial this process was started for is not RUNNING: already finished (failed as stale, or
+    re-queued), or not a trial of the study at all."""
 
 
 @dataclass
@@ -43,18 +44,16 @@ class TrialContext:
         # The trial's own draws (define-by-run, e.g. bins=search) use the configured sampler, seeded per trial
         seed = int(cfg.seed) * 100_003 + int(number)
         study = open_study(cfg.optuna, with_sampler=True, sampler_seed=seed)
-        storage = study._storage  # noqa: SLF001 - the storage object optuna itself uses for this study
-        trial_id = storage.get_trial_id_from_study_id_trial_number(
-            storage.get_study_id_from_name(study.study_name), int(number)
-        )
-        state = storage.get_trial(trial_id).state
-        if state != optuna.trial.TrialState.RUNNING:
+        frozen = find_trial(study, int(number))
+        if frozen is None:
+            raise TrialNotRunning(f"optuna.trial={number}: study {study.study_name!r} has no trial {number}")
+        if frozen.state != optuna.trial.TrialState.RUNNING:
+            state = frozen.state.name
             raise TrialNotRunning(
-                f"optuna.trial={number}: trial {number} of study {study.study_name!r} is {state.name}, not "
+                f"optuna.trial={number}: trial {number} of study {study.study_name!r} is {state}, not "
                 "RUNNING (failed as stale or cancelled while its job was queued); nothing to run"
             )
-        study.get_trials(deepcopy=False)  # fills optuna's trial cache: suggest_* in this process needs it
-        ctx = cls(study=study, trial=optuna.Trial(study, trial_id), number=int(number))
+        ctx = cls(study=study, trial=attach_trial(study, frozen), number=int(number))
         # The seed is recorded with the trial (MLflow has it as the param `seed` and tag `seed`):
         # re-running the trial's config.yaml reproduces it (docs/SWEEPS.md, "Re-running a trial").
         ctx.trial.set_user_attr("seed", int(cfg.seed))
@@ -63,21 +62,25 @@ class TrialContext:
 
     def start_heartbeat(self, interval: int) -> None:
         """Record the trial's heartbeat every interval/2 seconds from a daemon thread until it is told."""
-        storage, trial_id = self.study._storage, self.trial._trial_id
+        storage_id = trial_id(self.trial)
         period = max(1, interval // 2)
 
         def beat() -> None:
             while not self._stop.wait(period):
                 try:
-                    storage.record_heartbeat(trial_id)
+                    record_heartbeat(self.study, storage_id)
                 except Exception as exc:  # noqa: BLE001 - a busy storage must not kill the run
                     log.warning("trial %d: heartbeat not recorded: %s", self.number, exc)
 
-        storage.record_heartbeat(trial_id)
+        record_heartbeat(self.study, storage_id)
         threading.Thread(target=beat, name=f"optuna-heartbeat-{self.number}", daemon=True).start()
 
-    def _tell(self, *args: Any, **kwargs: Any) -> None:
+    def stop_heartbeat(self) -> None:
+        """Stop recording the trial's heartbeat (it goes stale after `optuna.grace_period` unless told)."""
         self._stop.set()
+
+    def _tell(self, *args: Any, **kwargs: Any) -> None:
+        self.stop_heartbeat()
         self.study.tell(self.number, *args, skip_if_finished=True, **kwargs)
 
     def tags(self, parent_run_id: str | None) -> dict[str, str]:

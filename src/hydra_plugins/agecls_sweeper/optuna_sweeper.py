@@ -1,26 +1,24 @@
-"""The `agecls_optuna` Hydra sweeper: a thin adapter over agecls.sweep.sweeper.StudyRunner."""
+"""The `agecls_optuna` Hydra sweeper: a thin adapter over agecls.sweep.sweeper.StudyRunner (its config,
+`hydra/sweeper=agecls_optuna`, is AgeclsOptunaSweeperConf in this package's config.py)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-ConfigStore.instance().store(
-    group="hydra/sweeper",
-    name="agecls_optuna",
-    node={"_target_": "hydra_plugins.agecls_sweeper.optuna_sweeper.AgeclsOptunaSweeper"},
-    provider="agecls",
-)
+from hydra_plugins.agecls_sweeper import config as _config  # noqa: F401 - registers the typed configs
 
 
 class AgeclsOptunaSweeper(Sweeper):
-    """Optuna study: asynchronous trials, pruning, resume; settings in the config's `optuna` block."""
+    """Optuna study: asynchronous trials, pruning, resume; settings in the config's `optuna` block.
 
-    def __init__(self, **_: Any) -> None:
+    Takes no arguments: AgeclsOptunaSweeperConf carries only `_target_`, so a key set under `hydra.sweeper`
+    is an error when the config is composed rather than ignored here."""
+
+    def __init__(self) -> None:
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
 
