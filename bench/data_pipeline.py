@@ -1,4 +1,4 @@
-"""Data-pipeline benchmark (issue #6, item 1): is the decoded cache worth it, and is training data-bound?
+"""Data-pipeline benchmark: is the decoded cache worth it, and is training data-bound?
 
 Measures, in one process and back to back:
   (a) per-epoch JPEG decode + resize + augment (the naive path: PIL, the same `decode_image` the cache uses)
@@ -15,6 +15,7 @@ generated synthetic faces (said so in the output). Caches and synthetic files go
 
     .venv/bin/python bench/data_pipeline.py                      # print the tables
     .venv/bin/python bench/data_pipeline.py --write BENCHMARKS.md  # also rewrite this benchmark's section
+    .venv/bin/python bench/data_pipeline.py --from-json bench/results/data_pipeline.json --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sections import write_section  # bench/ is on sys.path when a script in it runs
+from sections import provenance, render_saved, write_section  # bench/ is on sys.path when a script runs
 from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,65 +262,54 @@ def _rate_rows(rows: list[dict]) -> list[str]:
 
 
 def render(res: dict) -> str:
-    m, a = res["machine"], res["args"]
+    m, a, load = res["machine"], res["args"], res["load_average"]
     lines = [
         BEGIN,
-        "## Data pipeline: decoded cache vs per-epoch JPEG decoding (issue #6, item 1)",
+        "## Data pipeline: decoded cache vs per-epoch JPEG decoding",
         "",
-        f"Written by `make bench` (`{res['command']}`) on {res['date']}; {res['seconds']:.0f} s in all.",
-        "",
-        f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; Python {m['python']}, torch "
-        f"{m['torch']} ({m['torch_threads']} intra-op threads), albumentations {m['albumentations']}, "
-        f"Pillow {m['pillow']}, numpy {m['numpy']}. Load average before (1/5/15 min): "
-        f"{'/'.join(map(str, res['load_average']['start']))}; 1-min load during the run (the bench's own "
-        f"1 + workers processes included): mean {res['load_average']['during']['mean']}, max "
-        f"{res['load_average']['during']['max']}.",
+        *provenance(
+            res["command"],
+            f"{m['cpu']}, {m['nproc']} CPUs, GPU: {m['gpu']}; Python {m['python']}, torch {m['torch']} "
+            f"({m['torch_threads']} intra-op threads), albumentations {m['albumentations']}, Pillow "
+            f"{m['pillow']}, numpy {m['numpy']}; load average before (1/5/15 min) "
+            f"{'/'.join(map(str, load['start']))}, 1-min load during (its own processes included) mean "
+            f"{load['during']['mean']}, max {load['during']['max']}",
+            f"{res['date']} ({res['seconds']:.0f} s in all)",
+        ),
         f"- Data: {res['data']}; {a['size']} px greyscale, `augment={a['augment']}`, batch size "
-        f"{a['batch_size']}, shuffled.",
-        f"- One-off cache build (decode + resize, {res['cache']['workers']} threads): "
+        f"{a['batch_size']}, shuffled. Cache build (decode + resize, {res['cache']['workers']} threads): "
         f"{res['cache']['seconds']:.1f} s, {res['cache']['images_per_s']:.0f} images/s.",
-        "- Each row: the JPEG path and the cache path with the same transforms and loader settings, in the "
-        "same process. Rates are images/s over full epochs: the first epoch (worker start-up included), then "
-        f"the median (and range) of {a['repeats']} more epochs each, JPEG and cache alternating, persistent "
-        "workers. The ratio is of the medians (range: of the alternating pairs). The JPEG files were in the "
-        "OS page cache (read once by the cache build before timing), which favours the JPEG path.",
+        "- Method: the JPEG and cache paths with the same transforms and loader settings, in one process; "
+        "images/s over whole epochs: the first (worker start-up included) / the median (range) of "
+        f"{a['repeats']} more, JPEG and cache alternating; the ratio is of the medians (range: of the "
+        "pairs). The JPEG files were in the OS page cache, which favours them.",
         "",
         "| DataLoader workers | JPEG decode + resize + augment, images/s: 1st / median (range) "
         "| cache + augment, images/s: 1st / median (range) | cache / JPEG |",
         "|---|---|---|---|",
+        *_rate_rows(res["loading"]),
     ]
-    lines += _rate_rows(res["loading"])
     if res.get("device"):
         d = res["device"]
-        lines += [
-            "",
-            "The decoded cache on the device pipeline (`data.pipeline=device`, here on the CPU: the cache "
-            "staged as one tensor, batches indexed from it and augmented per sample by the torch translation "
-            f"of `augment={a['augment']}`, {m['torch_threads']} torch threads, no DataLoader), against the "
-            "JPEG path at 0 workers, alternating in the same process:",
-            "",
-            "| path | images/s: 1st / median (range) | device pipeline / JPEG |",
-            "|---|---|---|",
-            f"| JPEG decode + resize + albumentations, 0 workers | {d['first']['jpeg']:.0f} / "
-            f"{d['median']['jpeg']:.0f} ({min(d['later']['jpeg']):.0f}-{max(d['later']['jpeg']):.0f}) | |",
-            f"| cache + device pipeline (torch, per sample) | {d['first']['cache']:.0f} / "
-            f"{d['median']['cache']:.0f} ({min(d['later']['cache']):.0f}-{max(d['later']['cache']):.0f}) "
-            f"| {d['ratio']:.1f}x ({min(d['ratios']):.1f}-{max(d['ratios']):.1f}x) |",
-        ]
+        lines.append(
+            f"| device pipeline (`data.pipeline=device` on the CPU, no DataLoader) vs JPEG at 0 workers "
+            f"| {d['first']['jpeg']:.0f} / {d['median']['jpeg']:.0f} "
+            f"({min(d['later']['jpeg']):.0f}-{max(d['later']['jpeg']):.0f}) "
+            f"| {d['first']['cache']:.0f} / {d['median']['cache']:.0f} "
+            f"({min(d['later']['cache']):.0f}-{max(d['later']['cache']):.0f}) "
+            f"| {d['ratio']:.1f}x ({min(d['ratios']):.1f}-{max(d['ratios']):.1f}x) |"
+        )
     lines += [
         "",
-        "The same without augmentation (`augment=none`: loading alone, same loaders):",
+        "Loading alone (`augment=none`, same loaders):",
         "",
         "| DataLoader workers | JPEG decode + resize, images/s: 1st / median (range) "
         "| cache, images/s: 1st / median (range) | cache / JPEG |",
         "|---|---|---|---|",
         *_rate_rows(res["no_augment"]),
         "",
-        "Training the basic CNN from the cache loader (plain PyTorch loop: Adam, cross-entropy, batches of "
-        f"64, {a['warmup']} warm-up steps, then the timed steps in the table); workers `device`: from the "
-        "device pipeline's batches instead (the cache as one tensor, augmented per sample by torch, in the "
-        "training process; here on the CPU). "
-        "Data time = time blocked in `next(loader)`; step time = that + forward + backward + optimizer step.",
+        "Training the basic CNN on the cache's batches (a plain loop: Adam, cross-entropy, batches of 64, "
+        f"{a['warmup']} warm-up steps); data time is the time blocked in `next(loader)`:",
         "",
         "| model | workers | timed steps | step, ms | waiting for data, ms | data share of step time "
         "| train images/s |",
@@ -332,37 +322,34 @@ def render(res: dict) -> str:
             f"{100 * r['data_share']:.1f}% | {r['train_images_per_s']:.0f} |"
         )
     t = res["targets"]
+    lines += [
+        "",
+        f"Targets: cache >= 5x the images/s of per-epoch JPEG decoding: **{t['cache_5x']}**. Data time < 5% "
+        f"of step time: **{t['data_5pct']}**.",
+        "",
+    ]
     aug0 = next(r for r in res["loading"] if r["workers"] == 0) if res["loading"] else None
     raw0 = next(r for r in res["no_augment"] if r["workers"] == 0) if res["no_augment"] else None
     if aug0 and raw0:  # per-image costs at 0 workers, from the medians above
         decode_us = 1e6 * (1 / raw0["median"]["jpeg"] - 1 / raw0["median"]["cache"])
         augment_us = 1e6 * (1 / aug0["median"]["cache"] - 1 / raw0["median"]["cache"])
         read_us = 1e6 / raw0["median"]["cache"]
-        lines += [
-            "",
-            "Where the time goes (0 workers, from the medians): reading a cached image and making its tensor "
-            f"costs about {read_us:.0f} us, JPEG decode + resize about {decode_us:.0f} us more, and "
-            f"`augment={a['augment']}` about {augment_us:.0f} us. The cache removes the decode, but the "
-            "augmentation, paid on both paths, then dominates the cache path and caps the ratio."
+        lines.append(
+            f"- Per image at 0 workers: reading a cached image about {read_us:.0f} us, JPEG decode + resize "
+            f"about {decode_us:.0f} us more, `augment={a['augment']}` about {augment_us:.0f} us: the cache "
+            "removes the decode, and the augmentation then caps the ratio"
             + (
-                " The device pipeline lifts that cap: it augments a whole batch with a few tensor operations "
-                "(parameters still drawn per sample) instead of one albumentations call per image."
+                "; the device pipeline lifts the cap by augmenting a whole batch in a few tensor operations "
+                "(parameters still drawn per sample)."
                 if res.get("device")
-                else ""
-            ),
-        ]
+                else "."
+            )
+        )
     lines += [
-        "",
-        "These are CPU figures: the step times come from CPU training. On a GPU the compute part of a step "
-        "shrinks by orders of magnitude while the loading cost stays, so the data share there is not "
-        "implied by these numbers. The device pipeline has no workers: its batches are indexed and "
-        "augmented in the training process, so on a CPU that time is all data time (nothing overlaps it) "
-        "and it shares the cores with the step; on a GPU the same operations are kernels queued behind the "
-        "previous step's.",
-        "",
-        "Targets from issue #6:",
-        f"- cache >= 5x the images/s of per-epoch JPEG decoding: **{t['cache_5x']}**",
-        f"- data time < 5% of step time: **{t['data_5pct']}**",
+        "- CPU figures: on a GPU the step's compute shrinks by orders of magnitude while loading costs stay, "
+        "so the data share there is not implied. The device pipeline has no workers, so on a CPU its batches "
+        "are all data time and share the cores with the step.",
+        *res.get("notes", []),
         END,
     ]
     return "\n".join(lines) + "\n"
@@ -413,7 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per loader after the first")
     parser.add_argument("--no-device", action="store_true", help="skip the data.pipeline=device measurement")
     parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of a markdown file")
+    parser.add_argument("--from-json", type=Path, help="render a saved bench/results/data_pipeline.json")
+    parser.add_argument("--notes", type=Path, help="Markdown lines to append to the section")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return render_saved(args.from_json, render, args.write, (BEGIN, END), args.notes)
     began = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
     load = LoadSampler()
@@ -484,11 +475,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["targets"] = verdicts(res)
     res["seconds"] = time.perf_counter() - began
+    res["notes"] = args.notes.read_text().splitlines() if args.notes else []
     section = render(res)
     print(section)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "data_pipeline.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    if args.write:
+    saved = json.dumps(res, indent=1, default=str) + "\n"
+    (out_dir / "data_pipeline.json").write_text(saved)
+    if args.write:  # the committed record of the section, for --from-json
+        (Path(__file__).parent / "results" / "data_pipeline.json").write_text(saved)
         write_section(args.write, section, BEGIN, END)
         print(f"wrote {args.write}")
     return 0

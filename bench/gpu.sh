@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check of issue #6, for a lent H100/H200: under 10 minutes, no downloads.
+# The one prepared GPU check, for a lent H100/H200: under 10 minutes, no downloads.
 #
 #   bench/gpu.sh [UTKFACE_DIR] [OUT_DIR]
 #

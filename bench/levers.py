@@ -1,4 +1,4 @@
-"""Quality levers on validation (issue #6): does a lever, added to the dissertation's final recipe for one
+"""Quality levers on validation: does a lever, added to the dissertation's final recipe for one
 task, raise validation macro-F1? Each lever is one `agecls-train experiment=agecnn|gendercnn|ethnicitycnn` run
 plus its overrides, on the whole persisted UTKFace split at a small image size for a few half-epochs,
 `--parallel` at a time with one CPU thread each. Only validation is read (best epoch's macro-F1, no TTA):
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from quality import DEFAULT_ROOT, EXPERIMENTS, QUICK_DATA, REPO, run_logged, thread_env
-from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
+from sections import current_keys, machine_text, provenance, render_saved, write_section  # on sys.path
 
 BEGIN, END = "<!-- levers-runs:begin -->", "<!-- levers-runs:end -->"
 RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
@@ -147,29 +147,29 @@ def render(rep: dict) -> str:
     runs = rep["runs"]
     best = {t: max(r["val_macro_f1"] for r in runs if r["task"] == t) for t in {r["task"] for r in runs}}
     sizes = runs[0]["sizes"]
+    load = (
+        "" if a.get("collect") else f"; 1-min load {rep['load_start']} at the start, niceness {rep['nice']}"
+    )
     lines = [
         BEGIN,
-        "## Quality levers per task on validation (issue #6)",
+        "## Quality levers per task, on validation",
         "",
-        f"Written by `{rep['command']}` on {rep['date']}"
-        + (
-            f" from the finished runs in `{rep['out']}` (their fit times below)."
-            if a.get("collect")
-            else f"; {rep['seconds'] / 60:.0f} min in all."
+        *provenance(
+            rep["command"],
+            machine_text(m) + load,
+            rep["date"]
+            + (
+                f" (rendered from the finished runs in `{rep['out']}`; fit times are theirs)"
+                if a.get("collect")
+                else f" ({rep['seconds'] / 60:.0f} min in all)"
+            ),
         ),
-        "",
-        f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; torch {m['torch']}"
-        + (
-            "."
-            if a.get("collect")
-            else f"; 1-min load average at the start {rep['load_start']}; niceness {rep['nice']}."
-        ),
-        "- Each row: `agecls-train experiment=agecnn|gendercnn|ethnicitycnn` (the dissertation's final "
-        f"recipe for the task) on {rep['data']} (train/val rows {sizes['train']}/{sizes['val']}), "
-        f"{a['size']} px, {a['epochs']} epochs of {a['fraction']:g} of the training split, "
+        "- Runs: `agecls-train experiment=agecnn|gendercnn|ethnicitycnn` (the dissertation's final recipe "
+        f"for the task) on {rep['data']} (train/val rows {sizes['train']}/{sizes['val']}), {a['size']} px, "
+        f"{a['epochs']} epochs of {a['fraction']:g} of the training split, "
         + (f"`{' '.join(a['set'])}`, " if a.get("set") else "")
-        + f"plus the row's overrides; {a['parallel']} runs at a time, {a['threads']} CPU thread each, "
-        "seed as the recipe's (42). Validation macro-F1 without TTA at the best epoch decides; test is not "
+        + f"plus the row's overrides; {a['parallel']} at a time, {a['threads']} CPU thread each, seed 42. "
+        "Validation macro-F1 without TTA at the best epoch decides (bold: the task's best); test is not "
         "read.",
         "",
         "| task | overrides on the recipe | best val macro-F1 | best epoch | val macro-F1 per epoch "
@@ -177,7 +177,9 @@ def render(rep: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (list(EXPERIMENTS).index(r["task"]), LEVER_ORDER.get(r["name"], 99))):
-        shown = ", ".join(f"`{o}`" for o in r["overrides"]) or "none (the dissertation's recipe)"
+        shown = (
+            ", ".join(f"`{current_keys(o)}`" for o in r["overrides"]) or "none (the dissertation's recipe)"
+        )
         score = f"{r['val_macro_f1']:.4f}"
         score = f"**{score}**" if r["val_macro_f1"] == best[r["task"]] else score
         epoch, curve = _epoch_and_curve(r)

@@ -1,4 +1,4 @@
-"""Framework-overhead benchmark (issue #6, item 2): training through agecls vs a minimal plain-PyTorch loop.
+"""Framework-overhead benchmark: training through agecls vs a minimal plain-PyTorch loop.
 
 Both sides train the same model class from the same initial weights (seeded identically), on the same
 FaceDataModule loaders (same cached images, batch size, sampler, augmentation), with the same optimizer,
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
+from sections import machine_text, provenance, render_saved, write_section  # bench/ is on sys.path
 
 from agecls.config import compose_train
 
@@ -230,29 +230,27 @@ def measure(name: str, overrides: list[str], epochs: int, repeats: int, store: P
 
 
 def render(res: dict) -> str:
-    m = res["machine"]
+    m, load = res["machine"], res["load_average"]
     lines = [
         BEGIN,
-        "## Framework overhead: agecls (Lightning) vs a plain PyTorch loop (issue #6, item 2)",
+        "## Framework overhead: agecls (Lightning) vs a plain PyTorch loop",
         "",
-        f"Written by `{res['command']}` on {res['date']}; {res['seconds']:.0f} s in all.",
-        "",
-        f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; Python {m['python']}, torch "
-        f"{m['torch']} ({res['threads']} intra-op thread(s) on both sides), lightning {res['lightning']}. "
-        f"Other sessions' processes shared the 2 cores: 1-min load average at the start "
-        f"{res['load_average']['start'][0]}, during the run mean {res['load_average']['during']['mean']}, "
-        f"max {res['load_average']['during']['max']}. Because of that, CPU time of the process "
-        "(`time.process_time`) is the headline; wall time is shown beside it.",
-        f"- Data: generated synthetic faces (`data=synthetic`), the persisted split, decoded cache, "
-        f"0 DataLoader workers. Extra config: `{' '.join(res['extra']) or '(none)'}`.",
-        "- agecls side: `FaceClassifier` + `FaceDataModule` + the Trainer of `build_trainer` "
-        "(checkpoint + early-stopping callbacks, MLflow epoch logging, sanity validation, per-step "
-        "torchmetrics updates, config as composed). Plain side: the same model class and initial "
-        "weights (checked), loss, optimizer, loaders; `zero_grad/forward/backward/step`, then val "
-        "predictions and macro-F1 each epoch, best weights kept in memory. Same process, back to back, "
-        "alternating which side goes first.",
-        "- Fit = building the trainer (or optimizer) through the last epoch; epoch = median of the "
-        "epochs after the first (train + validation pass); overhead = agecls / plain - 1 of the medians.",
+        *provenance(
+            res["command"],
+            f"{machine_text(m)} ({res['threads']} intra-op thread(s) on both sides), lightning "
+            f"{res['lightning']}; other jobs shared the cores (1-min load {load['start'][0]} at the start, "
+            f"mean {load['during']['mean']} during, max {load['during']['max']}), so process CPU time is the "
+            "headline and wall time is shown beside it",
+            f"{res['date']} ({res['seconds']:.0f} s in all)",
+        ),
+        "- Protocol: the same model class, initial weights (checked), loss, optimizer and loaders on both "
+        "sides (synthetic faces, the persisted split, decoded cache, 0 workers"
+        + (f", `{' '.join(res['extra'])}`" if res["extra"] else "")
+        + "). agecls: `FaceClassifier` + `FaceDataModule` + the Trainer of `build_trainer` (checkpoint and "
+        "early-stopping callbacks, MLflow epoch logging, sanity validation, torchmetrics). Plain: "
+        "`zero_grad/forward/backward/step`, then validation macro-F1 each epoch. Same process, alternating "
+        "which side goes first. Fit = trainer set-up through the last epoch; epoch = median after the first; "
+        "overhead = agecls / plain - 1 of the medians.",
         "",
         "| case | model (blocks/base/hidden) | px | augment | train/val rows | epochs x fits per side "
         "| fit CPU s: agecls / plain | fit overhead, CPU (per pair) | epoch CPU s: agecls / plain "
@@ -278,7 +276,7 @@ def render(res: dict) -> str:
     worst = max(max(c["cpu"]["total"]["overhead"], c["cpu"]["steady"]["overhead"]) for c in res["cases"])
     lines += [
         "",
-        f"Target from issue #6 (overhead < 5%, CPU time): **{'met' if worst < 0.05 else 'not met'}** "
+        f"Target (overhead < 5%, CPU time): **{'met' if worst < 0.05 else 'not met'}** "
         f"(largest median overhead {pct(worst)}).",
     ]
     if res.get("notes"):

@@ -1,4 +1,4 @@
-"""Prediction latency per stage (issue #8): decode, detect, preprocess, model, for one photo and a batch.
+"""Prediction latency per stage: decode, detect, preprocess, model, for one photo and a batch.
 
 The model is the dissertation's final size (experiment=agecnn: basic_cnn 4 blocks, base 64, hidden 132,
 224 px greyscale, 7 age bins), untrained: latency does not depend on the weights. The photo is matplotlib's
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from sections import write_section  # bench/ is on sys.path when a script in it runs
+from sections import provenance, write_section  # bench/ is on sys.path when a script in it runs
 
 BEGIN, END = "<!-- predict_latency:begin -->", "<!-- predict_latency:end -->"
 
@@ -65,7 +65,8 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def measure(n: int, repeats: int, model, data: bytes) -> dict[str, float]:
     """Median ms per stage for n photos of one face each."""
-    from agecls.serving.predict import attribute_probs, find_faces, fit_square, open_image
+    from agecls.data.cache import fit_square
+    from agecls.serving.predict import attribute_probs, find_faces, open_image
 
     t_decode, imgs = timed(lambda: [open_image(data) for _ in range(n)], repeats)
     t_detect, faces = timed(lambda: [find_faces(img)[0] for img in imgs], repeats)
@@ -106,16 +107,17 @@ def main(argv: list[str] | None = None) -> int:
             BEGIN,
             "## Prediction latency (agecls-predict / agecls-serve)",
             "",
-            f"`make bench-predict` (`bench/predict_latency.py`), CPU only ({cpu}; torch threads "
-            f"{torch.get_num_threads()}), medians of {args.repeats} repeats "
-            f"(batch: {max(3, args.repeats // 3)}). "
-            f"Model: experiment=agecnn's size (basic_cnn 4 blocks, base 64, hidden 132, 224 px grey, "
-            f"{params / 1e6:.1f} M parameters), **untrained** — latency does not depend on the weights. "
-            "Photo: matplotlib's grace_hopper.jpg (512x600 JPEG, one face); a batch is that photo N times, "
-            "decoded, "
-            "detected and preprocessed one by one, then one forward pass. Detect = Haar frontal-face cascade "
-            "+ eye cascade (alignment) + square crop. The machine was shared with other jobs, so figures are "
-            "indicative.",
+            *provenance(
+                "make bench-predict",
+                f"CPU only ({cpu}; torch threads {torch.get_num_threads()}, 1-min load "
+                f"{os.getloadavg()[0]:.1f} at the start)",
+                time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            ),
+            f"- Protocol: medians of {args.repeats} repeats (batch: {max(3, args.repeats // 3)}) of an "
+            f"**untrained** model of experiment=agecnn's size (224 px grey, {params / 1e6:.1f} M parameters; "
+            "latency does not depend on the weights) on matplotlib's grace_hopper.jpg (512x600 JPEG, one "
+            "face). A batch is that photo N times, decoded, detected and preprocessed one by one, then one "
+            "forward pass. Detect = Haar face cascade + eye cascade (alignment) + square crop.",
             "",
             *rows,
             END,

@@ -1,5 +1,5 @@
-"""Quality benchmark (issue #6, item 4): the dissertation's final settings vs agecls's best configuration
-found under the same compute budget, on real UTKFace, with bootstrap confidence intervals on test.
+"""Quality benchmark: the dissertation's final settings vs agecls's best configuration found under the same
+compute budget, on real UTKFace, with bootstrap confidence intervals on test.
 
 For each task (age with the 7 final bins, gender, ethnicity), two sides run at the same time, one process
 and one CPU thread each, on the same persisted split and image size:
@@ -39,7 +39,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
+from sections import (
+    current_keys,
+    machine_text,
+    provenance,
+    render_saved,
+    write_section,
+)  # bench/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "utkface"
@@ -118,9 +124,7 @@ def agecls_overrides(a: dict, task: str) -> list[str]:
 def _per_task_text(a: dict) -> str:
     """'; per task: gender also `k=v`, ...' for the tasks given their own levers ('' when none)."""
     parts = [
-        f"{t} also " + ", ".join(f"`{o}`" for o in a[f"agecls_set_{t}"])
-        for t in EXPERIMENTS
-        if a.get(f"agecls_set_{t}")
+        f"{t} also " + _overrides_text(a[f"agecls_set_{t}"]) for t in EXPERIMENTS if a.get(f"agecls_set_{t}")
     ]
     return "; per task: " + "; ".join(parts) if parts else ""
 
@@ -295,25 +299,53 @@ def _study_text(rep: dict) -> str:
     return (
         f"an Optuna study (TPE, median pruner) of "
         f"{max(1, (a['budget'] - a.get('retrain', 0)) // a['epochs'])} trials of up to {a['epochs']} "
-        "epochs on the same recipe and architecture"
-        + (
-            " plus " + ", ".join(f"`{o}`" for o in a["agecls_set"]) + " (agecls's starting recipe)"
-            if a.get("agecls_set")
-            else ""
-        )
+        f"epoch{'s' if a['epochs'] != 1 else ''} on the same recipe"
+        + (" plus " + _overrides_text(a["agecls_set"]) if a.get("agecls_set") else "")
         + _per_task_text(a)
         + ", searching "
         + ", ".join(f"`{k}={v}`" for k, v in rep.get("search", SEARCH).items())
         + (
-            f"; then the best trial's configuration trained once more for the epochs the study left of the "
-            f"budget (at least {a['retrain']}); the agecls model is the better on validation macro-F1 of "
-            "that run and the best trial. "
+            f"; then the best trial's configuration trained again for the epochs left (at least "
+            f"{a['retrain']}), the better of the two on validation being the agecls model. "
             if a.get("retrain")
-            else "; the best trial on validation macro-F1 is the agecls model. "
+            else "; the best trial on validation is the agecls model. "
         )
         + rep.get("schedule", f"Runs went {a['parallel']} at a time (studies first)")
-        + f", one process and {a['threads']} CPU thread each."
+        + f", {a['threads']} CPU thread each."
     )
+
+
+def _overrides_text(overrides: list[str]) -> str:
+    return ", ".join(f"`{current_keys(o)}`" for o in overrides)
+
+
+def _difference_rows(rep: dict) -> list[str]:
+    """One row per task: agecls minus dissertation on test (with the paired interval when both runs wrote
+    face-level predictions), the reading, the validation difference and what `augment.tta=auto` chose."""
+    rows = []
+    for task, sides in rep["tasks"].items():
+        d, g = (next(x for x in sides if x["side"] == s) for s in ("dissertation", "agecls"))
+        diff = g["test_macro_f1"][0] - d["test_macro_f1"][0]
+        pair = rep.get("paired", {}).get(task)
+        if pair:
+            sign = "better" if pair["lo"] > 0 else "worse" if pair["hi"] < 0 else "not significant"
+            shown = (
+                f"{diff:+.4f} [{pair['lo']:+.4f}, {pair['hi']:+.4f}] | {pair['p_a_not_better']:.1%} | {sign}"
+            )
+        else:
+            overlap = (
+                g["test_macro_f1"][1] <= d["test_macro_f1"][2]
+                and d["test_macro_f1"][1] <= g["test_macro_f1"][2]
+            )
+            shown = f"{diff:+.4f} | - | separate intervals {'overlap' if overlap else 'do not overlap'}"
+        tta = g.get("tta")
+        chosen = (
+            f"{tta['chosen']} (" + ", ".join(f"{m} {v:.4f}" for m, v in tta["val_macro_f1"].items()) + ")"
+            if tta
+            else "-"
+        )
+        rows.append(f"| {task} | {shown} | {g['val_macro_f1'] - d['val_macro_f1']:+.4f} | {chosen} |")
+    return rows
 
 
 def render(rep: dict) -> str:
@@ -322,44 +354,44 @@ def render(rep: dict) -> str:
     f = lambda t: f"{t[0]:.4f} [{t[1]:.4f}, {t[2]:.4f}]"  # noqa: E731
     no_search = bool(a.get("no_search"))
     begin, end = markers(a["size"], no_search)
+    size, budget = a["size"], a["budget"]
     lines = [
         begin,
-        (
-            f"## Quality on real UTKFace at {a['size']} px: the dissertation's settings vs agecls's recipe "
-            "(the same plus the levers kept on validation), same budget, no search (issue #6, item 4)"
-            if no_search
-            else f"## Quality on real UTKFace at {a['size']} px: the dissertation's settings vs agecls's "
-            "best under the same budget (issue #6, item 4)"
+        f"## Quality at {size} px: the dissertation's recipe vs "
+        + ("agecls's recipe, same budget, no search" if no_search else "an agecls search, same budget"),
+        "",
+        *provenance(
+            rep["command"],
+            f"{machine_text(m)}; 1-min load {rep['load_start']} at the start, niceness {rep.get('nice', 10)}",
+            f"{rep['date']} "
+            + (
+                f"(rendered from the finished runs in `{a['collect']}`)"
+                if a.get("collect")
+                else f"({rep['seconds'] / 60:.0f} min in all)"
+            ),
         ),
-        "",
-        f"Written by `{rep['command']}` on {rep['date']}; {rep['seconds'] / 60:.0f} min in all.",
-        "",
-        f"- Machine: {m['cpu']}, `nproc` = {m['nproc']}, GPU: {m['gpu']}; torch {m['torch']}. Other "
-        f"sessions' processes shared the cores (1-min load average at the start {rep['load_start']}); "
-        f"the script ran at niceness {rep.get('nice', 10)}.",
         f"- Data: {rep['data']} (train/val/test rows "
-        f"{rep['sizes']['train']}/{rep['sizes']['val']}/{rep['sizes']['test']}); {a['size']} px greyscale. "
-        f"An epoch here is {a['fraction']:g} of the training split "
-        f"(`trainer.limit_train_batches={a['fraction']:g}`, reshuffled every epoch); val and test are whole.",
-        f"- Budget per task and side: {a['budget']} such epochs. Dissertation: its final recipe "
-        f"(`experiment=agecnn|gendercnn|ethnicitycnn`) trained once for up to {a['budget']} epochs. agecls: "
+        f"{rep['sizes']['train']}/{rep['sizes']['val']}/{rep['sizes']['test']}); {size} px greyscale; an "
+        f"epoch is {a['fraction']:g} of the training split "
+        f"(`trainer.limit_train_batches={a['fraction']:g}`), validation and test are whole.",
+        f"- Protocol: {budget} epochs per task and side. Dissertation: its final recipe "
+        f"(`experiment=agecnn|gendercnn|ethnicitycnn`) trained once. agecls: "
         + (
             "the same recipe plus "
-            + ", ".join(f"`{o}`" for o in a.get("agecls_set", []))
+            + _overrides_text(a.get("agecls_set", []))
             + _per_task_text(a)
-            + f", trained once for up to {a['budget']} epochs: no search in this budget (the levers were "
-            "chosen on validation in earlier runs, see the levers section). "
+            + f", trained once for up to {budget} epochs (levers chosen on validation beforehand: levers "
+            "section). "
             + rep.get("schedule", f"Runs went {a['parallel']} at a time")
-            + f", one process and {a['threads']} CPU thread each."
+            + f", {a['threads']} CPU thread each."
             if no_search
             else _study_text(rep)
         ),
-        "- Test was never used to choose anything: every agecls run scores its best checkpoint on test at "
-        "its end, and only the two final models' test scores are read here. Intervals: 95% percentile "
-        f"bootstrap over the {rep['n_boot']} resamples of the test rows (`evaluation.bootstrap.bootstrap_ci`)"
+        "- Test chose nothing: only the two final models' test scores are read. Intervals: 95% percentile "
+        f"bootstrap over {rep['n_boot']} resamples of the test rows"
         + (
-            "; the verdicts' paired intervals resample the same test faces for both models "
-            "(`agecls.evaluation.bootstrap.bootstrap_diff` on the runs' `predictions_test.csv`)."
+            "; for a difference, the paired 95% bootstrap interval of the difference over the same test "
+            "faces (`agecls-compare --split test`)."
             if rep.get("paired")
             else "."
         ),
@@ -377,6 +409,13 @@ def render(rep: dict) -> str:
                 f"| {f(s['test_macro_f1'])} | {f(s['test_acc'])} "
                 f"| {'-' if s['wall_s'] != s['wall_s'] else round(s['wall_s'] / 60, 1)} |"
             )
+    lines += [
+        "",
+        "| task | agecls − dissertation, test macro-F1 | agecls no better in | reading | val macro-F1 "
+        "difference | `augment.tta=auto` chose (val macro-F1) |",
+        "|---|---|---|---|---|---|",
+        *_difference_rows(rep),
+    ]
     lines += [] if no_search else ["", "Best agecls trial per task (chosen on validation):", ""]
     for task, sides in {} if no_search else rep["tasks"].items():
         s = next(x for x in sides if x["side"] == "agecls")
@@ -384,13 +423,13 @@ def render(rep: dict) -> str:
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["best_params"].items()
         )
         retrained = (
-            f"; retrained for {s['retrain']['epochs_trained']} epochs: validation {s['retrain']['val']:.4f}; "
+            f"; retrained {s['retrain']['epochs_trained']} epochs: validation {s['retrain']['val']:.4f}, "
             f"the agecls model is the {s['chosen']}"
             if s.get("retrain")
             else ""
         )
-        lines.append(f"- {task}: {params}; validation macro-F1 of its trials: {s['trial_vals']}{retrained}")
-    lines += ["", *rep.get("verdict", []), *(["", *rep["notes"]] if rep.get("notes") else []), end]
+        lines.append(f"- {task}: {params}; its trials' validation macro-F1 {s['trial_vals']}{retrained}")
+    lines += [*(["", *rep["notes"]] if rep.get("notes") else []), end]
     return "\n".join(lines) + "\n"
 
 

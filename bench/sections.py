@@ -7,6 +7,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 HEADER = "# Benchmarks\n\nFigures measured by the scripts in `bench/`.\n"
+# Keys renamed since a saved result was written (the Lightning callbacks moved from the trainer group to their
+# own): sections show today's names, so every command in them can be pasted as it is.
+RENAMED = {
+    "trainer.ema.": "callbacks.ema.",
+    "trainer.swa.": "callbacks.swa.",
+    "trainer.early_stopping.": "callbacks.early_stopping.",
+    "trainer.checkpoint.": "callbacks.checkpoint.",
+}
+
+
+def current_keys(text: str) -> str:
+    """`text` (a command or an override) with renamed config keys under their current names."""
+    for old, new in RENAMED.items():
+        text = text.replace(old, new)
+    return text
+
+
+def machine_text(m: dict) -> str:
+    """One line for the machine dict of data_pipeline.machine(): CPU, cores, GPU, torch."""
+    return f"{m['cpu']}, {m['nproc']} CPUs, GPU: {m['gpu']}; torch {m['torch']}"
+
+
+def provenance(command: str, machine: str, date: str) -> list[str]:
+    """The three lines under every section's title: the command that wrote it, the machine, the date."""
+    return [f"- Command: `{current_keys(command)}`", f"- Machine: {machine}", f"- Date: {date}"]
 
 
 def write_section(path: Path, section: str, begin: str, end: str) -> None:

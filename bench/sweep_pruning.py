@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 import torch
-from sections import write_section
+from sections import provenance, write_section
 
 from agecls.evaluation.study_report import compute_spent
 
@@ -86,23 +86,27 @@ def section(result: dict) -> str:
             BEGIN,
             "## Sweep efficiency: a pruned vs an unpruned Optuna study",
             "",
-            f"Machine: {result['machine']}; torch {result['torch']}, optuna {result['optuna']}. "
-            f"Command: `.venv/bin/python bench/sweep_pruning.py --trials {settings['trials']} "
-            f"--jobs {settings['jobs']} --epochs {settings['epochs']}`: the `make demo` study "
-            f"({settings['data']}; optimizer, learning rate and blocks searched by TPE, seed 42), "
-            "run twice back to back, with `optuna/pruner=median` and with `optuna/pruner=none`.",
+            *provenance(
+                f".venv/bin/python bench/sweep_pruning.py --trials {settings['trials']} "
+                f"--jobs {settings['jobs']} --epochs {settings['epochs']}",
+                f"{result['machine']}; torch {result['torch']}, optuna {result['optuna']}",
+                result.get("date", "not recorded"),
+            ),
+            f"- Protocol: the `make demo` study ({settings['data']}; optimizer, learning rate and blocks "
+            "searched by TPE, seed 42) run twice back to back, with `optuna/pruner=median` and "
+            "`optuna/pruner=none`.",
             "",
             *table,
             "",
             f"Pruned / unpruned: {result['epoch_ratio_pruned_over_unpruned']} of the epochs, "
-            f"{result['wall_ratio_pruned_over_unpruned']} of the wall time. In this run the unpruned "
-            f"study found the better best trial on validation ({full['best_val_macro_f1']} vs "
-            f"{pruned['best_val_macro_f1']}); on test the two best trials are level "
-            f"({full['best_trial_test_macro_f1']} vs {pruned['best_trial_test_macro_f1']}). "
-            "With 8 trials and a 4-epoch warm-up the median pruner also stopped trials that were "
-            "still improving, so this is a saving of compute, not a free lunch; studies of tens of trials "
-            "are where pruning is meant to pay. One run each: the wall times were measured while other "
-            "processes shared the 2 cores, so read the epoch ratio, not the seconds.",
+            f"{result['wall_ratio_pruned_over_unpruned']} of the wall time.",
+            "",
+            "- The unpruned study found the better best trial on validation "
+            f"({full['best_val_macro_f1']} vs {pruned['best_val_macro_f1']}); on test the two are level "
+            f"({full['best_trial_test_macro_f1']} vs {pruned['best_trial_test_macro_f1']}). With "
+            f"{settings['trials']} trials and a 4-epoch warm-up the median pruner also stopped trials that "
+            "were still improving: it saves compute, and pays in studies of tens of trials.",
+            "- One run each, with other processes on the cores: read the epoch ratio, not the seconds.",
             END,
             "",
         ]
@@ -128,6 +132,7 @@ def main() -> None:
         rows = [run_study(out, f"bench-{p}", p, args) for p in ("median", "none")]
     pruned, full = rows
     result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
         + ("CUDA " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
         "torch": torch.__version__,

@@ -1,5 +1,5 @@
-"""Training throughput through agecls, per GPU-path setting (issue #6: ">= 5,000 training images/s for the
-final AGECNN at 224 px on a lent H100").
+"""Training throughput through agecls, per GPU-path setting, against the target of >= 5,000 training images/s
+for the final AGECNN at 224 px on an H100-class GPU.
 
 For each variant the config is composed like `agecls-train experiment=agecnn data=utkface ...` and the data
 module and model are built exactly as agecls.training.train builds them (`build_datamodule`, `build_module`,
@@ -23,13 +23,13 @@ import time
 from pathlib import Path
 
 import torch
-from sections import render_saved, write_section  # bench/ is on sys.path when a script in it runs
+from sections import current_keys, provenance, render_saved, write_section  # bench/ is on sys.path
 
 from agecls.config import compose_train
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- throughput:begin -->", "<!-- throughput:end -->"
-TARGET = 5000  # issue #6: training images/s of the final AGECNN at 224 px on a lent H100
+TARGET = 5000  # training images/s of the final AGECNN at 224 px on one H100-class GPU
 DEFAULT_ROOT = REPO.parent / "shared" / "data" / "utkface"
 # name -> overrides on top of the common ones (the loader variants use --workers DataLoader processes)
 VARIANTS: dict[str, list[str]] = {
@@ -151,14 +151,12 @@ def render(report: dict) -> str:
     size = rows[0]["image_size"] if rows else "?"
     lines = [
         BEGIN,
-        "## Training throughput per GPU-path setting (issue #6, GPU path)",
+        "## Training throughput per GPU-path setting",
         "",
-        f"Run by `{report['command']}` on {report['date']}; device: {report['device']}; torch "
-        f"{report['torch']}. Common overrides: `{' '.join(report['common_overrides'])}`.",
-        "",
-        "Each variant: the final AGECNN (`experiment=agecnn`) built as agecls-train builds it, trained by a "
-        "lightning.Trainer without validation; the rate counts the steps after the warm-up (compilation and "
-        "cache staging excluded), device-synchronised.",
+        *provenance(report["command"], f"{report['device']}; torch {report['torch']}", report["date"]),
+        f"- Protocol: the final AGECNN (`{current_keys(' '.join(report['common_overrides']))}`) built as "
+        "agecls-train builds it, trained by a lightning.Trainer without validation; the rate counts the "
+        "steps after the warm-up (compilation and cache staging excluded), device-synchronised.",
         "",
         "| variant | overrides | timed steps x batch | ms per step | train images/s | peak GPU memory, GiB |",
         "|---|---|---|---|---|---|",
@@ -169,7 +167,8 @@ def render(report: dict) -> str:
             continue
         mem = "-" if r.get("peak_gpu_memory_gib") is None else f"{r['peak_gpu_memory_gib']:.1f}"
         lines.append(
-            f"| {r['variant']} | `{' '.join(r['overrides'])}` | {r['timed_steps']} x {r['batch_size']} "
+            f"| {r['variant']} | `{current_keys(' '.join(r['overrides']))}` "
+            f"| {r['timed_steps']} x {r['batch_size']} "
             f"| {r['ms_per_step']:.1f} | {r['images_per_s']:.0f} | {mem} |"
         )
     best = max(rows, key=lambda r: r["images_per_s"]) if rows else None

@@ -102,5 +102,7 @@ def test_refusals_name_the_files(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
     assert main([str(run_a), str(tmp_path / "bad.csv")]) == 1
     assert "bad.csv: no columns row, label, pred" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main([str(run_a), str(run_a), "--n-boot", "0"])
+    assert main([str(run_a), str(run_a), "--n-boot", "0"]) == 2
+    assert "agecls-compare: error: n_boot=0: valid: a whole number >= 1" in capsys.readouterr().err
+    assert main([str(run_a), str(run_a), "--split", "train"]) == 2
+    assert "split='train': valid: val or test" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from agecls.data.synthetic import MARKER_NAME
 from data_helpers import write_defect_folder
@@ -110,14 +111,20 @@ def test_data_manifest_reports_an_external_split(out, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["prepare", "data=nope"], "Could not find 'data/nope'"),
-        (["prepare", "data.nope=1"], "Could not override 'data.nope'"),
-        (["show", "model.blocks=["], "bad override(s) model.blocks=["),
+        (["prepare", "data=nope"], "data=nope: no option 'nope' in group data (valid: manifest, synthetic"),
+        (["prepare", "bins=fuor"], "did you mean bins=four?"),
+        (["prepare", "experiment=agecnnn"], "did you mean experiment=agecnn?"),
+        (["prepare", "data.nope=1"], "unknown key 'data.nope'"),
+        (["show", "data.rot=/x"], "unknown key 'data.rot'; did you mean data.root?"),
+        (["show", "manifst=x"], "unknown key 'manifst'; did you mean manifest?"),
+        (["show", "model.blocks=["], "cannot parse 'model.blocks=['"),
         (["prepare", "data=utkface"], "data=utkface needs data.root=/path/to/images"),
         (["prepare", "data=manifest"], "data=manifest needs data.path=FILE.csv"),
         (["show", "bins.ranges=[[0,5],[3,116]]"], "bins"),
-        (["frobnicate"], "invalid choice: 'frobnicate'"),
-        ([], "the following arguments are required"),
+        (["prepare", "--manifest", "x"], "manifest=PATH (--manifest) is for show"),
+        (["prepare", "extra"], "unexpected argument 'extra'"),
+        (["frobnicate"], "command='frobnicate': valid: prepare or show"),
+        ([], "command=... is required: prepare or show"),
     ],
 )
 def test_bad_arguments_exit_2_without_a_traceback(out, args, message):
@@ -125,3 +132,13 @@ def test_bad_arguments_exit_2_without_a_traceback(out, args, message):
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert message in done.stderr and "usage: agecls-data" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_cfg_job_prints_the_train_config_with_the_command_keys(out):
+    done = _cli(out, "show", "--cfg", "job", "--manifest", "m 1.csv", "data=utkface", "data.root=/faces")
+    assert done.returncode == 0, done.stderr
+    cfg = yaml.safe_load(done.stdout)
+    assert (cfg["command"], cfg["manifest"]) == ("show", "m 1.csv")
+    assert (cfg["data"]["name"], cfg["data"]["root"]) == ("utkface", "/faces")
+    assert cfg["model"]["name"] == "basic_cnn"
+    assert "hydra" not in cfg and done.stderr == ""

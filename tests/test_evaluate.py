@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import FAST_OVERRIDES, compose_train
 
 from agecls.cli.eval import VALID_KEYS, main, parse_args
+from agecls.config import CONFIG_DIR
 from agecls.data.synthetic import generate_synthetic
 from agecls.evaluation.evaluate import UsageError, evaluate
 from agecls.training.train import train
@@ -146,7 +147,9 @@ def test_bad_arguments_exit_2_naming_the_problem(tmp_path, capsys):
         assert message in err, (argv, err)
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    assert all(key in text for key in VALID_KEYS)
+    assert text.startswith("agecls-eval: score a checkpoint")
+    assert (CONFIG_DIR / "eval.yaml").read_text() in text
+    assert len(VALID_KEYS) == 17 and all(f"{key.rsplit('.', 1)[-1]}: " in text for key in VALID_KEYS)
     with pytest.raises(UsageError):
         parse_args(["+eval.extra=1"])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import threading
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from agecls.cli.predict import parse_args
+from agecls.errors import UsageError
 from agecls.serving.predict import Predictor
 
 pytestmark = pytest.mark.slow
@@ -48,6 +50,30 @@ def client(app):
     from fastapi.testclient import TestClient
 
     return TestClient(app)
+
+
+def test_command_line_keys_reach_the_predictor_and_the_app(tiny_multitask_ckpt):
+    from agecls.cli import serve
+
+    cfg = serve.parse_args([f"ckpt={tiny_multitask_ckpt}", "port=9000", "host=0.0.0.0", "detect=false"])
+    assert (cfg.port, cfg.host, cfg.max_upload_mb, cfg.max_batch, cfg.max_pixels) == (
+        9000,
+        "0.0.0.0",
+        10,
+        16,
+        40_000_000,
+    )
+    assert "images" not in cfg and "grid" not in cfg
+    predictor = Predictor.from_config(cfg)
+    assert predictor.detect is False and predictor.margin == 0.3 and len(predictor.models) == 1
+    for argv, message in (
+        (["port=80"], "ckpt=... is required"),
+        ([f"ckpt={tiny_multitask_ckpt}", "max_batch=0"], "max_batch=0: valid: a whole number >= 1"),
+        ([f"ckpt={tiny_multitask_ckpt}", "margin=3"], "margin=3: valid: a number from 0 to 2"),
+        ([f"ckpt={tiny_multitask_ckpt}", "max_uploadmb=3"], "did you mean max_upload_mb?"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            serve.parse_args(argv)
 
 
 def test_page_and_info(client):

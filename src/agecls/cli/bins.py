@@ -1,15 +1,5 @@
-"""`agecls-bins propose`: group a fine-bin run's classes (e.g. bins=pairs) into k contiguous age bins.
-
-    agecls-bins propose run=<MLflow run id | run folder | results.json> k=7 [min_count=N] [max_width=YEARS]
-                        [fixed_edges=[18]] [name=mybins] [split=val] [compare=seed7] [out=DIR]
-                        [tracking_uri=URI] [--install | install=true]
-
-Selection uses the validation confusion matrix (split=val, the default) or train; never test. The chosen
-grouping is the exact optimum of expected macro-F1 (bin_discovery). Writes <out>/<name>.yaml (a bins
-config like conf/bins/*.yaml; default out: <paths.output_dir>/bins), <name>_confusion.png (the fine matrix
-with the bins outlined), <name>_tradeoff.png and <name>_tradeoff.csv (best expected macro-F1 for every k).
---install also copies the YAML into the package's conf/bins/ so that `agecls-train bins=<name>` works.
-"""
+"""`agecls-bins propose`: group a fine-bin run's classes (e.g. bins=pairs) into k contiguous age bins;
+its keys are conf/bins.yaml's."""
 
 from __future__ import annotations
 
@@ -18,12 +8,15 @@ import re
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from omegaconf import DictConfig, OmegaConf
 
+from agecls.cli.app import App, run
 from agecls.errors import UsageError
 from agecls.evaluation.bin_discovery import (
     Constraints,
@@ -35,20 +28,27 @@ from agecls.evaluation.bin_discovery import (
     score_ranges,
 )
 
-USAGE = __doc__.split("\n\n")[1]
-_KEYS = {
-    "run",
-    "k",
-    "min_count",
-    "max_width",
-    "fixed_edges",
-    "name",
-    "split",
-    "compare",
-    "out",
-    "tracking_uri",
-    "install",
-}
+APP = App(
+    prog="agecls-bins",
+    config="bins",
+    summary="group a fine-bin run's classes (e.g. bins=pairs) into k contiguous age bins.",
+    usage="agecls-bins propose run=RUN k=K [KEY=VALUE ...] [--install]",
+    description="""\
+Selection uses the validation confusion matrix (split=val, the default) or train; never test. The chosen
+grouping is the exact optimum of expected macro-F1 (bin_discovery). Writes <out>/<name>.yaml (a bins config
+like conf/bins/*.yaml), <name>_confusion.png (the fine matrix with the bins outlined), <name>_tradeoff.png
+and <name>_tradeoff.csv (best expected macro-F1 for every k). install=true (--install) also copies the YAML
+into the package's conf/bins/ so that `agecls-train bins=<name>` works.""",
+    examples=(
+        "agecls-bins propose run=outputs/runs/<date>/<time> k=7 name=mybins --install",
+        "agecls-bins propose run=1a98ea64 k=4 min_count=50 fixed_edges=[18] compare=seed7",
+        "agecls-bins propose run=<run>/results.json k=5 max_width=20 split=train out=proposals",
+    ),
+    exit_codes="0 done, 1 a runtime problem, 2 bad arguments or a run that cannot be used",
+    positional=("command",),
+    switches={"--install": "install=true"},
+    text_keys=("command", "run", "name", "out", "tracking_uri", "split"),
+)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 NOT_COMPARABLE = (
     "Expected macro-F1 is not comparable across different bin sets: fewer, wider bins score higher by "
@@ -56,35 +56,11 @@ NOT_COMPARABLE = (
 )
 
 
-def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
-    """`propose key=value ... [--install]` -> ("propose", {key: YAML-parsed value})."""
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        raise UsageError("")
-    command, rest = argv[0], argv[1:]
-    if command != "propose":
-        raise UsageError(f"unknown command {command!r}; the only command is 'propose'")
-    opts: dict[str, Any] = {}
-    for item in rest:
-        if item in ("-h", "--help"):
-            raise UsageError("")
-        if item == "--install":
-            opts["install"] = True
-            continue
-        if "=" not in item:
-            raise UsageError(f"argument {item!r} is not key=value")
-        key, raw = item.split("=", 1)
-        key = key.lstrip("+")
-        if key not in _KEYS:
-            raise UsageError(f"unknown key {key!r}; known keys: {', '.join(sorted(_KEYS))}")
-        opts[key] = raw if key in ("run", "name", "out", "tracking_uri", "split") else _yaml_value(key, raw)
-    return command, opts
-
-
-def _yaml_value(key: str, raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        raise UsageError(f"{key}={raw!r} is not a valid value") from None
+def options(cfg: DictConfig) -> dict[str, Any]:
+    """The composed config as propose's options: plain values, required keys left out when unset."""
+    if cfg.command != "propose":
+        raise UsageError(f"command={cfg.command!r}: the only command is 'propose'")
+    return {k: v for k, v in OmegaConf.to_container(cfg).items() if v != "???" and k != "command"}
 
 
 def _int(opts: dict[str, Any], key: str, default: int | None, minimum: int) -> int | None:
@@ -414,21 +390,13 @@ def propose(opts: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(USAGE, file=sys.stderr)
-        return 2
-    try:
-        _, opts = parse_args(argv)
-        propose(opts)
-    except UsageError as exc:
-        if str(exc):
-            print(f"agecls-bins: error: {exc}", file=sys.stderr)
-            return 2
-        print(USAGE)
-        return 0
+def _propose(cfg: DictConfig, _overrides: list[str]) -> int:
+    propose(options(cfg))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(APP, argv, _propose)
 
 
 if __name__ == "__main__":

@@ -2,39 +2,75 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from agecls.evaluation.compare import SPLITS, CompareError, compare_runs, render
+from omegaconf import DictConfig
+
+from agecls.cli.app import App, run
+from agecls.cli.args import check_int, require
+from agecls.errors import AgeclsError, UsageError
+
+APP = App(
+    prog="agecls-compare",
+    config="compare",
+    summary="two runs on the same faces, with a paired bootstrap of their difference.",
+    usage="agecls-compare RUN_A RUN_B [KEY=VALUE ...]",
+    description="""\
+Reads both runs' face-level predictions_<split>.csv (written by every agecls-train run) and reports each
+run's macro-F1 and accuracy, their difference with a bootstrap confidence interval over the same faces, and
+how often A is not better. See docs/EVALUATION.md, 'Comparing two runs'.""",
+    examples=(
+        "agecls-compare outputs/runs/<A> outputs/runs/<B>                 # on validation, to choose",
+        "agecls-compare outputs/runs/<A> outputs/runs/<B> --split test    # to report the choice",
+        "agecls-compare run_a=<A> run_b=<B> attribute=gender n_boot=5000 json=diff.json",
+    ),
+    exit_codes="0 done, 1 the runs cannot be compared (files missing, different faces), 2 bad arguments",
+    positional=("run_a", "run_b"),
+    options={
+        "--split": "split",
+        "--attribute": "attribute",
+        "--n-boot": "n_boot",
+        "--seed": "seed",
+        "--json": "json",
+    },
+    text_keys=("run_a", "run_b", "split", "attribute", "json"),
+)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="agecls-compare",
-        description=__doc__.split("\n\n")[0],
-        epilog="See README, 'Comparing two runs'.",
-    )
-    parser.add_argument("run_a", type=Path, help="run folder (or its predictions_<split>.csv): A")
-    parser.add_argument("run_b", type=Path, help="run folder (or its predictions_<split>.csv): B")
-    parser.add_argument("--split", default="val", choices=SPLITS, help="val (default: choose on it) or test")
-    parser.add_argument("--attribute", help="multitask runs: age, gender or ethnicity (default: the first)")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
-    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
-    args = parser.parse_args(argv)
-    if args.n_boot < 1:
-        parser.error(f"--n-boot {args.n_boot}: must be at least 1")
+def check(cfg: DictConfig) -> DictConfig:
+    """The composed config, once its values are valid (UsageError naming the first that is not)."""
+    from agecls.evaluation.compare import SPLITS
+
+    require(cfg, "run_a", "run_b")
+    if cfg.split not in SPLITS:
+        raise UsageError(f"split={cfg.split!r}: valid: {' or '.join(SPLITS)}")
+    check_int(cfg, "n_boot", 1)
+    check_int(cfg, "seed", 0)
+    return cfg
+
+
+def _compare(cfg: DictConfig, _overrides: list[str]) -> int:
+    from agecls.evaluation.compare import CompareError, compare_runs, render
+
+    cfg = check(cfg)
+    attribute = None if cfg.attribute is None else str(cfg.attribute)
     try:
-        report = compare_runs(args.run_a, args.run_b, args.split, args.attribute, args.n_boot, args.seed)
+        report = compare_runs(
+            Path(str(cfg.run_a)), Path(str(cfg.run_b)), str(cfg.split), attribute, cfg.n_boot, cfg.seed
+        )
     except CompareError as exc:
-        print(f"agecls-compare: {exc}", file=sys.stderr)
-        return 1
+        raise AgeclsError(str(exc)) from None
     print(render(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if cfg.json:
+        Path(str(cfg.json)).write_text(json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(APP, argv, _compare)
 
 
 if __name__ == "__main__":

@@ -4,39 +4,60 @@
     agecls-data show [OVERRIDES | --manifest PATH]  print the report of an existing manifest, no rescan
 
 OVERRIDES are `agecls-train`'s Hydra overrides (`data=utkface data.root=/path`, `bins=four`, ...): the
-command composes the same train config, so it prepares exactly the split a run with those overrides uses.
+command's config (conf/data.yaml) is the train config plus `command` and `manifest`, so it prepares exactly
+the split a run with those overrides uses.
 Exit codes: 0 done, 1 a data problem (or no manifest yet), 2 bad arguments or overrides.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from agecls.config import compose_train
-from agecls.data.bins import AgeBins
-from agecls.data.manifest import Manifest, load_manifest
-from agecls.data.prepare import (
-    data_lock,
-    data_root,
-    declares,
-    import_manifest,
-    is_set,
-    manifest_dir,
-    resolve_manifest,
-)
-from agecls.data.records import DataError
+from agecls.cli.app import App, run
 from agecls.errors import UsageError
 
-PROG = "agecls-data"
+if TYPE_CHECKING:  # agecls.data imports pandas: only when a command runs, so that --help stays quick
+    from agecls.data.bins import AgeBins
+    from agecls.data.manifest import Manifest
+
+OWN_KEYS = ("command", "manifest")
+APP = App(
+    prog="agecls-data",
+    config="data",
+    summary="prepare or inspect the dataset split (manifest) that agecls-train uses.",
+    usage="agecls-data {prepare,show} [OVERRIDE ...] [--manifest PATH]",
+    description="""\
+The report: counts per age bin, gender and ethnicity per split, rejected files and why, duplicate groups and
+label conflicts. prepare generates the synthetic faces when data=synthetic, scans data.root, resolves
+duplicates, splits and writes the manifest (reused when the folder and split parameters are unchanged;
+data.split.force=true rewrites it); with data.path set (data=manifest) the external split is read and
+reported as it is. show reads an existing manifest without scanning the images, and names the command that
+creates it when there is none yet. Everything goes under paths.output_dir (AGECLS_OUTPUT_DIR moves it).""",
+    examples=(
+        "agecls-data prepare                                   # the default synthetic faces",
+        "agecls-data prepare data=utkface data.root=/data/UTKFace bins=four",
+        "agecls-data show data=utkface data.root=/data/UTKFace",
+        "agecls-data show --manifest outputs/data/manifests/utkface-1a2b3c4d",
+    ),
+    exit_codes="0 done, 1 data problem or no manifest yet, 2 bad arguments or overrides",
+    positional=("command",),
+    options={"--manifest": "manifest"},
+    text_keys=OWN_KEYS,
+    train_overrides=True,
+    note="Every other key and group is agecls-train's (agecls-train --help lists the groups).",
+)
+PROG = APP.prog
 
 
 def _bins(cfg: DictConfig) -> AgeBins:
+    from agecls.data.bins import AgeBins
+
     try:
         return AgeBins.from_config(cfg.bins)
     except (ValueError, OmegaConfBaseException) as exc:
@@ -45,6 +66,8 @@ def _bins(cfg: DictConfig) -> AgeBins:
 
 def check_data_keys(cfg: DictConfig) -> None:
     """UsageError naming the override a data group still needs (data.path, data.root)."""
+    from agecls.data.prepare import declares, is_set
+
     data = cfg.data
     if declares(data, "path") and not is_set(data, "path"):
         raise UsageError(
@@ -62,6 +85,8 @@ def check_data_keys(cfg: DictConfig) -> None:
 
 def prepare(cfg: DictConfig) -> tuple[Manifest, str]:
     """Prepare (or reuse) the split of the composed config's data; returns it and a line saying where."""
+    from agecls.data.prepare import data_lock, data_root, is_set, manifest_dir, resolve_manifest
+
     data, paths = cfg.data, cfg.paths
     if is_set(data, "path"):
         with data_lock(paths.data_dir):
@@ -82,6 +107,10 @@ def prepare(cfg: DictConfig) -> tuple[Manifest, str]:
 
 def show(cfg: DictConfig, manifest_path: Path | None, overrides: Sequence[str] = ()) -> tuple[Manifest, str]:
     """Read an existing manifest (given, or the one the composed config's data would use) without scanning."""
+    from agecls.data.manifest import load_manifest
+    from agecls.data.prepare import data_root, import_manifest, is_set, manifest_dir
+    from agecls.data.records import DataError
+
     if manifest_path is not None:
         # An explicit data.root=DIR says where an external CSV's relative paths start.
         root = cfg.data.root if any(o.startswith("data.root=") for o in overrides) else None
@@ -102,83 +131,32 @@ def show(cfg: DictConfig, manifest_path: Path | None, overrides: Sequence[str] =
     return manifest, f"manifest read from {out_dir} (not rescanned; `{PROG} prepare` checks the folder)"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    overrides_help = (
-        "agecls-train's Hydra overrides, e.g. data=utkface data.root=/path/to/UTKFace bins=four "
-        "(data=manifest data.path=split.csv for an external split)"
-    )
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description=(
-            "Prepare or inspect the dataset split (manifest) that agecls-train uses: counts per age bin, "
-            "gender and ethnicity per split, rejected files and why, duplicate groups and label conflicts."
-        ),
-        epilog=(
-            "examples:\n"
-            f"  {PROG} prepare                                   # the default synthetic faces\n"
-            f"  {PROG} prepare data=utkface data.root=/data/UTKFace bins=four\n"
-            f"  {PROG} show data=utkface data.root=/data/UTKFace\n"
-            f"  {PROG} show --manifest outputs/data/manifests/utkface-1a2b3c4d\n"
-            "Everything goes under paths.output_dir (AGECLS_OUTPUT_DIR moves it).\n"
-            "exit codes: 0 done, 1 data problem or no manifest yet, 2 bad arguments or overrides"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,show}")
-    prep = sub.add_parser(
-        "prepare",
-        help="scan, split and persist the data (or reuse an unchanged manifest); print the report",
-        description=(
-            "Generate the synthetic faces when data=synthetic, scan data.root, resolve duplicates, split and "
-            "write the manifest (reused when the folder and split parameters are unchanged; "
-            "data.split.force=true rewrites it), then print its report. With data.path set (data=manifest) "
-            "the external split is read and reported as it is."
-        ),
-    )
-    prep.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=overrides_help)
-    sh = sub.add_parser(
-        "show",
-        help="print the report of an existing manifest without rescanning",
-        description=(
-            "Print the report of the manifest the overrides' data settings use (or --manifest PATH: a "
-            "manifest folder or CSV), without scanning the images. Fails, naming the command that creates "
-            "it, when there is none yet."
-        ),
-    )
-    sh.add_argument(
-        "--manifest",
-        type=Path,
-        metavar="PATH",
-        help="a manifest folder or CSV (an external CSV's relative paths start at data.root=DIR when given)",
-    )
-    sh.add_argument("overrides", nargs="*", metavar="OVERRIDE", help=overrides_help + "; bins=... too")
-    return parser
+def _data(cfg: DictConfig, overrides: list[str]) -> int:
+    train_overrides = [o for o in overrides if o.split("=", 1)[0] not in OWN_KEYS]
+    if OmegaConf.is_missing(cfg, "command"):
+        raise UsageError("command=... is required: prepare or show (agecls-data prepare ...)")
+    if cfg.command not in ("prepare", "show"):
+        raise UsageError(f"command={cfg.command!r}: valid: prepare or show")
+    manifest_path = None if cfg.manifest is None else Path(str(cfg.manifest))
+    if manifest_path is not None and cfg.command != "show":
+        raise UsageError(
+            "manifest=PATH (--manifest) is for show; prepare writes the manifest its data keys name"
+        )
+    bins = _bins(cfg)
+    if cfg.command == "prepare":
+        check_data_keys(cfg)
+        manifest, where = prepare(cfg)
+    else:
+        if manifest_path is None:
+            check_data_keys(cfg)
+        manifest, where = show(cfg, manifest_path, train_overrides)
+    print(manifest.report(bins), end="")
+    print(where)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = compose_train(args.overrides)
-        bins = _bins(cfg)
-        if args.command == "prepare":
-            check_data_keys(cfg)
-            manifest, where = prepare(cfg)
-        else:
-            if args.manifest is None:
-                check_data_keys(cfg)
-            manifest, where = show(cfg, args.manifest, args.overrides)
-        report = manifest.report(bins)
-    except (UsageError, OmegaConfBaseException) as exc:
-        parser.print_usage(sys.stderr)
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    except (DataError, OSError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    print(report, end="")
-    print(where)
-    return 0
+    return run(APP, argv, _data)
 
 
 if __name__ == "__main__":

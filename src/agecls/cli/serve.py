@@ -5,69 +5,59 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from agecls.cli import predict
-from agecls.cli.args import help_exit
-from agecls.errors import UsageError
-from agecls.serving.predict import PREDICT_DEFAULTS, Predictor
-from agecls.serving.serve import SERVE_DEFAULTS, create_app
+from agecls.cli.app import App, compose_args, run
+from agecls.cli.args import check_int
+from agecls.cli.predict import check_faces
 
-PROG = "agecls-serve"
-
-
-HELP = f"""usage: {PROG} ckpt=PATH [host=127.0.0.1] [port=8000] [max_upload_mb=10] [max_batch=16]
-       [max_pixels=N] [detect=true] [margin=0.3] [align=true] [device=cpu] [tracking_uri=URI]
-
-Serve an upload page at http://HOST:PORT/ and a JSON API (POST /api/predict with field `file`,
-POST /api/predict/batch with fields `files`).
-ckpt as for agecls-predict (a file, [a,b,c], models:/NAME@ALIAS).
-"""
+APP = App(
+    prog="agecls-serve",
+    config="serve",
+    summary="serve an upload page and a JSON API that predict age group, gender and ethnicity of photos.",
+    usage="agecls-serve ckpt=PATH [host=127.0.0.1] [port=8000] [KEY=VALUE ...]",
+    description="""\
+The page is at http://HOST:PORT/; the API: POST /api/predict with field `file`, POST /api/predict/batch with
+fields `files`, GET /api/info. ckpt and the face-finding keys are those of agecls-predict.""",
+    examples=(
+        "agecls-serve ckpt=outputs/runs/<date>/<time>/checkpoints/best.ckpt",
+        "agecls-serve ckpt=[age.ckpt,gender.ckpt,eth.ckpt] port=8080 max_upload_mb=5",
+        "agecls-serve ckpt=models:/agecls-demo@best tracking_uri=sqlite:///outputs/mlflow.db host=0.0.0.0",
+    ),
+    exit_codes="0 stopped, 1 a runtime problem, 2 bad arguments",
+    text_keys=("host",),
+    sweep_hint="a list of checkpoints: ckpt=[a,b]",
+)
+PROG = APP.prog
 
 
 def parse_args(argv: Sequence[str]) -> DictConfig:
-    """SERVE_DEFAULTS with `key=value` overrides; UsageError for unknown keys or bad values."""
-    serve_keys = {k: v for k, v in SERVE_DEFAULTS.items() if k not in PREDICT_DEFAULTS}
-    own = [a for a in argv if a.split("=", 1)[0] in serve_keys]
-    rest = [a for a in argv if a not in own]
-    for arg in rest:
-        if arg.split("=", 1)[0] not in SERVE_DEFAULTS:
-            raise UsageError(f"unknown key {arg.split('=', 1)[0]!r} (valid: {', '.join(SERVE_DEFAULTS)})")
-    cfg = predict.parse_args([*rest, "images=-"])
-    del cfg["images"], cfg["out"], cfg["grid"]
-    extra = OmegaConf.create(serve_keys)
-    for arg in own:
-        key, value = arg.split("=", 1)
-        extra[key] = value if key == "host" else _positive_int(key, value)
-    return OmegaConf.merge(cfg, extra)
+    """conf/serve.yaml with `key=value` overrides, checked; UsageError for unknown keys or bad values."""
+    return check(compose_args(APP, argv))
 
 
-def _positive_int(key: str, value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise UsageError(f"{key}={value!r}: valid: a whole number >= 1")
-    return number
+def check(cfg: DictConfig) -> DictConfig:
+    """The composed config, once its values are valid (UsageError naming the first that is not)."""
+    check_faces(cfg)
+    for key in ("port", "max_upload_mb", "max_batch"):
+        check_int(cfg, key, 1)
+    return cfg
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    code = help_exit(args, HELP)
-    if code is not None:
-        return code
-    try:
-        cfg = parse_args(args)
-        predictor = Predictor.from_config(cfg)
-    except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+def _serve(cfg: DictConfig, _overrides: list[str]) -> int:
+    from agecls.serving.predict import Predictor
+    from agecls.serving.serve import create_app
+
+    predictor = Predictor.from_config(check(cfg))
     import uvicorn
 
     app = create_app(predictor, max_upload_mb=float(cfg.max_upload_mb), max_batch=int(cfg.max_batch))
     uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level="info")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(APP, argv, _serve)
 
 
 if __name__ == "__main__":

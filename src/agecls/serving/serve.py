@@ -23,21 +23,12 @@ from typing import Any
 from fastapi import Request
 
 from agecls.serving.predict import (
-    PREDICT_DEFAULTS,
     ImageError,
     Predictor,
     TooLargeError,
     image_result,
     open_image,
 )
-
-SERVE_DEFAULTS: dict[str, Any] = {
-    **{k: v for k, v in PREDICT_DEFAULTS.items() if k not in ("images", "out", "grid")},
-    "host": "127.0.0.1",
-    "port": 8000,
-    "max_upload_mb": 10,  # per file
-    "max_batch": 16,  # files per batch request
-}
 
 
 class BodyTooLarge(Exception):

@@ -1,0 +1,210 @@
+"""The docs stay true to the code: docs/CONFIG.md is what conf/ generates, and every command the README and
+docs/ quote names a real console script, Makefile target and configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FENCE = re.compile(r"```(?:bash|sh)?\n(.*?)```", re.S)
+SPAN = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
+# Config files a quoted command creates before the next one uses them (agecls-bins propose ... --install).
+CREATED = {"bins=mybins": "bins=seed7"}
+
+
+def generator():
+    """docs/gen_config_reference.py as a module (registered first: its dataclass looks itself up there)."""
+    name = "gen_config_reference"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "docs" / "gen_config_reference.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+def console_scripts() -> set[str]:
+    text = (REPO / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    return set(re.findall(r"^([\w-]+)\s*=", section, re.M))
+
+
+def make_targets() -> set[str]:
+    return set(re.findall(r"^([A-Za-z][\w-]*)\s*:(?!=)", (REPO / "Makefile").read_text(), re.M))
+
+
+def commands(text: str) -> list[list[str]]:
+    """Each shell command of the fenced code blocks (continuation lines joined, comments dropped) as words."""
+    out = []
+    for block in FENCE.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                out.append(words)
+    return out
+
+
+def program(word: str) -> str:
+    return word.removeprefix(".venv/bin/")
+
+
+def test_committed_config_reference_is_what_conf_generates(tmp_path):
+    out = tmp_path / "CONFIG.md"
+    assert generator().main(["--out", str(out)]) == 0
+    committed = (REPO / "docs" / "CONFIG.md").read_text()
+    assert committed == out.read_text(), "docs/CONFIG.md is out of date with conf/: run `make docs`"
+
+
+def test_config_reference_lists_groups_options_and_the_default_keys_with_their_comments(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "experiment").mkdir()
+    (conf / "train.yaml").write_text(
+        "# Entry config.\ndefaults:\n  - _self_\n  - model: small\n  - optional experiment: null\n\n"
+        "# Seeds everything.\nseed: 42\n"
+    )
+    (conf / "model" / "small.yaml").write_text(
+        "# A small CNN; `blocks` x conv.\nname: small\nblocks: 2      # conv blocks | each halves the image\n"
+        "                # more blocks: smaller images\n# Widths per block.\nwidths:\n  - 8\n  - 16\n"
+        "head:\n  hidden: 0    # 0: no hidden layer\n"
+    )
+    (conf / "model" / "big.yaml").write_text("# A big one.\nname: big\n")
+    (conf / "experiment" / "x.yaml").write_text("# @package _global_\n# Sets <everything>.\nseed: 1\n")
+    (conf / "eval.yaml").write_text("# agecls-eval's keys.\nckpt: ???   # a checkpoint\n")
+    page = generator().render(conf)
+    assert "| `seed` | `42` | Seeds everything. |" in page
+    assert "Default: `model=small`." in page
+    assert "| `big` | A big one. |\n| `small` | A small CNN; `blocks` x conv. |" in page
+    assert (
+        "| `model.blocks` | `2` | conv blocks \\| each halves the image more blocks: smaller images |" in page
+    )
+    assert "| `model.widths` | `[8, 16]` | Widths per block. |" in page
+    assert "| `model.head.hidden` | `0` | 0: no hidden layer |" in page
+    assert "| `model.head` |" not in page, "a mapping without a comment of its own gets no row"
+    assert "| `x` | Sets &lt;everything>. |" in page
+    assert "No default: an optional overlay, chosen with `experiment=<option>`" in page
+    assert "## `agecls-eval` (`eval.yaml`)\n\nagecls-eval's keys.\n" in page
+    assert "| `ckpt` | `???` | a checkpoint |" in page
+
+
+def test_readme_opens_with_the_two_commands_ci_runs():
+    first = FENCE.search((REPO / "README.md").read_text()).group(1)
+    assert [shlex.split(line, comments=True) for line in first.splitlines()] == [
+        ["make", "demo"],
+        ["make", "test"],
+    ]
+    assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_quoted_commands_name_real_console_scripts_and_make_targets(doc):
+    text = doc.read_text()
+    scripts, targets = console_scripts(), make_targets()
+    quoted = commands(text) + [span.split() for span in SPAN.findall(text)]
+    bad = []
+    for words in quoted:
+        name = program(words[0])
+        if re.fullmatch(r"agecls-[a-z]+", name) and name not in scripts:
+            bad.append(name)
+        if name == "make" and len(words) > 1 and words[1] not in targets:
+            bad.append(f"make {words[1]}")
+    assert not bad, f"{doc.name} quotes commands that do not exist: {bad}"
+    assert "agecls-train" in scripts and "docs" in targets  # the parsers found something
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_local_links_point_at_files_that_exist(doc):
+    missing = [
+        link
+        for link in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", doc.read_text())
+        if not (doc.parent / link).exists()
+    ]
+    assert not missing, f"{doc.name} links to missing files: {missing}"
+
+
+def _overrides(words: list[str]) -> list[str] | None:
+    """The config overrides of an agecls-train / agecls-data command, sweeps reduced to one point; None for a
+    command that takes no overrides (--help, --config-path)."""
+    if words[0] == "agecls-data":
+        words = words[1:]
+        if words[:1] != ["prepare"] and words[:1] != ["show"] or "--manifest" in words:
+            return None
+    multirun = "-m" in words
+    out = []
+    for word in words[1:]:
+        if word in ("-m", "--cfg", "job") or word.startswith(("hydra/", "hydra.")):
+            continue
+        if word.startswith("-"):
+            return None
+        key, _, value = word.partition("=")
+        if multirun and re.match(r"(choice|range|interval|tag)\(", value):
+            continue
+        if multirun and "," in value and not value.startswith(("[", "{", "'", '"')):
+            value = value.split(",")[0]
+        out.append(CREATED.get(f"{key}={value}", f"{key}={value}"))
+    return out
+
+
+def test_quoted_agecls_train_and_data_commands_compose():
+    from hydra import compose, initialize_config_dir
+
+    from agecls.config import CONFIG_DIR
+
+    checked, failed = 0, []
+    for doc in DOCS:
+        for words in commands(doc.read_text()):
+            words = [program(words[0]), *words[1:]]
+            if words[0] not in ("agecls-train", "agecls-data"):
+                continue
+            overrides = _overrides(words)
+            if overrides is None:
+                continue
+            try:
+                with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                    compose("train", overrides=overrides)
+                checked += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is listed with its command
+                failed.append(f"{doc.name}: {' '.join(words)}: {type(exc).__name__}: {exc}"[:400])
+    assert not failed, "\n".join(failed)
+    assert checked >= 30, checked
+
+
+def _keys(data: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for key, value in data.items():
+        out.add(prefix + key)
+        if isinstance(value, dict):
+            out |= _keys(value, f"{prefix}{key}.")
+    return out
+
+
+def test_quoted_key_value_arguments_of_the_other_commands_are_their_keys():
+    """agecls-eval, -predict, -serve, -compare, -bins, -report: every `key=value` quoted is a key of the
+    command's own conf/<name>.yaml (agecls-train and agecls-data are composed above)."""
+    import yaml
+
+    from agecls.config import CONFIG_DIR
+
+    checked, bad = 0, []
+    for doc in DOCS:
+        for words in commands(doc.read_text()):
+            name = program(words[0]).removeprefix("agecls-")
+            conf = Path(CONFIG_DIR) / f"{name}.yaml"
+            if not program(words[0]).startswith("agecls-") or name in ("train", "data") or not conf.is_file():
+                continue
+            valid = _keys(yaml.safe_load(conf.read_text()))
+            for word in words[1:]:
+                if word.startswith("[") and word.endswith("]"):  # an optional argument, `[key=value]`
+                    word = word[1:-1]
+                if "=" in word and not word.startswith("-"):
+                    checked += 1
+                    if word.split("=", 1)[0] not in valid:
+                        bad.append(f"{doc.name}: agecls-{name} {word}")
+    assert not bad, "\n".join(bad)
+    assert checked >= 15, checked
