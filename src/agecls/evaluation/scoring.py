@@ -57,15 +57,24 @@ def normalize_stats(run_cfg: DictConfig, images, rows, stored=None) -> tuple[Any
     return resolve_normalize("dataset", train_images, train_rows)
 
 
+def attribute_report(got: dict[str, Any], class_names: list[str]) -> tuple[Any, float | None]:
+    """The StageReport of one attribute's `FaceClassifier.collect` output over the faces that have the
+    attribute, and the MAE in years for heads predicting them (else None)."""
+    from agecls.metrics import stage_report  # torch: imported on use, so agecls-eval --help stays fast
+
+    known = got["labels"] >= 0
+    report = stage_report(got["preds"][known], got["labels"][known], class_names)
+    mae = float((got["years"][known] - got["true_years"][known]).abs().mean()) if "years" in got else None
+    return report, mae
+
+
 def score_attributes(predicted: dict[str, dict], class_names: dict[str, list[str]]) -> dict[str, dict]:
     """{attribute: macro_f1, acc, per_class, confusion_matrix, class_names, n_images (faces with the
     attribute), mae (heads predicting years), report (its StageReport)} of FaceClassifier.collect output."""
-    from agecls.metrics import stage_report
-
     scored: dict[str, dict] = {}
     for attr, got in predicted.items():
         known = got["labels"] >= 0
-        report = stage_report(got["preds"][known], got["labels"][known], class_names[attr])
+        report, mae = attribute_report(got, class_names[attr])
         scored[attr] = {
             "class_names": class_names[attr],
             "n_images": int(known.sum()),
@@ -82,6 +91,6 @@ def score_attributes(predicted: dict[str, dict], class_names: dict[str, list[str
             "confusion_matrix": report.confmat.astype(int).tolist(),  # rows true, columns predicted
             "report": report,
         }
-        if "years" in got:
-            scored[attr]["mae"] = float((got["years"][known] - got["true_years"][known]).abs().mean())
+        if mae is not None:
+            scored[attr]["mae"] = mae
     return scored

@@ -14,6 +14,7 @@ import torch
 
 from agecls.data.batch_augment import TTA_CHOICES
 from agecls.data.datamodule import FaceDataModule
+from agecls.evaluation.scoring import attribute_report
 from agecls.files import atomic_path
 from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.tasks.module import FaceClassifier
@@ -116,9 +117,9 @@ def evaluate_splits(
             got = made[attr]
             known = got["labels"] >= 0
             preds, labels = got["preds"][known], got["labels"][known]
-            report = stage_report(preds, labels, names)
-            if "years" in got:
-                report.metrics["mae"] = float((got["years"][known] - got["true_years"][known]).abs().mean())
+            report, mae = attribute_report(got, names)
+            if mae is not None:
+                report.metrics["mae"] = mae
             _write_report(report, names, run_dir, split, f"_{attr}" if multi else "", rec)
             prefixes = metric_prefixes(PREFIX[split], attr, multi, module.objective)
             for prefix in prefixes:
