@@ -175,7 +175,9 @@ def recording(
     import mlflow
 
     experiment_id = ensure_experiment(tracking.tracking_uri, tracking.experiment, tracking.artifact_root)
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags or {}))
+    # A REST tracking server takes tag values as protobuf strings only (an int there is a TypeError).
+    tags = {key: str(value) for key, value in (tags or {}).items()}
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
     recorder = Recorder(enabled=True)
     recorder.run_id = run.info.run_id
     try:
