@@ -67,7 +67,7 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
         trials.to_csv(out / "trials.csv", index=False)
         spent = compute_spent(study)
         (out / "compute.json").write_text(json.dumps(spent, indent=2) + "\n")
-        plots = write_plots(study, out, uri)
+        plots = write_plots(study, out, uri, min_importance_trials=int(cfg.min_importance_trials))
         print(f"\nOptuna study {name!r} ({storage}): {len(trials)} trials\n")
         print(to_markdown(trials.head(20)))
         if bins_vary(trials):

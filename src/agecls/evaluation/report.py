@@ -73,6 +73,11 @@ def leaderboard(runs: pd.DataFrame) -> pd.DataFrame:
     for m in _METRICS:
         if f"metrics.{m}" in runs:
             table[m] = runs[f"metrics.{m}"]
+    if "metrics.val/macro_f1" in runs and "best_val/macro_f1" in table:
+        # A pruned or stopped run never logs its best_val/*; its last epoch's value is what it reached.
+        unfinished = table["best_val/macro_f1"].isna()
+        if unfinished.any():
+            table["last_val/macro_f1"] = runs["metrics.val/macro_f1"].where(unfinished)
     sort_key = "best_val/macro_f1" if "best_val/macro_f1" in table else "run"
     return table.sort_values(sort_key, ascending=False, na_position="last").reset_index(drop=True)
 

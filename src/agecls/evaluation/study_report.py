@@ -46,14 +46,20 @@ def compute_spent(study) -> dict[str, Any]:
 
 
 def trials_table(study) -> pd.DataFrame:
-    """One row per trial: number, state, value, params, epochs, MLflow run, ranked by value."""
+    """One row per trial: number, state, value, params, epochs, the last value it reported (a pruned trial's
+    only score) with its epoch, MLflow run; ranked by value, then pruned trials by their last value."""
     rows = []
     for t in study.get_trials(deepcopy=False):
+        steps = sorted(t.intermediate_values)
         rows.append(
             {
                 "trial": t.number,
                 "state": t.state.name,
-                "value": t.value,
+                # Optuna gives a pruned trial its last reported value as `value`; ranking it among complete
+                # trials would compare a short run's score with finished ones, so it is shown apart.
+                "value": t.value if t.state.name == "COMPLETE" else None,
+                "last_value": t.intermediate_values[steps[-1]] if steps else None,
+                "last_epoch": steps[-1] if steps else None,  # steps are 1-based epochs
                 **{k: v for k, v in t.params.items()},
                 **({"bins": t.user_attrs["bins"]} if "bins" in t.user_attrs else {}),
                 **({"infeasible": t.user_attrs["infeasible"]} if "infeasible" in t.user_attrs else {}),
@@ -66,7 +72,9 @@ def trials_table(study) -> pd.DataFrame:
     if table.empty:
         return table
     ascending = study.direction.name == "MINIMIZE"
-    return table.sort_values("value", ascending=ascending, na_position="last").reset_index(drop=True)
+    return table.sort_values(["value", "last_value"], ascending=ascending, na_position="last").reset_index(
+        drop=True
+    )
 
 
 def bins_vary(trials: pd.DataFrame) -> bool:
@@ -75,8 +83,51 @@ def bins_vary(trials: pd.DataFrame) -> bool:
     return any(trials[c].dropna().nunique() > 1 for c in cols)
 
 
-def write_plots(study, out: Path, tracking_uri: str | None, top: int = 3) -> list[Path]:
-    """Optimisation history, importances, intermediate values; the top trials' val confusion matrices."""
+def history_plot(study, path: Path) -> Path:
+    """Each trial's value by trial number, with the best so far: pruned trials are drawn (as x at the last
+    value they reported), since leaving them out hides where the search spent its budget."""
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    maximize = study.direction.name == "MAXIMIZE"
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if complete:
+        ax.scatter([t.number for t in complete], [t.value for t in complete], label="complete", zorder=3)
+        best, line = None, []
+        for t in sorted(complete, key=lambda t: t.number):
+            best = t.value if best is None else (max if maximize else min)(best, t.value)
+            line.append((t.number, best))
+        xs, ys = zip(*line, strict=True)
+        ax.step(xs, ys, where="post", color="tab:red", label="best so far")
+    if pruned:
+        last = [t.intermediate_values[max(t.intermediate_values)] for t in pruned]
+        ax.scatter(
+            [t.number for t in pruned], last, marker="x", color="tab:gray", label="pruned (last reported)"
+        )
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    ax.set_title(
+        f"Optimisation history: {len(complete)} complete, {len(pruned)} pruned, {failed} failed"
+        + (" (not drawn)" if failed else "")
+    )
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation objective")
+    if complete or pruned:
+        ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_plots(
+    study, out: Path, tracking_uri: str | None, top: int = 3, min_importance_trials: int = 8
+) -> list[Path]:
+    """Optimisation history (pruned trials included), importances (only from at least
+    `min_importance_trials` complete trials: fewer give a ranking of noise), intermediate values; the top
+    trials' validation confusion matrices."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,22 +137,29 @@ def write_plots(study, out: Path, tracking_uri: str | None, top: int = 3) -> lis
     from optuna.visualization import matplotlib as ovm
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    written: list[Path] = []
+    written = [history_plot(study, out / "optimization_history.png")]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    plots = {
-        "optimization_history": ovm.plot_optimization_history,
-        "intermediate_values": ovm.plot_intermediate_values,
-    }
-    if len(complete) >= 2 and len(study.best_trial.params) >= 1:
+    plots = {"intermediate_values": ovm.plot_intermediate_values}
+    if len(complete) < min_importance_trials:
+        log.warning(
+            "param importances withheld: %d complete trials, fewer than min_importance_trials=%d",
+            len(complete),
+            min_importance_trials,
+        )
+    elif len(study.best_trial.params) >= 1:
         plots["param_importances"] = ovm.plot_param_importances
     for name, plot in plots.items():
         try:
             ax = plot(study)
-        except (ValueError, RuntimeError) as exc:  # e.g. too few trials for importances
+        except (ValueError, RuntimeError) as exc:  # e.g. no intermediate values
             log.warning("skipped %s: %s", name, exc)
             continue
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
         fig.set_size_inches(8, 5)
+        if name == "param_importances":
+            ax.set_title(
+                f"Hyperparameter importances (fANOVA over {len(complete)} complete trials)", loc="left"
+            )
         fig.tight_layout()
         path = out / f"{name}.png"
         fig.savefig(path, dpi=100)
