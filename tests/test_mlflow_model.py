@@ -1,0 +1,123 @@
+"""A registered agecls model is an MLflow Model: `mlflow.pyfunc.load_model` predicts with it, `mlflow models
+serve` answers, and agecls-predict still takes the same `models:/...` reference."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from agecls.serving.mlflow_model import example_image, register_run_model, save_pyfunc
+from agecls.serving.predict import Predictor, load_model, resolve_checkpoint
+
+pytestmark = pytest.mark.slow
+ATTRS = ("age", "gender", "ethnicity")
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    return [example_image(), _jpeg(1), b"not an image"]
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_multitask_ckpt, output_dir) -> str:
+    run_id = json.loads((Path(tiny_multitask_ckpt).parent.parent / "results.json").read_text())[
+        "mlflow_run_id"
+    ]
+    uri = f"sqlite:///{output_dir}/mlflow.db"
+    assert register_run_model(uri, run_id, "agecls-pyfunc-test", detect=False) == "1"
+    return uri
+
+
+def test_the_saved_model_predicts_per_face_like_agecls_predict(tiny_multitask_ckpt, tmp_path, images):
+    import mlflow.pyfunc
+
+    path = save_pyfunc(Path(tiny_multitask_ckpt), tmp_path / "model", detect=False)
+    model = mlflow.pyfunc.load_model(str(path))
+    assert model.metadata.get_input_schema().input_names() == ["image"]
+    out = model.predict(pd.DataFrame({"image": images}))
+    assert list(out["image"]) == [0, 1, 2]
+    assert list(out["status"]) == ["ok", "ok", "error"]
+    assert "cannot" in out.loc[2, "error"] or "not" in out.loc[2, "error"]
+    direct = Predictor([load_model(Path(tiny_multitask_ckpt))], detect=False)
+    for i in (0, 1):
+        want = direct.predict_file(images[i])["faces"][0]
+        for attr in ATTRS:
+            assert out.loc[i, attr] == want[attr]["label"]
+            assert out.loc[i, f"{attr}_prob"] == pytest.approx(want[attr]["prob"], abs=1e-6)
+    assert set(out.loc[0, "age"].split()) and 0 < out.loc[0, "age_prob"] <= 1
+
+
+def test_the_registry_alias_loads_in_mlflow_and_in_agecls_predict(registered, images, tiny_multitask_ckpt):
+    import mlflow
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(registered)
+    model = mlflow.pyfunc.load_model("models:/agecls-pyfunc-test@best")
+    out = model.predict(pd.DataFrame({"image": images[:2]}))
+    assert list(out["status"]) == ["ok", "ok"] and set(ATTRS) <= set(out.columns)
+    ckpt = resolve_checkpoint("models:/agecls-pyfunc-test@best", registered)
+    assert (
+        ckpt.name == Path(tiny_multitask_ckpt).name
+        and ckpt.read_bytes() == Path(tiny_multitask_ckpt).read_bytes()
+    )
+    run_id = json.loads((Path(tiny_multitask_ckpt).parent.parent / "results.json").read_text())[
+        "mlflow_run_id"
+    ]
+    assert register_run_model(registered, run_id, "agecls-pyfunc-test", detect=False) == "1"  # no new version
+
+
+def test_mlflow_models_serve_answers(registered, images):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mlflow = Path(sys.executable).parent / "mlflow"
+    # mlflow starts `uvicorn` by name: the venv's bin folder must be on PATH (an activated venv)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered, "PATH": f"{mlflow.parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [str(mlflow), "models", "serve", "-m", "models:/agecls-pyfunc-test@best", "--env-manager", "local"]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(images[0]).decode()]]}}
+        ).encode()
+        deadline, answer = time.time() + 120, None
+        while time.time() < deadline and server.poll() is None:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+                )
+                with urllib.request.urlopen(request, timeout=30) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(1)
+        assert answer is not None, server.stdout.read().decode()[-3000:] if server.poll() is not None else ""
+        (row,) = answer["predictions"]
+        assert row["status"] == "ok" and {f"{a}_prob" for a in ATTRS} <= set(row)
+    finally:
+        server.terminate()
+        server.wait(30)
