@@ -63,6 +63,8 @@ def test_command_line_keys_reach_the_predictor_and_the_app(tiny_multitask_ckpt):
         16,
         40_000_000,
     )
+    limits = (cfg.max_concurrent, cfg.max_queue, cfg.max_wait_s, cfg.max_decoded_pixels)
+    assert limits == (2, 16, 60, 16_000_000)
     assert "images" not in cfg and "grid" not in cfg
     predictor = Predictor.from_config(cfg)
     assert predictor.detect is False and predictor.margin == 0.3 and len(predictor.models) == 1
@@ -71,9 +73,26 @@ def test_command_line_keys_reach_the_predictor_and_the_app(tiny_multitask_ckpt):
         ([f"ckpt={tiny_multitask_ckpt}", "max_batch=0"], "max_batch=0: valid: a whole number >= 1"),
         ([f"ckpt={tiny_multitask_ckpt}", "margin=3"], "margin=3: valid: a number from 0 to 2"),
         ([f"ckpt={tiny_multitask_ckpt}", "max_uploadmb=3"], "did you mean max_upload_mb?"),
+        ([f"ckpt={tiny_multitask_ckpt}", "port=99999"], "port=99999: valid: a whole number from 1 to 65535"),
+        ([f"ckpt={tiny_multitask_ckpt}", "port=0"], "port=0: valid: a whole number from 1 to 65535"),
+        ([f"ckpt={tiny_multitask_ckpt}", "max_queue=-1"], "max_queue=-1: valid: a whole number >= 0"),
+        ([f"ckpt={tiny_multitask_ckpt}", "max_wait_s=0"], "max_wait_s=0: valid: a number of seconds > 0"),
     ):
         with pytest.raises(UsageError, match=re.escape(message)):
             serve.parse_args(argv)
+
+
+def test_the_app_defaults_are_those_of_serve_yaml():
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from agecls.config import CONFIG_DIR
+    from agecls.serving.serve import create_app
+
+    conf = OmegaConf.load(CONFIG_DIR / "serve.yaml")
+    defaults = {k: v.default for k, v in inspect.signature(create_app).parameters.items() if k != "predictor"}
+    assert defaults == {k: conf[k] for k in defaults}
 
 
 def test_page_and_info(client):
@@ -142,6 +161,142 @@ def test_size_pixel_and_batch_limits(client, face_jpeg):
     assert got.status_code == 400 and "at most 3" in got.json()["detail"]
     two = [("file", ("a.jpg", face_jpeg, "image/jpeg"))] * 2
     assert client.post("/api/predict", files=two).status_code == 400
+
+
+def test_a_bad_port_is_one_line_and_exit_code_2_before_the_checkpoint_loads(capsys):
+    from agecls.cli import serve
+
+    assert serve.main(["ckpt=/no/such.ckpt", "port=99999"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "agecls-serve: error: port=99999: valid: a whole number from 1 to 65535"
+
+
+def test_an_oversize_chunked_body_gets_a_json_413(client):
+    def chunks():  # no Content-Length: only the streamed count can stop it
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.jpg"\r\n\r\n'
+        for _ in range(40):
+            yield b"0" * 64 * 1024
+
+    got = client.post(
+        "/api/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    limit = 3 * 512 * 1024 + 64 * 1024  # max_batch files of max_upload_mb, plus the multipart overhead
+    assert got.status_code == 413 and got.headers["content-type"] == "application/json", got.text
+    assert got.json() == {"detail": f"request body larger than the {limit} bytes allowed"}
+
+
+def test_a_batch_reports_an_oversize_or_non_image_file_and_predicts_the_rest(client, face_jpeg):
+    files = [
+        ("files", ("big.jpg", os.urandom(600 * 1024), "image/jpeg")),
+        ("files", ("a.jpg", face_jpeg, "image/jpeg")),
+        ("files", ("notes.txt", b"hello", "text/plain")),
+    ]
+    got = client.post("/api/predict/batch", files=files)
+    assert got.status_code == 200, got.text
+    big, face, text = got.json()["results"]
+    assert (big["status"], big["code"], big["error"]) == (
+        "error",
+        413,
+        "big.jpg: larger than the 0.5 MB allowed per file",
+    )
+    assert face["status"] == "ok" and len(face["faces"]) == 1
+    assert (text["code"], text["error"]) == (415, "notes.txt: content type text/plain is not an image")
+
+
+def test_jpegs_decode_reduced_and_other_formats_over_the_decoded_limit_are_refused(
+    tiny_multitask_ckpt, client, face_jpeg, monkeypatch
+):
+    from fastapi.testclient import TestClient
+
+    from agecls.serving import serve
+
+    full = client.post("/api/predict", files={"file": ("grace.jpg", face_jpeg, "image/jpeg")}).json()
+    cfg = parse_args([f"ckpt={tiny_multitask_ckpt}", "images=-", "max_pixels=1000000"])
+    small = TestClient(serve.create_app(Predictor.from_config(cfg), max_decoded_pixels=100_000))
+    monkeypatch.setattr(serve, "REDUCE_TO", 256)  # grace_hopper.jpg (512x600, 307,200 px) decodes at 1/2
+    got = small.post("/api/predict", files={"file": ("grace.jpg", face_jpeg, "image/jpeg")})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert (body["width"], body["height"], len(body["faces"])) == (512, 600, 1)
+    # the box found at half size, in the photo's own pixels: where the full-size decode finds it
+    for reduced, whole in zip(body["faces"][0]["box"], full["faces"][0]["box"], strict=True):
+        assert abs(reduced - whole) <= 0.1 * full["faces"][0]["box"][2]
+    png = jpeg(Image.open(io.BytesIO(face_jpeg)), "PNG")
+    got = small.post("/api/predict", files={"file": ("grace.png", png, "image/png")})
+    assert got.status_code == 413
+    assert got.json()["detail"] == (
+        "grace.png: 512x600 = 307200 pixels, more than the 100000 allowed for a PNG "
+        "(a JPEG is decoded reduced and may have up to 1000000)"
+    )
+    assert small.get("/api/info").json()["max_decoded_pixels"] == 100_000
+
+
+def test_decode_image_reduces_jpegs_to_the_needed_size_and_keeps_the_photos_own_size():
+    from agecls.serving.predict import TooLargeError, decode_image
+
+    def encoded(size: tuple[int, int], fmt: str = "JPEG", orientation: int | None = None) -> bytes:
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        Image.new("RGB", size, (90, 120, 150)).save(buf, format=fmt, exif=exif.tobytes())
+        return buf.getvalue()
+
+    def decoded(data: bytes) -> tuple[tuple[int, int], tuple[int, int]]:
+        img, size = decode_image(data, 10**6, "x", reduce_to=64, max_decoded_pixels=10_000)
+        return img.size, size
+
+    assert decoded(encoded((200, 150))) == ((100, 75), (200, 150))  # 1/4 would be under 64 px
+    assert decoded(encoded((127, 120))) == ((64, 60), (127, 120))
+    assert decoded(encoded((120, 120))) == ((60, 60), (120, 120))  # below 64 px: 14,400 px would not fit
+    assert decoded(encoded((200, 150), orientation=6)) == ((75, 100), (150, 200))  # EXIF: turned a quarter
+    assert decoded(encoded((100, 100), "PNG")) == ((100, 100), (100, 100))
+    message = "x: 120x120 = 14400 pixels, more than the 10000 allowed for a PNG"
+    with pytest.raises(TooLargeError, match=re.escape(message)):
+        decoded(encoded((120, 120), "PNG"))
+
+
+def test_the_gate_queues_a_bounded_number_and_answers_busy_with_retry_after():
+    import asyncio
+
+    from agecls.serving.serve import Busy, Gate
+
+    async def scenario() -> list[str]:
+        gate = Gate(slots=1, queue=1, wait_s=0.5)
+        release = asyncio.Event()
+        order: list[str] = []
+
+        async def job(tag: str, hold: bool) -> None:
+            try:
+                async with gate.turn():
+                    order.append(f"{tag} in")
+                    if hold:
+                        await release.wait()
+            except Busy as exc:
+                order.append(f"{tag} busy {exc.retry_after}: {exc.detail}")
+
+        first = asyncio.create_task(job("a", True))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(job("b", False))  # waits: the queue has room for one
+        await asyncio.sleep(0)
+        await job("c", False)  # one at work, one waiting: refused at once
+        release.set()
+        await asyncio.gather(first, second)
+        third = asyncio.create_task(job("d", True))
+        release.clear()
+        await asyncio.sleep(0)
+        await job("e", False)  # waits its 0.5 s, then busy
+        release.set()
+        await third
+        return order
+
+    order = asyncio.run(scenario())
+    assert order[0] == "a in" and order[2:4] == ["b in", "d in"]
+    assert order[1] == (
+        "c busy 3: server busy: 1 requests at work and 1 waiting "
+        "(max_concurrent=1, max_queue=1, max_wait_s=0.5); retry after 3 s"
+    )
+    assert order[4].startswith("e busy ") and "no turn within 0.5 s" in order[4]
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from agecls.cli.app import App, compose_args, run
 from agecls.cli.args import check_int
 from agecls.cli.predict import check_faces
+from agecls.errors import UsageError
 
 APP = App(
     prog="agecls-serve",
@@ -18,7 +19,9 @@ APP = App(
     usage="agecls-serve ckpt=PATH [host=127.0.0.1] [port=8000] [KEY=VALUE ...]",
     description="""\
 The page is at http://HOST:PORT/; the API: POST /api/predict with field `file`, POST /api/predict/batch with
-fields `files`, GET /api/info. ckpt and the face-finding keys are those of agecls-predict.""",
+fields `files`, GET /api/info. ckpt and the face-finding keys are those of agecls-predict. At most
+max_concurrent requests decode and predict at once and max_queue more wait; any other gets 503 with
+Retry-After. JPEGs decode reduced; other formats over max_decoded_pixels are refused (413).""",
     examples=(
         "agecls-serve ckpt=outputs/runs/<date>/<time>/checkpoints/best.ckpt",
         "agecls-serve ckpt=[age.ckpt,gender.ckpt,eth.ckpt] port=8080 max_upload_mb=5",
@@ -39,19 +42,35 @@ def parse_args(argv: Sequence[str]) -> DictConfig:
 def check(cfg: DictConfig) -> DictConfig:
     """The composed config, once its values are valid (UsageError naming the first that is not)."""
     check_faces(cfg)
-    for key in ("port", "max_upload_mb", "max_batch"):
+    port = cfg.port
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"port={port!r}: valid: a whole number from 1 to 65535")
+    for key in ("max_upload_mb", "max_batch", "max_concurrent", "max_decoded_pixels"):
         check_int(cfg, key, 1)
+    check_int(cfg, "max_queue", 0)
+    wait = cfg.max_wait_s
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or not wait > 0:
+        raise UsageError(f"max_wait_s={wait!r}: valid: a number of seconds > 0")
     return cfg
 
 
 def _serve(cfg: DictConfig, _overrides: list[str]) -> int:
+    check(cfg)  # before anything heavy is imported or loaded
     from agecls.serving.predict import Predictor
     from agecls.serving.serve import create_app
 
-    predictor = Predictor.from_config(check(cfg))
+    predictor = Predictor.from_config(cfg)
     import uvicorn
 
-    app = create_app(predictor, max_upload_mb=float(cfg.max_upload_mb), max_batch=int(cfg.max_batch))
+    app = create_app(
+        predictor,
+        max_upload_mb=float(cfg.max_upload_mb),
+        max_batch=int(cfg.max_batch),
+        max_concurrent=int(cfg.max_concurrent),
+        max_queue=int(cfg.max_queue),
+        max_wait_s=float(cfg.max_wait_s),
+        max_decoded_pixels=int(cfg.max_decoded_pixels),
+    )
     uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level="info")
     return 0
 

@@ -57,13 +57,17 @@ class TooLargeError(ImageError):
     """An image with more pixels than allowed."""
 
 
-def image_result(name: str, img: Image.Image, faces: list[dict]) -> dict[str, Any]:
-    """One photo's entry of predictions.json and of the web API's answer."""
+def image_result(
+    name: str, img: Image.Image, faces: list[dict], size: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """One photo's entry of predictions.json and of the web API's answer; `size` is the photo's own size
+    when it was decoded reduced (face boxes are then already in the photo's own pixels)."""
+    width, height = size or img.size
     return {
         "file": name,
         "status": "ok" if faces else "no_face",
-        "width": img.width,
-        "height": img.height,
+        "width": width,
+        "height": height,
         "faces": faces,
     }
 
@@ -75,6 +79,24 @@ def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, n
     """A decoded RGB image (EXIF orientation applied) from a path or bytes; ImageError / TooLargeError.
 
     The pixel count is checked from the header before any pixel is decoded."""
+    return decode_image(data, max_pixels, name)[0]
+
+
+def decode_image(
+    data: bytes | str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str = "",
+    *,
+    reduce_to: int | None = None,
+    max_decoded_pixels: int | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """An RGB image (EXIF orientation applied) and the photo's own (width, height); ImageError /
+    TooLargeError.
+
+    With `reduce_to`, formats that can decode at a fraction of their size (JPEG: 1/2, 1/4, 1/8) are decoded
+    at the smallest fraction whose longer side is still >= reduce_to. `max_decoded_pixels` refuses photos
+    that would still decode to more pixels (every other format decodes at full size). Both pixel checks use
+    the header, before any pixel is decoded."""
     label = name or (str(data) if not isinstance(data, bytes) else "upload")
     source = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
@@ -82,15 +104,41 @@ def open_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, n
             w, h = img.size
             if w * h > max_pixels:
                 raise TooLargeError(f"{label}: {w}x{h} = {w * h} pixels, more than the {max_pixels} allowed")
+            if reduce_to:
+                scale = _reduction(w, h, reduce_to, max_decoded_pixels)
+                if scale > 1:  # PIL picks the largest of 8, 4, 2 that this requested size allows
+                    img.draft("RGB", (w // scale, h // scale))
+            dw, dh = img.size  # the size it decodes at: reduced by draft() for a JPEG, else unchanged
+            if max_decoded_pixels is not None and dw * dh > max_decoded_pixels:
+                raise TooLargeError(
+                    f"{label}: {w}x{h} = {w * h} pixels, more than the {max_decoded_pixels} allowed for a "
+                    f"{img.format or 'photo of this format'} (a JPEG is decoded reduced and may have up to "
+                    f"{max_pixels})"
+                )
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return img.convert("RGB")
+            ImageOps.exif_transpose(img, in_place=True)  # in place: a copy would double the peak memory
+            if img.size != (dw, dh):  # turned a quarter by its EXIF orientation: the photo's size too
+                w, h = h, w
+            return (img if img.mode == "RGB" else img.convert("RGB")), (w, h)
     except Image.DecompressionBombError as exc:
         raise TooLargeError(f"{label}: {exc}") from None
     except TooLargeError:
         raise
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"{label}: not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def _reduction(w: int, h: int, reduce_to: int, max_decoded_pixels: int | None) -> int:
+    """The JPEG scale denominator (1, 2, 4 or 8): the largest keeping the longer side >= reduce_to, larger
+    still when that is needed to decode within max_decoded_pixels."""
+    scale = 1
+    for k in (2, 4, 8):
+        if math.ceil(max(w, h) / k) >= reduce_to:
+            scale = k
+    limit = max_decoded_pixels or math.inf
+    while scale < 8 and math.ceil(w / scale) * math.ceil(h / scale) > limit:
+        scale *= 2
+    return scale
 
 
 # -------------------------------------------------------------------------------------------- detection
@@ -378,12 +426,14 @@ class Predictor:
             device=device,
         )
 
-    def faces(self, img: Image.Image) -> list[Face]:
-        """The faces of one photo (detect=false: the whole image is one face)."""
+    def faces(self, img: Image.Image, scale: float = 1.0) -> list[Face]:
+        """The faces of one photo (detect=false: the whole image is one face); `scale` is the photo's size
+        over the size it was decoded at, so min_face still counts the photo's own pixels."""
         if not self.detect:
             return [Face((0, 0, img.width, img.height), img, "none")]
+        min_face = max(1, round(self.min_face / scale))
         return find_faces(
-            img, margin=self.margin, align=self.align, min_face=self.min_face, max_faces=self.max_faces
+            img, margin=self.margin, align=self.align, min_face=min_face, max_faces=self.max_faces
         )
 
     def classify(self, crops: list[Image.Image]) -> list[dict[str, dict[str, Any]]]:
@@ -404,14 +454,15 @@ class Predictor:
                         }
         return out
 
-    def predict_image(self, img: Image.Image) -> list[dict[str, Any]]:
-        """Every face of a decoded photo: box, detector, aligned, and per attribute label/prob/probs."""
-        faces = self.faces(img)
+    def predict_image(self, img: Image.Image, scale: float = 1.0) -> list[dict[str, Any]]:
+        """Every face of a decoded photo: box, detector, aligned, and per attribute label/prob/probs; boxes
+        in the photo's own pixels when it was decoded `scale` times smaller."""
+        faces = self.faces(img, scale)
         preds = self.classify([f.crop for f in faces]) if faces else []
         return [
             {
                 "face": i,
-                "box": list(f.box),
+                "box": [round(v * scale) for v in f.box],
                 "detector": f.detector,
                 "aligned": f.aligned,
                 "angle": f.angle,
