@@ -123,3 +123,21 @@ def real_utkface_root() -> Path | None:
 REAL_SKIP_REASON = (
     "real UTKFace folder not found: set AGECLS_UTKFACE or place it at ../shared/data/utkface beside the repo"
 )
+
+
+def write_nested_folder(root: Path) -> Path:
+    """2 faces at the top, 2 in part1/, 1 in part2/deep/, a name shared by part1/ and part2/ (other bytes), a
+    byte-identical copy in part2/ of a part1/ face, and a hidden folder that is never read."""
+    for rel, seed in [
+        (utk_name(20, 0, 1, 1), 1),
+        (utk_name(21, 1, 2, 2), 2),
+        (f"part1/{utk_name(30, 0, 0, 3)}", 3),
+        (f"part1/{utk_name(31, 1, 3, 4)}", 4),
+        (f"part2/deep/{utk_name(40, 0, 4, 5)}", 5),
+        (f"part2/{utk_name(30, 0, 0, 3)}", 6),  # same name as in part1/, other face
+        (f"part2/{utk_name(31, 1, 3, 7)}", 4),  # same bytes as part1/'s 31_1_3 face
+        (f".thumbs/{utk_name(50, 0, 0, 8)}", 8),
+    ]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(jpeg_bytes(seed))
+    return root

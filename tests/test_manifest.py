@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 
 import pandas as pd
@@ -18,8 +19,17 @@ from agecls.data.manifest import (
     load_manifest,
     prepare_manifest,
 )
-from agecls.data.split import LeakError
-from data_helpers import AGREE, CONFLICT, REAL_SKIP_REASON, jpeg_bytes, real_utkface_root, write_defect_folder
+from agecls.data.split import EmptySplitError, LeakError
+from data_helpers import (
+    AGREE,
+    CONFLICT,
+    REAL_SKIP_REASON,
+    jpeg_bytes,
+    real_utkface_root,
+    utk_name,
+    write_defect_folder,
+    write_nested_folder,
+)
 
 PARAMS = {"ratios": (0.6, 0.2, 0.2), "stratify": ("age5",), "seed": 42, "dedupe": True, "conflicts": "drop"}
 
@@ -177,6 +187,80 @@ def test_report_lists_counts_rejects_and_duplicates(prepared):
         "duplicates: 2 groups of identical files (4 files), 1 with conflicting labels; 3 rows removed" in text
     )
     assert f"conflict: {CONFLICT[0]} [60, 0, 0]; {CONFLICT[1]} [62, 1, 0]" in text
+
+
+def test_sub_folder_faces_are_in_the_manifest_reused_and_changes_seen(tmp_path, monkeypatch):
+    root = write_nested_folder(tmp_path / "faces")
+    manifest = prepare_manifest(root, tmp_path / "m", **PARAMS)
+    assert list(manifest.df["path"])[2:4] == [
+        f"part1/{utk_name(30, 0, 0, 3)}",
+        f"part1/{utk_name(31, 1, 3, 4)}",
+    ]
+    assert len(manifest.df) == 6 and manifest.info["scan"]["n_files"] == 7  # the part2/ copy: a duplicate
+    assert prepare_manifest(root, tmp_path / "other", **PARAMS).hash == manifest.hash
+    monkeypatch.setattr(manifest_mod, "scan_folder", None)  # reuse must not rescan
+    assert prepare_manifest(root, tmp_path / "m", **PARAMS).hash == manifest.hash
+    with pytest.raises(
+        ManifestChangedError,
+        match=r"\(7 files then, 2 now: 0 file\(s\) added, 5 removed \(removed e.g. \['part1/.*\]\); "
+        r"data.recursive was true, now false\); pass force=True",
+    ):
+        prepare_manifest(root, tmp_path / "m", **PARAMS, recursive=False)
+    new = f"part2/deep/{utk_name(41, 1, 0, 9)}"
+    (root / new).write_bytes(jpeg_bytes(9))
+    with pytest.raises(
+        ManifestChangedError, match=rf"1 file\(s\) added, 0 removed \(added e.g. \['{new}'\]\)"
+    ):
+        prepare_manifest(root, tmp_path / "m", **PARAMS)
+
+
+def test_without_recursion_the_report_names_the_skipped_sub_folders(tmp_path):
+    root = write_nested_folder(tmp_path / "faces")
+    for i in range(4):
+        (root / utk_name(25 + i, i % 2, 0, 20 + i)).write_bytes(jpeg_bytes(20 + i))
+    manifest = prepare_manifest(root, tmp_path / "m", **PARAMS, recursive=False)
+    assert len(manifest.df) == 6 and manifest.info["scan"]["skipped_folders"] == ["part1", "part2"]
+    assert "skipped 2 sub-folder(s), not scanned (data.recursive=false): part1, part2" in manifest.report()
+
+
+def test_broken_and_looping_links_are_rejected_and_the_rest_prepared(tmp_path):
+    root = write_nested_folder(tmp_path / "faces")
+    loop, dangling = utk_name(22, 0, 0, 90), utk_name(23, 1, 0, 91)
+    os.symlink(loop, root / loop)
+    os.symlink("gone.jpg", root / dangling)
+    manifest = prepare_manifest(root, tmp_path / "m", **PARAMS)
+    assert len(manifest.df) == 6 and manifest.info["scan"]["n_rejected"] == 2
+    rejected = pd.read_csv(tmp_path / "m" / "rejected.csv").set_index("path")
+    assert rejected.loc[loop, "reason"].startswith("looping link: it leads back to itself")
+    assert rejected.loc[dangling, "reason"] == "broken link: its target gone.jpg does not exist"
+    assert set(rejected.loc[[loop, dangling], "stage"]) == {"scan"}
+    assert "scanned 9 files: 7 valid, 2 rejected" in manifest.report()
+    assert prepare_manifest(root, tmp_path / "m", **PARAMS).hash == manifest.hash  # reused: links stable
+
+
+def test_too_few_faces_for_three_splits_are_refused_with_the_minimum(tmp_path):
+    root = tmp_path / "x"
+    root.mkdir()
+    for i in range(3):
+        (root / utk_name(20 + 10 * i, i % 2, 0, i)).write_bytes(jpeg_bytes(i))
+    params = {**PARAMS, "ratios": (0.7, 0.15, 0.15), "stratify": ()}
+    with pytest.raises(EmptySplitError) as refused:
+        prepare_manifest(root, tmp_path / "m", **params)
+    assert str(refused.value) == (
+        f"data.root={root}: 3 usable faces cannot fill train/val/test at ratios 0.7/0.15/0.15; "
+        "at least 5 are needed"
+    )
+    assert refused.value.exit_code == 2 and not (tmp_path / "m").exists()
+    with pytest.raises(
+        EmptySplitError,
+        match=r"at least 6 are needed \(so that every split gets one "
+        r"whichever strata of data.split.stratify=\[age5\] they fall in\)$",
+    ):
+        prepare_manifest(root, tmp_path / "m", **{**params, "stratify": ("age5",)})
+    for i in range(3, 6):
+        (root / utk_name(20 + 10 * i, i % 2, 0, i)).write_bytes(jpeg_bytes(i))
+    counts = prepare_manifest(root, tmp_path / "m", **params).info["counts"]["split"]
+    assert counts == {"train": 4, "val": 1, "test": 1}
 
 
 @pytest.mark.real_data

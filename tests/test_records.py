@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 import pandas as pd
@@ -13,6 +14,7 @@ from agecls.data.records import (
     LabelError,
     ParsedName,
     apply_duplicate_policy,
+    folder_fingerprint,
     parse_utkface_name,
     scan_folder,
 )
@@ -22,10 +24,15 @@ from data_helpers import (
     CONFLICT,
     DEFECTS,
     REAL_SKIP_REASON,
+    jpeg_bytes,
     real_utkface_root,
+    utk_name,
     valid_names,
     write_defect_folder,
+    write_nested_folder,
 )
+
+LOOP_REASON = "looping link: it leads back to itself (too many levels of symbolic links)"
 
 
 @pytest.mark.parametrize(
@@ -126,6 +133,64 @@ def test_scan_errors_name_the_folder(tmp_path):
         DataError, match=r"bad holds 1 files but no valid image \(first rejection: 'face.jpg'"
     ):
         scan_folder(bad)
+
+
+def test_sub_folders_are_scanned_with_paths_relative_to_the_root(tmp_path):
+    root = write_nested_folder(tmp_path / "faces")
+    scan = scan_folder(root, workers=1)
+    assert list(scan.records["path"]) == [
+        utk_name(20, 0, 1, 1),
+        utk_name(21, 1, 2, 2),
+        f"part1/{utk_name(30, 0, 0, 3)}",
+        f"part1/{utk_name(31, 1, 3, 4)}",
+        f"part2/{utk_name(30, 0, 0, 3)}",
+        f"part2/{utk_name(31, 1, 3, 7)}",
+        f"part2/deep/{utk_name(40, 0, 4, 5)}",
+    ]
+    assert scan.rejected.empty and scan.skipped_folders == ()
+    assert list(scan.records["age"]) == [20, 21, 30, 31, 30, 31, 40]
+    # the same name in two folders stays twice; the same bytes are one face for the duplicate policy
+    kept, report = apply_duplicate_policy(scan.records)
+    assert len(kept) == 6 and report.removed == [
+        {"path": f"part2/{utk_name(31, 1, 3, 7)}", "reason": f"duplicate of part1/{utk_name(31, 1, 3, 4)}"}
+    ]
+    fingerprint = folder_fingerprint(root)
+    assert fingerprint["n_files"] == 7 and fingerprint != folder_fingerprint(root, recursive=False)
+    (root / "part2" / "deep" / utk_name(40, 0, 4, 5)).write_bytes(jpeg_bytes(5) + b"\0")
+    assert folder_fingerprint(root)["sha256"] != fingerprint["sha256"]  # a size change deep down is seen
+
+
+def test_without_recursion_sub_folders_are_listed_as_skipped(tmp_path):
+    root = write_nested_folder(tmp_path / "faces")
+    scan = scan_folder(root, recursive=False)
+    assert list(scan.records["path"]) == [utk_name(20, 0, 1, 1), utk_name(21, 1, 2, 2)]
+    assert scan.skipped_folders == ("part1", "part2")
+    only_subs = tmp_path / "only_subs"
+    (only_subs / "a").mkdir(parents=True)
+    (only_subs / "a" / utk_name(20, 0, 1, 1)).write_bytes(jpeg_bytes(1))
+    with pytest.raises(DataError, match=r"holds no files .*; its 1 sub-folder\(s\) are not scanned "):
+        scan_folder(only_subs, recursive=False)
+    assert len(scan_folder(only_subs).records) == 1
+
+
+def test_broken_and_looping_links_are_rejected_rows(tmp_path):
+    root = write_nested_folder(tmp_path / "faces")
+    loop, dangling = utk_name(22, 0, 0, 90), utk_name(23, 1, 0, 91)
+    os.symlink(loop, root / loop)  # points to itself
+    os.symlink("gone.jpg", root / "part1" / dangling)
+    os.symlink("..", root / "part2" / "up")  # a folder link back to the root: walked once only
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / utk_name(60, 1, 1, 92)).write_bytes(jpeg_bytes(92))
+    os.symlink(outside, root / "linked")
+    scan = scan_folder(root, workers=1)
+    assert scan.rejected.values.tolist() == [
+        [loop, LOOP_REASON],
+        [f"part1/{dangling}", "broken link: its target gone.jpg does not exist"],
+        ["part2/up/", "linked folder already scanned (a link loop or a second way in)"],
+    ]
+    assert len(scan.records) == 8 and f"linked/{utk_name(60, 1, 1, 92)}" in set(scan.records["path"])
+    assert folder_fingerprint(root)["n_files"] == 8
 
 
 def test_duplicate_policy_default_keeps_one_of_agreeing_and_drops_conflicts(defect_folder):

@@ -7,7 +7,15 @@ import pandas as pd
 import pytest
 
 from agecls.data.records import DataError
-from agecls.data.split import LeakError, build_split, check_no_leak, stratum_keys
+from agecls.data.split import (
+    EmptySplitError,
+    LeakError,
+    build_split,
+    check_filled,
+    check_no_leak,
+    min_rows,
+    stratum_keys,
+)
 from data_helpers import fake_records
 
 
@@ -109,3 +117,59 @@ def test_leak_check_catches_a_path_in_two_splits():
         LeakError, match=r"1 path\(s\) in more than one split:\n  path a.jpg: a.jpg \(train\)"
     ):
         check_no_leak(df)
+
+
+@pytest.mark.parametrize(
+    ("ratios", "one_stratum", "any_strata"),
+    [
+        ((0.6, 0.2, 0.2), 4, 4),
+        ((0.7, 0.15, 0.15), 5, 6),
+        ((0.8, 0.1, 0.1), 7, 9),
+    ],
+)
+def test_min_rows_is_where_build_split_starts_to_fill_every_split(ratios, one_stratum, any_strata):
+    assert (min_rows(ratios), min_rows(ratios, stratified=True)) == (one_stratum, any_strata)
+    flat = [
+        build_split(fake_records(n), ratios=ratios, stratify=()).nunique() for n in range(1, one_stratum + 4)
+    ]
+    assert flat.index(3) + 1 == one_stratum and set(flat[one_stratum - 1 :]) == {3}
+
+    # two strata (k faces at age 20, the rest at 40): every layout of any_strata faces fills, and one of
+    # any_strata - 1 faces does not (even where one stratum of them would)
+    def filled(n: int, k: int) -> bool:
+        ages = pd.DataFrame({"age": [20] * k + [40] * (n - k), "sha1": [f"{i:040x}" for i in range(n)]})
+        return build_split(ages, ratios=ratios).nunique() == 3
+
+    n = any_strata
+    assert all(filled(n, k) for k in range(1, n))
+    assert not all(filled(n - 1, k) for k in range(1, n - 1))
+
+
+def test_check_filled_names_the_faces_needed():
+    assert (min_rows((0.9, 0.05, 0.05)), min_rows((0.9, 0.05, 0.05), stratified=True)) == (14, 17)
+    three = pd.DataFrame({"age": [20, 40, 41], "sha1": ["a", "b", "c"]})
+    split = build_split(three, ratios=(0.5, 0.25, 0.25))
+    assert sorted(split) == ["train", "train", "val"]  # ages 40 and 41 share a stratum: test stays empty
+    with pytest.raises(EmptySplitError) as refused:
+        check_filled(three, split, ratios=(0.5, 0.25, 0.25), stratify=("age5",), where="data.root=/x")
+    assert str(refused.value) == (
+        "data.root=/x: 3 usable faces cannot fill train/val/test at ratios 0.5/0.25/0.25; at least 4 are "
+        "needed (so that every split gets one whichever strata of data.split.stratify=[age5] they fall in)"
+    )
+    check_filled(three, build_split(three, ratios=(0.5, 0.25, 0.25), stratify=()), ratios=(0.5, 0.25, 0.25))
+    with pytest.raises(
+        EmptySplitError, match=r"^data: ratios 1/0/0 give val and test no share, and training"
+    ):
+        check_filled(three, pd.Series(["train"] * 3), ratios=(1, 0, 0))
+    copies = pd.DataFrame({"age": [20] * 6, "sha1": ["a", "a", "a", "b", "c", "d"]})
+    with pytest.raises(
+        EmptySplitError,
+        match=r": 6 usable faces \(4 distinct images; copies of one image stay "
+        r"in one split\) left test empty at ratios 0.6/0.2/0.2; add distinct faces",
+    ):
+        check_filled(copies, pd.Series(["train"] * 5 + ["val"]), ratios=(0.6, 0.2, 0.2))
+    with pytest.raises(
+        EmptySplitError, match=r"\(2 distinct images; .* at least 4 distinct images are needed$"
+    ):
+        check_filled(copies[:4], pd.Series(["train"] * 4), ratios=(0.6, 0.2, 0.2))
+    assert issubclass(EmptySplitError, DataError) and EmptySplitError("x").exit_code == 2

@@ -6,7 +6,8 @@
 OVERRIDES are `agecls-train`'s Hydra overrides (`data=utkface data.root=/path`, `bins=four`, ...): the
 command's config (conf/data.yaml) is the train config plus `command` and `manifest`, so it prepares exactly
 the split a run with those overrides uses.
-Exit codes: 0 done, 1 a data problem (or no manifest yet), 2 bad arguments or overrides.
+Exit codes: 0 done, 1 a data problem (or no manifest yet), 2 bad arguments or overrides, or a folder with too
+few faces to fill train, val and test.
 """
 
 from __future__ import annotations
@@ -34,18 +35,19 @@ APP = App(
     usage="agecls-data {prepare,show} [OVERRIDE ...] [--manifest PATH]",
     description="""\
 The report: counts per age bin, gender and ethnicity per split, rejected files and why, duplicate groups and
-label conflicts. prepare generates the synthetic faces when data=synthetic, scans data.root, resolves
-duplicates, splits and writes the manifest (reused when the folder and split parameters are unchanged;
-data.split.force=true rewrites it); with data.path set (data=manifest) the external split is read and
-reported as it is. show reads an existing manifest without scanning the images, and names the command that
-creates it when there is none yet. Everything goes under paths.output_dir (AGECLS_OUTPUT_DIR moves it).""",
+label conflicts. prepare generates the synthetic faces when data=synthetic, scans data.root (and its
+sub-folders unless data.recursive=false), resolves duplicates, splits and writes the manifest (reused when
+the folder and split parameters are unchanged; data.split.force=true rewrites it); with data.path set
+(data=manifest) the external split is read and reported as it is. show reads an existing manifest without
+scanning the images, and names the command that creates it when there is none yet. Everything goes under
+paths.output_dir (AGECLS_OUTPUT_DIR moves it).""",
     examples=(
         "agecls-data prepare                                   # the default synthetic faces",
         "agecls-data prepare data=utkface data.root=/data/UTKFace bins=four",
         "agecls-data show data=utkface data.root=/data/UTKFace",
         "agecls-data show --manifest outputs/data/manifests/utkface-1a2b3c4d",
     ),
-    exit_codes="0 done, 1 data problem or no manifest yet, 2 bad arguments or overrides",
+    exit_codes="0 done, 1 data problem or no manifest yet, 2 bad arguments or overrides, or too few faces",
     positional=("command",),
     options={"--manifest": "manifest"},
     text_keys=OWN_KEYS,

@@ -23,10 +23,10 @@ from agecls.data.records import (
     apply_duplicate_policy,
     folder_fingerprint,
     hash_files,
-    list_candidate_files,
+    list_folder,
     scan_folder,
 )
-from agecls.data.split import SPLITS, build_split, check_no_leak
+from agecls.data.split import SPLITS, build_split, check_filled, check_no_leak
 from agecls.files import write_atomic
 
 COLUMNS = ("path", "age", "gender", "ethnicity", "sha1", "split")
@@ -82,6 +82,13 @@ class Manifest:
             )
             lines += [f"  {n:6d}  {reason}" for reason, n in scan.get("rejected_by_reason", {}).items()]
             lines += [f"    {r['path']}: {r['reason']}" for r in scan.get("rejected", [])[:20]]
+            skipped = scan.get("skipped_folders", [])
+            if skipped:
+                shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+                lines.append(
+                    f"skipped {scan['n_skipped_folders']} sub-folder(s), not scanned (data.recursive=false): "
+                    + shown
+                )
         dup = self.info.get("duplicates")
         if dup:
             lines.append(
@@ -171,7 +178,7 @@ def _recorded_names(out_dir: Path) -> set[str]:
     return names
 
 
-def _check_existing(out_dir: Path, root: Path, split: dict, policy: dict) -> dict[str, Any]:
+def _check_existing(out_dir: Path, root: Path, split: dict, policy: dict, recursive: bool) -> dict[str, Any]:
     """Recorded info of out_dir's manifest when root and params match; ManifestChangedError otherwise."""
     info = json.loads((out_dir / "manifest.json").read_text())
     override = "pass force=True (data.split.force=true) to rewrite it, or use another manifest folder"
@@ -181,9 +188,10 @@ def _check_existing(out_dir: Path, root: Path, split: dict, policy: dict) -> dic
         raise ManifestChangedError(
             f"the manifest in {out_dir} was made with {recorded}, now asked for {wanted}; {override}"
         )
-    current = folder_fingerprint(root)
+    current = folder_fingerprint(root, recursive=recursive)
     if current["sha256"] != info.get("fingerprint", {}).get("sha256"):
-        now = {e.name for e in list_candidate_files(root)}
+        listing = list_folder(root, recursive=recursive)
+        now = {rel for rel, _ in listing.files} | {rel for rel, _ in listing.problems}
         before = _recorded_names(out_dir)
         added, removed = sorted(now - before), sorted(before - now)
         detail = f"{len(added)} file(s) added, {len(removed)} removed"
@@ -193,6 +201,9 @@ def _check_existing(out_dir: Path, root: Path, split: dict, policy: dict) -> dic
             detail += f" (removed e.g. {removed[:3]})"
         if not added and not removed:
             detail = "same file names but some file sizes changed"
+        was = bool(info.get("scan", {}).get("recursive", False))  # manifests before sub-folders: flat
+        if was != recursive:
+            detail += f"; data.recursive was {str(was).lower()}, now {str(recursive).lower()}"
         raise ManifestChangedError(
             f"data folder {root} changed since the manifest in {out_dir} was written "
             f"({info.get('fingerprint', {}).get('n_files')} files then, {current['n_files']} now: {detail}); "
@@ -228,24 +239,29 @@ def prepare_manifest(
     check_images: bool = True,
     force: bool = False,
     workers: int = 2,
+    recursive: bool = True,
 ) -> Manifest:
     """Scan root, resolve duplicates, split, check for leaks and write manifest.csv/json + rejected.csv once.
 
-    An existing manifest in out_dir is reused when the folder's file names, sizes and the parameters are the
-    same; otherwise ManifestChangedError, unless force=True.
+    Paths are relative to root (sub-folders too unless recursive=False). EmptySplitError (a usage error) when
+    too few faces leave train, val or test empty. An existing manifest in out_dir is reused when the folder's
+    file paths, sizes and the parameters are the same; otherwise ManifestChangedError, unless force=True.
     """
     root, out_dir = Path(root).resolve(), Path(out_dir)
     split_params, policy = _params(ratios, stratify, seed, dedupe, conflicts)
     if not force and (out_dir / "manifest.json").exists() and (out_dir / "manifest.csv").exists():
-        _check_existing(out_dir, root, split_params, policy)
+        _check_existing(out_dir, root, split_params, policy, recursive)
         manifest = load_manifest(out_dir, root=root)
         return manifest
 
-    fingerprint = folder_fingerprint(root)
-    scan = scan_folder(root, check_images=check_images, workers=workers)
+    fingerprint = folder_fingerprint(root, recursive=recursive)
+    scan = scan_folder(root, check_images=check_images, workers=workers, recursive=recursive)
     records, dup_report = apply_duplicate_policy(scan.records, dedupe=dedupe, conflicts=conflicts)
     records = records.copy()
-    records["split"] = build_split(records, ratios=ratios, stratify=stratify, seed=seed, group_col="sha1")
+    split = build_split(records, ratios=ratios, stratify=stratify, seed=seed, group_col="sha1")
+    where = f"data.root={root}"
+    check_filled(records, split, ratios=ratios, stratify=stratify, group_col="sha1", where=where)
+    records["split"] = split
     check_no_leak(records)
 
     data = csv_bytes(records)
@@ -270,6 +286,9 @@ def prepare_manifest(
             "n_valid": int(len(scan.records)),
             "n_rejected": int(len(scan.rejected)),
             "check_images": bool(check_images),
+            "recursive": bool(recursive),
+            "n_skipped_folders": len(scan.skipped_folders),
+            "skipped_folders": list(scan.skipped_folders[:100]),
             "seconds": round(scan.seconds, 2),
             "rejected_by_reason": {str(k): int(v) for k, v in by_reason.items()},
             "rejected": scan.rejected.head(100).to_dict(orient="records"),

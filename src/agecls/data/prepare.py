@@ -8,6 +8,7 @@ imported as it is (`load_manifest`); otherwise agecls's own persisted split of `
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,10 @@ from agecls.data.cache import build_cache
 from agecls.data.manifest import Manifest, ManifestError, load_manifest, prepare_manifest
 from agecls.data.records import DataError
 from agecls.data.synthetic import generate_synthetic
+from agecls.errors import UsageError
 from agecls.files import file_lock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,9 +104,14 @@ def resolve_manifest(data: DictConfig, paths: DictConfig) -> Manifest:
     if is_set(data, "path"):
         return import_manifest(data)
     root = data_root(data)
+    recursive = data.get("recursive", True)  # a config saved before the key: sub-folders are scanned
+    if not isinstance(recursive, bool):
+        raise UsageError(
+            f"data.recursive={recursive!r}: must be true or false (scan the sub-folders of data.root)"
+        )
     if data.get("synthetic"):
         generate_synthetic(root, n=int(data.synthetic.n), seed=int(data.synthetic.seed))
-    return prepare_manifest(
+    manifest = prepare_manifest(
         root,
         manifest_dir(data, root, paths.data_dir),
         ratios=tuple(data.split.ratios),
@@ -112,7 +121,17 @@ def resolve_manifest(data: DictConfig, paths: DictConfig) -> Manifest:
         conflicts=str(data.duplicates.conflicts),
         check_images=bool(data.check_images),
         force=bool(data.split.force),
+        recursive=recursive,
     )
+    scan = manifest.info.get("scan") or {}
+    if scan.get("n_skipped_folders"):
+        log.warning(
+            "data.root=%s: %d sub-folder(s) not scanned (data.recursive=false), e.g. %s",
+            root,
+            scan["n_skipped_folders"],
+            ", ".join(scan["skipped_folders"][:3]),
+        )
+    return manifest
 
 
 def import_manifest(data: DictConfig) -> Manifest:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import re
+import stat
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +57,7 @@ class ScanResult:
     rejected: pd.DataFrame
     root: Path
     seconds: float = 0.0
+    skipped_folders: tuple[str, ...] = ()  # sub-folders left unread (recursive=False)
 
 
 @dataclass
@@ -97,26 +100,103 @@ def parse_utkface_name(name: str) -> ParsedName:
     return ParsedName(age, gender, race)
 
 
-def list_candidate_files(root: str | Path) -> list[os.DirEntry]:
-    """Non-hidden regular files directly under `root`, sorted by name (hidden marker files skipped)."""
+@dataclass(frozen=True)
+class FolderListing:
+    """What a data folder holds: files (relative path, size), entries that cannot be read as files (relative
+    path, reason: broken or looping links, unreadable sub-folders) and sub-folders left unscanned."""
+
+    files: list[tuple[str, int]]
+    problems: list[tuple[str, str]]
+    skipped_folders: list[str]
+
+
+def _link_problem(path: str) -> str:
+    """Why a link (or an entry behind one) cannot be followed."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "looping link: it leads back to itself (too many levels of symbolic links)"
+        if exc.errno == errno.ENOENT:
+            return f"broken link: its target {os.readlink(path)} does not exist"
+        return f"unreadable link: {exc.strerror or exc}"
+    return "unreadable link"
+
+
+def list_folder(root: str | Path, *, recursive: bool = True) -> FolderListing:
+    """Non-hidden files under `root` (in its sub-folders too when `recursive`), as posix paths relative to it.
+
+    Linked folders are followed, each real folder once, so a link back to a parent cannot loop; real folders
+    are walked before linked ones, so a face keeps its real path when a link leads to it as well.
+    """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist or is not a folder")
-    with os.scandir(root) as entries:
-        files = [e for e in entries if not e.name.startswith(".") and e.is_file()]
-    return sorted(files, key=lambda e: e.name)
+    files: list[tuple[str, int]] = []
+    problems: list[tuple[str, str]] = []
+    skipped: list[str] = []
+    top = root.stat()
+    seen = {(top.st_dev, top.st_ino)}
+    real_dirs: list[str] = [""]  # relative folders still to walk, popped from the end
+    linked_dirs: list[tuple[str, tuple[int, int]]] = []
+    while real_dirs or linked_dirs:
+        if real_dirs:
+            rel_dir = real_dirs.pop()
+        else:
+            rel_dir, key = linked_dirs.pop(0)
+            if key in seen:
+                reason = "linked folder already scanned (a link loop or a second way in)"
+                problems.append((rel_dir + "/", reason))
+                continue
+            seen.add(key)
+        try:
+            with os.scandir(root / rel_dir) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            problems.append((rel_dir + "/", f"unreadable folder: {exc.strerror or exc}"))
+            continue
+        sub_real: list[str] = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+            try:
+                info = entry.stat()  # follows links
+            except OSError as exc:
+                reason = _link_problem(entry.path) if entry.is_symlink() else f"unreadable: {exc.strerror}"
+                problems.append((rel, reason))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if not recursive:
+                    skipped.append(rel)
+                elif entry.is_symlink():
+                    linked_dirs.append((rel, key))
+                elif key in seen:
+                    problems.append((rel + "/", "folder already scanned (mounted twice)"))
+                else:
+                    seen.add(key)
+                    sub_real.append(rel)
+            elif stat.S_ISREG(info.st_mode):
+                files.append((rel, info.st_size))
+            else:
+                problems.append((rel, "not a regular file (a device, socket or pipe)"))
+        real_dirs.extend(reversed(sub_real))
+        linked_dirs.sort()
+    return FolderListing(sorted(files), sorted(problems), sorted(skipped))
 
 
-def folder_fingerprint(root: str | Path) -> dict[str, Any]:
-    """A cheap fingerprint (names and sizes, no content) of the files `scan_folder` would read."""
-    files = list_candidate_files(root)
+def folder_fingerprint(root: str | Path, *, recursive: bool = True) -> dict[str, Any]:
+    """A cheap fingerprint (paths and sizes, no content) of the files `scan_folder` would read."""
+    listing = list_folder(root, recursive=recursive)
     digest = hashlib.sha256()
     total = 0
-    for entry in files:
-        size = entry.stat().st_size
+    for rel, size in listing.files:
         total += size
-        digest.update(f"{entry.name}\t{size}\n".encode())
-    return {"sha256": digest.hexdigest(), "n_files": len(files), "total_bytes": total}
+        digest.update(f"{rel}\t{size}\n".encode())
+    for rel, reason in listing.problems:  # a link that is fixed later changes the folder
+        digest.update(f"{rel}\t!{reason}\n".encode())
+    return {"sha256": digest.hexdigest(), "n_files": len(listing.files), "total_bytes": total}
 
 
 def hash_files(paths: Sequence[str | Path], *, workers: int = 2) -> list[str]:
@@ -157,27 +237,29 @@ def _check_file(path: str, check_images: bool) -> tuple[str | None, str | None]:
 
 
 def scan_folder(
-    root: str | Path, *, check_images: bool = True, workers: int = 2, recursive: bool = False
+    root: str | Path, *, check_images: bool = True, workers: int = 2, recursive: bool = True
 ) -> ScanResult:
-    """Parse labels from every file name in `root`, hash the bytes and (optionally) fully decode images."""
+    """Parse labels from every file name under `root`, hash the bytes and (optionally) fully decode images.
+
+    Paths are relative to `root` (`part1/25_0_1_...jpg` in a sub-folder); a broken or looping link is a
+    rejected row. With recursive=False the sub-folders are not read and are listed in `skipped_folders`.
+    """
     start = time.perf_counter()
     root = Path(root)
-    if recursive:
-        if not root.is_dir():
-            raise DataError(f"data folder {root} does not exist or is not a folder")
-        rel_paths = sorted(
-            p.relative_to(root).as_posix()
-            for p in root.rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    listing = list_folder(root, recursive=recursive)
+    rel_paths = [rel for rel, _ in listing.files]
+    if not rel_paths and not listing.problems:
+        unscanned = (
+            f"; its {len(listing.skipped_folders)} sub-folder(s) are not scanned (data.recursive=false)"
+            if listing.skipped_folders
+            else ""
         )
-    else:
-        rel_paths = [e.name for e in list_candidate_files(root)]
-    if not rel_paths:
         raise DataError(
             f"data folder {root} holds no files (expected UTKFace images such as 25_0_1_<date>.jpg)"
+            + unscanned
         )
 
-    rejected: list[tuple[str, str]] = []
+    rejected: list[tuple[str, str]] = list(listing.problems)
     parsed: dict[str, ParsedName] = {}
     for rel in rel_paths:
         suffix = Path(rel).suffix.lower()
@@ -204,12 +286,12 @@ def scan_folder(
             rows.append((rel, *parsed[rel], sha1))
     if not rows:
         raise DataError(
-            f"data folder {root} holds {len(rel_paths)} files but no valid image "
+            f"data folder {root} holds {len(rel_paths) + len(listing.problems)} files but no valid image "
             f"(first rejection: {rejected[0][0]!r}: {rejected[0][1]})"
         )
     records = records_frame(rows)
     rejected_df = pd.DataFrame(sorted(rejected), columns=["path", "reason"])
-    return ScanResult(records, rejected_df, root, time.perf_counter() - start)
+    return ScanResult(records, rejected_df, root, time.perf_counter() - start, tuple(listing.skipped_folders))
 
 
 def records_frame(rows: Iterable[tuple]) -> pd.DataFrame:

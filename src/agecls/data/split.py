@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from agecls.data.records import DataError
+from agecls.errors import UsageError
 
 SPLITS = ("train", "val", "test")
 DERIVED_KEYS = ("age5",)
@@ -16,6 +17,10 @@ DERIVED_KEYS = ("age5",)
 
 class LeakError(DataError):
     """The same file path or the same image content appears in more than one split."""
+
+
+class EmptySplitError(DataError, UsageError):
+    """Too few faces for the split ratios: train, val or test would hold no row (a usage error: exit 2)."""
 
 
 def validate_ratios(ratios: Sequence[float]) -> np.ndarray:
@@ -112,6 +117,89 @@ def build_split(
         split_id = np.minimum(np.searchsorted(bounds, mid, side="right"), 2)
         assignment.update(zip(order.index, np.asarray(SPLITS)[split_id], strict=True))
     return pd.Series(groups.map(assignment).to_numpy(), index=records.index, dtype=object, name="split")
+
+
+def min_rows(ratios: Sequence[float], *, stratified: bool = False) -> int:
+    """The fewest distinct rows from which on `build_split` fills every split with a positive ratio: in one
+    stratum, or (stratified) whichever strata the rows fall in.
+
+    Each stratum's cut carries its remainders to the next, so the totals depend only on the strata sizes in
+    key order; every layout is followed (a handful of states per total) up to a horizon past which even the
+    smallest share holds two rows.
+    """
+    arr = validate_ratios(ratios)
+    positive = arr > 0
+    horizon = 2 * int(np.ceil(1.0 / arr[positive].min())) + 10
+
+    def empty(counts: np.ndarray) -> bool:
+        return bool((counts[positive] == 0).any())
+
+    bad = [n for n in range(1, horizon + 1) if empty(_allocate(n, arr, np.zeros(3)))]
+    one_stratum = (bad[-1] if bad else 0) + 1
+    if not stratified or horizon > 400:  # horizon^2 cuts: a share under 1/195 gets the one-stratum count
+        return one_stratum
+    states: list[dict[tuple[int, ...], np.ndarray]] = [{} for _ in range(horizon + 1)]
+    states[0][(0, 0, 0)] = np.zeros(3)  # split counts so far -> the remainders carried on
+    for total in range(horizon):
+        for counts, carry in states[total].items():
+            for size in range(1, horizon - total + 1):
+                after = carry.copy()
+                added = _allocate(size, arr, after)
+                states[total + size].setdefault(tuple(int(c) for c in np.add(counts, added)), after)
+    bad = [n for n in range(1, horizon + 1) if any(empty(np.asarray(c)) for c in states[n])]
+    return (bad[-1] if bad else 0) + 1
+
+
+def check_filled(
+    records: pd.DataFrame,
+    split: pd.Series,
+    *,
+    ratios: Sequence[float],
+    stratify: Sequence[str] = (),
+    group_col: str | None = "sha1",
+    where: str = "data",
+) -> None:
+    """EmptySplitError when train, val or test of `split` (build_split's answer for `records`) has no row,
+    naming how many faces would fill all three; `where` starts the message (e.g. "data.root=/x")."""
+    arr = validate_ratios(ratios)
+    shown = "/".join(f"{r:g}" for r in arr)
+    zero = [name for name, r in zip(SPLITS, arr, strict=True) if r == 0]
+    if zero:
+        raise EmptySplitError(
+            f"{where}: ratios {shown} give {' and '.join(zero)} no share, and training needs rows in "
+            "train, val and test; set data.split.ratios to three positive numbers summing to 1"
+        )
+    counts = split.value_counts()
+    empty = [name for name in SPLITS if int(counts.get(name, 0)) == 0]
+    if not empty:
+        return
+    n = len(split)
+    # build_split keeps the rows of one group (copies of one image) together: they count once
+    n_distinct = n if group_col is None else int(records[group_col].nunique())
+    stratify = [stratify] if isinstance(stratify, str) else list(stratify)
+    need = min_rows(arr, stratified=bool(stratify))
+    # the strata matter when fewer rows fill every split in one stratum but not in every layout of strata
+    strata = (
+        f" (so that every split gets one whichever strata of data.split.stratify=[{','.join(stratify)}] "
+        "they fall in)"
+        if stratify and min_rows(arr) < need
+        else ""
+    )
+    if n_distinct == n:
+        raise EmptySplitError(
+            f"{where}: {n} usable faces cannot fill train/val/test at ratios {shown}; "
+            f"at least {need} are needed{strata}"
+        )
+    copies = f"{n} usable faces ({n_distinct} distinct images; copies of one image stay in one split)"
+    if n_distinct >= need:  # enough images, but a large group of copies took a whole share
+        raise EmptySplitError(
+            f"{where}: {copies} left {' and '.join(empty)} empty at ratios {shown}; add distinct faces, or "
+            "keep one copy of each image (data.duplicates.dedupe=true, data.duplicates.conflicts=drop)"
+        )
+    raise EmptySplitError(
+        f"{where}: {copies} cannot fill train/val/test at ratios {shown}; "
+        f"at least {need} distinct images are needed{strata}"
+    )
 
 
 def check_no_leak(
