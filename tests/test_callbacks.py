@@ -9,29 +9,32 @@ from omegaconf import OmegaConf, open_dict
 
 from agecls.training.ema import EMAWeights
 from agecls.training.settings import resolve_auto
-from agecls.training.trainer import CALLBACKS, build_callbacks
+from agecls.training.trainer import CALLBACKS, LastCheckpoint, RandomStreams, build_callbacks
+
+RESUMABLE = [RandomStreams, LastCheckpoint]  # what trainer.resume continues from
 
 
 def test_the_callbacks_group_holds_every_callback_and_the_trainer_group_none(compose_cfg):
     cfg = compose_cfg()
     assert sorted(cfg.callbacks) == sorted(CALLBACKS)
     assert not set(cfg.trainer) & set(CALLBACKS)
-    trainer_args = set(OmegaConf.to_container(cfg.trainer)) - {"channels_last", "compile"}
+    trainer_args = set(OmegaConf.to_container(cfg.trainer)) - {"channels_last", "compile", "resume"}
     assert "max_epochs" in trainer_args and "precision" in trainer_args
 
 
 @pytest.mark.parametrize(
     ("overrides", "kinds"),
     [
-        ([], [ModelCheckpoint, EarlyStopping]),
-        (["scheduler=onecycle"], [ModelCheckpoint]),
+        ([], [ModelCheckpoint, *RESUMABLE, EarlyStopping]),
+        (["scheduler=onecycle"], [ModelCheckpoint, *RESUMABLE]),
+        (["callbacks.checkpoint.save_last=false"], [ModelCheckpoint, RandomStreams, EarlyStopping]),
         (
             ["callbacks.early_stopping.enabled=false", "callbacks.swa.enabled=true"],
-            [ModelCheckpoint, StochasticWeightAveraging],
+            [ModelCheckpoint, *RESUMABLE, StochasticWeightAveraging],
         ),
         (
             ["callbacks.ema.enabled=true", "callbacks.ema.decay=0.9"],
-            [ModelCheckpoint, EarlyStopping, EMAWeights],
+            [ModelCheckpoint, *RESUMABLE, EarlyStopping, EMAWeights],
         ),
     ],
 )

@@ -1,14 +1,19 @@
-"""MLflow recording of a run: config, per-epoch metrics, final metrics, figures and the best checkpoint.
+"""MLflow recording of a run: config, per-epoch metrics, final metrics, figures and the best checkpoint; the
+run folder's status marker (run.json), and the ending of runs whose process died without ending them.
 
 mlflow is imported where it is used, so runs with `tracking=none` (e.g. on a lent GPU machine that has no
 mlflow installed) never import it."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +23,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from agecls.config import compose_train, project_root
-from agecls.files import file_lock, sqlite_lock_path
+from agecls.errors import UsageError
+from agecls.files import file_lock, sqlite_lock_path, write_atomic
 
 MAX_PARAM_CHARS = 6000
 log = logging.getLogger("agecls.cli.train")
+# The run folder's status marker (see `write_run_file`).
+RUN_FILE = "run.json"
+# MLflow tags naming the process that runs a run, so a later command can tell whether it still runs.
+PID_TAG, HOST_TAG, STARTED_TAG = "agecls.pid", "agecls.host", "agecls.started"
+ENDED_BY_TAG = "agecls.ended_by"
 
 
 def default_tracking(overrides: list[str] | None = None) -> tuple[str, Path, str]:
@@ -128,16 +139,139 @@ def check_manifest(tracking: DictConfig, manifest_hash: str) -> None:
         )
 
 
+def process_started(pid: int) -> str | None:
+    """Start time of process `pid` (clock ticks after boot, /proc/PID/stat field 22): with the pid it names
+    one process, even once the pid is reused. None where there is no /proc or no such process; "zombie"
+    for a process that has exited but was not yet reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return "zombie" if fields[0] in ("Z", "X") else fields[19]
+
+
+def process_identity() -> dict[str, str]:
+    """The MLflow tags naming this process: pid, host and start time."""
+    pid = os.getpid()
+    return {PID_TAG: str(pid), HOST_TAG: socket.gethostname(), STARTED_TAG: process_started(pid) or ""}
+
+
+def process_gone(pid: int, started: str) -> str | None:
+    """Why process `pid` of this host, started at `started` (`process_started`; "" if unknown), no longer
+    runs; None while it does."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid} not running"
+    except PermissionError:
+        pass  # it exists, as another user's process
+    now = process_started(pid)
+    if now == "zombie":
+        return f"pid {pid} has exited"
+    if started and now is not None and now != started:
+        return f"pid {pid} is now another process, started at tick {now}, not {started}"
+    return None
+
+
+def write_run_file(run_dir: Path, **fields: Any) -> dict[str, Any]:
+    """Update the run folder's status marker `run.json` with `fields` (atomically, so a reader never sees
+    half of it) and return its content. It says status (running | finished | failed | killed), the process
+    (pid, host, started), the MLflow run id and store, and when it was last updated."""
+    path = Path(run_dir) / RUN_FILE
+    state = read_run_file(run_dir)
+    state.update(fields)
+    state["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_atomic(path, json.dumps(state, indent=2) + "\n")
+    return state
+
+
+def read_run_file(run_dir: Path) -> dict[str, Any]:
+    """The run folder's `run.json` ({} when it has none); a ValueError names a file that is not JSON."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON ({exc}); valid: the run marker agecls-train writes") from exc
+
+
+def end_dead_runs(tracking: DictConfig) -> list[str]:
+    """Mark FAILED the RUNNING MLflow runs of this host whose process is gone (killed with SIGKILL, out of
+    memory, the machine restarted), with the reason in tag `agecls.ended_by`, and their run.json `failed`;
+    return their ids. Only runs tagged with this host are judged (another machine's pids mean nothing
+    here); one search over the store's experiments, so it is cheap enough for every run start."""
+    if not tracking.enabled:
+        return []
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    host = socket.gethostname()
+    try:
+        open_store(str(tracking.tracking_uri))
+        client = mlflow.MlflowClient(tracking_uri=str(tracking.tracking_uri))
+        experiments = [e.experiment_id for e in client.search_experiments(max_results=1000)]
+        if not experiments:
+            return []
+        runs = client.search_runs(
+            experiments,
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+            max_results=1000,
+        )
+    except MlflowException as exc:
+        log.warning("could not look for runs whose process died in %s: %s", tracking.tracking_uri, exc)
+        return []
+    ended = []
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid = int(tags.get(PID_TAG, ""))
+        except ValueError:
+            continue
+        if pid <= 0:  # os.kill would signal a process group
+            continue
+        reason = process_gone(pid, tags.get(STARTED_TAG, ""))
+        if reason is None:
+            continue
+        why = f"process gone on host {host}: {reason}"
+        client.set_tag(run.info.run_id, ENDED_BY_TAG, why)
+        client.set_terminated(run.info.run_id, "FAILED")
+        run_dir = tags.get("run_dir")
+        if run_dir and (Path(run_dir) / RUN_FILE).is_file():
+            try:
+                marker = read_run_file(Path(run_dir))
+            except ValueError:
+                marker = {}
+            if marker.get("status") == "running" and marker.get("pid") == pid:
+                write_run_file(Path(run_dir), status="failed", ended_by=why)
+        log.warning("MLflow run %s (%s) marked FAILED: %s", run.info.run_id[:8], run_dir or "?", why)
+        ended.append(run.info.run_id)
+    return ended
+
+
 class Recorder:
     """Thin wrapper over the active MLflow run; every method is a no-op when tracking is disabled."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self.run_id: str | None = None
+        self.resumed = False  # a run continued by a later process (trainer.resume)
 
     def params(self, flat: dict[str, Any]) -> None:
-        if self.enabled:
-            _mlflow().log_params({k: str(v)[:MAX_PARAM_CHARS] for k, v in flat.items()})
+        """Log params; on a resumed run only those not logged yet (MLflow keeps a param's first value), and
+        a changed one (e.g. trainer.max_epochs, to extend the run) as tag `agecls.resumed.KEY`."""
+        if not self.enabled:
+            return
+        values = {k: str(v)[:MAX_PARAM_CHARS] for k, v in flat.items()}
+        if self.resumed:
+            logged = _mlflow().get_run(self.run_id).data.params
+            changed = {f"agecls.resumed.{k}": v for k, v in values.items() if k in logged and logged[k] != v}
+            values = {k: v for k, v in values.items() if k not in logged}
+            if changed:
+                _mlflow().set_tags(changed)
+        if values:
+            _mlflow().log_params(values)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if self.enabled and values:
@@ -165,35 +299,78 @@ def interrupted(exc: BaseException) -> bool:
 
 @contextmanager
 def recording(
-    tracking: DictConfig, run_name: str | None = None, tags: dict | None = None
+    tracking: DictConfig,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    run_id: str | None = None,
+    run_dir: Path | None = None,
 ) -> Iterator[Recorder]:
     """One MLflow run around a training job: FAILED on an exception, KILLED when interrupted (Ctrl-C,
-    SIGTERM, a cancelled trial job: see `interrupted`), else FINISHED."""
-    if not tracking.enabled:
-        yield Recorder(enabled=False)
-        return
-    import mlflow
+    SIGTERM, a cancelled trial job: see `interrupted`), else FINISHED. With `run_id`, that run is continued
+    (a resumed training job) instead of a new one started. The run is tagged with this process (pid, host,
+    start time: `end_dead_runs` of a later command marks it FAILED if the process dies without ending it),
+    and with `run_dir` the folder's `run.json` follows the same states."""
+    identity = process_identity()
+    recorder = Recorder(enabled=bool(tracking.enabled))
+    if tracking.enabled:
+        import mlflow
+        from mlflow.exceptions import MlflowException
 
-    experiment_id = ensure_experiment(tracking.tracking_uri, tracking.experiment, tracking.artifact_root)
-    # A REST tracking server takes tag values as protobuf strings only (an int there is a TypeError).
-    tags = {key: str(value) for key, value in (tags or {}).items()}
-    run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
-    recorder = Recorder(enabled=True)
-    recorder.run_id = run.info.run_id
+        # A REST tracking server takes tag values as protobuf strings only (an int there is a TypeError).
+        tags = {key: str(value) for key, value in {**(tags or {}), **identity}.items()}
+        if run_id is None:
+            experiment_id = ensure_experiment(
+                tracking.tracking_uri, tracking.experiment, tracking.artifact_root
+            )
+            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+        else:
+            open_store(str(tracking.tracking_uri))
+            try:
+                run = mlflow.start_run(run_id=run_id)
+            except MlflowException as exc:
+                raise UsageError(
+                    f"MLflow run {run_id} cannot be continued in {tracking.tracking_uri} ({exc}); valid: the "
+                    "tracking store that recorded the run (tracking.tracking_uri)"
+                ) from exc
+            mlflow.set_tags(tags)
+            if ENDED_BY_TAG in run.data.tags:  # it runs again: no longer ended by a dead process
+                mlflow.MlflowClient().delete_tag(run_id, ENDED_BY_TAG)
+            recorder.resumed = True
+        recorder.run_id = run.info.run_id
+    if run_dir is not None:
+        write_run_file(
+            run_dir,
+            status="running",
+            pid=int(identity[PID_TAG]),
+            host=identity[HOST_TAG],
+            started=identity[STARTED_TAG],
+            started_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            mlflow_run_id=recorder.run_id,
+            tracking_uri=str(tracking.tracking_uri) if tracking.enabled else None,
+            ended_by=None,
+        )
+
+    def end(status: str, marker: str | None = None, why: BaseException | None = None) -> None:
+        if tracking.enabled:
+            _mlflow().end_run(status)
+        if run_dir is not None:
+            ended_by = f"{type(why).__name__}: {why}"[:500] if why is not None else None
+            write_run_file(run_dir, status=marker or status.lower(), ended_by=ended_by)
+
     try:
         yield recorder
     except Exception as exc:
         if type(exc).__name__ != "TrialPruned":
-            mlflow.end_run("FAILED")
+            end("FAILED", why=exc)
             raise
         # Stopped early by an Optuna pruner: not a failure; MLflow has no PRUNED status, so tag it.
-        mlflow.set_tag("trial_state", "PRUNED")
-        mlflow.end_run("KILLED")
+        recorder.tags({"trial_state": "PRUNED"})
+        end("KILLED", "pruned")
         raise
     except BaseException as exc:
-        mlflow.end_run("KILLED" if interrupted(exc) else "FAILED")
+        end("KILLED" if interrupted(exc) else "FAILED", why=exc)
         raise
-    mlflow.end_run("FINISHED")
+    end("FINISHED")
 
 
 class EpochLogger(Logger):

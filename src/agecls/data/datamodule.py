@@ -8,9 +8,11 @@ agecls.data.device_augment, centre crop, normalise), so a GPU is not left waitin
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -245,6 +247,8 @@ class FaceDataModule(L.LightningDataModule):
         self.device_augment = translate_pipeline(train_transform) if pipeline == "device" else None
         self.cache = StagedCache(images) if pipeline == "device" else None
         self._device_train: DeviceBatches | None = None
+        self._train_generators: list[torch.Generator] = []  # the train loader's order and sampling streams
+        self._resumed: dict[str, Any] | None = None  # streams of a checkpoint, for the next train loader
 
     @property
     def device(self) -> torch.device:
@@ -315,17 +319,67 @@ class FaceDataModule(L.LightningDataModule):
             if self._device_train is None:
                 weights = self._sample_weights() if self.weighted_sampler else None
                 self._device_train = self._device_batches(self.indices["train"], train=True, weights=weights)
+            self._restore_streams()
             return self._device_train
         if not self.weighted_sampler:
-            return self._loader("train", self.train_transform, shuffle=True)
-        weights = self._sample_weights()
-        sampler = WeightedRandomSampler(
-            torch.as_tensor(weights, dtype=torch.double),
-            num_samples=len(weights),
-            replacement=True,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-        return self._loader("train", self.train_transform, sampler=sampler)
+            loader = self._loader("train", self.train_transform, shuffle=True)
+            self._train_generators = [loader.generator]
+        else:
+            weights = self._sample_weights()
+            sampler = WeightedRandomSampler(
+                torch.as_tensor(weights, dtype=torch.double),
+                num_samples=len(weights),
+                replacement=True,
+                generator=torch.Generator().manual_seed(self.seed),
+            )
+            loader = self._loader("train", self.train_transform, sampler=sampler)
+            self._train_generators = [loader.generator, sampler.generator]
+        self._restore_streams()
+        return loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the train batches' random streams stand (order, weighted sampling, and augmentation drawn in
+        this process), saved in checkpoints so a resumed fit draws the batches the uninterrupted fit would.
+        Augmentation in DataLoader workers (num_workers > 0) is drawn in the workers and is not saved."""
+        state: dict[str, Any] = {}
+        if self._device_train is not None:
+            batches = self._device_train
+            state["order"] = [batches._order.get_state()]
+            if batches._augment is not None:
+                state["device_augment"] = batches._augment.get_state().cpu()
+        elif self._train_generators:
+            state["order"] = [g.get_state() for g in self._train_generators]
+        transform = self.train_transform
+        in_process = self.num_workers == 0 and hasattr(transform, "random_generator")
+        if in_process and hasattr(transform, "py_random"):
+            version, internal, gauss_next = transform.py_random.getstate()
+            bits = transform.random_generator.bit_generator.state
+            state["augment"] = {"numpy": json.dumps(bits), "python": [version, list(internal), gauss_next]}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's streams (`state_dict`) for the train loader the resumed fit builds next."""
+        self._resumed = dict(state_dict)
+
+    def _restore_streams(self) -> None:
+        state, self._resumed = self._resumed, None
+        if not state:
+            return
+        if self._device_train is not None:
+            generators = [self._device_train._order]
+            if "device_augment" in state:
+                augment = self._device_train._generator(self.device)
+                augment.set_state(state["device_augment"])
+        else:
+            generators = self._train_generators
+        for generator, saved in zip(generators, state.get("order", []), strict=False):
+            generator.set_state(saved)
+        transform = self.train_transform
+        if "augment" in state and hasattr(transform, "random_generator"):
+            # in place: the pipeline's steps share these two generator objects
+            transform.random_generator.bit_generator.state = json.loads(state["augment"]["numpy"])
+            version, internal, gauss_next = state["augment"]["python"]
+            transform.py_random.setstate((version, tuple(internal), gauss_next))
 
     def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader("val", self.eval_transform)

@@ -1,17 +1,21 @@
-"""The lightning.Trainer of a run and its callbacks (best checkpoint, early stopping, SWA or EMA, pruning),
-and the model's memory layout and compilation."""
+"""The lightning.Trainer of a run and its callbacks (best and last checkpoint, early stopping, SWA or EMA,
+pruning, the random streams a resumed fit continues), and the model's memory layout and compilation."""
 
 from __future__ import annotations
 
 import logging
+import random
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.files import atomic_path
 from agecls.tasks.module import FaceClassifier
 from agecls.tracking import EpochLogger, Recorder
 from agecls.training.ema import build_ema
@@ -21,8 +25,10 @@ log = logging.getLogger("agecls.training.train")
 
 # The callbacks group's entries (conf/callbacks/default.yaml).
 CALLBACKS = ("checkpoint", "early_stopping", "swa", "ema")
-# Trainer-group keys that say how the trainer runs the model rather than lightning.Trainer arguments.
-_MODEL_KEYS = ("channels_last", "compile")
+# Trainer-group keys that are not lightning.Trainer arguments: how it runs the model, and what it resumes.
+_MODEL_KEYS = ("channels_last", "compile", "resume")
+# The checkpoint a resumed run continues from: the end of the last epoch (callbacks.checkpoint.save_last).
+LAST_CHECKPOINT = "last.ckpt"
 _COMPILE_KEYS = ("enabled", "mode", "backend", "dynamic", "fullgraph")
 
 
@@ -48,8 +54,9 @@ class _NoAdverts(logging.Filter):
 def build_callbacks(
     callbacks_cfg: DictConfig, run_dir: Path, extra: list[L.Callback] | None = None
 ) -> tuple[list[L.Callback], ModelCheckpoint]:
-    """The run's callbacks from the `callbacks` group (best checkpoint, early stopping, SWA or EMA) after
-    `extra` (pruning), and the checkpoint callback; ValueError naming a bad entry."""
+    """The run's callbacks from the `callbacks` group (best and last checkpoint, early stopping, SWA or EMA),
+    the random streams a resumed fit restores, and `extra` (pruning); and the best-checkpoint callback.
+    ValueError naming a bad entry."""
     spec = OmegaConf.to_container(callbacks_cfg, resolve=True)
     unknown = sorted(set(spec) - set(CALLBACKS))
     if unknown:
@@ -63,7 +70,10 @@ def build_callbacks(
         save_top_k=1,
         enable_version_counter=False,
     )
-    callbacks: list[L.Callback] = [checkpoint, *(extra or [])]
+    callbacks: list[L.Callback] = [checkpoint, RandomStreams()]
+    if ckpt_cfg.get("save_last", True):
+        callbacks.append(LastCheckpoint(run_dir / "checkpoints" / LAST_CHECKPOINT))
+    callbacks.extend(extra or [])
     if stop_cfg.pop("enabled", False):
         callbacks.append(EarlyStopping(**stop_cfg))
     ema = build_ema(ema_cfg)
@@ -77,6 +87,80 @@ def build_callbacks(
     if ema is not None:
         callbacks.append(ema)
     return callbacks, checkpoint
+
+
+class LastCheckpoint(L.Callback):
+    """checkpoints/last.ckpt between epochs (as each epoch after the first starts, and as training ends):
+    what `trainer.resume` continues from. Through a temporary file, so a kill while saving leaves the
+    previous one whole.
+
+    Not ModelCheckpoint(save_last=True): that saves as validation ends, before the epoch's scheduler step
+    and train metrics, and a fit resumed from there repeats the epoch's end (its train metrics logged
+    twice) without the scheduler step."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._saving = False
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self._saving:
+            # Lightning counts the epoch as ready when its start hooks run; saved so, a resumed fit takes it
+            # for one interrupted mid-way and skips its scheduler step. Nothing of it has run: not ready.
+            progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+            for scope in ("total", "current"):
+                progress[scope]["ready"] = progress[scope]["started"]
+
+    def _save(self, trainer: L.Trainer) -> None:
+        self._saving = True
+        try:
+            with atomic_path(self.path) as tmp:
+                trainer.save_checkpoint(tmp)
+        finally:
+            self._saving = False
+
+
+class RandomStreams(L.Callback):
+    """Saves the global random streams (torch CPU and CUDA, numpy, python) in every checkpoint and restores
+    them when a fit resumes from one, so dropout and anything else drawing from them continue as in the
+    uninterrupted run. Lightning checkpoints hold none of them. Plain lists and tensors, so the states load
+    under torch.load(weights_only=True) as well."""
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        version, internal, gauss_next = random.getstate()
+        state = {
+            "torch": torch.get_rng_state(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(internal), gauss_next],
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = state_dict["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        if "cuda" in state_dict and torch.cuda.is_available():
+            cuda = state_dict["cuda"]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+            else:
+                log.warning(
+                    "the checkpoint's CUDA random streams are for %d devices, this machine has %d: not "
+                    "restored (a resumed run draws other dropout masks than the uninterrupted one)",
+                    len(cuda),
+                    torch.cuda.device_count(),
+                )
 
 
 def build_trainer(
