@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-sweep bench-predict bench-gpu bench-64 bench-levers browser
+.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-sweep bench-predict bench-gpu bench-64 bench-levers bench-serve browser engines
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -20,11 +20,15 @@ demo: $(STAMP)
 	$(BIN)/agecls-train -m experiment=demo sweep=demo
 	$(BIN)/agecls-report demo
 
-# Installs the system Chromium for the browser test first when it can (apt-get as root); otherwise that one
-# test skips, saying why. Then the package's layer contracts (import-linter, pyproject.toml), then pytest.
+# Installs the system Chromium for the browser test and the cluster engines first when it can (apt-get as
+# root); otherwise those tests skip, saying why. Then the package's layer contracts (import-linter,
+# pyproject.toml), ruff's lint and format checks, then pytest (the `cluster` group included).
 test: $(STAMP)
 	@$(MAKE) --no-print-directory browser || echo ">> no Chromium: the browser upload test will skip"
+	@$(MAKE) --no-print-directory engines || echo ">> no cluster engines: the -m cluster tests will skip"
 	$(BIN)/lint-imports
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/python -m pytest -m "not heavy"
 
 test-heavy: $(STAMP)
@@ -109,9 +113,33 @@ bench-64: $(STAMP)
 bench-predict: $(STAMP)
 	nice -n 10 $(BIN)/python bench/predict_latency.py --write BENCHMARKS.md
 
+# agecls-serve under load: the real server on 127.0.0.1 gets 50 uploads at the pixel limits from 20 clients at
+# once (bench/serve_load.py; about a minute); rewrites its BENCHMARKS.md section.
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve_load.py --notes bench/results/serve-load-notes.md --write BENCHMARKS.md
+
 # The system Chromium that tests/test_serve.py drives through Playwright (never `playwright install`):
 # apt-get as root on Debian/Ubuntu. Without it the browser test skips, saying so.
 browser:
 	@if [ -x /usr/bin/chromium ]; then echo "chromium present: /usr/bin/chromium"; \
 	elif command -v apt-get >/dev/null; then apt-get install -y chromium || (apt-get update && apt-get install -y chromium); \
 	else echo "install Chromium with your package manager, or set AGECLS_CHROMIUM=/path/to/chromium"; exit 1; fi
+
+# The engines that tests/engines.py starts for `pytest -m cluster`: a one-node Slurm cluster (slurmctld,
+# slurmd, munge; slurmdbd on MariaDB so that sacct answers) and a PostgreSQL server; apt-get as root on
+# Debian/Ubuntu. The MLflow server, psycopg and optuna-dashboard come from .venv ('.[dev]'). Without them
+# the cluster tests skip, saying why.
+ENGINE_PROGRAMS := munged slurmctld slurmd slurmdbd sbatch sacct mariadbd mariadb-install-db
+ENGINE_PACKAGES := slurm-wlm slurmdbd munge mariadb-server
+engines:
+	@missing=""; for p in $(ENGINE_PROGRAMS); do \
+	  command -v $$p >/dev/null || [ -x /usr/sbin/$$p ] || missing="$$missing $$p"; done; \
+	pkgs="$(ENGINE_PACKAGES)"; \
+	if ! command -v initdb >/dev/null && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  missing="$$missing initdb"; pkgs="$$pkgs postgresql"; fi; \
+	if [ -z "$$missing" ]; then echo "engines present: Slurm, slurmdbd, munge, MariaDB, PostgreSQL"; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "missing:$$missing; installing them needs root and apt-get (packages: $$pkgs)"; exit 1; \
+	else export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y --no-install-recommends $$pkgs || \
+	  (apt-get update && apt-get install -y --no-install-recommends $$pkgs); fi

@@ -11,6 +11,9 @@ from omegaconf import DictConfig
 
 from agecls.config import CONFIG_DIR
 
+# session fixtures that start real engines (Slurm, PostgreSQL, an MLflow server) for `-m cluster`
+pytest_plugins = ["tests.engines"]
+
 # A run small enough for a unit test: ~300 synthetic faces at 32 px, a 2-block CNN.
 FAST_OVERRIDES = [
     "data.synthetic.n=400",

@@ -4,25 +4,23 @@ write leaves the old file and no temporary file behind)."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from filelock import FileLock
+
 
 @contextmanager
 def file_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created, with its folder, if missing) for the `with` block."""
+    """Hold an exclusive lock on `path` (created, with its folder, if missing) for the `with` block: flock
+    on POSIX, msvcrt's lock on Windows (filelock), so that importing agecls needs no `fcntl`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(path):
+        yield
 
 
 def sqlite_lock_path(url: str) -> Path:
