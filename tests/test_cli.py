@@ -16,12 +16,12 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 from agecls.cli import app as cli_app
-from agecls.cli import bins, compare, data, eval, predict, report, serve
+from agecls.cli import bins, compare, data, eval, predict, register, report, serve
 from agecls.cli import train as cli_train
 from agecls.config import CONFIG_DIR, check_overrides, compose_train
 from agecls.errors import AgeclsError, UsageError
 
-APPS = {m.APP.prog: m for m in (bins, compare, data, eval, predict, report, serve)}
+APPS = {m.APP.prog: m for m in (bins, compare, data, eval, predict, register, report, serve)}
 BIN = Path(sys.executable).parent
 
 
@@ -250,7 +250,7 @@ def test_cfg_job_prints_the_composed_config(output_dir, prog, capsys):
         ("agecls-predict", ["ckpt=a", "imgs=b"], "unknown key 'imgs'; did you mean images?"),
         ("agecls-predict", ["ckpt=a", "images=b", "+extra=1"], "only plain key=value is supported"),
         ("agecls-serve", ["ckpt=a", "prot=80"], "unknown key 'prot'; did you mean port?"),
-        ("agecls-serve", ["ckpt=a", "port=0"], "port=0: valid: a whole number >= 1"),
+        ("agecls-serve", ["ckpt=a", "port=0"], "port=0: valid: a whole number from 1 to 65535"),
         ("agecls-serve", ["ckpt=a", "images=x"], "unknown key 'images'"),
         ("agecls-bins", ["propose", "run=x", "k=4", "min_cout=3"], "did you mean min_count?"),
         ("agecls-report", ["demo", "stroage=x"], "unknown key 'stroage'; did you mean storage?"),
@@ -339,13 +339,23 @@ def test_the_defaults_that_left_python_match_what_the_library_uses():
     assert faces["max_pixels"] == DEFAULT_MAX_PIXELS
     shared = set(faces) - {"images", "out", "grid"}
     assert {k: served[k] for k in shared} == {k: faces[k] for k in shared}
-    assert set(served) - shared == {"host", "port", "max_upload_mb", "max_batch"}
+    assert set(served) - shared == {
+        "host",
+        "port",
+        "max_upload_mb",
+        "max_batch",
+        "max_concurrent",
+        "max_queue",
+        "max_wait_s",
+        "max_decoded_pixels",
+    }
 
 
 def test_command_modules_import_no_heavy_library():
     """--help stays quick: no command imports torch, lightning, mlflow, optuna or pandas before it runs."""
     modules = ", ".join(
-        f"agecls.cli.{m}" for m in ("train", "data", "eval", "predict", "serve", "report", "compare", "bins")
+        f"agecls.cli.{m}"
+        for m in ("train", "data", "eval", "predict", "serve", "report", "compare", "bins", "register")
     )
     heavy = ("torch", "lightning", "mlflow", "optuna", "pandas")
     probe = f"import sys, {modules}; print(sorted(m for m in {heavy} if m in sys.modules))"

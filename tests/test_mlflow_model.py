@@ -121,3 +121,28 @@ def test_mlflow_models_serve_answers(registered, images):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_agecls_register_picks_the_best_finished_run_of_an_experiment(registered, capsys):
+    import mlflow
+
+    from agecls.cli import register
+
+    argv = ["best_of=predict-src", "name=agecls-cli-test", f"tracking_uri={registered}", "detect=false"]
+    assert register.main(argv) == 0
+    printed = capsys.readouterr().out
+    client = mlflow.MlflowClient(tracking_uri=registered)
+    version = client.get_model_version_by_alias("agecls-cli-test", "best")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("predict-src").experiment_id], "attributes.status = 'FINISHED'"
+    )
+    best = max(runs, key=lambda r: r.data.metrics.get("best_val/macro_f1", -1))
+    assert version.run_id == best.info.run_id
+    assert printed.startswith(
+        f"registered agecls-cli-test version 1 as agecls-cli-test@best: run {best.info.run_id}"
+    )
+    assert "agecls-predict ckpt=models:/agecls-cli-test@best" in printed
+
+    assert register.main(["run=0123456789abcdef", f"tracking_uri={registered}"]) == 1
+    assert "run=0123456789abcdef: no such MLflow run" in capsys.readouterr().err
+    assert register.main([f"tracking_uri={registered}"]) == 2
