@@ -10,9 +10,14 @@ upgrade that moves them breaks here, and only here."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import socket
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,13 +53,16 @@ def open_study(
     *,
     with_sampler: bool = False,
     sampler_seed: int | None = None,
+    sampler: Any = None,
 ):
     """The study named in config, on an RDB storage with heartbeats (stale trials are detectable).
 
     `sampler_seed` replaces the configured sampler's seed (a trial process drawing its own parameters,
-    such as bins=search's edges, must not repeat another trial's random draws)."""
+    such as bins=search's edges, must not repeat another trial's random draws); `sampler` replaces the
+    configured sampler altogether (the sweeper's, seeded per trial). A stale trial is failed and re-queued
+    marked (`requeue`)."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     # Heartbeats and stale-trial retry are marked experimental in optuna; agecls relies on them knowingly.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -68,12 +76,14 @@ def open_study(
             url,
             heartbeat_interval=int(optuna_cfg.heartbeat_interval),
             grace_period=int(optuna_cfg.grace_period),
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                max_retry=int(optuna_cfg.retries)
+            heartbeat_stale_trial_callback=RequeueStale(
+                int(optuna_cfg.retries), int(optuna_cfg.grace_period)
             ),
         )
     kwargs: dict[str, Any] = {"pruner": instantiate(optuna_cfg.pruner)}
-    if with_sampler:
+    if sampler is not None:
+        kwargs["sampler"] = sampler
+    elif with_sampler:
         seed = {} if sampler_seed is None else {"seed": sampler_seed}
         kwargs["sampler"] = instantiate(optuna_cfg.sampler, **seed)
     if direction is None:
@@ -106,6 +116,114 @@ def find_trial(study: optuna.Study, number: int) -> FrozenTrial | None:
     return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
 
 
+def requeue(study: optuna.Study, failed: FrozenTrial, max_retry: int | None, reason: str) -> bool:
+    """Queue a failed trial's parameters again as a new WAITING trial marked with where it came from (user
+    attrs `requeued_from`, `requeue_reason`; system attrs `failed_trial`, `retry_history` as Optuna's
+    RetryHeartbeatStaleTrialCallback sets them). False, and nothing queued, after `max_retry` re-queues of
+    the original trial (None: no limit). The failed trial's other user attrs (its process, MLflow run,
+    error) are not copied: they describe the run that failed, not the one to come."""
+    import optuna
+
+    history = [*failed.system_attrs.get("retry_history", []), failed.number]
+    if max_retry is not None and len(history) > max_retry:
+        return False
+    system_attrs = {
+        **failed.system_attrs,
+        "failed_trial": history[0],
+        "retry_history": history,
+        "fixed_params": dict(failed.params),
+    }
+    user_attrs = {"requeued_from": failed.number, "requeue_reason": reason}
+    study.add_trial(
+        optuna.trial.create_trial(
+            state=optuna.trial.TrialState.WAITING,
+            params=failed.params,
+            distributions=failed.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
+    return True
+
+
+class RequeueStale:
+    """The storage's callback for a trial failed because its heartbeat went stale: re-queue it, marked."""
+
+    def __init__(self, max_retry: int | None, grace_period: int) -> None:
+        self.max_retry, self.grace_period = max_retry, grace_period
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        reason = f"no heartbeat for optuna.grace_period={self.grace_period} s (its process or machine died)"
+        requeue(study, trial, self.max_retry, reason)
+
+
+def fail_trial(study: optuna.Study, number: int, reason: str, url: str | None = None) -> FrozenTrial | None:
+    """Fail trial `number` if it is still RUNNING, with the reason as user attr `failed_because`; the failed
+    trial, or None when it had finished (or another process failed it first: only one may re-queue it).
+
+    With a sqlite `url` the check and the change are made under the storage's lock file: sqlite does not
+    lock the row between them, so two sweepers failing one dead trial would otherwise both re-queue it;
+    PostgreSQL locks the row (Optuna updates the state SELECT ... FOR UPDATE) and the loser gets an error."""
+    import optuna
+
+    with sqlite_lock(url) if url else contextlib.nullcontext():
+        frozen = find_trial(study, number)
+        if frozen is None or frozen.state != optuna.trial.TrialState.RUNNING:
+            return None
+        try:
+            attach_trial(study, frozen).set_user_attr("failed_because", reason)
+            study.tell(number, state=optuna.trial.TrialState.FAIL)
+        except (RuntimeError, ValueError):  # UpdateFinishedTrialError, or tell's "Cannot tell a COMPLETE"
+            return None
+    return find_trial(study, number)
+
+
+# -- which process runs a trial --------------------------------------------------------------------------
+def _boot_id() -> str:
+    """This machine's boot id (Linux): a process recorded before a reboot is gone whatever its pid."""
+    with contextlib.suppress(OSError):
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    return ""
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (/proc/PID/stat field 22); None when there is
+    no such process, it has ended (a zombie waiting for its parent), or there is no /proc."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the command name (field 2) may hold spaces
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
+def process_record(pid: int | None = None) -> dict[str, Any]:
+    """Host, boot id, pid and start time of a process (this one by default): a trial user attr that lets
+    a sweeper on the same host tell at once that the trial's process is gone (`process_gone`)."""
+    pid = os.getpid() if pid is None else int(pid)
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": pid, "start": _start_ticks(pid)}
+
+
+def process_gone(record: Any) -> bool | None:
+    """Whether the process a `process_record` names has ended (its pid is gone, or now belongs to another
+    process: a different start time or boot). None when it ran on another host: only its heartbeat tells."""
+    if not isinstance(record, dict) or record.get("host") != socket.gethostname():
+        return None
+    if record.get("boot") and _boot_id() and record["boot"] != _boot_id():
+        return True
+    pid = int(record["pid"])
+    if Path("/proc/self/stat").exists():
+        start = _start_ticks(pid)
+        return start is None or (record.get("start") is not None and start != record["start"])
+    try:  # no /proc (macOS): whether the pid exists is all there is
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 # -- beyond Optuna's public API --------------------------------------------------------------------------
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     """The storage's id of a trial (trial numbers count within a study; the storage keys trials by id).
@@ -135,3 +253,39 @@ def record_heartbeat(study: optuna.Study, storage_id: int) -> None:
     here the sweeper and the trial process record them, through the study's storage, which Optuna keeps in
     the private `Study._storage` (and whose interface it documents as not for library users)."""
     study._storage.record_heartbeat(storage_id)  # noqa: SLF001
+
+
+@functools.cache
+def _engine(url: str):
+    import sqlalchemy
+
+    return sqlalchemy.create_engine(url)
+
+
+def heartbeat_ages(url: str, trials: list[FrozenTrial]) -> dict[int, float | None]:
+    """Seconds since each trial's last heartbeat (by trial number; None: none recorded), by the storage's
+    clock, which is the clock Optuna's staleness check uses.
+
+    Why beyond the API: Optuna keeps heartbeats in its RDB table `trial_heartbeats` and has no reader for
+    them; this reads that table through its own connection to `url` (the schema is Optuna's)."""
+    import sqlalchemy
+
+    ids = {trial_id(t): t.number for t in trials}
+    ages: dict[int, float | None] = dict.fromkeys(ids.values())
+    if not ids:
+        return ages
+    query = sqlalchemy.text(
+        "SELECT trial_id, heartbeat FROM trial_heartbeats WHERE trial_id IN :ids"
+    ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
+    with _engine(url).connect() as conn:
+        now = _as_datetime(conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one())
+        for storage_id, beat in conn.execute(query, {"ids": list(ids)}):
+            ages[ids[storage_id]] = (now - _as_datetime(beat)).total_seconds()
+    return ages
+
+
+def _as_datetime(value: Any) -> datetime:
+    """A timestamp as the database returns it (sqlite: text) as a naive datetime."""
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=None)
+    return datetime.fromisoformat(str(value)).replace(tzinfo=None)

@@ -53,7 +53,15 @@ class StudyRun:
         from mlflow.exceptions import MlflowException
         from optuna.trial import TrialState
 
-        failed = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
+        trials = study.get_trials(deepcopy=False)
+        # why each failed: recorded when the sweeper failed it, or on its re-queued copy (a stale trial)
+        fails = [t for t in trials if t.state == TrialState.FAIL]
+        why = {str(t.number): t.user_attrs.get("failed_because") for t in fails}
+        for t in trials:
+            origin = str(t.user_attrs.get("requeued_from"))
+            if origin in why and not why[origin]:
+                why[origin] = t.user_attrs.get("requeue_reason")
+        failed = set(why)
         if not failed or not self.experiment_id:
             return []
         query = f"tags.`optuna.study` = '{self.study_name}' and attributes.status = 'RUNNING'"
@@ -63,8 +71,9 @@ class StudyRun:
                 tags = run.data.tags
                 if tags.get("agecls.role") == "study" or tags.get("optuna.trial") not in failed:
                     continue
-                why = "sweeper: the trial process died without ending its run"
-                self.client.set_tag(run.info.run_id, "agecls.ended_by", why)
+                number = tags["optuna.trial"]
+                reason = why[number] or "the trial process died without ending its run"
+                self.client.set_tag(run.info.run_id, "agecls.ended_by", f"sweeper: {reason}")
                 self.client.set_terminated(run.info.run_id, status="FAILED")
                 ended.append(run.info.run_id)
         except MlflowException as exc:  # tracking is a record, not the study: never stop a sweep over it

@@ -7,9 +7,12 @@ is pruned by the study's pruner, and tells the study its outcome. This process o
 keeps `n_jobs` (or one per GPU) of them running, starting the next the moment one ends.
 
 Resume: the study's state is the storage. Re-running the same command continues it: finished trials are
-kept, trials left RUNNING by a dead process are failed once their heartbeat is stale and re-queued with the
-same parameters; `n_trials` counts complete and pruned trials only, so nothing is counted twice. Several
-processes (or machines sharing a PostgreSQL storage) may run the same command at once: they share one study.
+kept; a trial left RUNNING by a dead process is failed and re-queued with the same parameters (marked
+`requeued_from`): at once when its recorded process ran on this host and is gone, else once its heartbeat is
+stale. `n_trials` counts complete and pruned trials only, so nothing is counted twice, and the sweep ends
+only when the study holds them (waiting for trials running elsewhere). Several processes (or machines
+sharing a PostgreSQL storage) may run the same command at once: they share one study, and each trial's
+sampler is seeded from the trial's number (agecls.sweep.sampler), so no two draw the same parameters.
 
 Where trials run: as child processes of this one (Hydra's default launcher), or as submitit jobs when the
 command selects a submitit launcher (`hydra/launcher=slurm` submits each trial as a Slurm job with the
@@ -32,6 +35,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
@@ -40,7 +44,19 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
-from agecls.study import find_trial, open_study, record_heartbeat, trial_id
+from agecls.study import (
+    fail_trial,
+    find_trial,
+    heartbeat_ages,
+    open_study,
+    process_gone,
+    process_record,
+    record_heartbeat,
+    requeue,
+    sqlite_lock,
+    trial_id,
+)
+from agecls.sweep.sampler import study_sampler
 from agecls.sweep.settings import SETTINGS
 
 log = logging.getLogger("agecls.sweep.sweeper")
@@ -380,7 +396,6 @@ class StudyRunner:
     # -- main loop --------------------------------------------------------------------------------------
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
-        from optuna.storages import fail_stale_trials
         from optuna.trial import TrialState
 
         from agecls.sweep.study_tracking import StudyRun
@@ -397,8 +412,8 @@ class StudyRunner:
                 "or search bin edges (bins=search)"
             )
         direction = "maximize" if str(cfg.objective.mode) == "max" else "minimize"
-        study = open_study(ocfg, direction, with_sampler=True)
-        fail_stale_trials(study)
+        url = str(ocfg.storage)
+        study = open_study(ocfg, direction, sampler=study_sampler(ocfg.sampler))
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
@@ -418,19 +433,30 @@ class StudyRunner:
             ", ".join(space),
         )
         running: dict[int, Running] = {}
-        failures, stopping, last_beat, last_stale = 0, False, 0.0, time.monotonic()
+        failures, stopping, last_beat, last_wait_log = 0, False, 0.0, 0.0
+        # dead trials of this host are seen at once, stale ones of other hosts after grace_period anyway
+        check_every = max(1, min(5, int(ocfg.heartbeat_interval) // 2))
         started = time.monotonic()
 
-        def counted() -> int:
-            states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+        def counted(*states: TrialState) -> int:
             return len(study.get_trials(deepcopy=False, states=states))
 
+        finished = (TrialState.COMPLETE, TrialState.PRUNED)
+        reap = Reaper(study, url, int(ocfg.retries), int(ocfg.grace_period), tracker)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
+            reap(running)  # before asking: a crashed run's trials are re-queued, not counted as running
+            last_check = time.monotonic()
             while True:
                 free = [s for s in range(len(slots)) if s not in {r.slot for r in running.values()}]
-                if free and not stopping and counted() < target:
+                if free and not stopping and counted(*finished, TrialState.RUNNING) < target:
                     trial = study.ask(space)
+                    if _surplus(study, trial.number, target, url):
+                        continue  # another worker asked at the same moment and filled the study first
+                    record_heartbeat(study, trial_id(trial))
+                    # who asked: a sweeper on this host that finds it RUNNING with this process gone (and
+                    # no trial process recorded yet) fails and re-queues it at once
+                    trial.set_user_attr("sweeper", process_record())
                     run_dir = sweep_dir / f"trial-{trial.number:04d}"
                     run_dir.mkdir(parents=True, exist_ok=True)
                     cmd = self._command(fixed, trial.params, trial.number, parent, run_dir)
@@ -438,10 +464,9 @@ class StudyRunner:
                     handle = executor.start(cmd, slots[free[0]], run_dir / "process.log", name)
                     item = Running(handle, trial.number, trial_id(trial), trial.params, free[0])
                     running[trial.number] = item
-                    record_heartbeat(study, item.trial_id)
                     log.info("trial %d started (slot %d): %s", trial.number, free[0], _show(trial.params))
                     continue
-                if not running:
+                if not running and (stopping or counted(*finished) >= target):
                     break
                 for number, item in list(running.items()):
                     if not item.handle.done():
@@ -451,7 +476,8 @@ class StudyRunner:
                     if frozen.state == TrialState.RUNNING:
                         # died without telling (killed, out of memory, a lost node or cancelled job):
                         # failed and re-queued as a stale trial is (optuna.retries)
-                        _fail_and_requeue(study, frozen, int(ocfg.retries))
+                        why = "its process or job ended without telling the study (killed?)"
+                        _fail_and_requeue(study, frozen, int(ocfg.retries), reason=why, url=url)
                         frozen = _current(study, number)
                         if tracker:
                             tracker.end_orphan_runs(study)  # its MLflow run could not end itself
@@ -465,7 +491,7 @@ class StudyRunner:
                         log.warning(
                             "trial %d failed: %s (see %s)",
                             number,
-                            frozen.user_attrs.get("error", "crashed"),
+                            frozen.user_attrs.get("error") or frozen.user_attrs.get("failed_because"),
                             sweep_dir / f"trial-{number:04d}" / "process.log",
                         )
                 now = time.monotonic()
@@ -473,12 +499,15 @@ class StudyRunner:
                     for item in running.values():
                         record_heartbeat(study, item.trial_id)
                     last_beat = now
-                if now - last_stale > int(ocfg.grace_period):
-                    fail_stale_trials(study)  # trials of other workers whose machine died
-                    last_stale = now
+                if now - last_check > check_every:
+                    reap(running)  # trials of other workers whose process or machine died
+                    last_check = now
+                if not running and not stopping and now - last_wait_log > 60:
+                    reap.log_waiting(target)  # the study is short only by trials running elsewhere
+                    last_wait_log = now
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            self._interrupt(study, running)
+            self._interrupt(study, running, url)
             if tracker:
                 tracker.close(study, "KILLED", time.monotonic() - started)
             log.warning(
@@ -488,26 +517,132 @@ class StudyRunner:
             raise SystemExit(130) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+        done = counted(*finished)
+        short = not stopping and done < target  # not expected: the loop ends with the study complete
         if tracker:
-            tracker.close(study, "FAILED" if stopping else "FINISHED", time.monotonic() - started)
+            tracker.close(study, "FAILED" if stopping or short else "FINISHED", time.monotonic() - started)
         _write_summary(study, sweep_dir)
         if stopping:
             raise SweepError(
                 f"{failures} trials failed (optuna.max_failures={max_failures}); see {sweep_dir}"
             )
+        if short:
+            raise SweepError(
+                f"study {study.study_name!r} holds {done} finished trials of optuna.n_trials={target}; "
+                "run the same command again to go on"
+            )
         return []
 
-    def _interrupt(self, study, running: dict[int, Running]) -> None:
+    def _interrupt(self, study, running: dict[int, Running], url: str) -> None:
         """Stop running trials, fail them in the study and re-queue their parameters."""
-        from optuna.trial import TrialState
-
         stop_trials([item.handle for item in running.values()])
         for item in running.values():
-            frozen = _current(study, item.number)
-            if frozen.state == TrialState.RUNNING:
-                study.tell(item.number, state=TrialState.FAIL, skip_if_finished=True)
-                # frozen.params also holds what the trial drew itself (bins.cut1.. of bins=search)
-                study.enqueue_trial(frozen.params or item.params, user_attrs={"requeued_from": item.number})
+            failed = fail_trial(study, item.number, "interrupted: the sweeper was stopped", url)
+            if failed is not None:
+                # failed.params also holds what the trial drew itself (bins.cut1.. of bins=search)
+                requeue(study, failed, None, "interrupted: the sweeper was stopped")
+
+
+class Reaper:
+    """Fails and re-queues the study's RUNNING trials that no process will finish: at once those whose
+    recorded process (or, before it recorded one, the sweeper that asked for them) ran on this host and
+    is gone; after `grace_period` without a heartbeat those of other hosts. Their MLflow runs end FAILED."""
+
+    def __init__(self, study, url: str, retries: int, grace_period: int, tracker: Any) -> None:
+        self.study, self.url, self.retries, self.grace = study, url, retries, grace_period
+        self.tracker = tracker
+
+    def __call__(self, running: dict[int, Running]) -> list[int]:
+        """Reap the trials that are not this sweeper's own (`running`: it watches those itself); returns
+        the numbers failed here."""
+        from optuna.exceptions import ExperimentalWarning
+        from optuna.storages import fail_stale_trials
+        from optuna.trial import TrialState
+
+        failed_before = len(self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        with sqlite_lock(self.url), warnings.catch_warnings():
+            # two sweepers failing one stale trial must not both re-queue it; heartbeats are experimental
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            fail_stale_trials(self.study)
+        others = [
+            t
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if t.number not in running
+        ]
+        ages = heartbeat_ages(self.url, [t for t in others if _dead_here(t) is None]) if others else {}
+        failed = []
+        for frozen in others:
+            reason = _dead_here(frozen)
+            if reason is None and frozen.number in ages and ages[frozen.number] is None:
+                started = frozen.datetime_start or datetime.now()
+                if (datetime.now() - started).total_seconds() > self.grace:
+                    # asked by a sweeper that died before it recorded a heartbeat or anything else
+                    reason = f"no heartbeat at all since it was asked for at {started:%Y-%m-%d %H:%M:%S}"
+            if reason and _fail_and_requeue(self.study, frozen, self.retries, reason=reason, url=self.url):
+                log.warning("trial %d failed and re-queued: %s", frozen.number, reason)
+                failed.append(frozen.number)
+        failed_after = len(self.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+        if self.tracker and failed_after > failed_before:
+            self.tracker.end_orphan_runs(self.study)
+        return failed
+
+    def log_waiting(self, target: int) -> None:
+        """Say which trials the study is waiting for: number, host, pid, last heartbeat."""
+        from optuna.trial import TrialState
+
+        others = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not others:
+            return
+        ages = heartbeat_ages(self.url, others)
+        finished = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+        shown = []
+        for t in others:
+            record = t.user_attrs.get("process") or t.user_attrs.get("sweeper") or {}
+            age = ages.get(t.number)
+            beat = "no heartbeat yet" if age is None else f"last heartbeat {age:.0f} s ago"
+            where = f"host {record.get('host', '?')}, pid {record.get('pid', '?')}"
+            shown.append(f"trial {t.number} ({where}, {beat})")
+        log.info(
+            "%d of optuna.n_trials=%d trials finished; waiting for %d running elsewhere: %s. One without a "
+            "heartbeat for optuna.grace_period=%d s is failed and re-queued here.",
+            len(finished),
+            target,
+            len(others),
+            "; ".join(shown),
+            self.grace,
+        )
+
+
+def _dead_here(frozen) -> str | None:
+    """Why a RUNNING trial can be failed at once: its recorded trial process (or, before one was recorded,
+    the sweeper that asked for it) ran on this host and is gone. None when it is alive or ran elsewhere."""
+    for key, what in (("process", "trial process"), ("sweeper", "sweeper that started it")):
+        record = frozen.user_attrs.get(key)
+        if record is None:
+            continue
+        if process_gone(record):
+            return f"its {what} (pid {record.get('pid')} on {record.get('host')}) is gone"
+        return None
+    return None
+
+
+def _surplus(study, number: int, target: int, url: str) -> bool:
+    """Whether trial `number`, just asked for, is one too many: the trials before it (finished or running)
+    already fill the study, because another worker asked at the same moment. It is then failed, marked
+    `surplus`, without running (a re-queued trial it took from the queue is queued again), so concurrent
+    workers end with exactly n_trials finished trials."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    before = [t for t in study.get_trials(deepcopy=False, states=states) if t.number < number]
+    if len(before) < target:
+        return False
+    reason = f"surplus: trials before it already fill optuna.n_trials={target} (another worker asked too)"
+    failed = fail_trial(study, number, reason, url)
+    if failed is not None and "requeued_from" in failed.user_attrs:
+        requeue(study, failed, None, str(failed.user_attrs.get("requeue_reason", reason)))
+    log.info("trial %d not run: %s", number, reason)
+    return True
 
 
 def stop_trials(handles: list[TrialHandle], graces: tuple[float, float, float] = (10, 20, 30)) -> None:
@@ -523,19 +658,17 @@ def stop_trials(handles: list[TrialHandle], graces: tuple[float, float, float] =
             handle.wait(deadline - time.monotonic())
 
 
-def _fail_and_requeue(study, frozen, retries: int) -> None:
+def _fail_and_requeue(
+    study, frozen, retries: int, *, reason: str = "ended without telling the study", url: str | None = None
+) -> bool:
     """Fail a trial whose process or job ended without telling the study, and re-queue its parameters
-    (at most `retries` times per original trial), exactly as optuna treats a stale trial."""
-    from optuna.exceptions import ExperimentalWarning
-    from optuna.storages import RetryHeartbeatStaleTrialCallback
-    from optuna.trial import TrialState
-
-    study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-    failed = _current(study, frozen.number)
-    if failed.state == TrialState.FAIL:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            RetryHeartbeatStaleTrialCallback(max_retry=retries)(study, failed)
+    (at most `retries` times per original trial), marked with the reason; False when another process
+    finished or failed it first."""
+    failed = fail_trial(study, frozen.number, reason, url)
+    if failed is None:
+        return False
+    requeue(study, failed, retries, reason)
+    return True
 
 
 def _current(study, number: int):

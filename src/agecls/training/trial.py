@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from agecls.study import attach_trial, find_trial, open_study, record_heartbeat, trial_id
+from agecls.study import attach_trial, find_trial, open_study, process_record, record_heartbeat, trial_id
 
 log = logging.getLogger("agecls.training.trial")
 
@@ -32,6 +32,7 @@ class TrialContext:
     study: Any
     trial: Any
     number: int
+    requeued: dict[str, Any] = field(default_factory=dict)  # requeued_from, requeue_reason: a re-run trial
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
@@ -53,7 +54,17 @@ class TrialContext:
                 f"optuna.trial={number}: trial {number} of study {study.study_name!r} is {state}, not "
                 "RUNNING (failed as stale or cancelled while its job was queued); nothing to run"
             )
-        ctx = cls(study=study, trial=attach_trial(study, frozen), number=int(number))
+        marks = ("requeued_from", "requeue_reason")
+        requeued = {k: frozen.user_attrs[k] for k in marks if k in frozen.user_attrs}
+        ctx = cls(study=study, trial=attach_trial(study, frozen), number=int(number), requeued=requeued)
+        # This process, as a sweeper on the same host can check it: if it dies without telling, that sweeper
+        # fails and re-queues the trial at once instead of waiting for its heartbeat to go stale.
+        try:
+            ctx.trial.set_user_attr("process", process_record())
+        except RuntimeError as exc:  # UpdateFinishedTrialError: failed by a sweeper meanwhile
+            raise TrialNotRunning(
+                f"optuna.trial={number}: finished while this process started: {exc}"
+            ) from None
         # The seed is recorded with the trial (MLflow has it as the param `seed` and tag `seed`):
         # re-running the trial's config.yaml reproduces it (docs/SWEEPS.md, "Re-running a trial").
         ctx.trial.set_user_attr("seed", int(cfg.seed))
@@ -85,6 +96,7 @@ class TrialContext:
 
     def tags(self, parent_run_id: str | None) -> dict[str, str]:
         tags = {"optuna.study": self.study.study_name, "optuna.trial": str(self.number)}
+        tags.update({f"optuna.{k}": str(v) for k, v in self.requeued.items()})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id  # shows the run nested under its study in MLflow
         return tags
