@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import mlflow.pyfunc
 import optuna
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -93,6 +94,10 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
     assert parents[0].data.tags["best.run_id"] == best.user_attrs["mlflow_run_id"]
     alias = client.get_model_version_by_alias("agecls-s1", "best")
     assert alias.run_id == best.user_attrs["mlflow_run_id"]
+    # The registered version is an MLflow Model that MLflow itself loads (python_function flavor).
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    loaded = mlflow.pyfunc.load_model("models:/agecls-s1@best")
+    assert loaded.metadata.get_input_schema().input_names() == ["image"]
     for child in children:
         assert child.data.params["optuna.trial"] == child.data.tags["optuna.trial"]
 

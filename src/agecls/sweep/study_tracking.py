@@ -3,7 +3,6 @@ and the best trial's checkpoint registered in the model registry under the alias
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -111,23 +110,17 @@ class StudyRun:
         self.client.set_terminated(self.run_id, status=status)
 
     def _register(self, study_name: str, best) -> None:
-        """Register the best trial's checkpoint folder as a version of `agecls-<study>`, alias `best`."""
+        """Register the best trial's checkpoint as an MLflow Model (python_function flavor, so MLflow itself
+        loads and serves it), a version of `agecls-<study>` with the alias `best`."""
         from mlflow.exceptions import MlflowException
 
+        from agecls.serving.mlflow_model import register_run_model
+
         name = f"agecls-{study_name}"
-        run_id = best.user_attrs["mlflow_run_id"]
         try:
-            source = f"{self.client.get_run(run_id).info.artifact_uri}/checkpoints"
-            with contextlib.suppress(MlflowException):  # registered by an earlier session of this study
-                self.client.create_registered_model(name)
-            for version in self.client.search_model_versions(f"name = '{name}'"):
-                if version.run_id == run_id:
-                    break
-            else:
-                version = self.client.create_model_version(name, source, run_id=run_id)
-            self.client.set_registered_model_alias(name, "best", version.version)
-            log.info(
-                "registered %s version %s (trial %d) as %s@best", name, version.version, best.number, name
+            version = register_run_model(
+                str(self.cfg.tracking.tracking_uri), best.user_attrs["mlflow_run_id"], name, "best"
             )
-        except MlflowException as exc:
+            log.info("registered %s version %s (trial %d) as %s@best", name, version, best.number, name)
+        except (MlflowException, FileNotFoundError, OSError) as exc:
             log.warning("could not register the best checkpoint in the MLflow model registry: %s", exc)
