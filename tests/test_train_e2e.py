@@ -87,10 +87,14 @@ def test_same_seed_gives_identical_metrics(compose_cfg):
     assert a["confusion_test"] == b["confusion_test"]
 
 
-def test_a_crashing_run_is_marked_failed(compose_cfg, output_dir):
-    # Six 2x2 poolings do not fit a 32 px image: the model refuses to build, inside the tracked run.
+def test_a_crashing_run_is_marked_failed(compose_cfg, output_dir, monkeypatch):
+    # The model refuses to build, inside the tracked run (a bad config value is refused before the run opens).
+    def refuse(*args, **kwargs):
+        raise ValueError("model.blocks: the model refused to build")
+
+    monkeypatch.setattr("agecls.training.train.build_module", refuse)
     with pytest.raises(ValueError, match="blocks"):
-        _run(compose_cfg, "e2e-fail", "model.blocks=6")
+        _run(compose_cfg, "e2e-fail")
     runs = load_runs(f"sqlite:///{output_dir}/mlflow.db", "e2e-fail")
     assert list(runs["status"]) == ["FAILED"]
 

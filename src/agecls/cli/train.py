@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from agecls.cli.app import report
 from agecls.config import CONFIG_DIR, check_overrides
@@ -19,9 +19,17 @@ PROG = "agecls-train"
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def train(cfg: DictConfig) -> float | None:
     """The objective of the run goes back to Hydra, so its sweepers can optimise it."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from agecls.training.task import run_task
 
-    return run_task(cfg)
+    try:
+        return run_task(cfg)
+    except UsageError as exc:  # e.g. too few faces for the split: one line and exit 2, as before the run
+        if HydraConfig.get().mode != RunMode.RUN:
+            raise  # a sweep records the failed job and goes on
+        sys.exit(report(PROG, exc))
 
 
 def precheck(argv: Sequence[str]) -> None:
@@ -42,14 +50,63 @@ def precheck(argv: Sequence[str]) -> None:
     config_dir = CONFIG_DIR
     if args.config_path is not None:  # absolute, or relative to this file, as @hydra.main reads it
         config_dir = Path(__file__).resolve().parent / args.config_path
-    check_overrides(args.config_name or "train", overrides, config_dir.resolve(), multirun=args.multirun)
+    name = args.config_name or "train"
+    cfg = check_overrides(name, overrides, config_dir.resolve(), multirun=args.multirun)
+    if args.cfg or args.info:  # printing the config runs nothing
+        return
+    check_values(cfg, name, overrides, config_dir.resolve(), multirun=args.multirun)
+
+
+def check_values(cfg: DictConfig, name: str, overrides: list[str], config_dir: Path, multirun: bool) -> None:
+    """UsageError (one line) for a configured value no run can use or a `+key` no code reads, before Hydra
+    makes a run folder; a grid sweep is checked with the first value of each swept key, a study without its
+    search space (each job or trial is checked again when it starts)."""
+    from agecls.config import parse_overrides
+    from agecls.training.settings import check_added_keys, validate
+
+    if OmegaConf.select(cfg, "optuna.trial") is not None:
+        return  # a study's trial process: train() checks it, where the study records why a trial failed
+    parsed = [o for o in parse_overrides(overrides) if o.package is None]
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
+    added = [o for o in parsed if (o.is_add() or o.is_force_add()) and o.key_or_group not in choices]
+    forced = {o.input_line for o in added if o.is_force_add()}
+    if forced:  # `++key=` may set a key that exists: compare with the config composed without them
+        base = check_overrides(name, [o for o in overrides if o not in forced], config_dir, multirun=multirun)
+    else:
+        base = cfg
+    absent = object()  # a `+key=` Hydra accepted is new; a `++key=` is when the config lacks it without it
+    new = [
+        o.key_or_group
+        for o in added
+        if not o.is_force_add() or OmegaConf.select(base, o.key_or_group, default=absent) is absent
+    ]
+    study = multirun and OmegaConf.select(cfg, "hydra.runtime.choices.hydra/sweeper") == "agecls_optuna"
+    if study and any(o.is_sweep_override() for o in parse_overrides(overrides)):
+        # A study's command-line sweeps are its search space: each trial checks what it draws.
+        fixed = [o.input_line for o in parse_overrides(overrides) if not o.is_sweep_override()]
+        cfg = check_overrides(name, fixed, config_dir, multirun=True)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    check_added_keys(job, new)
+    validate(job, drawn_later=multirun)
+    if OmegaConf.select(job, "hierarchy.by"):  # the router's and experts' configs, as the run derives them
+        from agecls.training.hierarchy import HierarchyError, stage_configs
+
+        try:
+            stages = stage_configs(job)
+        except HierarchyError as exc:
+            raise UsageError(str(exc)) from None
+        for stage in stages:
+            try:
+                validate(stage.cfg, drawn_later=multirun)
+            except UsageError as exc:
+                raise UsageError(f"hierarchy stage {stage.name}: {exc}") from None
 
 
 def main() -> None:
     """Check the command line, then run it with Hydra (which reads sys.argv)."""
     try:
         precheck(sys.argv[1:])
-    except UsageError as exc:
+    except Exception as exc:  # a configuration error is one line; a bug is re-raised with its traceback
         sys.exit(report(PROG, exc))
     train()
 
