@@ -58,7 +58,8 @@ def photos(tmp_path_factory) -> Path:
 def test_faces_are_found_and_every_output_is_well_formed(tiny_multitask_ckpt, photos, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([f"ckpt={tiny_multitask_ckpt}", f"images={photos}", f"out={out}"]) == 0
-    assert "broken.jpg" in capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "broken.jpg  -     error: " in printed and "noface.jpg  -     no face found" in printed
     summary = json.loads((out / "predictions.json").read_text())
     by_name = {Path(r["file"]).name: r for r in summary["images"]}
     assert set(by_name) == {
@@ -91,8 +92,8 @@ def test_faces_are_found_and_every_output_is_well_formed(tiny_multitask_ckpt, ph
     assert len(rows) == 5 + 1 + 2  # a row per face, per face-less photo, per bad file
     assert [r["face"] for r in rows if r["file"].endswith("two.png")] == ["0", "1"]
     assert all(json.loads(r["gender_probs"]) for r in rows if r["status"] == "ok")
-    with Image.open(out / "predictions.png") as grid:
-        assert grid.width >= 256 and grid.height >= 256
+    with Image.open(out / "predictions.png") as grid:  # 5 readable photos: a row of 3 and a row of 2
+        assert grid.width == 3 * (256 + 8) + 8 and 2 * 256 < grid.height < 2 * 256 + 200
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 
@@ -178,6 +179,30 @@ def test_models_uri_resolves_the_registered_best_checkpoint(tiny_multitask_ckpt,
     client.set_registered_model_alias("agecls-demo", "best", version.version)
     mlflow.set_tracking_uri(None)
 
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    grace().resize((64, 80)).save(folder / "face.png")
+    summary = run(
+        parse_args(
+            [
+                "ckpt=models:/agecls-demo@best",
+                f"tracking_uri={uri}",
+                f"images={folder}",
+                f"out={tmp_path / 'o'}",
+            ]
+            + ["detect=false", "grid=false"]
+        )
+    )
+    (card,) = summary["models"]
+    assert (card["source"], card["registered"], card["version"]) == (
+        "models:/agecls-demo@best",
+        "agecls-demo",
+        "1",
+    )
+    assert card["run_id"] == run_.info.run_id and 0 <= card["val_macro_f1"] <= 1  # the checkpoint's own score
+    written = (tmp_path / "o" / "predictions.json").read_text()
+    assert "agecls-model-" not in written and ".ckpt" not in written  # no deleted download folder named
+
     path = resolve_checkpoint("models:/agecls-demo@best", uri, tmp_path / "dl")
     assert path.name == "best.ckpt" and path.read_bytes() == tiny_multitask_ckpt.read_bytes()
     assert resolve_checkpoint(f"models:/agecls-demo/{version.version}", uri, tmp_path / "dl2").is_file()
@@ -211,3 +236,72 @@ def test_real_utkface_crops_predict_with_and_without_detection(tiny_multitask_ck
         # UTKFace files are tight aligned crops (the face fills the frame, often cut at the chin), where the
         # Haar cascades find a face in fewer than half: detect=false is the mode for such crops
         assert summary["n_faces"] >= (len(files) if detect == "false" else len(files) // 4)
+
+
+def test_the_console_names_the_model_and_lists_every_face_and_the_output_files_are_0644(
+    tiny_multitask_ckpt, tmp_path, capsys
+):
+    import os
+
+    from agecls.data.synthetic import render_face
+
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    Image.fromarray(render_face(70, 1, 2, np.random.default_rng(0), size=32)).save(folder / "face.png")
+    (folder / "notes.txt").write_text("not an image\n")
+    out = tmp_path / "out"
+    old_mask = os.umask(0o022)
+    try:
+        assert main([f"ckpt={tiny_multitask_ckpt}", f"images={folder}", f"out={out}", "detect=false"]) == 0
+    finally:
+        os.umask(old_mask)
+    printed = capsys.readouterr()
+    summary = json.loads((out / "predictions.json").read_text())
+    results = json.loads((tiny_multitask_ckpt.parent.parent / "results.json").read_text())
+    (card,) = summary["models"]
+    assert card["source"] == str(tiny_multitask_ckpt.resolve()) and card["run_id"] == results["mlflow_run_id"]
+    assert card["attributes"] == ATTRS and card["synthetic"] is True and card["data"]["name"] == "synthetic"
+    assert card["val_macro_f1"] == round(results["best_val/macro_f1"], 4)
+    assert len(card["data"]["manifest_hash"]) == 12  # from the run's MLflow tags
+    face = summary["images"][0]["faces"][0]
+    age, gender, eth = (f"{face[a]['label']} ({face[a]['prob']:.2f})" for a in ATTRS)
+    age_w, gender_w = max(3, len(age)), max(6, len(gender))  # a column is as wide as its widest cell
+    error = summary["images"][1]["error"]
+    assert printed.out.splitlines() == [
+        f"model: {card['source']} (MLflow run {card['run_id']}): age, gender, ethnicity; trained on "
+        f"synthetic ({card['data']['root']}, manifest {card['data']['manifest_hash']}); validation "
+        f"macro-F1 {card['val_macro_f1']:.3f}",
+        f"warning: {card['source']} was trained on generated synthetic faces, not real photos: its "
+        "predictions on real faces are not meaningful",
+        f"file       face  box        {'age'.ljust(age_w)}  {'gender'.ljust(gender_w)}  ethnicity",
+        f"face.png   0     0,0,32x32  {age.ljust(age_w)}  {gender.ljust(gender_w)}  {eth}",
+        f"notes.txt  -     error: {error}",
+        "2 files: 1 faces, 0 without a face, 1 unreadable " + f"({summary['seconds']:g} s)",
+        f"wrote {out / 'predictions.json'}, {out / 'predictions.csv'}, {out / 'predictions.png'}",
+    ]
+    assert "Downloading" not in printed.err
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
+        "predictions.json": "0o644",
+        "predictions.csv": "0o644",
+        "predictions.png": "0o644",
+    }
+    with Image.open(out / "predictions.png") as grid:  # one 32 px face shown at 256 px, with its caption
+        assert grid.width == 256 + 2 * 8 and 256 < grid.height < 400
+
+
+def test_atomic_files_get_the_mode_the_umask_allows(tmp_path):
+    import os
+
+    from agecls.files import atomic_path, write_atomic
+
+    old_mask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "a.json", "{}")
+        with atomic_path(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"png")
+        os.umask(0o077)
+        write_atomic(tmp_path / "private.json", b"{}")
+    finally:
+        os.umask(old_mask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes == {"a.json": "0o644", "b.png": "0o644", "private.json": "0o600"}

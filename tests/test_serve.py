@@ -95,11 +95,25 @@ def test_the_app_defaults_are_those_of_serve_yaml():
     assert defaults == {k: conf[k] for k in defaults}
 
 
-def test_page_and_info(client):
+def test_page_and_info(client, tiny_multitask_ckpt):
+    import json
+
     page = client.get("/")
     assert page.status_code == 200 and "<form" in page.text and "http" not in page.text.split("<script>")[1]
+    assert "age, gender and ethnicity" not in page.text  # the model's own attributes are filled in from info
     info = client.get("/api/info").json()
     assert list(info["class_names"]) == ["age", "gender", "ethnicity"] and info["max_batch"] == 3
+    results = json.loads((tiny_multitask_ckpt.parent.parent / "results.json").read_text())
+    (card,) = info["models"]
+    assert card["source"] == str(tiny_multitask_ckpt.resolve()) and card["registered"] is None
+    assert card["run_id"] == results["mlflow_run_id"] and card["attributes"] == ["age", "gender", "ethnicity"]
+    assert card["data"]["name"] == "synthetic" and card["data"]["root"].endswith("synthetic-n200-s0")
+    assert len(card["data"]["manifest_hash"]) == 12 and card["synthetic"] is True
+    assert card["val_macro_f1"] == round(results["best_val/macro_f1"], 4)
+    assert info["synthetic_warning"] == (
+        "trained on generated synthetic faces, not real photos: its predictions on real faces are not "
+        "meaningful"
+    )
 
 
 def test_one_photo_is_predicted(client, face_jpeg):
@@ -305,7 +319,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_upload_page_in_headless_chromium(app, face_jpeg, tmp_path):
+def test_upload_page_in_headless_chromium(app, client, face_jpeg, tmp_path):
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')"
     )
@@ -331,6 +345,22 @@ def test_upload_page_in_headless_chromium(app, face_jpeg, tmp_path):
             try:
                 page = browser.new_page()
                 page.goto(f"http://127.0.0.1:{port}/")
+                page.wait_for_selector("#warning:visible", timeout=30_000)
+                card = client.get("/api/info").json()["models"][0]
+                assert page.inner_text("h1") == "agecls: age, gender and ethnicity from a photo"
+                assert "gets an age group, a gender and an ethnicity with probabilities" in page.inner_text(
+                    "#intro"
+                )
+                assert page.inner_text("#model") == (
+                    f"Model: {card['source']}; MLflow run {card['run_id']}; predicts age, gender, ethnicity; "
+                    f"trained on synthetic ({card['data']['root']}, "
+                    f"manifest {card['data']['manifest_hash']}); "
+                    f"validation macro-F1 {card['val_macro_f1']:.3f}"
+                )
+                assert page.inner_text("#warning") == (
+                    "Warning: This model was trained on generated synthetic faces, not real photos: its "
+                    "predictions on real faces are not meaningful."
+                )
                 page.set_input_files("#file", str(photo))
                 page.click("#go")
                 page.wait_for_selector("li.prediction", timeout=30_000)
@@ -338,10 +368,36 @@ def test_upload_page_in_headless_chromium(app, face_jpeg, tmp_path):
                 assert "age:" in text and "gender:" in text and "ethnicity:" in text
                 assert page.inner_text("#status") == "1 face(s) found"
                 assert page.locator(".box").count() == 1
+                page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+                if os.environ.get("AGECLS_SCREENSHOT"):  # to look at the page: AGECLS_SCREENSHOT=PATH
+                    shutil.copy(tmp_path / "page.png", os.environ["AGECLS_SCREENSHOT"])
                 page.set_input_files("#file", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"hi"})
                 page.click("#go")
                 page.wait_for_selector("#status.error", timeout=30_000)
                 assert "415" in page.inner_text("#status")
+
+                # an age-only model on real data: the page promises nothing else and warns of nothing
+                def age_only(route):
+                    info = client.get("/api/info").json()
+                    info["class_names"] = {"age": info["class_names"]["age"]}
+                    info["models"] = [
+                        {**card, "attributes": ["age"], "synthetic": False, "data": {"name": "utkface"}}
+                    ]
+                    route.fulfill(json=info)
+
+                page.route("**/api/info", age_only)
+                page.reload()
+                page.wait_for_function("document.getElementById('model').innerText.includes('utkface')")
+                assert page.inner_text("h1") == "agecls: age from a photo"
+                assert "gender" not in page.inner_text("#intro") and "ethnicity" not in page.inner_text(
+                    "#intro"
+                )
+                assert "each gets an age group with probabilities" in page.inner_text("#intro")
+                assert not page.locator("#warning").is_visible()
+                page.set_input_files("#file", str(photo))
+                page.click("#go")
+                page.wait_for_selector("li.prediction", timeout=30_000)
+                assert re.fullmatch(r"age: \S+ \(\d\.\d\d\)", page.inner_text("#result"))
             finally:
                 browser.close()
     finally:

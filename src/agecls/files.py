@@ -30,7 +30,16 @@ def sqlite_lock_path(url: str) -> Path:
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process's umask. Read from /proc where there is one: os.umask can only be read by setting it, and
+    for that moment every file another thread (a server's worker, MLflow's uploader) creates is world
+    writable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # the brief window errs towards private, never towards world-writable
     os.umask(mask)
     return mask
 

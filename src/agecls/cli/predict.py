@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 
@@ -19,8 +18,10 @@ APP = App(
     usage="agecls-predict ckpt=PATH images=FILE_OR_DIR [KEY=VALUE ...]",
     description="""\
 Every attribute the checkpoint(s) know is predicted; each checkpoint's own config decides its preprocessing.
-Writes predictions.json, predictions.csv (one row per face) and predictions.png (an annotated grid) under
-out=; unreadable or non-image files are reported and skipped.""",
+Prints the model (file or registered version, MLflow run, training data, validation macro-F1) and a table
+of every face (file, box x,y,w,h, each attribute's class and probability; photos without a face and
+unreadable files too), then writes predictions.json, predictions.csv (one row per face) and predictions.png
+(an annotated grid) under out=.""",
     examples=(
         "agecls-predict ckpt=outputs/runs/<date>/<time>/checkpoints/best.ckpt images=photos/ out=predictions",
         "agecls-predict ckpt=[age.ckpt,gender.ckpt,eth.ckpt] images=me.jpg   # one checkpoint per attribute",
@@ -59,10 +60,17 @@ def check(cfg: DictConfig) -> DictConfig:
 
 
 def _predict(cfg: DictConfig, _overrides: list[str]) -> int:
+    from agecls.serving.predict import console_table
     from agecls.serving.predict import run as predict
 
     summary = predict(check(cfg))
-    print(json.dumps({k: v for k, v in summary.items() if k != "images"}, indent=2))
+    print("\n".join(console_table(summary)))
+    counts = (
+        f"{summary['n_files']} files: {summary['n_faces']} faces, {summary['n_no_face']} without a face, "
+        f"{summary['n_errors']} unreadable ({summary['seconds']:g} s)"
+    )
+    print(counts)
+    print("wrote " + ", ".join(summary["outputs"]))
     return 0 if summary["n_files"] > summary["n_errors"] else 1
 
 

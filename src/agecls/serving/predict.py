@@ -16,9 +16,10 @@ first. The square crop is then resized and centre-cropped exactly as training de
 checkpoint's `agecls.evaluation.inference.Preprocess`, which agecls-eval and post-fit scoring share).
 `detect=false` treats every image as an already-cropped face (decoded exactly like a training image).
 
-Writes predictions.json, predictions.csv (one row per face; a row with face=-1 for a photo without a face)
-and predictions.png (an annotated grid) atomically under `out`. Unreadable or non-image files are reported
-and skipped.
+Writes predictions.json (with each model's card: its file or registered version, MLflow run, training
+data and validation macro-F1), predictions.csv (one row per face; a row with face=-1 for a photo without a
+face) and predictions.png (an annotated grid sized to its photos) atomically under `out`; `console_table`
+is what the command prints. Unreadable or non-image files are reported and skipped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import csv
 import io
 import json
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -46,6 +46,7 @@ from agecls.files import write_atomic
 
 PROG = "agecls-predict"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+OUTPUTS = ("predictions.json", "predictions.csv", "predictions.png")
 DEFAULT_MAX_PIXELS = 40_000_000  # larger photos are refused (decompression-bomb guard); conf/predict.yaml too
 
 
@@ -277,14 +278,35 @@ def find_faces(
 # ---------------------------------------------------------------------------------------------- models
 
 
+@dataclass
+class Source:
+    """Where a checkpoint came from: `spec` as given (a file path or models:/...), and for a registered model
+    its name, version and MLflow run id."""
+
+    spec: str
+    registered: str | None = None
+    version: str | None = None
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+
 def resolve_checkpoint(spec: str, tracking_uri: str | None = None, dest: Path | None = None) -> Path:
     """A checkpoint file: `spec` itself, or for models:/NAME@ALIAS | models:/NAME/VERSION the registered
     version's checkpoint (the .ckpt in its artifact folder, best.ckpt when there are several)."""
+    return resolve_model(spec, tracking_uri, dest)[0]
+
+
+def resolve_model(
+    spec: str, tracking_uri: str | None = None, dest: Path | None = None
+) -> tuple[Path, Source]:
+    """resolve_checkpoint's file and where it came from (registered name, version, run id)."""
     if not spec.startswith("models:/"):
         path = Path(spec).expanduser()
         if not path.is_file():
             raise UsageError(f"ckpt={spec}: no such checkpoint file")
-        return path
+        return path, Source(str(path.resolve()))
+    import os
+
     import mlflow
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -306,11 +328,20 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None, dest: Path | 
 
             dest = Path(tempfile.mkdtemp(prefix="agecls-model-"))
             atexit.register(shutil.rmtree, dest, True)
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=version.source, dst_path=str(dest), tracking_uri=tracking_uri
+        # a progress bar on the console would be the only thing a user sees of a local copy
+        previous = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        try:
+            local = Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=version.source, dst_path=str(dest), tracking_uri=tracking_uri
+                )
             )
-        )
+        finally:
+            if previous is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = previous
     except MlflowException as exc:
         raise UsageError(
             f"ckpt={spec}: cannot resolve it in the MLflow store {tracking_uri}: {exc}"
@@ -320,7 +351,131 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None, dest: Path | 
         files = [f for f in files if f.name == "best.ckpt"] or files[:0]
     if len(files) != 1:
         raise UsageError(f"ckpt={spec}: its artifacts {version.source} hold no single checkpoint (*.ckpt)")
-    return files[0]
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    return files[0], Source(spec, version.name, str(version.version), version.run_id or None, uri)
+
+
+VAL_METRIC = "val/macro_f1"
+
+
+def _best_from_checkpoint(path: Path) -> float | None:
+    """The best validation macro-F1 Lightning's ModelCheckpoint kept in the checkpoint (when it monitored
+    that metric)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - the weights loaded already; a missing score is only missing
+        return None
+    for key, value in (state.get("callbacks") or {}).items():
+        if (
+            key.startswith("ModelCheckpoint")
+            and isinstance(value, dict)
+            and value.get("monitor") == VAL_METRIC
+        ):
+            score = value.get("best_model_score")
+            if score is not None:
+                return float(score)
+    return None
+
+
+def _run_facts(run_id: str, tracking_uri: str | None) -> dict[str, Any]:
+    """{manifest_hash, root, val_macro_f1} of an MLflow run, whatever of them the store has; {} when the store
+    or the run cannot be read (the card is informative, never a reason to refuse a model)."""
+    try:
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except Exception:  # noqa: BLE001
+        return {}
+    metrics, tags = run.data.metrics, run.data.tags
+    score = metrics.get(f"best_{VAL_METRIC}", metrics.get(VAL_METRIC))
+    return {
+        "manifest_hash": tags.get("data.manifest_hash"),
+        "root": tags.get("data.root"),
+        "val_macro_f1": None if score is None else float(score),
+    }
+
+
+def _local_store(uri: Any) -> bool:
+    """A sqlite file or file: store that exists here: read without a network round trip."""
+    text = str(uri or "")
+    if text.startswith("sqlite:///"):
+        return Path(text[len("sqlite:///") :]).is_file()
+    if text.startswith("file:"):
+        from urllib.parse import urlparse
+
+        return Path(urlparse(text).path).exists()
+    return False
+
+
+def model_card(path: Path, module: Any, source: Source | None = None) -> dict[str, Any]:
+    """What a user needs to judge a model's answers: where it came from (file or registry name, version and
+    MLflow run), the attributes it predicts, the data it was trained on and its validation macro-F1."""
+    source = source or Source(str(Path(path).resolve()))
+    cfg = getattr(module, "cfg", None)
+    data = cfg.get("data") if cfg is not None and hasattr(cfg, "get") else None
+    names = getattr(module, "class_names", None)
+    attributes = list(names) if isinstance(names, dict) else [str(cfg.task.target)] if cfg is not None else []
+    run_id, val = source.run_id, None
+    results_file = Path(path).parent.parent / "results.json"  # a run's folder holds checkpoints/ and it
+    if source.registered is None and results_file.is_file():
+        try:
+            results = json.loads(results_file.read_text())
+            run_id = run_id or results.get("mlflow_run_id")
+            val = results.get(f"best_{VAL_METRIC}")
+        except (OSError, ValueError):
+            pass
+    if val is None:
+        val = _best_from_checkpoint(Path(path))
+    facts: dict[str, Any] = {}
+    uri = source.tracking_uri
+    if uri is None and data is not None and cfg.get("tracking") is not None:
+        uri = cfg.tracking.get("tracking_uri")
+        uri = uri if _local_store(uri) else None
+    if run_id and (source.registered is not None or uri):
+        facts = _run_facts(run_id, uri)
+    if val is None:
+        val = facts.get("val_macro_f1")
+    name = str(data.get("name")) if data is not None and data.get("name") is not None else None
+    root = facts.get("root") or (str(data.get("root")) if data is not None and data.get("root") else None)
+    manifest = facts.get("manifest_hash")
+    return {
+        "source": source.spec,
+        "registered": source.registered,
+        "version": source.version,
+        "run_id": run_id,
+        "attributes": attributes,
+        "data": {"name": name, "root": root, "manifest_hash": manifest[:12] if manifest else None},
+        "val_macro_f1": None if val is None else round(float(val), 4),
+        "synthetic": name == "synthetic",
+    }
+
+
+def describe_model(card: dict[str, Any]) -> str:
+    """One line: 'models:/agecls-demo@best (version 1, run a70f015f): age; trained on synthetic (ROOT,
+    manifest 1a2b3c4d5e6f); validation macro-F1 0.512'."""
+    where = card["source"]
+    extra = [f"version {card['version']}"] if card.get("version") else []
+    if card.get("run_id"):
+        extra.append(f"MLflow run {card['run_id']}")
+    if extra:
+        where += f" ({', '.join(extra)})"
+    data = card.get("data") or {}
+    trained = data.get("name") or "unknown data"
+    details = [
+        d for d in (data.get("root"), data.get("manifest_hash") and f"manifest {data['manifest_hash']}") if d
+    ]
+    if details:
+        trained += f" ({', '.join(details)})"
+    score = card.get("val_macro_f1")
+    score_text = "unknown" if score is None else f"{score:.3f}"
+    return f"{where}: {', '.join(card['attributes'])}; trained on {trained}; validation macro-F1 {score_text}"
+
+
+SYNTHETIC_WARNING = (
+    "trained on generated synthetic faces, not real photos: its predictions on real faces are not meaningful"
+)
 
 
 def attribute_probs(module, x) -> dict[str, Any]:
@@ -343,6 +498,7 @@ class Model:
     module: Any
     preprocess: Preprocess
     class_names: dict[str, list[str]]
+    card: dict[str, Any] = field(default_factory=dict)  # model_card: source, run, data, validation score
 
     @property
     def size(self) -> int:
@@ -367,9 +523,9 @@ class Model:
         return self.preprocess.batch(squares)
 
 
-def load_model(path: Path, device: str = "cpu") -> Model:
-    """A checkpoint loaded for prediction (its normalisation resolved as agecls-eval does); UsageError
-    naming the file when it is not a loadable checkpoint."""
+def load_model(path: Path, device: str = "cpu", source: Source | None = None) -> Model:
+    """A checkpoint loaded for prediction (its normalisation resolved as agecls-eval does) with its
+    model_card; UsageError naming the file when it is not a loadable checkpoint."""
     try:
         module = load_checkpoint(path, device)
     except EvalError as exc:
@@ -377,7 +533,8 @@ def load_model(path: Path, device: str = "cpu") -> Model:
     names = getattr(module, "class_names", None)
     if not isinstance(names, dict):
         names = {str(module.cfg.task.target): list(module.hparams.class_names)}
-    return Model(path, module, Preprocess.of(module), {a: list(n) for a, n in names.items()})
+    names = {a: list(n) for a, n in names.items()}
+    return Model(path, module, Preprocess.of(module), names, model_card(path, module, source))
 
 
 @dataclass
@@ -413,9 +570,9 @@ class Predictor:
         device = str(cfg.device)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        paths = [resolve_checkpoint(str(s), cfg.get("tracking_uri")) for s in specs]
+        resolved = [resolve_model(str(s), cfg.get("tracking_uri")) for s in specs]
         return cls(
-            [load_model(p, device) for p in paths],
+            [load_model(p, device, source) for p, source in resolved],
             detect=bool(cfg.detect),
             margin=float(cfg.margin),
             align=bool(cfg.align),
@@ -520,36 +677,97 @@ def face_caption(face: dict[str, Any], attributes: Sequence[str]) -> str:
     return ", ".join(f"{face[a]['label']} ({face[a]['prob']:.2f})" for a in attributes if a in face)
 
 
+def _wrap(draw: Any, text: str, width: int) -> list[str]:
+    """`text` broken at spaces into lines at most `width` pixels wide (a longer word stays whole)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def grid_png(
     results: list[dict[str, Any]], images: dict[str, Image.Image], attributes: Sequence[str]
 ) -> bytes:
-    """An annotated grid: each photo (256 px) with its face boxes, numbers and captions below."""
+    """An annotated grid sized to its content: each photo (at most 256 px, at most 4 a row) with its face
+    boxes and numbers, and under it the file name and each face's predictions."""
     from PIL import ImageDraw
 
-    tile, caption_h, cols = 256, 64, 4
+    tile, pad, cols_max, line_h = 256, 8, 4, 12
     shown = [r for r in results if r["file"] in images][:64]
-    rows = max(1, math.ceil(len(shown) / cols))
-    sheet = Image.new("RGB", (cols * tile, rows * (tile + caption_h)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for n, r in enumerate(shown):
+    if not shown:
+        shown_empty = Image.new("RGB", (2 * tile, 2 * line_h + 2 * pad), "white")
+        ImageDraw.Draw(shown_empty).text((pad, pad), "no readable photo", fill=(0, 0, 0))
+        buf = io.BytesIO()
+        shown_empty.save(buf, format="PNG")
+        return buf.getvalue()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    cells = []
+    for r in shown:
         img = images[r["file"]]
         scale = tile / max(img.width, img.height)
         thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-        ox, oy = (n % cols) * tile, (n // cols) * (tile + caption_h)
-        sheet.paste(thumb, (ox, oy))
-        for face in r["faces"]:
-            x, y, w, h = (v * scale for v in face["box"])
-            draw.rectangle((ox + x, oy + y, ox + x + w, oy + y + h), outline=(255, 0, 0), width=2)
-            draw.text((ox + x + 2, oy + y + 2), str(face["face"]), fill=(255, 255, 0))
-        lines = [Path(r["file"]).name[:40]] + [
-            f"{f['face']}: {face_caption(f, attributes)}" for f in r["faces"][:3]
-        ]
+        lines = [Path(r["file"]).name[:40]]
+        for f in r["faces"][:6]:
+            lines += _wrap(measure, f"{f['face']}: {face_caption(f, attributes)}", tile)
+        if len(r["faces"]) > 6:
+            lines.append(f"... {len(r['faces']) - 6} more faces")
         if r["status"] == "no_face":
             lines.append("no face found")
-        draw.multiline_text((ox + 2, oy + tile + 2), "\n".join(lines), fill=(0, 0, 0))
+        cells.append((r, thumb, scale, lines))
+    cols = math.ceil(len(cells) / math.ceil(len(cells) / cols_max))  # rows as full as possible: 5 -> 3 + 2
+    rows = [cells[i : i + cols] for i in range(0, len(cells), cols)]
+    heights = [max(c[1].height for c in row) + max(len(c[3]) for c in row) * line_h + 2 * pad for row in rows]
+    width = cols * (tile + pad) + pad
+    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    draw = ImageDraw.Draw(sheet)
+    oy = 0
+    for row, height in zip(rows, heights, strict=True):
+        thumb_h = max(c[1].height for c in row)
+        for n, (r, thumb, scale, lines) in enumerate(row):
+            ox = pad + n * (tile + pad)
+            sheet.paste(thumb, (ox, oy + pad))
+            for face in r["faces"]:
+                x, y, w, h = (v * scale for v in face["box"])
+                box = (ox + x, oy + pad + y, ox + x + w - 1, oy + pad + y + h - 1)
+                draw.rectangle(box, outline=(255, 0, 0), width=2)
+                draw.text((box[0] + 3, box[1] + 2), str(face["face"]), fill=(255, 255, 0))
+            draw.multiline_text((ox, oy + pad + thumb_h + 4), "\n".join(lines), fill=(0, 0, 0), spacing=2)
+        oy += height
     buf = io.BytesIO()
     sheet.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def console_table(summary: dict[str, Any]) -> list[str]:
+    """The lines agecls-predict prints: the model(s), then one row per face (file, face number, box x,y,w,h,
+    each attribute's class and probability), one per photo without a face or unreadable file."""
+    attributes = list(summary["class_names"])
+    lines = [f"model: {describe_model(card)}" for card in summary.get("models", [])]
+    lines += [
+        f"warning: {card['source']} was {SYNTHETIC_WARNING}"
+        for card in summary.get("models", [])
+        if card.get("synthetic")
+    ]
+    rows = [["file", "face", "box", *attributes]]
+    for r in summary["images"]:
+        name = Path(r["file"]).name
+        if r["status"] == "error":
+            rows.append([name, "-", f"error: {r.get('error', '')}"])
+        elif not r["faces"]:
+            rows.append([name, "-", "no face found"])
+        for f in r["faces"]:
+            x, y, w, h = f["box"]
+            cells = [f"{f[a]['label']} ({f[a]['prob']:.2f})" if a in f else "-" for a in attributes]
+            rows.append([name, str(f["face"]), f"{x},{y},{w}x{h}", *cells])
+    # a column is as wide as its longest cell that is not the last of its row: a row's last cell is not
+    # padded, so a long error message does not widen the box column of every face
+    widths = [max([len(row[i]) for row in rows if len(row) > i + 1], default=0) for i in range(len(rows[0]))]
+    for row in rows:
+        lines.append("  ".join(c.ljust(widths[i]) if i < len(row) - 1 else c for i, c in enumerate(row)))
+    return lines
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -561,14 +779,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     results, images = [], {}
     for path in files:
         result = predictor.predict_file(path, str(path))
-        if result["status"] == "error":
-            print(f"{PROG}: skipped {result['error']}", file=sys.stderr)
-        elif cfg.grid and len(images) < 64:
+        if result["status"] != "error" and cfg.grid and len(images) < 64:
             images[result["file"]] = open_image(path, predictor.max_pixels)
         results.append(result)
     out = Path(str(cfg.out)).expanduser()
     summary = {
-        "checkpoints": [str(m.path) for m in predictor.models],
+        "models": [m.card for m in predictor.models],
         "class_names": predictor.class_names,
         "detect": predictor.detect,
         "margin": predictor.margin,
@@ -577,6 +793,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "n_no_face": sum(r["status"] == "no_face" for r in results),
         "n_errors": sum(r["status"] == "error" for r in results),
         "seconds": round(time.perf_counter() - started, 2),
+        "outputs": [str(out / name) for name in OUTPUTS[: 3 if cfg.grid else 2]],
         "images": results,
     }
     write_atomic(out / "predictions.json", (json.dumps(summary, indent=2) + "\n").encode())

@@ -3,7 +3,9 @@
     agecls-serve ckpt=PATH [host=127.0.0.1] [port=8000] [max_upload_mb=10] [max_concurrent=2] [max_queue=16]
 
 GET /                 upload page (HTML + a little inline JS; no external assets)
-GET /api/info         the attributes and class names the checkpoint(s) predict, and the server's limits
+GET /api/info         the attributes and class names the checkpoint(s) predict, each model's card (models:
+                      source, registered, version, run_id, attributes, data {name, root, manifest_hash},
+                      val_macro_f1, synthetic), and the server's limits
 POST /api/predict     one photo (multipart field `file`) -> {status, width, height, faces: [...]}
 POST /api/predict/batch  several photos (multipart field `files`, at most max_batch) -> {results: [...]}, 200
                       whenever the request itself is readable: each file has its own result, a refused or
@@ -40,11 +42,13 @@ from fastapi import Request
 
 from agecls.serving.predict import (
     DETECT_MAX_SIDE,
+    SYNTHETIC_WARNING,
     ImageError,
     Predictor,
     TooLargeError,
     decode_image,
     image_result,
+    model_card,
 )
 
 # JPEGs decode reduced to no less than this longer side: twice what the detector searches at, so the faces
@@ -210,6 +214,8 @@ def create_app(
     lock = threading.Lock()  # one detection + forward pass at a time: OpenCV and torch already use every core
     gate = Gate(max_concurrent, max_queue, max_wait_s)
     app = FastAPI(title="agecls", docs_url=None, redoc_url=None, openapi_url=None)
+    # which model answers: shown on the page, so a user can tell a demo model from a real one
+    models = [m.card or model_card(m.path, m.module) for m in predictor.models]
 
     @app.exception_handler(Busy)
     async def busy(_request: Request, exc: Busy) -> JSONResponse:
@@ -308,6 +314,8 @@ def create_app(
     def info() -> dict[str, Any]:
         return {
             "class_names": predictor.class_names,
+            "models": models,
+            "synthetic_warning": SYNTHETIC_WARNING,
             "detect": predictor.detect,
             "max_upload_mb": max_upload_mb,
             "max_batch": max_batch,
