@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -33,6 +35,10 @@ RUN_FILE = "run.json"
 # MLflow tags naming the process that runs a run, so a later command can tell whether it still runs.
 PID_TAG, HOST_TAG, STARTED_TAG = "agecls.pid", "agecls.host", "agecls.started"
 ENDED_BY_TAG = "agecls.ended_by"
+# Experiment tag that makes the MLflow 3 UI open an experiment on its runs table, not the GenAI overview.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Run names stay short enough for the runs table's name column.
+MAX_RUN_NAME_CHARS = 80
 
 
 def default_tracking(overrides: list[str] | None = None) -> tuple[str, Path, str]:
@@ -94,17 +100,81 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | 
 
     open_store(tracking_uri)
     found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    location = (Path(artifact_root) / name).resolve().as_uri() if artifact_root else None
-    try:
-        return mlflow.create_experiment(name, artifact_location=location)
-    except MlflowException:
-        # Another process created it between our lookup and create.
-        found = mlflow.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        location = (Path(artifact_root) / name).resolve().as_uri() if artifact_root else None
+        try:
+            return mlflow.create_experiment(
+                name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        except MlflowException:
+            # Another process created it between our lookup and create.
+            found = mlflow.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older agecls, or by hand
+        mlflow.MlflowClient(tracking_uri=tracking_uri).set_experiment_tag(
+            found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+        )
+    return found.experiment_id
+
+
+def short_value(value: Any) -> str:
+    """A sampled or overridden value as the runs table shows it: 0.00032 as 3.2e-4, 0.5 as 0.5."""
+    if isinstance(value, float):
+        if value != 0 and not 1e-2 <= abs(value) < 1e4:
+            mantissa, exponent = f"{value:.1e}".split("e")
+            return f"{mantissa.removesuffix('.0')}e{int(exponent)}"
+        return f"{value:.3g}"
+    text = str(value)
+    return text if len(text) <= 24 else text[:23] + "…"
+
+
+def short_pairs(pairs: list[tuple[str, Any]]) -> str:
+    """`key=value` pairs, each key shortened to its last part (optimizer.lr as lr) unless two would clash."""
+    lasts = [key.lstrip("+~").rsplit(".", 1)[-1] for key, _ in pairs]
+    return " ".join(
+        f"{last if lasts.count(last) == 1 else key.lstrip('+~')}={short_value(value)}"
+        for (key, value), last in zip(pairs, lasts, strict=True)
+    )
+
+
+def clip_name(name: str) -> str:
+    return name if len(name) <= MAX_RUN_NAME_CHARS else name[: MAX_RUN_NAME_CHARS - 1] + "…"
+
+
+def trial_run_name(number: int, params: dict[str, Any], prefix: str | None = None) -> str:
+    """`trial-0003 lr=3.2e-4 optimizer=adam`: the trial number the leaderboard shows, and what it sampled."""
+    pairs = sorted(params.items(), key=lambda kv: (kv[0].rsplit(".", 1)[-1], kv[0]))
+    name = f"trial-{number:04d} {short_pairs(pairs)}".strip()
+    return clip_name(f"{prefix} {name}" if prefix else name)
+
+
+def overrides_run_name(overrides: list[str], fallback: str) -> str:
+    """A run named by its command-line overrides (`task=gender max_epochs=2`), `fallback` without any."""
+    pairs = [(key, value) for key, _, value in (o.partition("=") for o in overrides)]
+    return clip_name(short_pairs(pairs)) if pairs else fallback
+
+
+def command_name() -> str:
+    """The command this process runs as (`agecls-train`), also when run as `python -m agecls.cli.train`."""
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    if path.parent.name == "cli" and path.parent.parent.name == "agecls" and path.suffix == ".py":
+        return f"agecls-{path.stem}"
+    return path.name
+
+
+def source_tags(run_dir: Path | None = None) -> dict[str, str]:
+    """MLflow's standard source tags: the commit, the command, and a note with the full command line."""
+    command = shlex.join([command_name(), *sys.argv[1:]])
+    note = f"```\n{command}\n```\n"
+    if run_dir is not None:
+        note += f"\nRun folder: `{run_dir}`\n"
+    return {
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.name": command_name(),
+        "mlflow.source.type": "LOCAL",
+        "mlflow.note.content": note,
+    }
 
 
 class ManifestMismatchError(ValueError):
@@ -309,7 +379,8 @@ def recording(
     SIGTERM, a cancelled trial job: see `interrupted`), else FINISHED. With `run_id`, that run is continued
     (a resumed training job) instead of a new one started. The run is tagged with this process (pid, host,
     start time: `end_dead_runs` of a later command marks it FAILED if the process dies without ending it),
-    and with `run_dir` the folder's `run.json` follows the same states."""
+    with MLflow's source tags (`source_tags`), and with `run_dir` the folder's `run.json` follows the
+    same states."""
     identity = process_identity()
     recorder = Recorder(enabled=bool(tracking.enabled))
     if tracking.enabled:
@@ -322,6 +393,10 @@ def recording(
             experiment_id = ensure_experiment(
                 tracking.tracking_uri, tracking.experiment, tracking.artifact_root
             )
+            tags = {**source_tags(run_dir), **tags}  # a caller's own values win
+            # Without a name MLflow draws one from `random`, which seed_everything has just seeded: every
+            # run of one seed (all trials of a study) would get the same name.
+            run_name = run_name or f"{command_name()} {datetime.now():%Y-%m-%d %H:%M:%S}"
             run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
         else:
             open_store(str(tracking.tracking_uri))
@@ -381,9 +456,10 @@ class EpochLogger(Logger):
     own epoch-end hook has computed them, so train and val values of one epoch share a step.
     """
 
-    def __init__(self, recorder: Recorder) -> None:
+    def __init__(self, recorder: Recorder, console: bool = True) -> None:
         super().__init__()
         self.recorder = recorder
+        self.console = console  # False with a progress bar on: the epoch line goes to log files only
         self._pending: dict[str, float] = {}
 
     @property
@@ -405,5 +481,22 @@ class EpochLogger(Logger):
         self._pending.update(values)
         if any(k.startswith("train/") for k in values):  # the train values close an epoch
             shown = "  ".join(f"{k} {v:.4g}" for k, v in sorted(self._pending.items()))
-            log.info("epoch %d  %s", epoch, shown)
+            if self.console:
+                log.info("epoch %d  %s", epoch, shown)
+            else:
+                _log_to_files(f"epoch {epoch}  {shown}")
             self._pending = {}
+
+
+def _log_to_files(message: str) -> None:
+    """An INFO line for the log files only: a line on the console would break the progress bar's line,
+    which shows the same values."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None)
+    logger: logging.Logger | None = log
+    while logger is not None:
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                handler.handle(record)
+        logger = logger.parent if logger.propagate else None

@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from agecls.tracking import ensure_experiment
+from agecls.tracking import ensure_experiment, source_tags
 
 log = logging.getLogger("agecls.sweep.sweeper")
 
@@ -37,6 +37,7 @@ class StudyRun:
             client.update_run(run_id, status="RUNNING")
         else:
             tags = {
+                **source_tags(),
                 "optuna.study": study_name,
                 "agecls.role": "study",
                 "optuna.storage": str(cfg.optuna.storage),

@@ -98,12 +98,12 @@ def _parent_run(cfg: DictConfig, by: str):
         return None, None
     from mlflow import MlflowClient
 
-    from agecls.tracking import ensure_experiment
+    from agecls.tracking import ensure_experiment, source_tags
 
     tracking = cfg.tracking
     experiment_id = ensure_experiment(tracking.tracking_uri, tracking.experiment, tracking.artifact_root)
     client = MlflowClient(tracking_uri=tracking.tracking_uri)
-    tags = {"agecls.role": "hierarchy", "hierarchy.by": by, "seed": str(cfg.seed)}
+    tags = {**source_tags(), "agecls.role": "hierarchy", "hierarchy.by": by, "seed": str(cfg.seed)}
     name = cfg.tracking.get("run_name") or f"hierarchy-{by}"
     return client, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 

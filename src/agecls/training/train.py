@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import time
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,17 +23,35 @@ from agecls.data.augment import build_augment
 from agecls.data.bins import AgeBins
 from agecls.data.datamodule import FaceDataModule
 from agecls.data.prepare import PreparedData, frame_targets, prepare_data, subset_labels
+from agecls.errors import UsageError
 from agecls.evaluation.splits import PREFIX, choose_tta, evaluate_splits, metric_prefixes
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES, class_weights
 from agecls.tasks.module import FaceClassifier
 from agecls.tasks.multitask import YEARS, is_multitask, target_columns, task_class_names
-from agecls.tracking import check_manifest, git_commit, recording
+from agecls.tracking import (
+    check_manifest,
+    end_dead_runs,
+    overrides_run_name,
+    process_gone,
+    read_run_file,
+    recording,
+    trial_run_name,
+    write_run_file,
+)
 from agecls.training.bin_search import InfeasibleBins, check_counts, draw_bins, search_spec
-from agecls.training.settings import check_pipeline, resolve_auto
-from agecls.training.trainer import build_trainer, prefer_swa, prepare_model, quiet_lightning
+from agecls.training.settings import check_pipeline, resolve_auto, validate
+from agecls.training.trainer import (
+    LAST_CHECKPOINT,
+    build_trainer,
+    prefer_swa,
+    prepare_model,
+    quiet_lightning,
+)
 from agecls.training.trial import PruningCallback, TrialContext
 
 log = logging.getLogger("agecls.cli.train")
+# Keys a resumed run may change: how it resumes, how far it trains, how it shows progress.
+RESUME_MAY_CHANGE = ("trainer.resume", "trainer.max_epochs", "trainer.enable_progress_bar")
 
 
 def run_dir_for(cfg: DictConfig) -> Path:
@@ -41,6 +62,104 @@ def run_dir_for(cfg: DictConfig) -> Path:
     path = Path(cfg.paths.output_dir) / "runs" / stamp
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resume_point(cfg: DictConfig) -> tuple[DictConfig, Path, Path | None]:
+    """The config, run folder and checkpoint of a run (`trainer.resume`): null, a new run in this command's
+    folder; `auto`, this command's folder (hydra.run.dir) continued from its checkpoints/last.ckpt when it
+    has one, else started; PATH (a run folder, or a .ckpt in one), that folder continued with its own
+    config.yaml. UsageError for a path with no checkpoint or overrides that would change the run."""
+    spec = cfg.trainer.get("resume")
+    if spec is None or str(spec) == "auto":
+        run_dir = run_dir_for(cfg)
+        last = run_dir / "checkpoints" / LAST_CHECKPOINT
+        if spec is None or not last.is_file():
+            if spec is not None:
+                log.info(
+                    "trainer.resume=auto: %s has no checkpoints/%s yet; a new run", run_dir, LAST_CHECKPOINT
+                )
+            return cfg, run_dir, None
+        check_not_running(run_dir)
+        return cfg, run_dir, last
+    path = Path(str(spec)).expanduser().resolve()
+    valid = f"valid: auto, a run folder holding checkpoints/{LAST_CHECKPOINT}, or a .ckpt file in one"
+    if path.is_dir():
+        run_dir, last = path, path / "checkpoints" / LAST_CHECKPOINT
+    elif path.is_file():
+        run_dir, last = (path.parent.parent if path.parent.name == "checkpoints" else path.parent), path
+    else:
+        raise UsageError(f"trainer.resume={spec}: no such folder or file; {valid}")
+    if not last.is_file():
+        raise UsageError(
+            f"trainer.resume={spec}: {last} does not exist (the run ended no epoch, or ran with "
+            f"callbacks.checkpoint.save_last=false); {valid}"
+        )
+    check_not_running(run_dir)
+    saved = saved_config(run_dir, spec)
+    if HydraConfig.initialized():
+        for override in HydraConfig.get().overrides.task:
+            key = override.split("=", 1)[0].lstrip("+~")
+            if key not in RESUME_MAY_CHANGE and not key.startswith("hydra."):
+                raise UsageError(
+                    f"trainer.resume={spec} continues the run with its own {run_dir / 'config.yaml'}, but "
+                    f"the command also sets {override!r}; valid: only {', '.join(RESUME_MAY_CHANGE)} "
+                    "(start a new run to change anything else)"
+                )
+    for key in RESUME_MAY_CHANGE:
+        OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
+    return saved, run_dir, last
+
+
+def saved_config(run_dir: Path, spec: object) -> DictConfig:
+    """The resolved config.yaml a run folder holds; UsageError naming the folder when it has none."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UsageError(
+            f"trainer.resume={spec}: {run_dir} has no config.yaml; valid: a folder agecls-train ran in"
+        )
+    return OmegaConf.create(path.read_text())
+
+
+def check_same_run(resolved: dict[str, Any], run_dir: Path) -> None:
+    """UsageError naming the keys where this command's config differs from the run folder's config.yaml:
+    `trainer.resume=auto` continues a run only with the command that started it."""
+    before = flatten(saved_config(run_dir, "auto"))
+    now = flatten(resolved)
+    differ = sorted(
+        k for k in set(before) | set(now) if k not in RESUME_MAY_CHANGE and before.get(k) != now.get(k)
+    )
+    if differ:
+        shown = ", ".join(f"{k}={now.get(k)!r} (was {before.get(k)!r})" for k in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise UsageError(
+            f"trainer.resume=auto: this command's config differs from the one {run_dir} ran with: "
+            f"{shown}{more}; valid: the run's own command (only {', '.join(RESUME_MAY_CHANGE)} may change), "
+            "or a new hydra.run.dir"
+        )
+
+
+def check_not_running(run_dir: Path) -> dict[str, Any]:
+    """The run folder's run.json; UsageError when it says a live process of this host still runs it (two
+    processes would write one folder and one MLflow run)."""
+    marker = read_run_file(run_dir)
+    pid = marker.get("pid")
+    if marker.get("status") != "running" or not isinstance(pid, int) or pid == os.getpid():
+        return marker
+    if marker.get("host") != socket.gethostname():
+        log.warning(
+            "trainer.resume: %s says host %s still runs it (pid %s); resuming anyway, as this host cannot "
+            "check (stop that process if it does)",
+            run_dir / "run.json",
+            marker.get("host"),
+            pid,
+        )
+        return marker
+    if process_gone(pid, str(marker.get("started") or "")) is None:
+        raise UsageError(
+            f"trainer.resume: {run_dir} is still running (pid {pid} on this host, {run_dir / 'run.json'}); "
+            "valid: resume it once that process has stopped"
+        )
+    return marker
 
 
 def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataModule, dict[str, list[str]]]:
@@ -98,19 +217,44 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
 
     With `trial` (an Optuna study's trial), per-epoch validation values are reported to the study and the
     run stops with optuna.TrialPruned when its pruner says so. `run_dir` overrides the output folder (a
-    hierarchy's stages each get their own)."""
+    hierarchy's stages each get their own).
+
+    With `trainer.resume` (see `resume_point`) the run continues from its last epoch's checkpoint, in its
+    own folder and MLflow run."""
     quiet_lightning()
+    last = None
+    if cfg.trainer.get("resume") is not None:
+        if trial is not None or run_dir is not None:
+            raise UsageError(
+                f"trainer.resume={cfg.trainer.resume}: only a plain run is resumed (a study re-queues its "
+                "interrupted trials itself; a hierarchy's stages are not resumed); valid: trainer.resume=null"
+            )
+        cfg, run_dir, last = resume_point(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     torch.use_deterministic_algorithms(bool(cfg.trainer.deterministic), warn_only=True)
     if run_dir is None:
         run_dir = run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     draw_bins(cfg.bins, trial.trial if trial is not None else None)  # bins=search: this trial's edges
+    for warning in validate(cfg):  # every value, before any data is prepared or an MLflow run opens
+        log.warning(warning)
     for key, value in resolve_auto(cfg).items():
         log.info("%s=auto: %s", key, value)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    end_dead_runs(cfg.tracking)  # before a resume: the run it continues may be one of them
+    resumed_run_id = None
+    if last is not None:
+        if str(cfg.trainer.resume) == "auto":
+            check_same_run(resolved, run_dir)
+        marker = read_run_file(run_dir)
+        resumed_run_id = marker.get("mlflow_run_id") if cfg.tracking.enabled else None
+        if cfg.tracking.enabled and resumed_run_id is None:
+            log.warning("trainer.resume: %s names no MLflow run; recording a new one", run_dir / "run.json")
+        write_run_file(run_dir, resumed_from=str(last), resumes=int(marker.get("resumes", 0)) + 1)
+        log.info("resuming %s from %s (MLflow run %s)", run_dir, last, resumed_run_id)
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    tags = {**(cfg.tracking.get("tags") or {}), "seed": cfg.seed, "git_commit": git_commit()}
+    tags = {**(cfg.tracking.get("tags") or {}), "seed": cfg.seed}
     tags.update({"task": cfg.task.name, "run_dir": str(run_dir)})
     if trial is not None:
         tags.update(trial.tags(cfg.optuna.get("parent_run_id")))
@@ -128,7 +272,13 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
             if trial is not None:
                 trial.trial.set_user_attr("infeasible", str(exc))
             raise
-    with recording(cfg.tracking, run_name=cfg.tracking.get("run_name"), tags=tags) as rec:
+    run_name = cfg.tracking.get("run_name")
+    if trial is not None:  # one name per trial, even when the study's command gives one
+        run_name = trial_run_name(trial.number, trial.trial.params, run_name)
+    elif not run_name:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        run_name = overrides_run_name(overrides, fallback=f"{cfg.task.name} defaults")
+    with recording(cfg.tracking, run_name, tags, run_id=resumed_run_id, run_dir=run_dir) as rec:
         rec.params(flatten(resolved))
         rec.artifact(run_dir / "config.yaml", "config")
         if HydraConfig.initialized():
@@ -155,7 +305,8 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         pruning = [PruningCallback(trial, str(cfg.objective.metric))] if trial is not None else []
         trainer, checkpoint = build_trainer(cfg, run_dir, rec, pruning)
         started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
+        # weights_only=False: the run's own checkpoint, whose hyperparameters hold its config
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last, weights_only=False if last else None)
         fit_seconds = time.perf_counter() - started
         best = checkpoint.best_model_path
         best_score = float(checkpoint.best_model_score) if best else float("nan")

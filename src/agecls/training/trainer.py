@@ -173,7 +173,8 @@ def build_trainer(
     for key in _MODEL_KEYS:
         trainer_cfg.pop(key, None)
     callbacks, checkpoint = build_callbacks(cfg.callbacks, run_dir, extra_callbacks)
-    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=EpochLogger(rec), default_root_dir=run_dir)
+    logger = EpochLogger(rec, console=not trainer_cfg.get("enable_progress_bar", True))
+    trainer = L.Trainer(**trainer_cfg, callbacks=callbacks, logger=logger, default_root_dir=run_dir)
     return trainer, checkpoint
 
 
