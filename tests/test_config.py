@@ -27,7 +27,7 @@ GROUPS = [
 ]
 GROUP_FILES = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
 OVERLAYS = [(g, p.stem) for g in ("experiment", "sweep") for p in sorted((CONFIG_DIR / g).glob("*.yaml"))]
-REQUIRED = {"data": ["data.root=/tmp/x"]}
+REQUIRED = {"data": ["data.root=/tmp/x"], "experiment": ["data.root=/tmp/x"]}
 
 
 @pytest.mark.parametrize(("group", "name"), GROUP_FILES + OVERLAYS, ids=lambda v: str(v))
