@@ -64,6 +64,7 @@ def trials_table(study) -> pd.DataFrame:
                 **({"bins": t.user_attrs["bins"]} if "bins" in t.user_attrs else {}),
                 **({"infeasible": t.user_attrs["infeasible"]} if "infeasible" in t.user_attrs else {}),
                 "requeued_from": t.user_attrs.get("requeued_from"),  # a re-run of that trial's params
+                "warm_start": t.user_attrs.get("warm_start"),  # enqueued to run first (optuna.enqueue)
                 "epochs": t.user_attrs.get("epochs_trained", len(t.intermediate_values) or None),
                 "test/macro_f1": t.user_attrs.get("test/macro_f1"),
                 "run": str(t.user_attrs.get("mlflow_run_id", ""))[:8],

@@ -32,6 +32,8 @@ class OptunaSettings:
     heartbeat_interval: int = MISSING
     grace_period: int = MISSING
     params: dict[str, Any] = MISSING  # key -> Hydra sweep syntax (choice, range, interval, tag) or a value
+    enqueue: list[Any] = MISSING  # warm starts: {search-space key: value} evaluated first (sweep.warm_start)
+    enqueue_from: Any = MISSING  # null | {study, storage, top}: another study's top trials as warm starts
     register_best: bool = MISSING
     trial: int | None = MISSING  # set by the sweeper in each trial process
     parent_run_id: str | None = MISSING  # set by the sweeper: the study's MLflow run
