@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
     args = [
         "sweep=optuna_optimizers",
         "optuna.study_name=s1",
+        "optuna.enqueue=[{optimizer: nadam, optimizer.weight_decay: 0.01}]",  # a warm start: runs first, once
         "optuna.n_trials=2",
         "optuna.n_jobs=2",
         "optuna/pruner=none",
@@ -78,6 +80,21 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
     first = _sweep(out, *args)
     assert first.returncode == 0, first.stderr[-3000:]
     study = _study(out, "s1")
+    # The console names each trial's log file when it starts and shows the study's state (not a terminal:
+    # plain status lines, one per trial event).
+    console = first.stdout + first.stderr
+    logs = [Path(p) for p in re.findall(r"trial \d started \(slot \d\): .*; log (\S+)", console)]
+    assert [p.parent.name for p in sorted(logs)] == ["trial-0000", "trial-0001"]
+    assert all(p.name == "process.log" and p.is_file() for p in logs)
+    starting = (
+        r"status: study s1: 0/2 done \(0 complete, 0 pruned\), 1 running, 0 failed \| \d+s elapsed, time left"
+    )
+    assert re.search(starting + r" known once a trial ends \| best: none yet", console)
+    assert re.search(
+        r"status: study s1: 2/2 done \(2 complete, 0 pruned\), 0 running, 0 failed \| .* \| best 0", console
+    )
+    trial_cfg = OmegaConf.load(logs[0].parent / "config.yaml")
+    assert trial_cfg.trainer.enable_progress_bar is False, "a trial's output is a file: no progress bar"
     assert _states(study) == ["COMPLETE", "COMPLETE"]
     starts = sorted(t.datetime_start for t in study.trials)
     ends = sorted(t.datetime_complete for t in study.trials)
@@ -114,11 +131,29 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
     assert "param_importances.png" not in written  # 2 complete trials: below min_importance_trials
     assert any(name.startswith("confusion_val_trial") for name in written)
     assert "trials_complete 2" in report.stdout
+    # Its last lines say how to use the best model: a checkpoint and a photo that exist, the registered model.
+    use = report.stdout.split("Use the best model (trial ")[1].splitlines()
+    assert use[0] == f"{study.best_trial.number}, val/macro_f1 {study.best_value:.4f}):"
+    assert Path(use[1].split("checkpoint: ")[1]).is_file()
+    assert use[2] == f"  registered: models:/agecls-s1@best in sqlite:///{out}/mlflow.db"
+    predict = dict(w.split("=", 1) for w in use[3].split()[1:])
+    assert use[3].split()[0].endswith("agecls-predict") and predict["detect"] == "false"
+    assert Path(predict["ckpt"]).is_file() and Path(predict["images"]).is_file()
+    assert Path(predict["images"]).parent.name == "synthetic-n300-s0"
+    assert use[4].split("#")[0].split()[1:] == [
+        "ckpt=models:/agecls-s1@best",
+        f"tracking_uri=sqlite:///{out}/mlflow.db",
+        "detect=false",
+    ]
 
     # The same command with a larger budget continues the study: the two trials are kept, one is added.
     again = _sweep(out, *args[:-3], "optuna.n_trials=3", "optuna.n_jobs=1", "optuna/pruner=none")
     assert again.returncode == 0, again.stderr[-3000:]
     assert _states(_study(out, "s1")) == ["COMPLETE"] * 3
+    warm = [t for t in _study(out, "s1").trials if t.user_attrs.get("warm_start")]
+    assert [(t.number, t.params["optimizer"], t.params["optimizer.weight_decay"]) for t in warm] == [
+        (0, "nadam", 0.01)
+    ]
 
 
 @pytest.mark.slow

@@ -21,7 +21,8 @@ APP = App(
     usage="agecls-report NAME [KEY=VALUE ...]",
     description="""\
 Writes leaderboard.csv/.md (runs ranked by validation macro-F1; the columns are the overrides that differed)
-and, for a study, trials.csv, compute.json and plots under out=, and prints them.""",
+and, for a study, trials.csv, compute.json and plots under out=, and prints them; a study's report ends with
+its best trial's checkpoint and the agecls-predict and agecls-serve commands that use it.""",
     examples=(
         "agecls-report demo                               # after `make demo`",
         "agecls-report optuna_optimizers out=reports/opt   # leaderboard, study report, plots",
@@ -32,6 +33,82 @@ and, for a study, trials.csv, compute.json and plots under out=, and prints them
     options={"--tracking-uri": "tracking_uri", "--storage": "storage", "--out": "out"},
     text_keys=("name", "tracking_uri", "storage", "out"),
 )
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _shown(path: Path) -> str:
+    """A path as a command should name it: relative to the working folder when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _program(name: str) -> str:
+    """An agecls command as this environment runs it (`.venv/bin/agecls-predict` from a checkout)."""
+    beside = Path(sys.executable).parent / name
+    return _shown(beside) if beside.is_file() else name
+
+
+def _run_key(run_dir: Path, key: str) -> str | None:
+    """A key of the run's resolved config.yaml, or None."""
+    from omegaconf import OmegaConf
+
+    config = run_dir / "config.yaml"
+    value = OmegaConf.select(OmegaConf.load(config), key, default=None) if config.is_file() else None
+    return None if value is None else str(value)
+
+
+def _a_photo(run_dir: Path) -> Path | None:
+    """One face image of the folder the run trained on (its config's data.root), or None."""
+    root = _run_key(run_dir, "data.root")
+    if not root or not Path(str(root)).is_dir():
+        return None
+    names = sorted(
+        e.name for e in os.scandir(str(root)) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)
+    )
+    return Path(str(root)) / names[0] if names else None
+
+
+def best_model_lines(study, uri: str) -> list[str]:
+    """How to use a study's best trial: its checkpoint, its registered MLflow model (alias `best`) when there
+    is one, and the agecls-predict / agecls-serve commands that run it on a photo of its own data."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return []
+    run_dir = Path(str(best.user_attrs.get("run_dir", "")))
+    ckpt = Path(str(best.user_attrs.get("checkpoint") or run_dir / "checkpoints" / "best.ckpt"))
+    if not best.user_attrs.get("run_dir") or not ckpt.is_file():
+        return [f"\nThe best trial ({best.number}) left no checkpoint at {ckpt}."]
+    name, registered = f"agecls-{study.study_name}", None
+    try:
+        from mlflow import MlflowClient
+
+        version = MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, "best")
+        if version.run_id == best.user_attrs.get("mlflow_run_id"):
+            registered = f"models:/{name}@best"
+    except Exception:  # noqa: BLE001 - no registry, no such model or alias: the checkpoint path serves
+        registered = None
+    source = f"ckpt={registered} tracking_uri={uri}" if registered else f"ckpt={_shown(ckpt)}"
+    lines = [
+        f"\nUse the best model (trial {best.number}, {_run_key(run_dir, 'objective.metric') or 'value'} "
+        f"{best.value:.4f}):",
+        f"  checkpoint: {_shown(ckpt)}",
+    ]
+    if registered:
+        lines.append(f"  registered: {registered} in {uri}")
+    photo = _a_photo(run_dir)
+    # the training folder holds face crops: no face detection on them
+    images = f"images={_shown(photo)} detect=false" if photo else "images=PHOTO.jpg"
+    lines += [
+        f"  {_program('agecls-predict')} ckpt={_shown(ckpt)} {images} out=predictions",
+        f"  {_program('agecls-serve')} {source}{' detect=false' if photo else ''}"
+        "   # then open http://127.0.0.1:8000/ and upload a photo",
+    ]
+    return lines
 
 
 def _report(cfg: DictConfig, _overrides: list[str]) -> int:
@@ -78,11 +155,14 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
         print("\ncompute: " + ", ".join(f"{k} {v}" for k, v in spent.items() if v))
         print("plots: " + ", ".join(p.name for p in plots))
         print(f"Dashboard:  optuna-dashboard {storage}   (pip install optuna-dashboard)")
+        best_lines = best_model_lines(study, uri)
     print(f"\nWritten to {out}/")
     if uri.startswith("sqlite:///"):
         print(
             f"Browse every run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
         )
+    if study is not None and best_lines:
+        print("\n".join(best_lines))  # last, where a finished `make demo` leaves the terminal
     return 0
 
 

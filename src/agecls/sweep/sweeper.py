@@ -44,6 +44,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.errors import UsageError
 from agecls.study import (
     fail_trial,
     find_trial,
@@ -56,8 +57,10 @@ from agecls.study import (
     sqlite_lock,
     trial_id,
 )
+from agecls.sweep.console import StatusConsole, running_lines, status_line, trial_view
 from agecls.sweep.sampler import study_sampler
 from agecls.sweep.settings import SETTINGS
+from agecls.sweep.warm_start import enqueue_warm_starts, warm_starts
 
 log = logging.getLogger("agecls.sweep.sweeper")
 
@@ -386,6 +389,9 @@ class StudyRunner:
     ):
         cfg = self.config
         cmd = [sys.executable, "-m", "agecls.cli.train", "--config-name", str(cfg.hydra.job.config_name)]
+        # a trial's output goes to a file, where a progress bar is noise; first, so the command line can
+        # still turn it on
+        cmd.append("trainer.enable_progress_bar=false")
         cmd += [line for line in fixed if not line.startswith("hydra.sweep")]
         cmd += [f"{k}={format_value(v)}" for k, v in params.items()]
         cmd += [f"optuna.trial={number}", f"hydra.run.dir={run_dir}"]
@@ -402,18 +408,26 @@ class StudyRunner:
 
         assert self.config is not None and self.hydra_context is not None
         cfg, ocfg = self.config, self.config.optuna
-        check_settings(ocfg)
+        # registering the best model downloads its artifacts: no progress bar between the status lines
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
-        space, fixed = search_space(OmegaConf.to_container(ocfg.params) or {}, arguments, parser)
-        if not space and not (cfg.get("bins") or {}).get("search"):
-            raise SweepError(
-                "the search space is empty: set optuna.params (a sweeps/optuna_*.yaml file), sweep a key, "
-                "or search bin edges (bins=search)"
-            )
+        try:  # a study setting that cannot work stops here, as one line, before the study opens
+            check_settings(ocfg)
+            space, fixed = search_space(OmegaConf.to_container(ocfg.params) or {}, arguments, parser)
+            if not space and not (cfg.get("bins") or {}).get("search"):
+                raise SweepError(
+                    "the search space is empty: set optuna.params (a sweeps/optuna_*.yaml file), sweep a "
+                    "key, or search bin edges (bins=search)"
+                )
+            first = warm_starts(ocfg, space)
+        except (SweepError, UsageError) as exc:
+            print(f"agecls-train: error: {exc}", file=sys.stderr)
+            sys.exit(2)
         direction = "maximize" if str(cfg.objective.mode) == "max" else "minimize"
         url = str(ocfg.storage)
         study = open_study(ocfg, direction, sampler=study_sampler(ocfg.sampler))
+        enqueue_warm_starts(study, first)
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
@@ -437,6 +451,13 @@ class StudyRunner:
         # dead trials of this host are seen at once, stale ones of other hosts after grace_period anyway
         check_every = max(1, min(5, int(ocfg.heartbeat_interval) // 2))
         started = time.monotonic()
+        console, last_show = StatusConsole(), 0.0
+
+        def show(event: bool = False) -> None:
+            trials, now = study.get_trials(deepcopy=False), time.time()
+            views = [trial_view(t, now) for t in trials]
+            line = status_line(views, target, len(slots), time.monotonic() - started, direction == "maximize")
+            console.show(f"study {study.study_name}: {line}", running_lines(views), event=event)
 
         def counted(*states: TrialState) -> int:
             return len(study.get_trials(deepcopy=False, states=states))
@@ -464,7 +485,15 @@ class StudyRunner:
                     handle = executor.start(cmd, slots[free[0]], run_dir / "process.log", name)
                     item = Running(handle, trial.number, trial_id(trial), trial.params, free[0])
                     running[trial.number] = item
-                    log.info("trial %d started (slot %d): %s", trial.number, free[0], _show(trial.params))
+                    console.clear()
+                    log.info(
+                        "trial %d started (slot %d): %s; log %s",
+                        trial.number,
+                        free[0],
+                        _show(trial.params),
+                        run_dir / "process.log",
+                    )
+                    show(event=True)
                     continue
                 if not running and (stopping or counted(*finished) >= target):
                     break
@@ -472,6 +501,7 @@ class StudyRunner:
                     if not item.handle.done():
                         continue
                     del running[number]
+                    console.clear()
                     frozen = _current(study, number)
                     if frozen.state == TrialState.RUNNING:
                         # died without telling (killed, out of memory, a lost node or cancelled job):
@@ -494,6 +524,8 @@ class StudyRunner:
                             frozen.user_attrs.get("error") or frozen.user_attrs.get("failed_because"),
                             sweep_dir / f"trial-{number:04d}" / "process.log",
                         )
+                    show(event=True)
+                    last_show = time.monotonic()
                 now = time.monotonic()
                 if now - last_beat > max(1, int(ocfg.heartbeat_interval) // 2):
                     for item in running.values():
@@ -502,11 +534,16 @@ class StudyRunner:
                 if now - last_check > check_every:
                     reap(running)  # trials of other workers whose process or machine died
                     last_check = now
+                if now - last_show > 2:  # intermediate values arrive once an epoch: no need to poll faster
+                    show()
+                    last_show = now
                 if not running and not stopping and now - last_wait_log > 60:
+                    console.clear()
                     reap.log_waiting(target)  # the study is short only by trials running elsewhere
                     last_wait_log = now
                 time.sleep(0.5)
         except KeyboardInterrupt:
+            console.clear()
             self._interrupt(study, running, url)
             if tracker:
                 tracker.close(study, "KILLED", time.monotonic() - started)
@@ -517,6 +554,7 @@ class StudyRunner:
             raise SystemExit(130) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+        console.keep()  # the final state stays on the terminal above what follows
         done = counted(*finished)
         short = not stopping and done < target  # not expected: the loop ends with the study complete
         if tracker:
