@@ -24,7 +24,7 @@ TINY = [*FAST_OVERRIDES, "trainer.max_epochs=2", "data.synthetic.n=300"]
 VOLATILE = {"run_dir", "checkpoint", "mlflow_run_id", "fit_seconds"}
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # a study then a re-run (~45 s); the reference runs below check determinism by default
 def test_rerunning_a_trials_config_reproduces_its_metrics(tmp_path):
     out = tmp_path / "out"
     # Both runs get the same CPU thread count (the sweeper gives a trial cpu_count // n_jobs threads).

@@ -187,7 +187,7 @@ def _multirun(
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=out.parent)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # the same executor runs real Slurm jobs in tests/test_cluster.py, by default
 def test_study_through_submitit_local_jobs(tmp_path):
     out = tmp_path / "out"
     args = ["sweep=optuna_optimizers", "optuna.study_name=j", "optuna.n_trials=2", "optuna.n_jobs=2"]
