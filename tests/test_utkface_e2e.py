@@ -113,6 +113,8 @@ def test_a_utkface_model_is_trained_registered_and_read_on_the_upload_page(outpu
                 page.click("#go")
                 page.wait_for_selector("li.prediction", timeout=60_000)
                 captions = page.locator("li.prediction").all_inner_texts()
+                model_line = page.locator("#model").inner_text()
+                warning_shown = page.locator("#warning").is_visible()
                 page.screenshot(path=str(tmp_path / "utkface-page.png"), full_page=True)
             finally:
                 browser.close()
@@ -121,6 +123,11 @@ def test_a_utkface_model_is_trained_registered_and_read_on_the_upload_page(outpu
         proc.wait(30)
     assert (tmp_path / "utkface-page.png").stat().st_size > 0
     assert captions, "no prediction on the page"
+    # the page names the model that answered, trained on real faces: no synthetic-data warning
+    assert model_line.startswith("Model: models:/agecls-utkface@best (version 1)"), model_line
+    assert f"MLflow run {result['mlflow_run_id']}" in model_line
+    assert "predicts age, gender, ethnicity" in model_line
+    assert "trained on utkface" in model_line and not warning_shown
     classes = {
         "age": AgeBins(list(cfg.bins.ranges)).labels,
         "gender": list(GENDER_NAMES),
