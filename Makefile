@@ -21,10 +21,12 @@ demo: $(STAMP)
 	@out="$${AGECLS_OUTPUT_DIR:-$(CURDIR)/outputs}"; \
 	echo ">> make demo: generates 2,000 synthetic faces, then runs an 8-trial Optuna study of real agecls"; \
 	echo "   trainings on them (64 px, two trials at a time; the median pruner stops trials that trail), then"; \
-	echo "   reports it. Roughly 10 to 15 minutes on 2 CPU cores: the status line estimates the time left."; \
+	echo "   reports it. About 4 minutes on 2 idle CPU cores (more on busy ones): the status line estimates the"; \
+	echo "   time left."; \
 	echo "   Output: $$out/multiruns/<date>/<time>/trial-NNNN/ (each trial's process.log and checkpoints/),"; \
 	echo "   the report in $$out/reports/demo/. Watch the runs live in MLflow from another terminal:"; \
 	echo "     $(BIN)/mlflow ui --backend-store-uri sqlite:///$$out/mlflow.db   # then open http://127.0.0.1:5000"; \
+	echo "     (in its sidebar choose Model training rather than GenAI, once, to see the runs table)"; \
 	echo "   At the end: the best model's checkpoint and the agecls-predict and agecls-serve commands that use it."
 	$(BIN)/agecls-train -m experiment=demo sweep=demo
 	$(BIN)/agecls-report demo

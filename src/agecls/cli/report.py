@@ -154,7 +154,7 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
             )
         print("\ncompute: " + ", ".join(f"{k} {v}" for k, v in spent.items() if v))
         print("plots: " + ", ".join(p.name for p in plots))
-        print(f"Dashboard:  optuna-dashboard {storage}   (pip install optuna-dashboard)")
+        print(f"Dashboard:  .venv/bin/optuna-dashboard {storage}   (pip install 'agecls[dashboard]')")
         best_lines = best_model_lines(study, uri)
     print(f"\nWritten to {out}/")
     if uri.startswith("sqlite:///"):
