@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from agecls.files import file_lock, sqlite_lock_path
+from agecls.process import ENDED, proc_stat
 
 if TYPE_CHECKING:
     import optuna
@@ -187,14 +188,10 @@ def _boot_id() -> str:
 
 
 def _start_ticks(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot (/proc/PID/stat field 22); None when there is
-    no such process, it has ended (a zombie waiting for its parent), or there is no /proc."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # the command name (field 2) may hold spaces
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    """When process `pid` started (clock ticks since boot); None when there is no such process, it has ended
+    (a zombie waiting for its parent), or there is no /proc."""
+    stat = proc_stat(pid)
+    return None if stat is None or stat[0] in ENDED else stat[1]
 
 
 def process_record(pid: int | None = None) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from agecls.config import compose_train, project_root
 from agecls.errors import UsageError
 from agecls.files import file_lock, sqlite_lock_path, write_atomic
+from agecls.process import ENDED, proc_stat
 
 MAX_PARAM_CHARS = 6000
 log = logging.getLogger("agecls.cli.train")
@@ -210,15 +211,13 @@ def check_manifest(tracking: DictConfig, manifest_hash: str) -> None:
 
 
 def process_started(pid: int) -> str | None:
-    """Start time of process `pid` (clock ticks after boot, /proc/PID/stat field 22): with the pid it names
-    one process, even once the pid is reused. None where there is no /proc or no such process; "zombie"
-    for a process that has exited but was not yet reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    """Start time of process `pid` (clock ticks after boot): with the pid it names one process, even once the
+    pid is reused. None where there is no /proc or no such process; "zombie" for a process that has exited
+    but was not yet reaped."""
+    stat = proc_stat(pid)
+    if stat is None:
         return None
-    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
-    return "zombie" if fields[0] in ("Z", "X") else fields[19]
+    return "zombie" if stat[0] in ENDED else str(stat[1])
 
 
 def process_identity() -> dict[str, str]:
