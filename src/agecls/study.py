@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import socket
 import warnings
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from agecls.errors import UsageError
 from agecls.files import file_lock, sqlite_lock_path
 from agecls.process import ENDED, proc_stat
 
@@ -52,16 +54,20 @@ def open_study(
     optuna_cfg: DictConfig,
     direction: str | None = None,
     *,
+    directions: list[str] | None = None,
+    metric_names: list[str] | None = None,
     with_sampler: bool = False,
     sampler_seed: int | None = None,
     sampler: Any = None,
 ):
     """The study named in config, on an RDB storage with heartbeats (stale trials are detectable).
 
-    `sampler_seed` replaces the configured sampler's seed (a trial process drawing its own parameters,
-    such as bins=search's edges, must not repeat another trial's random draws); `sampler` replaces the
-    configured sampler altogether (the sweeper's, seeded per trial). A stale trial is failed and re-queued
-    marked (`requeue`)."""
+    With `direction` (one objective) or `directions` and `metric_names` (several: objective.metrics) the
+    study is created if it does not exist; an existing one must have the same objectives (UsageError naming
+    both). Without either it is loaded. `sampler_seed` replaces the configured sampler's seed (a trial
+    process drawing its own parameters, such as bins=search's edges, must not repeat another trial's random
+    draws); `sampler` replaces the configured sampler altogether (the sweeper's, seeded per trial). A stale
+    trial is failed and re-queued marked (`requeue`)."""
     import optuna
     from optuna.storages import RDBStorage
 
@@ -87,15 +93,45 @@ def open_study(
     elif with_sampler:
         seed = {} if sampler_seed is None else {"seed": sampler_seed}
         kwargs["sampler"] = instantiate(optuna_cfg.sampler, **seed)
-    if direction is None:
+    if direction is None and directions is None:
         return optuna.load_study(study_name=str(optuna_cfg.study_name), storage=storage, **kwargs)
-    return optuna.create_study(
+    wanted = [direction] if directions is None else list(directions)
+    study = optuna.create_study(
         study_name=str(optuna_cfg.study_name),
         storage=storage,
-        direction=direction,
+        directions=wanted,
         load_if_exists=True,
         **kwargs,
     )
+    check_objectives(study, wanted, metric_names, url)
+    return study
+
+
+def _objectives_text(directions: list[str], names: list[str] | None) -> str:
+    if names is None:
+        return (
+            f"one objective, objective.metric ({directions[0]})" if len(directions) == 1 else str(directions)
+        )
+    return "[" + ", ".join(f"{n} ({d})" for n, d in zip(names, directions, strict=True)) + "]"
+
+
+def check_objectives(study: optuna.Study, directions: list[str], names: list[str] | None, url: str) -> None:
+    """UsageError when an existing study has other objectives than the command asks for (names and
+    directions, in order); names a new study's objectives (`set_metric_names`, which the Pareto plots and
+    trials_dataframe read). A one-objective study keeps no name, as before: its direction is its own."""
+    have = [d.name.lower() for d in study.directions]
+    have_names = study.metric_names
+    if len(have) == 1 and len(directions) == 1 and have_names is None:
+        return
+    if names is not None and have_names is None and have == directions:
+        study.set_metric_names(list(names))
+        return
+    if have != directions or have_names != (list(names) if names is not None else None):
+        raise UsageError(
+            f"study {study.study_name!r} in {url} has the objectives {_objectives_text(have, have_names)}; "
+            f"this command asks for {_objectives_text(directions, names)}; valid: the study's own "
+            "objective.metrics and objective.directions, or another optuna.study_name for a new study"
+        )
 
 
 def find_study(storage: str, name: str):
@@ -286,3 +322,45 @@ def _as_datetime(value: Any) -> datetime:
     if isinstance(value, datetime):
         return value.replace(tzinfo=None)
     return datetime.fromisoformat(str(value)).replace(tzinfo=None)
+
+
+def set_finished_attrs(study, trial, attrs: dict[str, Any]) -> None:
+    """Set user attributes of a finished trial (read them through `fresh(study)`, whose cache has not seen
+    them yet).
+
+    Why beyond the API: Optuna refuses user attrs once a trial is finished, but what a study's follow-up runs
+    find about a trial (its re-seeds, its continuation) belongs on that trial. They are written to the RDB
+    storage's user-attribute table through Optuna's own private models and session helper."""
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    storage = study._storage
+    rdb = getattr(storage, "_backend", storage)
+    if not isinstance(rdb, RDBStorage):
+        raise UsageError(
+            f"optuna.storage: follow-ups need an RDB storage (sqlite:///..., postgresql://...), not {rdb}"
+        )
+    with _create_scoped_session(rdb.scoped_session, True) as session:
+        row = models.TrialModel.find_or_raise_by_id(trial_id(trial), session)
+        for key, value in attrs.items():
+            attribute = models.TrialUserAttributeModel.find_by_trial_and_key(row, key, session)
+            if attribute is None:
+                session.add(
+                    models.TrialUserAttributeModel(
+                        trial_id=row.trial_id, key=key, value_json=json.dumps(value)
+                    )
+                )
+            else:
+                attribute.value_json = json.dumps(value)
+
+
+def fresh(study):
+    """The same study read anew from its storage.
+
+    Why beyond the API: Optuna caches finished trials per study object, so attrs written by
+    `set_finished_attrs` are seen only by a study loaded again; its storage URL is private."""
+    import optuna
+
+    rdb = getattr(study._storage, "_backend", study._storage)
+    return optuna.load_study(study_name=study.study_name, storage=rdb.url)

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -22,16 +23,19 @@ APP = App(
     description="""\
 Writes leaderboard.csv/.md (runs ranked by validation macro-F1; the columns are the overrides that differed)
 and, for a study, trials.csv, compute.json and plots under out=, and prints them; a study's report ends with
-its best trial's checkpoint and the agecls-predict and agecls-serve commands that use it.""",
+its best trial's checkpoint and the agecls-predict and agecls-serve commands that use it. A study of several
+objectives gets its Pareto front instead: pareto_front.png, pareto.csv (each front trial's objectives with 95%
+bootstrap intervals on validation) and its named points (best_f1, fairest, smallest; rule= adds one).""",
     examples=(
         "agecls-report demo                               # after `make demo`",
         "agecls-report optuna_optimizers out=reports/opt   # leaderboard, study report, plots",
         "agecls-report name=seed_table2 tracking_uri=sqlite:///outputs/mlflow.db",
+        "agecls-report pareto_fairness n_boot=200        # a Pareto study: pareto.csv, pareto_front.png",
     ),
     exit_codes="0 done, 1 no such experiment or study (or another runtime problem), 2 bad arguments",
     positional=("name",),
     options={"--tracking-uri": "tracking_uri", "--storage": "storage", "--out": "out"},
-    text_keys=("name", "tracking_uri", "storage", "out"),
+    text_keys=("name", "tracking_uri", "storage", "out", "rule"),
 )
 
 
@@ -72,9 +76,66 @@ def _a_photo(run_dir: Path) -> Path | None:
     return Path(str(root)) / names[0] if names else None
 
 
+def _registered(uri: str, name: str, alias: str, run_id: Any) -> str | None:
+    """`models:/NAME@ALIAS` when that alias points at the run's version, else None."""
+    try:
+        from mlflow import MlflowClient
+
+        version = MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, alias)
+    except Exception:  # noqa: BLE001 - no registry, no such model or alias: the checkpoint path serves
+        return None
+    return f"models:/{name}@{alias}" if run_id and version.run_id == run_id else None
+
+
+def _interval(row: Any, name: str) -> str:
+    lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    return "" if lo is None or hi is None or lo != lo else f" [{lo:.4f}, {hi:.4f}]"
+
+
+def pareto_lines(
+    study, uri: str, front: Any, rule: str | None = None, storage: str | None = None
+) -> list[str]:
+    """The named points of a multi-objective study's front (pareto.csv rows): each one's objectives with
+    their validation intervals and the agecls-serve command that serves it (its registered alias when there
+    is one, else its checkpoint), then the agecls-register command for those not registered yet."""
+    from agecls.evaluation.pareto import objective_names
+
+    names, model = objective_names(study), f"agecls-{study.study_name}"
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    lines, unregistered = ["\nNamed points of the front (validation; [95% bootstrap interval]):"], False
+    for _, row in front.iterrows():
+        trial = trials[int(row["trial"])]
+        run_dir = Path(str(trial.user_attrs.get("run_dir") or ""))
+        ckpt = Path(str(trial.user_attrs.get("checkpoint") or run_dir / "checkpoints" / "best.ckpt"))
+        for alias in [a for a in str(row.get("named") or "").split(",") if a]:
+            shown = ", ".join(f"{n} {row[n]:.4g}{_interval(row, n)}" for n in names if row.get(n) is not None)
+            registered = _registered(uri, model, alias, trial.user_attrs.get("mlflow_run_id"))
+            unregistered = unregistered or not registered
+            lines.append(f"  {alias}: trial {trial.number}: {shown}")
+            if registered:
+                lines.append(f"    {_program('agecls-serve')} ckpt={registered} tracking_uri={uri}")
+            elif trial.user_attrs.get("run_dir") and ckpt.is_file():
+                lines.append(f"    {_program('agecls-serve')} ckpt={_shown(ckpt)}")
+            else:
+                lines.append(f"    (no checkpoint at {_shown(ckpt)})")
+    if unregistered:
+        aliases = [a for named in front["named"] for a in str(named or "").split(",") if a and a != "rule"]
+        command = f"{_program('agecls-register')} study={study.study_name} tracking_uri={uri}"
+        command += f" storage={storage}" if storage else ""
+        lines.append(f"Register them: {command}   ({model}@{', @'.join(aliases)})")
+        if rule:
+            lines.append(f'               {command} rule="{rule}"   ({model}@rule)')
+    return lines
+
+
 def best_model_lines(study, uri: str) -> list[str]:
     """How to use a study's best trial: its checkpoint, its registered MLflow model (alias `best`) when there
-    is one, and the agecls-predict / agecls-serve commands that run it on a photo of its own data."""
+    is one, and the agecls-predict / agecls-serve commands that run it on a photo of its own data. A study
+    of several objectives has no single best trial: none (pareto_lines names its points)."""
+    from agecls.evaluation.pareto import is_multi
+
+    if is_multi(study):
+        return []
     try:
         best = study.best_trial
     except ValueError:
@@ -83,15 +144,8 @@ def best_model_lines(study, uri: str) -> list[str]:
     ckpt = Path(str(best.user_attrs.get("checkpoint") or run_dir / "checkpoints" / "best.ckpt"))
     if not best.user_attrs.get("run_dir") or not ckpt.is_file():
         return [f"\nThe best trial ({best.number}) left no checkpoint at {ckpt}."]
-    name, registered = f"agecls-{study.study_name}", None
-    try:
-        from mlflow import MlflowClient
-
-        version = MlflowClient(tracking_uri=uri).get_model_version_by_alias(name, "best")
-        if version.run_id == best.user_attrs.get("mlflow_run_id"):
-            registered = f"models:/{name}@best"
-    except Exception:  # noqa: BLE001 - no registry, no such model or alias: the checkpoint path serves
-        registered = None
+    name = f"agecls-{study.study_name}"
+    registered = _registered(uri, name, "best", best.user_attrs.get("mlflow_run_id"))
     source = f"ckpt={registered} tracking_uri={uri}" if registered else f"ckpt={_shown(ckpt)}"
     lines = [
         f"\nUse the best model (trial {best.number}, {_run_key(run_dir, 'objective.metric') or 'value'} "
@@ -115,17 +169,19 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
     require(cfg, "name")
     name = str(cfg.name)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    from agecls.evaluation.pareto import is_multi, pareto_table, parse_rule
     from agecls.evaluation.report import leaderboard, load_runs, to_markdown
     from agecls.evaluation.study_report import bins_vary, compute_spent, trials_table, write_plots
     from agecls.study import find_study
     from agecls.tracking import default_tracking
 
+    rule = parse_rule(str(cfg.rule)) if cfg.rule else None  # an unreadable rule stops before any work
     uri, output_dir, storage = default_tracking()
     uri, storage = str(cfg.tracking_uri or uri), str(cfg.storage or storage)
     out = Path(str(cfg.out)) if cfg.out else output_dir / "reports" / name
     out.mkdir(parents=True, exist_ok=True)
 
-    study = find_study(storage, name)
+    study, best_lines = find_study(storage, name), []
     try:
         runs = load_runs(uri, name)
     except SystemExit as exc:  # no such experiment: fine when there is a study
@@ -147,6 +203,18 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
         plots = write_plots(study, out, uri, min_importance_trials=int(cfg.min_importance_trials))
         print(f"\nOptuna study {name!r} ({storage}): {len(trials)} trials\n")
         print(to_markdown(trials.head(20)))
+        if is_multi(study):
+            front = pareto_table(study, n_boot=int(cfg.n_boot), rule=rule)
+            front.to_csv(out / "pareto.csv", index=False)
+            if front.empty:
+                print("\nPareto front: no complete trial yet")
+            else:
+                print(f"\nPareto front: {len(front)} trials (pareto.csv, pareto_front.png)\n")
+                short = front["mlflow_run_id"].map(lambda v: str(v)[:8] if v else "")
+                print(to_markdown(front.drop(columns=["run_dir", "mlflow_run_id"]).assign(run=short)))
+                best_lines = pareto_lines(
+                    study, uri, front, rule.text if rule else None, str(cfg.storage) if cfg.storage else None
+                )
         if bins_vary(trials):
             print(
                 "\nNote: these trials used different age bins. Macro-F1 over different bin sets is not "
@@ -155,7 +223,8 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
         print("\ncompute: " + ", ".join(f"{k} {v}" for k, v in spent.items() if v))
         print("plots: " + ", ".join(p.name for p in plots))
         print(f"Dashboard:  .venv/bin/optuna-dashboard {storage}   (pip install 'agecls[dashboard]')")
-        best_lines = best_model_lines(study, uri)
+        if not is_multi(study):
+            best_lines = best_model_lines(study, uri)
     print(f"\nWritten to {out}/")
     if uri.startswith("sqlite:///"):
         print(

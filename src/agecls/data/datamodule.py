@@ -25,6 +25,8 @@ from agecls.data.staged import StagedCache
 
 SPLITS = ("train", "val", "test")
 PIPELINES = ("loader", "device")
+# What a weighted sampler may balance (`sampler.groups`): the task's class, the age bin, gender, ethnicity.
+SAMPLING_GROUPS = ("target", "age", "gender", "ethnicity")
 
 
 def seed_worker_transform(worker_id: int) -> None:
@@ -50,6 +52,22 @@ def sample_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Per-sample weights 1 / count of the sample's class (the dissertation's weighted sampler)."""
     counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
     return 1.0 / counts[labels]
+
+
+def group_weights(groups: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """Per-row weights 1 / size**power of the row's group, a group being one distinct row of `groups`
+    ((rows,) or (rows, k) integer codes; -1, an unknown value, is a code like any other, so faces with
+    an unknown value form their own group). power 1: every group is drawn equally often; 0: every face."""
+    codes = np.asarray(groups).reshape(len(groups), -1)
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse.reshape(-1)].astype(np.float64) ** float(power)
+
+
+def labelled_rows(labels: np.ndarray, split: np.ndarray, name: str) -> np.ndarray:
+    """Rows of split `name` with any of the task's targets (-1 marks a missing one): the rows a
+    FaceDataModule serves for that split."""
+    has_label = labels >= 0 if labels.ndim == 1 else (labels >= 0).any(axis=1)
+    return np.flatnonzero((split == name) & has_label)
 
 
 def normalize_input(
@@ -189,6 +207,10 @@ class FaceDataModule(L.LightningDataModule):
     split) and applied identically to every split. A seeded train pipeline is re-seeded with `seed`, and per
     DataLoader worker from the loader's seeded generator.
 
+    `sampling_weights` (one per row of `images`, e.g. `group_weights` of the faces' groups) draws the
+    train split's rows with these relative probabilities, with replacement (as `weighted_sampler` does with
+    1 / count of the class, which it replaces); seeded with `seed` and saved in checkpoints like the order.
+
     `pipeline="device"` serves `DeviceBatches` instead of DataLoaders: the cache is staged on the device the
     trainer runs on (else `device`, default CPU; one copy shared by every datamodule of the process over
     the same cache, see agecls.data.staged), the train pipeline is translated to per-sample torch
@@ -214,6 +236,7 @@ class FaceDataModule(L.LightningDataModule):
         image_size: int | None = None,
         channels_last: bool = False,
         device: str | torch.device | None = None,
+        sampling_weights: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
@@ -234,14 +257,23 @@ class FaceDataModule(L.LightningDataModule):
                 train_transform.normalize,
             )
         check_normalize_spec(normalize)
-        self.weighted_sampler, self.seed = weighted_sampler, seed
+        self.weighted_sampler, self.seed = bool(weighted_sampler) or sampling_weights is not None, seed
         self.train_transform, self.eval_transform = train_transform, eval_transform
         seed_transform(train_transform, seed)
-        has_label = labels >= 0 if labels.ndim == 1 else (labels >= 0).any(axis=1)
-        self.indices = {s: np.flatnonzero((split == s) & has_label) for s in SPLITS}
+        self.indices = {s: labelled_rows(labels, split, s) for s in SPLITS}
         for s, idx in self.indices.items():
             if len(idx) == 0:
                 raise ValueError(f"the {s} split has no rows with this task's label")
+        self.sampling_weights = None
+        if sampling_weights is not None:
+            weights = np.asarray(sampling_weights, dtype=np.float64)
+            train = weights[self.indices["train"]] if len(weights) == len(labels) else None
+            if train is None or not np.isfinite(train).all() or (train < 0).any() or train.sum() <= 0:
+                raise ValueError(
+                    f"sampling_weights: {len(weights)} weights for {len(labels)} rows; valid: one finite "
+                    "weight >= 0 per row, some train row's > 0"
+                )
+            self.sampling_weights = weights
         stats = resolve_normalize(normalize, images, self.indices["train"])
         self.mean, self.std = stats if stats is not None else (None, None)
         self.device_augment = translate_pipeline(train_transform) if pipeline == "device" else None
@@ -309,6 +341,8 @@ class FaceDataModule(L.LightningDataModule):
         )
 
     def _sample_weights(self) -> np.ndarray:
+        if self.sampling_weights is not None:
+            return self.sampling_weights[self.indices["train"]]
         labels = self.split_labels("train")
         weights = np.zeros(len(labels))  # a row without the primary label is never drawn
         weights[labels >= 0] = sample_weights(labels[labels >= 0], self.num_classes)

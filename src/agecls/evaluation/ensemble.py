@@ -260,6 +260,12 @@ def study_members(storage: str, name: str, top_k: int) -> list[StudyMember]:
             f"ensemble.study={name}: no such study in {storage}; studies there: {', '.join(names) or 'none'}"
         )
     study = optuna.load_study(study_name=name, storage=storage)
+    if len(study.directions) > 1:
+        raise UsageError(
+            f"ensemble.study={name}: a study of {len(study.directions)} objectives has no single ranking to "
+            "take the top trials by; valid: a single-objective study, or ckpt=[A,B,...] with the "
+            "checkpoints of the front trials you choose (pareto.csv lists them with their run folders)"
+        )
     trials = study.get_trials(deepcopy=False)
     complete = [
         t

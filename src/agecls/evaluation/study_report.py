@@ -48,16 +48,23 @@ def compute_spent(study) -> dict[str, Any]:
 def trials_table(study) -> pd.DataFrame:
     """One row per trial: number, state, value, params, epochs, the last value it reported (a pruned trial's
     only score) with its epoch, MLflow run; ranked by value, then pruned trials by their last value."""
+    from agecls.evaluation.pareto import directions, is_multi, objective_names
+
+    multi = is_multi(study)
+    names = objective_names(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         steps = sorted(t.intermediate_values)
+        complete = t.state.name == "COMPLETE"
+        # several objectives: one column per objective (named as the study names them) in place of `value`
+        values = dict(zip(names, t.values or (), strict=False)) if multi and complete else {}
         rows.append(
             {
                 "trial": t.number,
                 "state": t.state.name,
                 # Optuna gives a pruned trial its last reported value as `value`; ranking it among complete
                 # trials would compare a short run's score with finished ones, so it is shown apart.
-                "value": t.value if t.state.name == "COMPLETE" else None,
+                **({n: values.get(n) for n in names} if multi else {"value": t.value if complete else None}),
                 "last_value": t.intermediate_values[steps[-1]] if steps else None,
                 "last_epoch": steps[-1] if steps else None,  # steps are 1-based epochs
                 **{k: v for k, v in t.params.items()},
@@ -73,6 +80,12 @@ def trials_table(study) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if table.empty:
         return table
+    if multi:  # by the first objective; the front is pareto.csv's
+        first = names[0]
+        ascending = directions(study)[first] == "minimize"
+        return table.sort_values(
+            [first, "trial"], ascending=[ascending, True], na_position="last"
+        ).reset_index(drop=True)
     ascending = study.direction.name == "MINIMIZE"
     return table.sort_values(["value", "last_value"], ascending=ascending, na_position="last").reset_index(
         drop=True
@@ -138,9 +151,17 @@ def write_plots(
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
+    from agecls.evaluation.pareto import is_multi, named_points, pareto_front, pareto_plot
+
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    written = [history_plot(study, out / "optimization_history.png")]
+    multi = is_multi(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not multi:
+        written = [history_plot(study, out / "optimization_history.png")]
+    elif complete:  # several objectives: no single history; the front is the picture
+        written = [pareto_plot(study, out / "pareto_front.png")]
+    else:
+        written = []
     plots = {"intermediate_values": ovm.plot_intermediate_values}
     if len(complete) < min_importance_trials:
         log.warning(
@@ -148,7 +169,7 @@ def write_plots(
             len(complete),
             min_importance_trials,
         )
-    elif len(study.best_trial.params) >= 1:
+    elif any(t.params for t in complete):
         plots["param_importances"] = ovm.plot_param_importances
     for name, plot in plots.items():
         try:
@@ -170,7 +191,11 @@ def write_plots(
     if tracking_uri:
         import mlflow
 
-        ranked = sorted(complete, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
+        if multi:  # the named points first, then the rest of the front
+            named = list({t.number: t for t in named_points(study).values()}.values())
+            ranked = named + [t for t in pareto_front(study) if t.number not in {n.number for n in named}]
+        else:
+            ranked = sorted(complete, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
         for t in ranked[:top]:
             run_id = t.user_attrs.get("mlflow_run_id")
             if not run_id:

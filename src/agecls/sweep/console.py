@@ -1,5 +1,6 @@
 """What a running study shows on the console: one status line (counts, best so far, elapsed, time left)
-and the latest epoch of each running trial, redrawn in place on a terminal, else printed as log lines."""
+and the latest epoch of each running trial, redrawn in place on a terminal, else printed as log lines.
+A study with several objectives shows its Pareto front's size and the best value of each objective."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -17,8 +18,9 @@ log = logging.getLogger("agecls.sweep.sweeper")
 
 @dataclass(frozen=True)
 class TrialView:
-    """One trial as the status line needs it: state name (optuna's TrialState), value, params, the latest
-    reported epoch and its value, the run's epochs, and how long it ran (seconds; so far, while running)."""
+    """One trial as the status line needs it: state name (optuna's TrialState), value (one objective) or
+    values (several), params, the latest reported epoch and its value, the run's epochs, and how long it ran
+    (seconds; so far, while running)."""
 
     number: int
     state: str
@@ -28,6 +30,7 @@ class TrialView:
     epoch_value: float | None = None
     max_epochs: int | None = None
     seconds: float | None = None
+    values: tuple[float, ...] | None = None
 
 
 def trial_view(frozen: Any, now: float | None = None) -> TrialView:
@@ -41,10 +44,13 @@ def trial_view(frozen: Any, now: float | None = None) -> TrialView:
         else:
             seconds = (now if now is not None else time.time()) - frozen.datetime_start.timestamp()
     max_epochs = frozen.user_attrs.get("max_epochs")
+    # FrozenTrial.value raises for a trial of several objectives: read `values`
+    values = tuple(frozen.values) if frozen.state.name == "COMPLETE" and frozen.values else None
     return TrialView(
         number=frozen.number,
         state=frozen.state.name,
-        value=frozen.value if frozen.state.name == "COMPLETE" else None,
+        value=values[0] if values is not None and len(values) == 1 else None,
+        values=values,
         params=dict(frozen.params),
         epoch=epoch,
         epoch_value=steps[epoch] if epoch is not None else None,
@@ -88,11 +94,60 @@ def time_left(trials: Iterable[TrialView], target: int, slots: int) -> float | N
     return work / max(1, slots)
 
 
+def objective_value(value: float) -> str:
+    """An objective's value in a few characters: a count as a whole number, a score to 4 decimals."""
+    if not math.isfinite(value):
+        return str(value)
+    if value == int(value) and abs(value) >= 10:
+        return str(int(value))
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
+
+
+def pareto_front(trials: Iterable[TrialView], directions: Sequence[str]) -> list[TrialView]:
+    """The COMPLETE trials no other COMPLETE trial dominates (at least as good in every objective, better
+    in one), by trial number; `directions`: maximize | minimize per objective."""
+    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
+    points = [
+        (t, [s * v for s, v in zip(signs, t.values, strict=True)])
+        for t in trials
+        if t.state == "COMPLETE" and t.values is not None and len(t.values) == len(signs)
+    ]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        pairs = list(zip(a, b, strict=True))
+        return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+
+    front = [t for t, p in points if not any(dominates(q, p) for _, q in points)]
+    return sorted(front, key=lambda t: t.number)
+
+
+def front_text(trials: list[TrialView], names: Sequence[str], directions: Sequence[str]) -> str:
+    """`front N of M complete | best NAME VALUE (trial K), ...`: the Pareto front's size and, for each
+    objective, its best value among the complete trials."""
+    complete = [t for t in trials if t.state == "COMPLETE" and t.values is not None]
+    if not complete:
+        return "front: none yet"
+    front = pareto_front(complete, directions)
+    best = []
+    for i, (name, direction) in enumerate(zip(names, directions, strict=True)):
+        pick = (max if direction == "maximize" else min)(complete, key=lambda t, i=i: t.values[i])
+        best.append(f"{name} {objective_value(pick.values[i])} (trial {pick.number})")
+    return f"front {len(front)} of {len(complete)} complete | best " + ", ".join(best)
+
+
 def status_line(
-    trials: Iterable[TrialView], target: int, slots: int, elapsed: float, maximize: bool = True
+    trials: Iterable[TrialView],
+    target: int,
+    slots: int,
+    elapsed: float,
+    maximize: bool = True,
+    *,
+    names: Sequence[str] | None = None,
+    directions: Sequence[str] | None = None,
 ) -> str:
     """The study's state in one line: finished of n_trials (complete, pruned), running, failed, the best
-    value with its parameters, elapsed time and the estimate of what remains."""
+    value with its parameters, elapsed time and the estimate of what remains. With several objectives
+    (`names`, `directions`): the Pareto front's size and each objective's best value instead of the best."""
     trials = list(trials)
     count = {s: sum(t.state == s for t in trials) for s in ("COMPLETE", "PRUNED", "RUNNING", "FAIL")}
     done = count["COMPLETE"] + count["PRUNED"]
@@ -107,6 +162,9 @@ def status_line(
         parts.append(f"{duration(elapsed)} elapsed, time left known once a trial ends")
     else:
         parts.append(f"{duration(elapsed)} elapsed, ~{duration(left)} left")
+    if names is not None and directions is not None and len(names) > 1:
+        parts.append(front_text(trials, names, directions))
+        return " | ".join(parts)
     # the parameters last: a narrow terminal cuts the line's end
     complete = [t for t in trials if t.state == "COMPLETE" and t.value is not None]
     if complete:
@@ -118,10 +176,14 @@ def status_line(
     return " | ".join(parts)
 
 
-def running_lines(trials: Iterable[TrialView]) -> list[str]:
-    """One line per running trial: its latest reported epoch and validation value."""
+def running_lines(trials: Iterable[TrialView], reports_epochs: bool = True) -> list[str]:
+    """One line per running trial: its latest reported epoch and validation value; for trials that report
+    no epochs (a study with several objectives), how long it has run."""
     lines = []
     for t in sorted((t for t in trials if t.state == "RUNNING"), key=lambda t: t.number):
+        if t.epoch is None and not reports_epochs and t.seconds is not None:
+            lines.append(f"trial {t.number}: running {duration(t.seconds)}")
+            continue
         if t.epoch is None:
             lines.append(f"trial {t.number}: starting")
             continue

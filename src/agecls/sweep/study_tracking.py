@@ -1,5 +1,7 @@
 """MLflow side of an Optuna study: one parent run per study (trials are its child runs), summary metrics,
-and the best trial's checkpoint registered in the model registry under the alias `best`."""
+and the best trial's checkpoint registered in the model registry under the alias `best`; a study of several
+objectives records its Pareto front instead and registers the front's named points (`best_f1`, `fairest`,
+`smallest`, and `rule` for optuna.register_rule)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,20 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from agecls.errors import AgeclsError
+from agecls.evaluation.pareto import (
+    apply_rule,
+    complete_trials,
+    directions,
+    is_multi,
+    named_points,
+    objective_names,
+    pareto_table,
+    parse_rule,
+    trial_values,
+)
 from agecls.tracking import ensure_experiment, source_tags
 
 log = logging.getLogger("agecls.sweep.sweeper")
@@ -82,8 +96,12 @@ class StudyRun:
             log.info("ended %d MLflow run(s) of failed trials as FAILED", len(ended))
         return ended
 
-    def close(self, study, status: str, seconds: float) -> None:
-        """Summary of the study so far (trial counts by state, epochs, best value and params), then status."""
+    def close(self, study, status: str, seconds: float, followup: dict[str, Any] | None = None) -> None:
+        """Summary of the study so far (trial counts by state, epochs, best value and params), then status.
+
+        `followup` (sweep.followup.run_followups' summary): with re-seeded top trials the study's choice is
+        the configuration with the best mean over seeds, and `best` is registered from that configuration's
+        best seed on validation; the pruned-trial check's counts become metrics."""
         from optuna.trial import TrialState
 
         self.end_orphan_runs(study)
@@ -96,32 +114,121 @@ class StudyRun:
         metrics = {f"study/n_{k}": float(v) for k, v in counts.items()}
         metrics.update({"study/epochs": float(epochs + pruned_epochs), "study/last_session_seconds": seconds})
         completed = [t for t in trials if t.state == TrialState.COMPLETE]
-        if completed:
+        if completed and is_multi(study):  # no single best trial: the front and its named points
+            metrics.update(self._record_front(study))
+        elif completed:
             best = study.best_trial
             metrics["study/best_value"] = float(best.value)
-            tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+            followup = followup or {}
+            for key in ("study/pruned_checked", "study/pruned_would_win"):
+                if followup.get(key) is not None:
+                    metrics[key] = float(followup[key])
+            run_id = best.user_attrs.get("mlflow_run_id")
+            chosen = followup.get("chosen_trial")
+            tags: dict[str, str] = {}
+            if chosen is not None:  # re-seeded: the best mean over seeds, served by its best seed
+                best = next((t for t in completed if t.number == int(chosen)), best)
+                pick = followup.get("best_seed") or {}
+                run_id = pick.get("mlflow_run_id") or best.user_attrs.get("mlflow_run_id")
+                for key in ("seed_mean", "seed_std", "ensemble_val"):
+                    if best.user_attrs.get(key) is not None:
+                        metrics[f"study/chosen_{key}"] = float(best.user_attrs[key])
+                tags["best.seed"] = str(pick.get("seed"))
+                tags["best.chosen_by"] = "mean validation value over seeds"
+            tags.update({f"best.{k}": str(v) for k, v in best.params.items()})
             tags["best.trial"] = str(best.number)
-            tags["best.run_id"] = str(best.user_attrs.get("mlflow_run_id", ""))
+            tags["best.run_id"] = str(run_id or "")
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
-            if self.cfg.optuna.get("register_best") and best.user_attrs.get("mlflow_run_id"):
-                self._register(study.study_name, best)
+            if self.cfg.optuna.get("register_best") and run_id:
+                self._register(study.study_name, best, str(run_id))
         for key, value in metrics.items():
             self.client.log_metric(self.run_id, key, value)
         self.client.set_terminated(self.run_id, status=status)
 
-    def _register(self, study_name: str, best) -> None:
-        """Register the best trial's checkpoint as an MLflow Model (python_function flavor, so MLflow itself
-        loads and serves it), a version of `agecls-<study>` with the alias `best`."""
+    def _record_front(self, study) -> dict[str, float]:
+        """A multi-objective study's front on its parent run: the table artifact pareto.json (MLflow's table
+        view) and pareto.csv, tags pareto.size, pareto.trials and named.<alias> (trial numbers), and its
+        named points registered when optuna.register_best is set; returns the best value per objective."""
+        from mlflow.exceptions import MlflowException
+
+        names, dirs = objective_names(study), directions(study)
+        complete = complete_trials(study)
+        metrics = {}
+        for name in names:
+            values = [trial_values(t, names)[name] for t in complete]
+            metrics[f"study/best/{name}"] = float((max if dirs[name] == "maximize" else min)(values))
+        rule = OmegaConf.select(self.cfg, "optuna.register_rule", default=None)
+        try:
+            table = pareto_table(study, n_boot=0, rule=parse_rule(str(rule)) if rule else None)
+            points = named_points(study)
+            if rule:
+                points["rule"] = apply_rule(str(rule), study)
+        except AgeclsError as exc:  # a rule no trial meets yet: the front is still recorded
+            log.warning("%s", exc)
+            table, points = pareto_table(study, n_boot=0), named_points(study)
+        tags = {
+            "pareto.size": str(len(table)),
+            "pareto.trials": ",".join(str(n) for n in sorted(table["trial"])),
+            **{f"named.{alias}": str(t.number) for alias, t in points.items()},
+        }
+        try:
+            self.client.log_table(self.run_id, table.astype({"named": str}), "pareto.json")
+            self.client.log_text(self.run_id, table.to_csv(index=False), "pareto.csv")
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+        except MlflowException as exc:  # tracking is a record, not the study: never stop a sweep over it
+            log.warning("could not record the Pareto front on the study's run: %s", exc)
+        if self.cfg.optuna.get("register_best"):
+            register_points(str(self.cfg.tracking.tracking_uri), f"agecls-{study.study_name}", points)
+        return metrics
+
+    def _register(self, study_name: str, best, run_id: str) -> None:
+        """Register the best trial's checkpoint (the MLflow run `run_id`: the trial's own, or its chosen
+        configuration's best seed) as an MLflow Model (python_function flavor, so MLflow itself loads and
+        serves it), a version of `agecls-<study>` with the alias `best`."""
         from mlflow.exceptions import MlflowException
 
         from agecls.serving.mlflow_model import register_run_model
 
         name = f"agecls-{study_name}"
         try:
-            version = register_run_model(
-                str(self.cfg.tracking.tracking_uri), best.user_attrs["mlflow_run_id"], name, "best"
-            )
+            version = register_run_model(str(self.cfg.tracking.tracking_uri), run_id, name, "best")
             log.info("registered %s version %s (trial %d) as %s@best", name, version, best.number, name)
         except (MlflowException, FileNotFoundError, OSError) as exc:
             log.warning("could not register the best checkpoint in the MLflow model registry: %s", exc)
+
+
+def register_points(
+    tracking_uri: str, name: str, points: dict[str, Any], *, detect: bool = True, strict: bool = False
+) -> dict[str, str]:
+    """Register each named trial's checkpoint as a version of `name` with its alias ({alias: trial});
+    one version per distinct trial (its MLflow run), several aliases may point at it. Returns {alias:
+    version}. A trial without a run, or one that cannot be registered, is logged and skipped (strict:
+    AgeclsError naming it)."""
+    from mlflow.exceptions import MlflowException
+
+    from agecls.serving.mlflow_model import register_run_model
+
+    versions = {}
+    for alias, trial in points.items():
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        try:
+            if not run_id:
+                raise FileNotFoundError(f"trial {trial.number} has no MLflow run (user attr mlflow_run_id)")
+            versions[alias] = register_run_model(tracking_uri, str(run_id), name, alias, detect=detect)
+            log.info(
+                "registered %s version %s (trial %d) as %s@%s",
+                name,
+                versions[alias],
+                trial.number,
+                name,
+                alias,
+            )
+        except (MlflowException, FileNotFoundError, OSError) as exc:
+            if strict:
+                raise AgeclsError(
+                    f"{name}@{alias} (trial {trial.number}): cannot register it: {exc}"
+                ) from None
+            log.warning("could not register %s@%s (trial %d): %s", name, alias, trial.number, exc)
+    return versions

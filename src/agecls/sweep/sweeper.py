@@ -44,10 +44,12 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.config import CONFIG_DIR
 from agecls.errors import UsageError
 from agecls.study import (
     fail_trial,
     find_trial,
+    fresh,
     heartbeat_ages,
     open_study,
     process_gone,
@@ -57,7 +59,15 @@ from agecls.study import (
     sqlite_lock,
     trial_id,
 )
-from agecls.sweep.console import StatusConsole, running_lines, status_line, trial_view
+from agecls.sweep.console import (
+    StatusConsole,
+    objective_value,
+    pareto_front,
+    running_lines,
+    status_line,
+    trial_view,
+)
+from agecls.sweep.followup import check_followups, run_followups
 from agecls.sweep.sampler import study_sampler
 from agecls.sweep.settings import SETTINGS
 from agecls.sweep.warm_start import enqueue_warm_starts, warm_starts
@@ -82,6 +92,48 @@ def check_settings(ocfg: DictConfig) -> None:
         hint = f"did you mean optuna.{close[0]}? " if close else ""
         valid = ", ".join(SETTINGS)
         raise SweepError(f"optuna.{key}: not a setting of an Optuna study; {hint}valid: {valid}")
+
+
+# Samplers that raise with several objectives (optuna's `_raise_error_if_multi_objective`).
+SINGLE_OBJECTIVE_SAMPLERS = ("CmaEsSampler",)
+
+
+def study_objectives(cfg: DictConfig) -> tuple[list[str] | None, list[str]]:
+    """(objective.metrics or None, the directions): several objectives when objective.metrics lists two or
+    more, else the one objective.metric in objective.mode's direction."""
+    metrics = [str(m) for m in (cfg.objective.get("metrics") or [])]
+    if len(metrics) > 1:
+        return metrics, [str(d) for d in cfg.objective.directions]
+    return None, ["maximize" if str(cfg.objective.mode) == "max" else "minimize"]
+
+
+def check_several_objectives(cfg: DictConfig) -> None:
+    """SweepError when a study of several objectives is given a pruner (optuna's work with one objective)
+    or a sampler that works with one objective only; nothing to check for one objective."""
+    names, _ = study_objectives(cfg)
+    if names is None:
+        return
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
+    pruner = str(cfg.optuna.pruner.get("_target_", ""))
+    if pruner.rsplit(".", 1)[-1] != "NopPruner":
+        chosen = choices.get("optuna/pruner")
+        # a `_target_` set over the `none` file is named as it was given
+        where = (
+            f"optuna/pruner={chosen}" if chosen not in (None, "none") else f"optuna.pruner._target_={pruner}"
+        )
+        raise SweepError(
+            f"{where}: optuna's pruners work with one objective, and objective.metrics has {len(names)}; "
+            "valid: optuna/pruner=none (trials stop by early stopping: callbacks.early_stopping.*)"
+        )
+    sampler = str(cfg.optuna.sampler.get("_target_", ""))
+    if sampler.rsplit(".", 1)[-1] in SINGLE_OBJECTIVE_SAMPLERS:
+        files = sorted((CONFIG_DIR / "optuna" / "sampler").glob("*.yaml"))
+        targets = {path.stem: str(OmegaConf.load(path).get("_target_", "")) for path in files}
+        valid = [name for name, t in targets.items() if t.rsplit(".", 1)[-1] not in SINGLE_OBJECTIVE_SAMPLERS]
+        raise SweepError(
+            f"optuna.sampler._target_={sampler}: works with one objective, and objective.metrics has "
+            f"{len(names)}; valid: optuna/sampler={', '.join(valid)}"
+        )
 
 
 def distribution(override: Override):
@@ -420,13 +472,18 @@ class StudyRunner:
                     "the search space is empty: set optuna.params (a sweeps/optuna_*.yaml file), sweep a "
                     "key, or search bin edges (bins=search)"
                 )
+            check_several_objectives(cfg)
+            check_followups(cfg)
+            names, directions = study_objectives(cfg)
             first = warm_starts(ocfg, space)
+            # an existing study with other objectives is refused here, before anything is asked of it
+            study = open_study(
+                ocfg, directions=directions, metric_names=names, sampler=study_sampler(ocfg.sampler)
+            )
         except (SweepError, UsageError) as exc:
             print(f"agecls-train: error: {exc}", file=sys.stderr)
             sys.exit(2)
-        direction = "maximize" if str(cfg.objective.mode) == "max" else "minimize"
         url = str(ocfg.storage)
-        study = open_study(ocfg, direction, sampler=study_sampler(ocfg.sampler))
         enqueue_warm_starts(study, first)
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -440,7 +497,7 @@ class StudyRunner:
             "study %r (%s, %s): %d trials wanted, %d %s slot(s), space %s",
             study.study_name,
             ocfg.storage,
-            direction,
+            ", ".join(f"{n} {d}" for n, d in zip(names, directions, strict=True)) if names else directions[0],
             target,
             len(slots),
             executor.kind,
@@ -456,8 +513,17 @@ class StudyRunner:
         def show(event: bool = False) -> None:
             trials, now = study.get_trials(deepcopy=False), time.time()
             views = [trial_view(t, now) for t in trials]
-            line = status_line(views, target, len(slots), time.monotonic() - started, direction == "maximize")
-            console.show(f"study {study.study_name}: {line}", running_lines(views), event=event)
+            line = status_line(
+                views,
+                target,
+                len(slots),
+                time.monotonic() - started,
+                directions[0] == "maximize",
+                names=names,
+                directions=directions,
+            )
+            running = running_lines(views, reports_epochs=names is None)
+            console.show(f"study {study.study_name}: {line}", running, event=event)
 
         def counted(*states: TrialState) -> int:
             return len(study.get_trials(deepcopy=False, states=states))
@@ -514,7 +580,7 @@ class StudyRunner:
                     if frozen.state == TrialState.FAIL:
                         failures += 1
                         stopping = stopping or failures > max_failures
-                    value = "" if frozen.value is None else f" value {frozen.value:.4f}"
+                    value = _values_text(frozen.values, names)
                     seconds = time.monotonic() - item.started
                     log.info("trial %d %s%s after %.0f s", number, frozen.state.name, value, seconds)
                     if frozen.state == TrialState.FAIL:
@@ -557,9 +623,15 @@ class StudyRunner:
         console.keep()  # the final state stays on the terminal above what follows
         done = counted(*finished)
         short = not stopping and done < target  # not expected: the loop ends with the study complete
+        followup: dict[str, Any] = {}
+        if not stopping and not short:  # the study holds its n_trials: late bloomers, then re-seeds
+            followup = run_followups(study, cfg, executor, slots, sweep_dir, parent)
+            if followup:
+                study = fresh(study)  # what the follow-ups wrote on finished trials
         if tracker:
-            tracker.close(study, "FAILED" if stopping or short else "FINISHED", time.monotonic() - started)
-        _write_summary(study, sweep_dir)
+            status = "FAILED" if stopping or short else "FINISHED"
+            tracker.close(study, status, time.monotonic() - started, followup=followup)
+        _write_summary(study, sweep_dir, followup)
         if stopping:
             raise SweepError(
                 f"{failures} trials failed (optuna.max_failures={max_failures}); see {sweep_dir}"
@@ -725,17 +797,66 @@ def _show(params: dict[str, Any]) -> str:
     return " ".join(f"{k}={format_value(v)}" for k, v in params.items())
 
 
-def _write_summary(study, sweep_dir: Path) -> None:
-    """The study's trials as CSV, and the best trial, in the sweep folder."""
+def _values_text(values: list[float] | None, names: list[str] | None) -> str:
+    """` value 0.5123` (one objective) or ` values val/macro_f1 0.5123, model/params 12345`; '' for none."""
+    if not values:
+        return ""
+    if names is None or len(values) == 1:
+        return f" value {values[0]:.4f}"
+    return " values " + ", ".join(f"{n} {objective_value(v)}" for n, v in zip(names, values, strict=True))
+
+
+def _write_summary(study, sweep_dir: Path, followup: dict[str, Any] | None = None) -> None:
+    """The study's trials as CSV (one `values_<objective>` column per objective when there are several),
+    and the best trial (several objectives: the Pareto front's trials, each with its objectives; re-seeded
+    top trials: the one chosen by its mean over seeds), in the sweep folder."""
     frame = study.trials_dataframe()
     frame.to_csv(sweep_dir / "trials.csv", index=False)
+    if len(study.directions) > 1:
+        _write_front(study, sweep_dir)
+        return
     try:
         best = study.best_trial
     except ValueError:
         log.warning("no trial of study %r completed", study.study_name)
         return
-    text = f"best trial {best.number}: value {best.value:.4f}\n" + "".join(
-        f"  {k}={format_value(v)}\n" for k, v in best.params.items()
-    )
+    chosen = (followup or {}).get("chosen_trial")
+    if chosen is not None and find_trial(study, int(chosen)) is not None:
+        best = find_trial(study, int(chosen))
+        mean, std = best.user_attrs.get("seed_mean"), best.user_attrs.get("seed_std")
+        seeds = "" if mean is None else f", mean over seeds {mean:.4f} ± {std:.4f}"
+        pick = (followup or {}).get("best_seed") or {}
+        text = (
+            f"chosen trial {best.number}: value {best.value:.4f}{seeds} (chosen by its mean over seeds); "
+            f"its best seed on validation: {pick.get('seed')} ({pick.get('value')}, {pick.get('run_dir')})\n"
+        )
+    else:
+        text = f"best trial {best.number}: value {best.value:.4f}\n"
+    text += "".join(f"  {k}={format_value(v)}\n" for k, v in best.params.items())
+    (sweep_dir / "best.txt").write_text(text)
+    log.info("%s", text.rstrip())
+
+
+def _write_front(study, sweep_dir: Path) -> None:
+    """best.txt of a study with several objectives: its Pareto front, by trial number, each trial with its
+    objectives and parameters."""
+    from optuna.trial import TrialState
+
+    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
+    directions = [d.name.lower() for d in study.directions]
+    views = [trial_view(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    front = pareto_front(views, directions)
+    if not front:
+        log.warning("no trial of study %r completed", study.study_name)
+        return
+    shown = ", ".join(f"{n} ({d})" for n, d in zip(names, directions, strict=True))
+    lines = [f"Pareto front: {len(front)} of {len(views)} complete trials; objectives {shown}"]
+    for trial in front:
+        values = ", ".join(
+            f"{n} {objective_value(v)}" for n, v in zip(names, trial.values or (), strict=True)
+        )
+        lines.append(f"trial {trial.number}: {values}")
+        lines += [f"  {k}={format_value(v)}" for k, v in trial.params.items()]
+    text = "\n".join(lines) + "\n"
     (sweep_dir / "best.txt").write_text(text)
     log.info("%s", text.rstrip())

@@ -60,7 +60,8 @@ def top_configurations(
     storage: str, study_name: str, top: int, space: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The params of the best `top` COMPLETE trials of another study, restricted to this study's `space`
-    (values outside it are left to the sampler)."""
+    (values outside it are left to the sampler). A source study of several objectives offers its Pareto
+    front's trials, best first by its first objective."""
     import optuna
     from optuna.trial import TrialState
 
@@ -68,8 +69,11 @@ def top_configurations(
         source = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         raise UsageError(f"optuna.enqueue_from.study={study_name}: no such study in {storage}") from None
-    complete = [t for t in source.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    complete.sort(key=lambda t: t.value, reverse=source.direction.name == "MAXIMIZE")
+    if len(source.directions) > 1:
+        complete = list(source.best_trials)  # its Pareto front: no trial there is worse in every objective
+    else:
+        complete = [t for t in source.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    complete.sort(key=lambda t: t.values[0], reverse=source.directions[0].name == "MAXIMIZE")
     out = []
     for trial in complete[:top]:
         kept = {}

@@ -430,17 +430,44 @@ def _check_task(cfg: DictConfig) -> list[str]:
         raise _fail("sampler.class_weights", scheme, f"valid: {', '.join(CLASS_WEIGHTING)}")
     if sampler.get("weighted_sampler") not in (True, False):
         raise _fail("sampler.weighted_sampler", sampler.get("weighted_sampler"), "valid: true, false")
+    warnings += _check_groups(sampler)
     if scheme != "none" and "age" in attrs and head != "classification":
         raise ConfigValueError(
             f"sampler.class_weights={scheme} weighs the cross-entropy of classification heads; "
             f"task.head={head} has none (use sampler.class_weights=none, or sampler=weighted)"
         )
-    if scheme != "none" and sampler.weighted_sampler:
+    if scheme != "none" and sampler.weighted_sampler and "target" in sampler.get("groups", ["target"]):
         warnings.append(
             f"sampler.weighted_sampler=true and sampler.class_weights={scheme}: the sampler already draws "
             "every class about equally often, so the loss weights favour rare classes a second time"
         )
     return warnings
+
+
+def _check_groups(sampler: DictConfig) -> list[str]:
+    """`sampler.groups`: a non-empty list of distinct group columns; `sampler.power` in [0, 1]. Returns a
+    warning for groups other than the class without the weighted sampler, which alone reads them."""
+    from agecls.data.datamodule import SAMPLING_GROUPS
+
+    groups = sampler.get("groups", ["target"])
+    valid = f"valid: a non-empty list of {', '.join(SAMPLING_GROUPS)} (e.g. [target,ethnicity])"
+    if not isinstance(groups, (ListConfig, list)) or len(groups) == 0:
+        raise _fail("sampler.groups", groups, valid)
+    shown = f"[{','.join(_show(name) for name in groups)}]"  # as typed on the command line: no quotes
+    for name in groups:
+        if name not in SAMPLING_GROUPS:
+            raise _fail("sampler.groups", shown, f"{_show(name)} is not a group column; {valid}")
+    if len(set(groups)) < len(groups):
+        raise _fail("sampler.groups", shown, f"a column is named twice; {valid}")
+    power = sampler.get("power", 1.0)
+    if not _is_number(power) or not 0 <= power <= 1:
+        raise _fail("sampler.power", power, "valid: a number in [0, 1] (1: every group drawn equally often)")
+    if list(groups) != ["target"] and not sampler.get("weighted_sampler"):
+        return [
+            f"sampler.groups={shown} with sampler.weighted_sampler=false: the groups are not balanced, every "
+            "face is drawn alike (sampler=group_balanced balances them)"
+        ]
+    return []
 
 
 def _check_callbacks(cfg: DictConfig) -> None:
@@ -464,6 +491,69 @@ def _check_callbacks(cfg: DictConfig) -> None:
     mode = OmegaConf.select(cfg, "objective.mode")
     if mode not in OBJECTIVE_MODES:
         raise _fail("objective.mode", mode, f"valid: {', '.join(OBJECTIVE_MODES)}")
+
+
+def _check_objectives(cfg: DictConfig) -> list[str]:
+    """objective.metrics / objective.directions: null (one objective, objective.metric), or two or more
+    objectives on offer (agecls.evaluation.objectives), each once, with one direction each. Returns a warning
+    for a direction opposite to the one in which the objective is better."""
+    from agecls.evaluation.objectives import BETTER, DIRECTIONS, OBJECTIVES, objective_attribute
+    from agecls.tasks.multitask import is_multitask
+
+    metrics = OmegaConf.select(cfg, "objective.metrics", default=None)
+    directions = OmegaConf.select(cfg, "objective.directions", default=None)
+    on_offer = f"valid: {', '.join(OBJECTIVES)}"
+    if metrics is None:
+        if directions is not None:
+            raise _fail(
+                "objective.directions",
+                directions,
+                "directions go with objective.metrics (one each); valid: null with objective.metrics=null",
+            )
+        return []
+    if not isinstance(metrics, ListConfig | list) or len(metrics) < 2:
+        raise _fail(
+            "objective.metrics",
+            metrics,
+            f"several objectives are a list of 2 or more (null: the one objective.metric); {on_offer}",
+        )
+    names = [str(m) for m in metrics]
+    for i, name in enumerate(names):
+        if name not in OBJECTIVES:
+            close = difflib.get_close_matches(name, OBJECTIVES, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise _fail(f"objective.metrics[{i}]", name, f"not an objective on offer; {hint}{on_offer}")
+        if name in names[:i]:
+            raise _fail("objective.metrics", names, f"{name} is listed twice; valid: each objective once")
+        attribute = objective_attribute(name)
+        if attribute is not None and not is_multitask(cfg.task) and str(cfg.task.get("target")) == attribute:
+            others = [m for m in OBJECTIVES if objective_attribute(m) not in (None, attribute)]
+            raise _fail(
+                f"objective.metrics[{i}]",
+                name,
+                f"task={cfg.task.name} predicts {attribute}, and its fairness view covers the other "
+                f"attributes' groups; valid: {', '.join(others)}",
+            )
+    usual = [BETTER[name] for name in names]
+    example = f"e.g. [{', '.join(usual)}]"
+    if not isinstance(directions, ListConfig | list) or len(directions) != len(names):
+        raise _fail(
+            "objective.directions",
+            directions,
+            f"one direction ({' or '.join(DIRECTIONS)}) per objective.metrics entry ({len(names)}), "
+            f"{example}",
+        )
+    warnings = []
+    for i, (name, direction) in enumerate(zip(names, directions, strict=True)):
+        if direction not in DIRECTIONS:
+            raise _fail(f"objective.directions[{i}]", direction, f"valid: {', '.join(DIRECTIONS)}")
+        if direction != BETTER[name]:
+            better, favoured = ("smaller", "larger") if BETTER[name] == "minimize" else ("larger", "smaller")
+            warnings.append(
+                f"objective.directions[{i}]={direction} for {name}, which is better {better}: the study "
+                f"will favour {favoured} values"
+            )
+    return warnings
 
 
 def _missing(node: Any, prefix: str) -> list[str]:
@@ -496,6 +586,7 @@ def validate(cfg: DictConfig, *, drawn_later: bool = False) -> list[str]:
     _check_model(cfg)
     warnings = _check_task(cfg)
     _check_callbacks(cfg)
+    warnings += _check_objectives(cfg)
     resolved = copy.deepcopy(cfg)
     try:
         resolve_auto(resolved)

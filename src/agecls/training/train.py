@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -21,9 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from agecls.config import flatten
 from agecls.data.augment import build_augment
 from agecls.data.bins import AgeBins
-from agecls.data.datamodule import FaceDataModule
-from agecls.data.prepare import PreparedData, frame_targets, prepare_data, subset_labels
+from agecls.data.datamodule import FaceDataModule, group_weights, labelled_rows
+from agecls.data.prepare import PreparedData, frame_labels, frame_targets, prepare_data, subset_labels
 from agecls.errors import UsageError
+from agecls.evaluation.objectives import compute_objectives, missing_objectives
 from agecls.evaluation.splits import PREFIX, choose_tta, evaluate_splits, metric_prefixes
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES, class_weights
 from agecls.tasks.module import FaceClassifier
@@ -165,11 +167,25 @@ def check_not_running(run_dir: Path) -> dict[str, Any]:
 def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataModule, dict[str, list[str]]]:
     """The run's datamodule over the persisted split (only `data.subset`'s rows, when set) and the classes
     of every attribute it predicts. Targets: one column per attribute (age: its bin), plus the exact age
-    when the age head predicts years (see agecls.tasks.multitask)."""
+    when the age head predicts years (see agecls.tasks.multitask).
+
+    A weighted sampler over `sampler.groups` other than the class alone, or with `sampler.power` below 1,
+    draws each training face with weight 1 / size**power of its group (group sizes over the training
+    rows): `target` is the task's class (its primary attribute), `age` the age bin, `gender` and
+    `ethnicity` the manifest's; faces with an unknown value form their own group."""
     bins = AgeBins.from_config(cfg.bins)
     class_names = task_class_names(cfg.task, bins.labels)
     df = prepared.manifest.df
     labels = subset_labels(frame_targets(df, target_columns(cfg.task), bins), df, cfg.data.get("subset"))
+    weights = None
+    groups = list(cfg.sampler.get("groups") or ["target"])
+    power = float(cfg.sampler.get("power", 1.0))
+    if cfg.sampler.weighted_sampler and (groups != ["target"] or power != 1.0):
+        primary = labels if labels.ndim == 1 else labels[:, 0]
+        codes = np.stack([primary if g == "target" else frame_labels(df, g, bins) for g in groups], axis=1)
+        train = labelled_rows(labels, df["split"].to_numpy(), "train")
+        weights = np.zeros(len(labels))
+        weights[train] = group_weights(codes[train], power)
     datamodule = FaceDataModule(
         prepared.images,
         labels,
@@ -183,6 +199,7 @@ def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataM
         pipeline=check_pipeline(cfg),
         image_size=int(cfg.data.image_size),
         channels_last=bool(cfg.trainer.get("channels_last", False)),
+        sampling_weights=weights,
     )
     return datamodule, class_names
 
@@ -210,6 +227,39 @@ def build_module(
         return FaceClassifier(resolved, class_names, weights, age_stats, input_stats)
     (attr,) = class_names
     return FaceClassifier(resolved, class_names[attr], weights[attr], age_stats, input_stats)
+
+
+def run_objectives(
+    cfg: DictConfig,
+    module: FaceClassifier,
+    results: dict[str, Any],
+    fairness_val: pd.DataFrame | None,
+    best_score: float,
+    strict: bool = False,
+) -> dict[str, float]:
+    """The run's objectives (agecls.evaluation.objectives) on validation at the selected checkpoint.
+    `val/macro_f1` is the single objective's value when that is objective.metric (flip TTA included, as
+    chosen), else the evaluated validation macro-F1. When objective.metrics names one that cannot be computed
+    for this run (e.g. a gap over a validation split with faces of one group only): UsageError if `strict`
+    (a trial, which must tell every value), else a warning."""
+    wanted = [str(m) for m in (cfg.objective.get("metrics") or [])]
+    macro_f1 = best_score if str(cfg.objective.metric) == "val/macro_f1" else results["best_val/macro_f1"]
+    values = compute_objectives(
+        macro_f1=macro_f1,
+        fairness=fairness_val,
+        module=module,
+        fit_seconds=float(results["fit_seconds"]),
+        image_size=int(cfg.data.image_size),
+        channels=1 if cfg.data.get("grayscale", True) else 3,
+        channels_last=bool(cfg.trainer.get("channels_last", False)),
+        wanted=wanted,
+    )
+    why = missing_objectives(values, wanted, fairness_val)
+    if why and strict:
+        raise UsageError(f"objective.metrics: {why}")
+    if why:
+        log.warning("objective.metrics: %s", why)
+    return values
 
 
 def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | None = None) -> dict[str, Any]:
@@ -302,7 +352,10 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         log.info("data: %s  rows per split %s  manifest %s", manifest.root, sizes, manifest.hash[:12])
         module = prepare_model(cfg, build_module(cfg, resolved, datamodule, class_names))
 
-        pruning = [PruningCallback(trial, str(cfg.objective.metric))] if trial is not None else []
+        report = str(cfg.optuna.get("report") or "best")
+        # optuna's pruners work with one objective: a study with several stops trials by early stopping only
+        prune = trial is not None and not trial.multi_objective
+        pruning = [PruningCallback(trial, str(cfg.objective.metric), report)] if prune else []
         trainer, checkpoint = build_trainer(cfg, run_dir, rec, pruning)
         started = time.perf_counter()
         # weights_only=False: the run's own checkpoint, whose hyperparameters hold its config
@@ -356,6 +409,11 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
             results["class_names"] = class_names[module.objective]
             for split in ("train", "val", "test"):
                 results[f"confusion_{split}"] = confusion[module.objective][split]
+        objectives = run_objectives(cfg, module, results, fairness.get("val"), best_score, trial is not None)
+        results["objectives"] = objectives
+        rec.metrics({f"objectives/{k}": v for k, v in objectives.items()})
+        if trial is not None:
+            trial.record_objectives(objectives)
         test_table = reports[module.objective]["test"].table
         results["fairness_test"] = fairness["test"].to_dict(orient="records") if "test" in fairness else []
         if tta is not None:

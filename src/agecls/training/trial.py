@@ -33,6 +33,9 @@ class TrialContext:
     trial: Any
     number: int
     requeued: dict[str, Any] = field(default_factory=dict)  # requeued_from, requeue_reason: a re-run trial
+    # objective.metrics of a study with several objectives (empty: one objective, objective.metric)
+    metrics: list[str] = field(default_factory=list)
+    objectives: dict[str, float] = field(default_factory=dict)  # the run's, set by record_objectives
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @classmethod
@@ -56,7 +59,14 @@ class TrialContext:
             )
         marks = ("requeued_from", "requeue_reason")
         requeued = {k: frozen.user_attrs[k] for k in marks if k in frozen.user_attrs}
-        ctx = cls(study=study, trial=attach_trial(study, frozen), number=int(number), requeued=requeued)
+        metrics = [str(m) for m in (cfg.get("objective", {}).get("metrics") or [])]
+        ctx = cls(
+            study=study,
+            trial=attach_trial(study, frozen),
+            number=int(number),
+            requeued=requeued,
+            metrics=metrics if len(metrics) > 1 else [],
+        )
         # This process, as a sweeper on the same host can check it: if it dies without telling, that sweeper
         # fails and re-queues the trial at once instead of waiting for its heartbeat to go stale.
         try:
@@ -101,10 +111,32 @@ class TrialContext:
             tags["mlflow.parentRunId"] = parent_run_id  # shows the run nested under its study in MLflow
         return tags
 
+    @property
+    def multi_objective(self) -> bool:
+        """Whether the study has several objectives: the trial tells their values and reports no epochs
+        (optuna's pruners work with one objective)."""
+        return bool(self.metrics)
+
+    def record_objectives(self, values: dict[str, float]) -> None:
+        """The run's objectives ({name: value}, agecls.evaluation.objectives), told with `complete`."""
+        self.objectives = dict(values)
+
     def complete(self, value: float, attrs: dict[str, Any]) -> None:
+        """Set the user attrs (and `objectives`), then tell the study `value`, or with several objectives
+        their values in objective.metrics order. A missing objective fails the trial (ValueError)."""
         for key, val in attrs.items():
             self.trial.set_user_attr(key, val)
-        self._tell(value)
+        if self.objectives:
+            self.trial.set_user_attr("objectives", self.objectives)
+        if not self.multi_objective:
+            self._tell(value)
+            return
+        missing = [m for m in self.metrics if m not in self.objectives]
+        if missing:
+            error = ValueError(f"objective.metrics: {', '.join(missing)} not computed for this run")
+            self.failed(error)
+            raise error
+        self._tell([float(self.objectives[m]) for m in self.metrics])
 
     def pruned(self) -> None:
         import optuna
@@ -118,22 +150,62 @@ class TrialContext:
         self._tell(state=optuna.trial.TrialState.FAIL)
 
 
-class PruningCallback(L.Callback):
-    """Report the monitored validation value every epoch; stop the run when the study's pruner says so."""
+# What a trial reports to the pruner after each epoch (`optuna.report`).
+REPORTS = ("best", "last")
 
-    def __init__(self, ctx: TrialContext, monitor: str) -> None:
-        self.ctx, self.monitor = ctx, monitor
+
+class PruningCallback(L.Callback):
+    """Report the monitored validation value every epoch (`report`: best: the best so far; last: that
+    epoch's); stop the run when the study's pruner says so.
+
+    A pruned run first finishes the epoch it was pruned at (its scheduler step, checkpoints/last.ckpt at
+    the end of training), then raises optuna.TrialPruned: so the pruned run can be continued later from
+    that very epoch (`optuna.check_pruned`)."""
+
+    def __init__(self, ctx: TrialContext, monitor: str, report: str = "best") -> None:
+        if report not in REPORTS:
+            raise ValueError(f"optuna.report={report!r}; valid: {', '.join(REPORTS)}")
+        self.ctx, self.monitor, self.report = ctx, monitor, report
         self.pruned_at: int | None = None
+        self.best: float | None = None
+
+    def _reported(self, value: float) -> float:
+        """The value to report for this epoch. Validation scores of short runs swing by points from epoch
+        to epoch: with `best`, one lucky or unlucky epoch does not decide a rung, and a trial is judged on
+        what its checkpoint selection would keep."""
+        if self.report == "last":
+            return value
+        import optuna
+
+        maximize = self.ctx.study.direction == optuna.study.StudyDirection.MAXIMIZE
+        if value == value and (self.best is None or (value > self.best if maximize else value < self.best)):
+            self.best = value  # NaN (a diverged epoch) is never a best
+        return value if self.best is None else self.best
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         fitting = trainer.state.fn == "fit"  # not a validate() after fit (e.g. scoring SWA weights)
         if trainer.sanity_checking or not fitting or self.monitor not in trainer.callback_metrics:
             return
+        if self.pruned_at is not None:
+            return
         epoch = trainer.current_epoch + 1
-        self.ctx.trial.report(float(trainer.callback_metrics[self.monitor]), epoch)
+        self.ctx.trial.report(self._reported(float(trainer.callback_metrics[self.monitor])), epoch)
         if self.ctx.trial.should_prune():
             import optuna
 
             self.pruned_at = epoch
             log.info("trial %d pruned after epoch %d", self.ctx.number, epoch)
+            epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", True))
+            if epoch_ends and epoch >= int(trainer.fit_loop.min_epochs or 0):
+                trainer.should_stop = True  # the epoch ends as usual; on_train_end raises
+                return
+            # mid-epoch validation (val_check_interval < 1) or min_epochs not reached: stop right here;
+            # checkpoints/last.ckpt then holds the start of this epoch
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after LastCheckpoint's on_train_end (an earlier callback): last.ckpt holds the pruned epoch
+        if self.pruned_at is not None:
+            import optuna
+
+            raise optuna.TrialPruned(f"pruned after epoch {self.pruned_at}")
