@@ -125,6 +125,7 @@ def test_bin_edge_study_trains_drawn_bins_and_prunes_infeasible_ones(tmp_path):
         "sweep=optuna_bin_edges",
         "optuna.study_name=edges",
         "optuna.n_trials=3",
+        "optuna.n_jobs=2",  # two trials at once: most of a trial is its process start-up, on one core
         "optuna/pruner=none",
         "optuna/sampler=random",
         "bins.search.k=3",

@@ -25,7 +25,7 @@ from tests.engines import MlflowServer, Postgres, SlurmCluster, free_port, wait_
 
 pytestmark = pytest.mark.cluster
 
-N_TRIALS = 6
+N_TRIALS = 4
 STUDY = "cluster"
 # 16 px generated faces, 1 epoch: a trial is mostly its process start-up. The learning rate stays in the
 # search space (a continuous draw): two trials with equal parameters are then a sampler's fault, not chance.

@@ -34,10 +34,10 @@ def test_help_names_both_commands(out):
     done = _cli(out, "--help")
     assert done.returncode == 0, done.stderr
     assert "prepare" in done.stdout and "show" in done.stdout and "exit codes" in done.stdout
-    for command in ("prepare", "show"):
-        sub = _cli(out, command, "--help")
+    helps = {command: _cli(out, command, "--help") for command in ("prepare", "show")}
+    for sub in helps.values():
         assert sub.returncode == 0 and "OVERRIDE" in sub.stdout, sub.stderr
-    assert "--manifest" in _cli(out, "show", "--help").stdout
+    assert "--manifest" in helps["show"].stdout
 
 
 def test_show_before_prepare_says_which_command_creates_it(out):

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -120,31 +121,64 @@ def compose_train_with_hydra(output_dir):
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "reference_runs.json").read_text())
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(GOLDEN["runs"]))
-def test_a_run_gives_the_reference_metrics_of_the_code_before_the_package_moved(tmp_path, name):
-    """Three deterministic runs (single task, multitask, EMA + TTA auto + OneCycle) recorded with the code as
-    it was before the modules moved into layers: the same command gives the same results and predictions."""
+REFERENCE_TEST = "test_a_run_gives_the_reference_metrics_of_the_code_before_the_package_moved"
+
+
+@pytest.fixture(scope="module")
+def reference_runs(request, tmp_path_factory) -> Iterator[dict[str, tuple[Path, subprocess.Popen]]]:
+    """The selected reference runs, started together: each has one CPU thread (as recorded) and its own
+    output folder, so running them side by side changes none of their numbers, only the suite's wall time."""
     import torch
 
     if torch.backends.cpu.get_cpu_capability() != GOLDEN["cpu_capability"]:
+        yield {}
+        return
+    wanted = sorted(
+        {
+            item.callspec.params["name"]
+            for item in request.session.items
+            if getattr(item, "originalname", None) == REFERENCE_TEST
+        }
+    )
+    root = tmp_path_factory.mktemp("reference")
+    runs = {}
+    for name in wanted:
+        folder = root / name
+        folder.mkdir()
+        env = {**os.environ, "AGECLS_OUTPUT_DIR": str(folder / "out"), "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "agecls.cli.train", *GOLDEN["runs"][name]["overrides"]]
+        with open(folder / "stderr.txt", "w") as stderr:
+            proc = subprocess.Popen(
+                [*command, f"hydra.run.dir={folder / 'run'}"],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=env,
+                cwd=folder,
+            )
+        runs[name] = (folder, proc)
+    yield runs
+    for _, proc in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(GOLDEN["runs"]))
+def test_a_run_gives_the_reference_metrics_of_the_code_before_the_package_moved(reference_runs, name):
+    """Three deterministic runs (single task, multitask, EMA + TTA auto + OneCycle) recorded with the code as
+    it was before the modules moved into layers: the same command gives the same results and predictions."""
+    if not reference_runs:
         pytest.skip(f"reference made on a {GOLDEN['cpu_capability']} CPU: other kernels round differently")
     ref = GOLDEN["runs"][name]
-    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(tmp_path / "out"), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "agecls.cli.train", *ref["overrides"], f"hydra.run.dir={tmp_path / 'run'}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = json.loads((tmp_path / "run" / "results.json").read_text())
+    folder, proc = reference_runs[name]
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, (folder / "stderr.txt").read_text()[-3000:]
+    got = json.loads((folder / "run" / "results.json").read_text())
     for key, value in ref["results"].items():
         if isinstance(value, float):
             assert got[key] == pytest.approx(value, abs=1e-6), key
         else:
             assert got[key] == value, key
-    predictions = (tmp_path / "run" / "predictions_test.csv").read_bytes()
+    predictions = (folder / "run" / "predictions_test.csv").read_bytes()
     assert hashlib.sha256(predictions).hexdigest() == ref["predictions_test_sha256"]

@@ -21,6 +21,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 from tests.conftest import FAST_OVERRIDES
 
+from agecls.cli.report import main as report_main
 from agecls.config import CONFIG_DIR
 from agecls.sweep.sweeper import SweepError, format_value, search_space
 
@@ -50,12 +51,29 @@ def test_unsupported_sweep_is_a_clear_error():
         search_space({"model.blocks": "glob(*)"}, [], OverridesParser.create())
 
 
-def _sweep(out: Path, *args: str, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
+def _start(out: Path, *args: str) -> subprocess.Popen:
+    """`agecls-train -m` on the TINY run with `args`, its stdout and stderr into files beside `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
     cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *args]
-    return subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=out.parent, **popen
-    )
+    with open(out.parent / "stdout.txt", "w") as stdout, open(out.parent / "stderr.txt", "w") as stderr:
+        return subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env, cwd=out.parent)
+
+
+def _finish(proc: subprocess.Popen, out: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Wait for a sweep of `_start` and return what it printed, as `subprocess.run` would."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+    texts = [(out.parent / name).read_text() for name in ("stdout.txt", "stderr.txt")]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *texts)
+
+
+def _sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return _finish(_start(out, *args), out)
 
 
 def _study(out: Path, name: str) -> optuna.Study:
@@ -66,8 +84,35 @@ def _states(study: optuna.Study) -> list[str]:
     return [t.state.name for t in study.get_trials()]
 
 
+def _start_training_sweep(tmp_path: Path, out: Path, args: list[str], trial: int = 0) -> subprocess.Popen:
+    """A sweep (own process group) whose trial `trial` cannot finish soon; returns once it is training."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
+    slow = ["trainer.max_epochs=1000", "callbacks.early_stopping.enabled=false"]
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *slow, *args]
+    proc = subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        # As in a terminal: Ctrl-C interrupts (a background job of a non-interactive shell ignores SIGINT,
+        # and ignored signals are inherited; CI may run the suite that way).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 300  # generous: start-up is slow when the machine is loaded
+    while time.monotonic() < deadline:  # until the trial's process has logged an epoch
+        logs = list(out.glob(f"multiruns/*/*/trial-{trial:04d}/train.log"))
+        if logs and "epoch 1" in logs[0].read_text():
+            return proc
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"the trial never started training within 300 s: {proc.communicate()[1][-2000:]!r}")
+
+
 @pytest.mark.slow
-def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
+def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = [
         "sweep=optuna_optimizers",
@@ -118,21 +163,19 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
     for child in children:
         assert child.data.params["optuna.trial"] == child.data.tags["optuna.trial"]
 
-    report = subprocess.run(
-        [sys.executable, "-m", "agecls.cli.report", "s1", "--out", str(tmp_path / "rep")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "AGECLS_OUTPUT_DIR": str(out)},
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
+    # In this process: a console script's start-up costs seconds (test_train_e2e runs agecls-report itself).
+    monkeypatch.setenv("AGECLS_OUTPUT_DIR", str(out))
+    capsys.readouterr()
+    code = report_main(["s1", "--out", str(tmp_path / "rep")])
+    report = capsys.readouterr()
+    assert code == 0, report.err[-3000:]
     written = {p.name for p in (tmp_path / "rep").iterdir()}
     assert {"trials.csv", "compute.json", "optimization_history.png"} <= written
     assert "param_importances.png" not in written  # 2 complete trials: below min_importance_trials
     assert any(name.startswith("confusion_val_trial") for name in written)
-    assert "trials_complete 2" in report.stdout
+    assert "trials_complete 2" in report.out
     # Its last lines say how to use the best model: a checkpoint and a photo that exist, the registered model.
-    use = report.stdout.split("Use the best model (trial ")[1].splitlines()
+    use = report.out.split("Use the best model (trial ")[1].splitlines()
     assert use[0] == f"{study.best_trial.number}, val/macro_f1 {study.best_value:.4f}):"
     assert Path(use[1].split("checkpoint: ")[1]).is_file()
     assert use[2] == f"  registered: models:/agecls-s1@best in sqlite:///{out}/mlflow.db"
@@ -146,11 +189,24 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
         "detect=false",
     ]
 
-    # The same command with a larger budget continues the study: the two trials are kept, one is added.
-    again = _sweep(out, *args[:-3], "optuna.n_trials=3", "optuna.n_jobs=1", "optuna/pruner=none")
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert _states(_study(out, "s1")) == ["COMPLETE"] * 3
-    warm = [t for t in _study(out, "s1").trials if t.user_attrs.get("warm_start")]
+    # The same command with a larger budget continues the study, and Ctrl-C while its trial trains fails that
+    # trial and re-queues its parameters; the command run once more (without the slow settings) runs the
+    # re-queued trial: the two first trials are kept, one is added, nothing counts twice.
+    again = [*args[:-3], "optuna.n_trials=3", "optuna.n_jobs=1", "optuna/pruner=none"]
+    proc = _start_training_sweep(tmp_path, out, again, trial=2)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()[-3000:]
+    study = _study(out, "s1")
+    assert _states(study) == ["COMPLETE", "COMPLETE", "FAIL", "WAITING"]
+    assert study.trials[3].system_attrs["fixed_params"] == study.trials[2].params
+
+    resumed = _sweep(out, *again)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = _study(out, "s1")
+    assert _states(study) == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"], "the re-queued trial ran once"
+    assert study.trials[3].params == study.trials[2].params
+    warm = [t for t in study.trials if t.user_attrs.get("warm_start")]
     assert [(t.number, t.params["optimizer"], t.params["optimizer.weight_decay"]) for t in warm] == [
         (0, "nadam", 0.01)
     ]
@@ -158,9 +214,11 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_pruned_and_crashed_trials_are_marked_and_tolerated(tmp_path):
-    out = tmp_path / "out"
+    # Two independent studies, each with its own output folder, run at once: the suite is otherwise one
+    # process, and a sweep spends most of its time starting Python processes on one core.
+    out, crash_out = tmp_path / "pruned" / "out", tmp_path / "crashed" / "out"
     # Every trial is below the threshold after its first epoch: all are pruned, none fails.
-    pruned = _sweep(
+    pruning = _start(
         out,
         "sweep=optuna_optimizers",
         "optuna.study_name=p",
@@ -169,6 +227,17 @@ def test_pruned_and_crashed_trials_are_marked_and_tolerated(tmp_path):
         "optuna.pruner.lower=1.01",
         "optuna.pruner.n_warmup_steps=0",
     )
+    # Every trial draws six or seven poolings, more than a basic CNN has (a fixed model.blocks=6 is refused
+    # before the study opens): every trial crashes; the sweep stops after max_failures and says so.
+    crashing = _start(
+        crash_out,
+        "sweep=optuna_optimizers",
+        "optuna.study_name=c",
+        "optuna.n_trials=5",
+        "optuna.max_failures=1",
+        "model.blocks=choice(6,7)",
+    )
+    pruned = _finish(pruning, out)
     assert pruned.returncode == 0, pruned.stderr[-3000:]
     study = _study(out, "p")
     assert _states(study) == ["PRUNED", "PRUNED"]
@@ -180,67 +249,12 @@ def test_pruned_and_crashed_trials_are_marked_and_tolerated(tmp_path):
     )
     assert len(runs) == 2 and {r.info.status for r in runs} == {"KILLED"}
 
-    # Every trial draws six or seven poolings, more than a basic CNN has (a fixed model.blocks=6 is refused
-    # before the study opens): every trial crashes; the sweep stops after max_failures and says so.
-    crashed = _sweep(
-        out,
-        "sweep=optuna_optimizers",
-        "optuna.study_name=c",
-        "optuna.n_trials=5",
-        "optuna.max_failures=1",
-        "model.blocks=choice(6,7)",
-    )
+    crashed = _finish(crashing, crash_out)
     assert crashed.returncode != 0
     assert "optuna.max_failures=1" in crashed.stderr
-    failed = _study(out, "c").trials
+    failed = _study(crash_out, "c").trials
     assert [t.state for t in failed] == [TrialState.FAIL, TrialState.FAIL]
     assert "blocks" in failed[0].user_attrs["error"]
-
-
-def _start_training_sweep(tmp_path: Path, out: Path, args: list[str]) -> subprocess.Popen:
-    """A sweep (own process group) whose one trial cannot finish soon; returns once it is training."""
-    out.mkdir()
-    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
-    slow = ["trainer.max_epochs=1000", "callbacks.early_stopping.enabled=false"]
-    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *slow, *args]
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-        # As in a terminal: Ctrl-C interrupts (a background job of a non-interactive shell ignores SIGINT,
-        # and ignored signals are inherited; CI may run the suite that way).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    deadline = time.monotonic() + 300  # generous: start-up is slow when the machine is loaded
-    while time.monotonic() < deadline:  # until the trial's process has logged an epoch
-        logs = list(out.glob("multiruns/*/*/trial-0000/train.log"))
-        if logs and "epoch 1" in logs[0].read_text():
-            return proc
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"the trial never started training within 300 s: {proc.communicate()[1][-2000:]!r}")
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_requeues_its_trial_and_resumes(tmp_path):
-    out = tmp_path / "out"
-    args = ["sweep=optuna_optimizers", "optuna.study_name=r", "optuna.n_trials=1", "optuna/pruner=none"]
-    proc = _start_training_sweep(tmp_path, out, args)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err.decode()[-3000:]
-    study = _study(out, "r")
-    assert _states(study) == ["FAIL", "WAITING"]
-    assert study.trials[1].system_attrs["fixed_params"] == study.trials[0].params
-
-    resumed = _sweep(out, *args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    study = _study(out, "r")
-    assert _states(study) == ["FAIL", "COMPLETE"], "the re-queued trial ran; nothing counted twice"
-    assert study.trials[1].params == study.trials[0].params
 
 
 # heavy: about a minute of subprocess sweeps each; the default suite keeps the other resume/requeue checks.
@@ -276,10 +290,27 @@ def test_every_optuna_sweep_file_has_a_space_whose_choices_compose(compose_cfg, 
     assert cfg.optuna.study_name == name
     space, _ = search_space(OmegaConf.to_container(cfg.optuna.params), [], OverridesParser.create())
     assert space, f"sweeps/{name}.yaml has an empty search space"
-    for key, dist in space.items():
-        values = dist.choices if isinstance(dist, CategoricalDistribution) else (dist.low, dist.high)
-        for value in values:
-            compose_cfg([f"sweep={name}", f"{key}={format_value(value)}"])
+    values = {
+        key: [
+            f"{key}={format_value(v)}"
+            for v in (d.choices if isinstance(d, CategoricalDistribution) else (d.low, d.high))
+        ]
+        for key, d in space.items()
+    }
+    # A choice of a config group (optimizer=..., scheduler=...) composes on its own. Plain values only need
+    # their key and type, which no other plain value changes: they compose side by side, value i of each key
+    # in compose i (a trial sets them all at once too), and one by one only where such a compose is refused.
+    groups = [key for key in values if (CONFIG_DIR / key.replace(".", "/")).is_dir()]
+    for key in groups:
+        for line in values.pop(key):
+            compose_cfg([f"sweep={name}", line])
+    for i in range(max(map(len, values.values()), default=0)):
+        lines = [options[i % len(options)] for options in values.values()]
+        try:
+            compose_cfg([f"sweep={name}", *lines])
+        except Exception:  # noqa: BLE001 - find the value that is refused, and fail on it
+            for line in lines:
+                compose_cfg([f"sweep={name}", line])
 
 
 # heavy: about a minute of subprocess sweeps each; the default suite keeps the other resume/requeue checks.
