@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-sweep bench-predict bench-gpu bench-64 bench-levers bench-serve browser engines utkface
+.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-sweep bench-predict bench-gpu bench-64 bench-levers bench-search bench-pareto bench-serve browser engines utkface
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -121,6 +121,26 @@ bench-sweep: $(STAMP)
 # cores); rewrites its BENCHMARKS.md section.
 bench-levers: $(STAMP)
 	nice -n 5 $(BIN)/python bench/levers.py --notes bench/results/levers-notes.md --write BENCHMARKS.md
+
+# Search vs hand recipe at the same budget (bench/search.py): per task and bench seed, the dissertation's
+# settings and agecls's hand recipe each trained on seeds (runs of 8 epochs, the best on validation), and an
+# Optuna study over sweep=optuna_recipe (warm starts, successive halving, the top trials re-seeded), 64 epochs
+# each; real UTKFace at 32 px from AGECLS_UTKFACE or ../shared/data/utkface (refused without it); test read
+# once at the end, paired bootstrap against the recipe. Days on 2 CPU cores (age alone, one seed, 4 epochs per
+# side on 5% of the train split: 26 minutes on 2 loaded cores); on a GPU machine pass SEARCH_ARGS='--device
+# gpu --parallel 4' (4 runs or trials share the GPU); '--fraction 0.25' keeps a quarter of the train split.
+# Rewrites its BENCHMARKS.md section.
+SEARCH_ARGS ?=
+bench-search: $(STAMP)
+	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks age,gender,ethnicity --seeds 3 \
+	  --budget-epochs 64 --run-epochs 8 $(SEARCH_ARGS) --write BENCHMARKS.md
+
+# A Pareto study for age (bench/pareto.py): validation macro-F1 against the ethnicity gap, sweep=pareto_fairness
+# on 1 row in 3 of each split of real UTKFace at 32 px, 12 trials of 8 half-epochs, 2 at a time (about 35
+# minutes on 2 CPU cores); the fairest front point against the best-F1 trial on test, paired bootstrap.
+# Rewrites its BENCHMARKS.md section.
+bench-pareto: $(STAMP)
+	nice -n 5 $(BIN)/python bench/pareto.py --trials 12 --epochs 8 --jobs 2 --write BENCHMARKS.md
 
 # The recipe comparison at 64 px (about 45 minutes on 2 CPU cores; needs the UTKFace folder); rewrites its
 # BENCHMARKS.md section.

@@ -317,3 +317,149 @@ def test_levers_quick_runs_two_levers(tmp_path):
     done = run_bench("levers.py", ["--quick"], tmp_path, timeout=900)
     assert "| gender | none (the dissertation's recipe) |" in done.stdout
     assert "| gender | `callbacks.ema.enabled=true`, `callbacks.ema.decay=0.995` |" in done.stdout
+
+
+# ---- bench/search.py -------------------------------------------------------------------------------------
+
+
+def _search_run(run_dir: Path, epochs: int, val: float, right: int) -> None:
+    """A finished run's results.json and test predictions (`right` of 40 faces correct)."""
+    import pandas as pd
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "objective": val,
+        "epochs_trained": epochs,
+        "fit_seconds": 1.0,
+        "data_sizes": {"train": 120, "val": 40, "test": 40},
+        "class_names": ["0", "1"],
+    }
+    (run_dir / "results.json").write_text(json.dumps(results))
+    labels = [0, 1] * 20
+    preds = labels[:right] + [1 - y for y in labels[right:]]
+    pd.DataFrame({"row": range(40), "label": labels, "pred": preds}).to_csv(
+        run_dir / "predictions_test.csv", index=False
+    )
+
+
+def _fake_agecls(cmd: list[str], log: Path, env: dict) -> float:
+    """Stands in for agecls-train in bench/search.py: a plain run stops early on seed 1001 (3 of 4 epochs);
+    a study round adds trials (even numbers complete 4 epochs, odd ones are pruned after 3); the follow-up
+    round re-seeds the best trial once."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    args = dict(a.split("=", 1) for a in cmd if "=" in a and not a.startswith("optuna.enqueue"))
+    if "hydra.sweep.dir" not in args:  # a plain run, not a study
+        seed = int(args["seed"])
+        _search_run(Path(args["hydra.run.dir"]), 3 if seed == 1001 else 4, 0.5 + seed % 10 / 100, 25)
+        return 2.0
+    study = optuna.create_study(
+        study_name=args["optuna.study_name"],
+        storage=args["optuna.storage"],
+        direction="maximize",
+        load_if_exists=True,
+    )
+    sweep = Path(args["hydra.sweep.dir"])
+    while len(study.trials) < int(args["optuna.n_trials"]):
+        n = len(study.trials)
+        run_dir, epochs = sweep / f"trial-{n:04d}", 4 if n % 2 == 0 else 3
+        _search_run(run_dir, epochs, 0.6 + n / 100, 30)
+        study.add_trial(
+            create_trial(
+                state=TrialState.COMPLETE if n % 2 == 0 else TrialState.PRUNED,
+                value=0.6 + n / 100,
+                params={"optimizer.lr": 1e-3},
+                distributions={"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+                intermediate_values={e: 0.5 for e in range(epochs)},
+                user_attrs={"run_dir": str(run_dir), "warm_start": f"enqueue[{n}]"} if n < 2 else {},
+            )
+        )
+    if int(args["optuna.reseed.top"]):
+        from agecls.sweep.followup import set_finished_attrs
+
+        best = study.best_trial
+        seed_dir = sweep / f"trial-{best.number:04d}-seed-1001"
+        _search_run(seed_dir, 4, 0.7, 34)
+        run = {"value": 0.7, "run_dir": str(seed_dir)}
+        mean = (best.value + 0.7) / 2
+        set_finished_attrs(study, best, {"reseed_runs": {"1001": run}, "seed_mean": mean, "seed_std": 0.01})
+    return 3.0
+
+
+def test_search_spends_the_same_budget_per_side_and_pairs_each_with_the_recipe(tmp_path, monkeypatch):
+    search = load_bench("search", monkeypatch)
+    monkeypatch.setattr(search, "run_logged", _fake_agecls)
+    monkeypatch.setattr(search, "RESULTS", tmp_path / "record")
+    monkeypatch.setattr(search, "recipe_sweep", lambda task: ["sweep=optuna_recipe"])
+    root = tmp_path / "faces"
+    root.mkdir()
+    md = tmp_path / "BENCHMARKS.md"
+    argv = [
+        "--root",
+        str(root),
+        "--tasks",
+        "age",
+        "--seeds",
+        "1",
+        "--budget-epochs",
+        "12",
+        "--run-epochs",
+        "4",
+    ]
+    argv += ["--reseed-top", "1", "--reseed-seeds", "1", "--n-boot", "200", "--out", str(tmp_path / "out")]
+    assert search.main([*argv, "--write", str(md)]) == 0
+    rep = json.loads((tmp_path / "out" / "search.json").read_text())
+    sides = rep["tasks"]["age"]["1"]
+    # Seeded sides: 4 + 3 (early stop) + 4 epochs; a fourth run of 4 would pass the budget of 12.
+    for name in ("dissertation", "recipe"):
+        assert sides[name]["epochs"] == 11 and len(sides[name]["runs"]) == 3
+        assert sides[name]["chosen"]["val"] == pytest.approx(0.52)  # seed 1002, the best on validation
+    # Study: 4 epochs kept for the re-seed; trials 0 (4 epochs) and 1 (pruned after 3) fit the 8 left.
+    study = sides["study"]
+    assert study["epochs_split"] == {"trials": 7, "reseeds": 4, "continued": 0, "total": 11}
+    assert study["trials"] == 2 and study["pruned"] == 1 and study["trial"] == 0
+    assert study["chosen"]["val"] == pytest.approx(0.7)  # the re-seeded run beat the trial's own on val
+    assert study["warm_start"] == "enqueue[0]"
+    # Test: study 34/40 right vs recipe 25/40, on the same faces
+    assert study["vs_recipe"]["diff"] > 0 and study["vs_recipe"]["lo"] <= study["vs_recipe"]["diff"]
+    assert sides["dissertation"]["vs_recipe"]["diff"] == pytest.approx(0.0)
+    assert "vs_recipe" not in sides["recipe"]
+    text = md.read_text()
+    assert text.count("<!-- search:begin -->") == 1
+    assert "| age | 1 | dissertation | 0.5200 | 0.6248 | +0.0000 [+0.0000, +0.0000] | 11 / 12 |" in text
+    assert "| age | 1 | recipe | 0.5200 | 0.6248 | - | 11 / 12 |" in text
+    assert "| age | 1 | study | 0.7000 | 0.8500 | +0.2" in text and "| 11 / 12 |" in text
+    assert "2 trials (1 pruned; 7 epochs), re-seeds 4 epochs, continued 0; chose trial 0 (enqueue[0])" in text
+    assert (
+        "- age: the study is at least level with the recipe on validation in 1 of 1 seeds and on test in 1 "
+        "of 1 (mean test difference +0.2252; significantly ahead in 1, behind in 0)." in text
+    )
+    assert "  - age: 2.0 trials per seed (1.0 pruned); chosen: enqueue[0]." in text
+    assert json.loads((tmp_path / "record" / "search.json").read_text()) == rep
+    assert search.render(rep) in text  # --from-json renders the same section
+
+
+# heavy: six subprocess fits and two study rounds on generated faces (6 to 17 minutes on 2 loaded cores).
+@pytest.mark.heavy
+def test_search_quick_runs_three_sides_on_one_budget(tmp_path):
+    md = tmp_path / "BENCHMARKS.md"
+    run = tmp_path / "run"
+    run_bench("search.py", ["--quick", "--out", str(run), "--write", str(md)], tmp_path / "out", timeout=1800)
+    rep = json.loads((run / "search.json").read_text())
+    sides = rep["tasks"]["age"]["1"]
+    assert list(sides) == ["dissertation", "recipe", "study"]
+    for name, side in sides.items():  # 4 epochs each: two 2-epoch seed runs, or trials plus a re-seed
+        assert 3 <= side["epochs"] <= 4, (name, side["epochs"])
+        assert 0 <= side["test"] <= 1 and side["chosen"]["val"] == max(r["val"] for r in side["runs"])
+    assert len(sides["dissertation"]["runs"]) == len(sides["recipe"]["runs"]) == 2
+    study = sides["study"]
+    assert study["epochs_split"]["reseeds"] == 2 and study["warm_start"] == "enqueue[0]"
+    assert len(study["runs"]) == 2  # the chosen trial's own run and its re-seed
+    pair = sides["study"]["vs_recipe"]
+    assert pair["lo"] <= pair["diff"] <= pair["hi"]
+    text = md.read_text()
+    assert "| task | seed | side | val macro-F1 | test macro-F1 | − recipe, test [95% CI] |" in text
+    for name in ("dissertation", "recipe", "study"):
+        assert text.count(f"| age | 1 | {name} |") == 1
+    assert "- age: the study is at least level with the recipe on validation in " in text

@@ -1,0 +1,610 @@
+"""Search vs hand recipe at the same budget: does agecls's automated study beat the recipe found by hand?
+
+For each task and bench seed, three sides spend the same total epochs (`--budget-epochs`) on real UTKFace
+(the persisted split, `--size` px), every run `--run-epochs` long:
+
+  dissertation: its final settings (experiment=agecnn / gendercnn / ethnicitycnn), the budget spent on seeds:
+                runs of `--run-epochs` epochs with seeds 1000*s, 1000*s+1, ..., the best on validation chosen;
+  recipe:       agecls's hand recipe (the README's overrides on the same settings), the same way;
+  study:        an Optuna study over `sweep=optuna_recipe` (no hand-picked levers) with warm starts (the
+                dissertation's settings and the recipe's levers enqueued first), its multi-fidelity pruner,
+                and the top `--reseed-top` trials re-run on `--reseed-seeds` more seeds, chosen by their
+                mean validation value. Trials are added while a full-length trial still fits the budget
+                left after the re-seeds: the epochs really spent (trials, minus what pruning saved, plus
+                re-seeds and continued pruned trials) are counted from the study and shown beside the budget.
+
+A side launches a run only while a whole run still fits in its budget, so each side ends at most one run's
+epochs under it (early stopping and pruning can leave it further under; the table says how far). Selection
+is on validation only; each chosen model's test predictions are read once at the end, and each side is paired
+with the recipe's chosen model over the same test faces (`agecls-compare`'s paired bootstrap).
+
+    .venv/bin/python bench/search.py --write BENCHMARKS.md       # hours on CPU: make bench-search
+    .venv/bin/python bench/search.py --tasks age --seeds 1 --fraction 0.05 --budget-epochs 4 --run-epochs 2
+    .venv/bin/python bench/search.py --quick                     # smoke: generated faces, 16 px
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from quality import DEFAULT_ROOT, EXPERIMENTS, REPO, run_logged, thread_env  # bench/ is on sys.path
+from sections import current_keys, machine_text, provenance, render_saved, write_section
+
+BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"
+RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
+SIDES = ("dissertation", "recipe", "study")
+# The README's recipe on top of the dissertation's settings: EMA and flip TTA for every task, OneCycle to 1e-3
+# for age and gender (it lost on validation for ethnicity).
+SHARED = ["callbacks.ema.enabled=true", "callbacks.ema.decay=0.995", "augment.tta=auto"]
+ONECYCLE = ["scheduler=onecycle", "optimizer.lr=1e-3"]
+RECIPE = {"age": [*SHARED, *ONECYCLE], "gender": [*SHARED, *ONECYCLE], "ethnicity": SHARED}
+# The warm starts, in the search space's keys: the dissertation's final settings, and the recipe's levers on
+# them (flip for `augment.tta=auto`, which the space searches as none | flip).
+DISSERTATION_START = {
+    "callbacks.ema.enabled": False,
+    "callbacks.ema.decay": 0.99,
+    "augment.tta": "none",
+    "scheduler": "none",
+    "optimizer.lr": 1e-4,
+    "optimizer.weight_decay": 0.1,
+    "model.dropout": 0.6,
+    "task.label_smoothing": 0.001,
+    "augment.mix.mixup_alpha": 0.0,
+    "augment.mix.cutmix_alpha": 0.0,
+    "sampler": "weighted",
+    "task.head": "classification",
+}
+RECIPE_START = {"callbacks.ema.enabled": True, "callbacks.ema.decay": 0.995, "augment.tta": "flip"}
+ONECYCLE_START = {"scheduler": "onecycle", "optimizer.lr": 1e-3}
+# optuna_recipe's weight decays stop at 1e-2; the dissertation's 0.1 joins them so its warm start is its own
+# setting rather than a neighbour drawn by the sampler.
+WEIGHT_DECAYS = "optimizer.weight_decay=choice(0.0,1e-4,1e-3,1e-2,0.1)"
+# Search-space keys that exist only in the age task's config (task=gender|ethnicity has no head to choose).
+AGE_ONLY = ("task.head",)
+QUICK_DATA = [
+    "data=synthetic",
+    "data.synthetic.n=200",
+    "model.blocks=2",
+    "model.base_channels=8",
+    "model.hidden=16",
+    "data.batch_size=32",
+]
+# Quick mode: sweep=optuna_recipe's successive halving with its first rung at epoch 1 of a 2-epoch run.
+QUICK_PRUNER = ["optuna.pruner.min_resource=1"]
+
+
+def warm_starts(task: str) -> list[dict]:
+    """The study's enqueued configurations for `task`: the dissertation's settings, then the recipe's."""
+    diss = {k: v for k, v in DISSERTATION_START.items() if task == "age" or k not in AGE_ONLY}
+    recipe = {**diss, **RECIPE_START, **(ONECYCLE_START if task != "ethnicity" else {})}
+    return [diss, recipe]
+
+
+def hydra_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def enqueue_override(starts: list[dict]) -> str:
+    """`optuna.enqueue=[{k: v, ...}, ...]` in Hydra's override syntax."""
+    entries = ", ".join("{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in s.items()) + "}" for s in starts)
+    return f"optuna.enqueue=[{entries}]"
+
+
+def _flat(prefix: str, node) -> list[str]:
+    """`prefix.key=value` overrides for every leaf of a mapping read from a sweep file."""
+    if isinstance(node, dict):
+        return [line for k, v in node.items() for line in _flat(f"{prefix}.{k}", v)]
+    if isinstance(node, list):
+        return [f"{prefix}=[" + ",".join(hydra_value(v) for v in node) + "]"]
+    return [f"{prefix}={'null' if node is None else hydra_value(node)}"]
+
+
+def recipe_sweep(task: str) -> list[str]:
+    """Overrides selecting the study of `sweep=optuna_recipe` for `task`. For age, the file itself; its
+    space also holds task.head, a key of the age task only, so for the other tasks the file is read and
+    given as overrides (its defaults, optuna settings and search space) without the age-only keys."""
+    if task == "age":
+        return ["sweep=optuna_recipe"]
+    from omegaconf import OmegaConf
+
+    from agecls.config import CONFIG_DIR
+
+    sweep = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "sweep" / "optuna_recipe.yaml"))
+    assert isinstance(sweep, dict)
+    lines = []
+    for entry in sweep.pop("defaults", []):  # `override /optuna/pruner: x` -> optuna/pruner=x
+        for group, option in entry.items() if isinstance(entry, dict) else []:
+            lines.append(f"{group.split()[-1].lstrip('/')}={option}")
+    optuna = sweep.get("optuna", {})
+    params = {k: v for k, v in optuna.pop("params", {}).items() if k not in AGE_ONLY}
+    for key in ("study_name", "n_trials", "reseed", "check_pruned"):  # set per task and seed below
+        optuna.pop(key, None)
+    lines += _flat("optuna", optuna) if optuna else []
+    return [*lines, *(f"{k}={v}" for k, v in params.items())]
+
+
+def train_subset(args, out: Path) -> tuple[Path, str]:
+    """(CSV, source): UTKFace's persisted split with `--fraction` of its train rows (a fixed random draw, seed
+    0), validation and test whole, for `data=manifest`."""
+    from hydra import compose, initialize_config_dir
+
+    from agecls.config import CONFIG_DIR
+    from agecls.data.prepare import data_lock, resolve_manifest
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["data=utkface", f"data.root={args.root}"])
+    with data_lock(cfg.paths.data_dir):
+        manifest = resolve_manifest(cfg.data, cfg.paths)
+    df = manifest.df
+    train = df[df["split"] == "train"]
+    keep = train.sample(frac=args.fraction, random_state=0).sort_index()
+    cols = [c for c in ("path", "age", "gender", "ethnicity", "sha1", "split") if c in df.columns]
+    path = out / f"utkface-train{args.fraction:g}.csv"
+    __import__("pandas").concat([keep, df[df["split"] != "train"]])[cols].to_csv(path, index=False)
+    return path, str(manifest.path)
+
+
+def common(args, task: str, tracked: bool = False) -> list[str]:
+    """Overrides of every run and trial of `task`: its dissertation experiment, the data, the device; MLflow
+    tracking when `tracked` (the study: its parent run, and the re-seeded runs it records there)."""
+    if args.quick:
+        data = QUICK_DATA
+    elif args.manifest:
+        data = ["data=manifest", f"data.path={args.manifest}", f"data.root={args.root}"]
+    else:
+        data = ["data=utkface", f"data.root={args.root}"]
+    device = [] if args.device == "auto" else [f"trainer.accelerator={args.device}"]
+    # one MLflow experiment per data (agecls keeps one split per experiment)
+    experiment = f"search-{task}-" + ("quick" if args.quick else f"train{args.fraction:g}")
+    return [
+        f"experiment={EXPERIMENTS[task]}",
+        *(
+            ["tracking=mlflow", f"tracking.experiment={experiment}", "tracking.log_checkpoint=false"]
+            if tracked
+            else ["tracking=none"]
+        ),
+        *data,
+        f"data.image_size={args.size}",
+        f"trainer.max_epochs={args.run_epochs}",
+        "trainer.enable_progress_bar=false",
+        *device,
+        *args.set,
+    ]
+
+
+def read_run(run_dir: Path) -> dict:
+    """One finished run: validation objective (flip TTA included when chosen), epochs, fit time."""
+    res = json.loads((run_dir / "results.json").read_text())
+    return {
+        "run_dir": str(run_dir),
+        "val": float(res["objective"]),
+        "epochs": int(res["epochs_trained"]),
+        "fit_s": float(res["fit_seconds"]),
+    }
+
+
+def seeded_side(args, task: str, seed: int, side: str, out: Path) -> dict:
+    """The dissertation's or the recipe's settings trained on seeds 1000*seed + i while a whole run still
+    fits in the budget (`--parallel` at a time); the best on validation is the side's model."""
+    side_dir = out / task / f"seed-{seed}" / side
+    side_dir.mkdir(parents=True, exist_ok=True)
+    extra = RECIPE[task] if side == "recipe" else []
+    runs: list[dict] = []
+    began = time.perf_counter()
+
+    def one(i: int) -> dict:
+        run_dir = side_dir / f"run-{i}"
+        cmd = [sys.executable, "-m", "agecls.cli.train", *common(args, task), *extra]
+        cmd += [f"seed={1000 * seed + i}", f"hydra.run.dir={run_dir}"]
+        run_logged(cmd, side_dir / f"run-{i}.log", thread_env(args.threads))
+        return read_run(run_dir)
+
+    spent = 0
+    while (room := (args.budget_epochs - spent) // args.run_epochs) > 0:
+        batch = range(len(runs), len(runs) + min(room, args.parallel))
+        with ThreadPoolExecutor(len(batch)) as pool:
+            runs += list(pool.map(one, batch))
+        spent = sum(r["epochs"] for r in runs)
+    chosen = max(runs, key=lambda r: r["val"])
+    return {
+        "side": side,
+        "epochs": spent,
+        "wall_s": time.perf_counter() - began,
+        "runs": runs,
+        "chosen": chosen,
+        "detail": f"{len(runs)} seeds, val " + " ".join(f"{r['val']:.4f}" for r in runs),
+    }
+
+
+def study_devices(args) -> str:
+    """optuna.devices: CPU only for --device cpu; with --device gpu and --jobs J > 1, J trials share GPU 0
+    (as J seed runs do with --parallel J); else one trial per visible GPU."""
+    if args.device == "cpu":
+        return "null"
+    if args.device == "gpu" and args.jobs > 1:
+        return "[" + ",".join(["0"] * args.jobs) + "]"
+    return "auto"
+
+
+def study_name(task: str, seed: int) -> str:
+    return f"search-{task}-s{seed}"
+
+
+def load(args, task: str, seed: int, out: Path):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = f"sqlite:///{out / task / f'seed-{seed}' / 'optuna.db'}"
+    return optuna.load_study(study_name=study_name(task, seed), storage=storage)
+
+
+def run_epochs(run: dict) -> int:
+    """Epochs of one re-seeded or continued run: as recorded, else from its results.json (0 when neither)."""
+    if run.get("epochs") is not None:
+        return int(run["epochs"])
+    results = Path(str(run.get("run_dir") or "")) / "results.json"
+    return int(json.loads(results.read_text())["epochs_trained"]) if results.is_file() else 0
+
+
+def study_epochs(study) -> dict:
+    """Epochs the study really spent: each trial's reported epochs (a pruned trial's stop where it was cut),
+    plus its re-seeded runs and a continued pruned trial's extra epochs, as the sweeper recorded them."""
+    from optuna.trial import TrialState
+
+    trials = reseeds = continued = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        attrs = t.user_attrs
+        if attrs.get("continued_from") is not None:
+            continue  # a continued pruned trial that joined the study: counted as its source's `continued`
+        done = len(t.intermediate_values) or int(attrs.get("epochs_trained", 0))
+        trials += done
+        reseeds += sum(run_epochs(r) for r in (attrs.get("reseed_runs") or {}).values())
+        if attrs.get("continued"):  # resumed from the pruned trial's last.ckpt: only the epochs after it
+            continued += max(0, run_epochs(attrs["continued"]) - done)
+    return {
+        "trials": trials,
+        "reseeds": reseeds,
+        "continued": continued,
+        "total": trials + reseeds + continued,
+    }
+
+
+def chosen(study):
+    """The trial the study names as best (by seed mean when re-seeded: agecls.sweep.selection)."""
+    try:
+        from agecls.sweep.selection import chosen_trial
+    except ImportError:  # before noise-aware selection: the plain best trial
+        return study.best_trial
+    return chosen_trial(study)
+
+
+def study_side(args, task: str, seed: int, out: Path) -> dict:
+    """The automated study, grown trial batch by trial batch while a full-length trial fits the budget left
+    after the re-seeds and continued pruned trials it reserves; then those follow-ups once."""
+    seed_dir = out / task / f"seed-{seed}"
+    sweep_dir = seed_dir / "study"
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "agecls.cli.train",
+        "-m",
+        *common(args, task, tracked=True),
+        *recipe_sweep(task),
+    ]
+    cmd += [
+        f"seed={1000 * seed}",
+        f"optuna.study_name={study_name(task, seed)}",
+        f"optuna.storage=sqlite:///{seed_dir / 'optuna.db'}",
+        f"optuna.n_jobs={args.jobs}",
+        "optuna.register_best=false",
+        f"optuna.devices={study_devices(args)}",
+        enqueue_override(warm_starts(task)),
+        WEIGHT_DECAYS,
+        f"hydra.sweep.dir={sweep_dir}",
+        *args.study_set,
+    ]
+    # the seeds of the seeded sides' second, third, ... runs: each re-seed has a same-seed run on both sides
+    reseed_seeds = [1000 * seed + 1 + i for i in range(args.reseed_seeds)]
+    reserve = args.run_epochs * (args.reseed_top * len(reseed_seeds) + args.check_pruned)
+    began, rounds, n_trials, spent = time.perf_counter(), 0, 0, {"trials": 0}
+    while (room := (args.budget_epochs - reserve - spent["trials"]) // args.run_epochs) > 0:
+        n_trials += room  # each at most a whole run: the round cannot overrun the budget
+        rounds += 1
+        follow = ["optuna.reseed.top=0", "optuna.check_pruned=0"]
+        run_logged(
+            [*cmd, f"optuna.n_trials={n_trials}", *follow], seed_dir / f"study-{rounds}.log", thread_env(1)
+        )
+        spent = study_epochs(load(args, task, seed, out))
+    if args.reseed_top or args.check_pruned:
+        seeds = "[" + ",".join(map(str, reseed_seeds)) + "]"
+        follow = [f"optuna.reseed.top={args.reseed_top}", f"optuna.reseed.seeds={seeds}"]
+        follow.append(f"optuna.check_pruned={args.check_pruned}")
+        run_logged(
+            [*cmd, f"optuna.n_trials={n_trials}", *follow], seed_dir / "study-followup.log", thread_env(1)
+        )
+    return read_study(args, task, seed, out, time.perf_counter() - began)
+
+
+def read_study(args, task: str, seed: int, out: Path, wall: float = float("nan")) -> dict:
+    """The study side: the chosen configuration's best run on validation (its trial or one of its re-seeded
+    runs), the epochs spent, and what the trials show (counts, pruned, values)."""
+    from optuna.trial import TrialState
+
+    study = load(args, task, seed, out)
+    best = chosen(study)
+    attrs = best.user_attrs
+    runs = [read_run(Path(attrs["run_dir"]))]
+    runs += [
+        read_run(Path(r["run_dir"])) for r in (attrs.get("reseed_runs") or {}).values() if r.get("run_dir")
+    ]
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    pruned = sum(t.state == TrialState.PRUNED for t in finished)
+    values = [round(float(t.value), 4) for t in finished if t.value is not None]
+    spent = study_epochs(study)
+    mean = attrs.get("seed_mean")
+    detail = (
+        f"{len(finished)} trials ({pruned} pruned; {spent['trials']} epochs), re-seeds {spent['reseeds']} "
+        f"epochs, continued {spent['continued']}; chose trial {best.number}"
+        + (f" ({attrs['warm_start']})" if attrs.get("warm_start") else "")
+        + (f", seed mean {mean:.4f} ± {attrs.get('seed_std', 0.0):.4f}" if mean is not None else "")
+    )
+    return {
+        "side": "study",
+        "epochs": spent["total"],
+        "epochs_split": spent,
+        "wall_s": wall,
+        "runs": runs,
+        "chosen": max(runs, key=lambda r: r["val"]),
+        "trial": best.number,
+        "params": best.params,
+        "warm_start": attrs.get("warm_start"),
+        "seed_mean": mean,
+        "seed_std": attrs.get("seed_std"),
+        "trials": len(finished),
+        "pruned": pruned,
+        "trial_values": values,
+        "detail": detail,
+    }
+
+
+def score_test(sides: dict[str, dict], n_boot: int) -> None:
+    """Test macro-F1 of each side's chosen model (read here, once) and each side minus the recipe with the
+    paired bootstrap interval over the same test faces (`agecls-compare --split test`)."""
+    from agecls.evaluation.compare import CompareError, compare_runs
+
+    recipe = Path(sides["recipe"]["chosen"]["run_dir"]) / "predictions_test.csv"
+    for name, side in sides.items():
+        preds = Path(side["chosen"]["run_dir"]) / "predictions_test.csv"
+        try:
+            report = compare_runs(preds, recipe, split="test", n=n_boot, seed=0)
+        except CompareError as exc:
+            raise SystemExit(f"cannot pair {name}'s test predictions with the recipe's: {exc}") from exc
+        side["test"] = report["macro_f1"]["A"][0]
+        side["test_faces"] = report["faces"]
+        if name != "recipe":
+            diff = report["macro_f1"]["A-B"]
+            side["vs_recipe"] = {k: diff[k] for k in ("diff", "lo", "hi", "p_a_not_better")}
+
+
+def reading(rep: dict) -> list[str]:
+    """A few lines from the numbers: where the study is ahead of, level with or behind each other side, and
+    what its trials were (how many, how many pruned, which configuration it chose)."""
+    lines = []
+    for task, seeds in rep["tasks"].items():
+        n = len(seeds)
+        for other in ("recipe", "dissertation"):
+            val = sum(s["study"]["chosen"]["val"] >= s[other]["chosen"]["val"] for s in seeds.values())
+            test = sum(s["study"]["test"] >= s[other]["test"] for s in seeds.values())
+            mean = sum(s["study"]["test"] - s[other]["test"] for s in seeds.values()) / n
+            sig = ""
+            if other == "recipe":
+                up = sum(s["study"]["vs_recipe"]["lo"] > 0 for s in seeds.values())
+                down = sum(s["study"]["vs_recipe"]["hi"] < 0 for s in seeds.values())
+                sig = f"; significantly ahead in {up}, behind in {down}"
+            lines.append(
+                f"- {task}: the study is at least level with the {other} on validation in {val} of {n} seeds "
+                f"and on test in {test} of {n} (mean test difference {mean:+.4f}{sig})."
+            )
+        studies = [s["study"] for s in seeds.values()]
+        picked = [s.get("warm_start") or f"trial {s['trial']} (sampled)" for s in studies]
+        lines.append(
+            f"  - {task}: {sum(s['trials'] for s in studies) / n:.1f} trials per seed "
+            f"({sum(s['pruned'] for s in studies) / n:.1f} pruned); chosen: {', '.join(picked)}."
+        )
+    return lines
+
+
+def _ci(d: dict | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+
+
+def render(rep: dict) -> str:
+    a, m = rep["args"], rep["machine"]
+    lines = [
+        BEGIN,
+        "## Search vs hand recipe at the same budget",
+        "",
+        *provenance(
+            rep["command"],
+            machine_text(m) + f"; 1-min load {rep['load_start']} at the start",
+            f"{rep['date']} ({rep['seconds'] / 60:.0f} min in all)",
+        ),
+        f"- Data: {rep['data']} (train/val/test rows {rep['sizes']['train']}/{rep['sizes']['val']}/"
+        f"{rep['sizes']['test']}), {a['size']} px greyscale.",
+        f"- Budget: {a['budget_epochs']} epochs per task, bench seed and side, every run {a['run_epochs']} "
+        "epochs long; a side starts a run only while a whole run still fits, so it may end up to one run "
+        "under (more when early stopping or pruning cut runs short): the epochs column counts what it spent.",
+        "- Sides: dissertation = `experiment=agecnn|gendercnn|ethnicitycnn` on seeds 1000·s+i, best on "
+        "validation; recipe = the same plus "
+        + ", ".join(f"`{current_keys(o)}`" for o in SHARED)
+        + " (and "
+        + ", ".join(f"`{o}`" for o in ONECYCLE)
+        + " for age and gender), the same way; study = `sweep=optuna_recipe` (with "
+        f"`{WEIGHT_DECAYS}` so the dissertation's weight decay is in it), its pruner, the dissertation's "
+        "settings and the recipe's levers enqueued first, trial seed 1000·s, then the top "
+        f"{a['reseed_top']} trial(s) re-run on {a['reseed_seeds']} more seed(s) and chosen by mean "
+        f"validation value"
+        + (f", {a['check_pruned']} pruned trial(s) continued to the end" if a.get("check_pruned") else "")
+        + "; its model is the chosen configuration's best run on validation.",
+        f"- Test read once at the end, for the three chosen models; differences are paired 95% bootstrap "
+        f"intervals over the same test faces ({rep['n_boot']} resamples, `agecls-compare --split test`).",
+        "",
+        "| task | seed | side | val macro-F1 | test macro-F1 | − recipe, test [95% CI] "
+        "| epochs spent / budget | wall, min | what ran |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, seeds in rep["tasks"].items():
+        for seed, sides in seeds.items():
+            for name in SIDES:
+                s = sides[name]
+                wall = "-" if s["wall_s"] != s["wall_s"] else f"{s['wall_s'] / 60:.1f}"
+                lines.append(
+                    f"| {task} | {seed} | {name} | {s['chosen']['val']:.4f} | {s['test']:.4f} "
+                    f"| {_ci(s.get('vs_recipe'))} | {s['epochs']} / {a['budget_epochs']} | {wall} "
+                    f"| {s['detail']} |"
+                )
+    lines += ["", *rep["reading"], *(["", *rep["notes"]] if rep.get("notes") else []), END]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("AGECLS_UTKFACE", DEFAULT_ROOT)))
+    parser.add_argument("--size", type=int, default=32, help="image side in px")
+    parser.add_argument(
+        "--tasks", default="age,gender,ethnicity", help="comma-separated: age,gender,ethnicity"
+    )
+    parser.add_argument("--seeds", type=int, default=3, help="bench seeds: each side runs once per seed")
+    parser.add_argument("--budget-epochs", type=int, default=64, help="epochs per task, seed and side")
+    parser.add_argument("--run-epochs", type=int, default=8, help="epochs of one run (a full-length trial)")
+    parser.add_argument("--fraction", type=float, default=1.0, help="share of the train split kept (fixed)")
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "gpu"], help="trainer.accelerator"
+    )
+    parser.add_argument(
+        "--reseed-top", type=int, default=2, help="the study's top trials re-run on more seeds"
+    )
+    parser.add_argument("--reseed-seeds", type=int, default=1, help="extra seeds per re-run trial")
+    parser.add_argument("--check-pruned", type=int, default=0, help="pruned trials continued to the end")
+    parser.add_argument("--parallel", type=int, default=1, help="seed runs of a side at a time")
+    parser.add_argument(
+        "--jobs", type=int, help="study trials at a time (optuna.n_jobs; default: --parallel)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per seed run (default: CPUs / --parallel, as the sweeper gives each trial)",
+    )
+    parser.add_argument("--set", nargs="*", default=[], help="overrides for every side")
+    parser.add_argument("--study-set", nargs="*", default=[], help="overrides for the study only")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="CI smoke: generated faces, 16 px, tiny budget")
+    parser.add_argument("--out", type=Path, help="folder for the runs (default outputs/bench/search/<stamp>)")
+    parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of a markdown file")
+    parser.add_argument("--notes", type=Path, help="Markdown lines to append to the section")
+    parser.add_argument("--from-json", type=Path, help="render a saved bench/results/search.json instead")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        return render_saved(args.from_json, render, args.write, (BEGIN, END), args.notes)
+    given = argv if argv is not None else sys.argv
+    if args.quick and "--tasks" not in given:
+        args.tasks = "age"
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in EXPERIMENTS]
+    if unknown or not tasks:
+        raise SystemExit(
+            f"--tasks {args.tasks}: {unknown[0] if unknown else 'none'} is not a task; "
+            "valid: age, gender, ethnicity"
+        )
+    if args.quick:  # 1 seed, 2-epoch runs, 4 epochs per side: 2 seed runs; the study: 2 trials, 1 re-seed
+        args.size, args.run_epochs, args.budget_epochs = 16, 2, 4
+        args.reseed_top, args.reseed_seeds, args.check_pruned = 1, 1, 0
+        args.seeds = args.seeds if "--seeds" in given else 1
+        args.study_set = [*QUICK_PRUNER, *args.study_set]
+        args.device, args.parallel, args.jobs = "cpu", 2, 1
+    elif not args.root.is_dir():
+        raise SystemExit(f"UTKFace folder not found: {args.root} (--root or AGECLS_UTKFACE)")
+    if args.run_epochs < 1 or args.budget_epochs < args.run_epochs:
+        raise SystemExit(
+            f"--budget-epochs {args.budget_epochs} --run-epochs {args.run_epochs}: the budget must hold at "
+            "least one run"
+        )
+    # A study trial gets CPUs / optuna.n_jobs threads from the sweeper: the seed runs get as many
+    args.jobs = args.jobs or args.parallel
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    from data_pipeline import machine
+
+    began, load_start = time.perf_counter(), round(os.getloadavg()[0], 2)
+    base = Path(os.environ.get("AGECLS_OUTPUT_DIR", REPO / "outputs"))
+    out = args.out or base / "bench" / "search" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    args.manifest, source = None, None
+    if not args.quick and args.fraction < 1:
+        args.manifest, source = train_subset(args, out)
+        print(f"{args.fraction:g} of the train split of {source}: {args.manifest}", flush=True)
+    results: dict[str, dict[str, dict]] = {}
+    for task in tasks:
+        for seed in range(1, args.seeds + 1):
+            sides = {
+                "dissertation": seeded_side(args, task, seed, "dissertation", out),
+                "recipe": seeded_side(args, task, seed, "recipe", out),
+                "study": study_side(args, task, seed, out),
+            }
+            results.setdefault(task, {})[str(seed)] = sides
+            for name, s in sides.items():
+                print(
+                    f"{task:10s} seed {seed} {name:12s} val {s['chosen']['val']:.4f}  epochs {s['epochs']}/"
+                    f"{args.budget_epochs}  {s['wall_s'] / 60:.1f} min  {s['detail']}",
+                    flush=True,
+                )
+    for seeds in results.values():  # test, read once every side has chosen its model
+        for sides in seeds.values():
+            score_test(sides, args.n_boot)
+    first = json.loads(
+        (Path(results[tasks[0]]["1"]["recipe"]["chosen"]["run_dir"]) / "results.json").read_text()
+    )
+    rep = {
+        "command": "python bench/search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": "generated synthetic faces (quick mode)"
+        if args.quick
+        else f"real UTKFace at {args.root}, the persisted split"
+        + (f" with {args.fraction:g} of its train rows (a fixed draw; val and test whole)" if source else ""),
+        "sizes": first["data_sizes"],
+        "load_start": load_start,
+        "n_boot": args.n_boot,
+        "tasks": results,
+        "out": str(out),
+        "seconds": time.perf_counter() - began,
+    }
+    rep["reading"] = reading(rep)
+    if args.notes:
+        rep["notes"] = args.notes.read_text().splitlines()
+    section = render(rep)
+    print(section)
+    saved = json.dumps(rep, indent=1, default=str) + "\n"
+    (out / "search.json").write_text(saved)
+    if args.write and not args.quick:  # the committed record of the section
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "search.json").write_text(saved)
+    if args.write:
+        write_section(args.write, section, BEGIN, END)
+        print(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
