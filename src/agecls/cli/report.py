@@ -102,7 +102,7 @@ def pareto_lines(
 
     names, model = objective_names(study), f"agecls-{study.study_name}"
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    lines, unregistered = ["\nNamed points of the front (validation; [95% bootstrap interval]):"], False
+    lines, unregistered = ["\nNamed points of the front (validation; [95% bootstrap interval]):"], []
     for _, row in front.iterrows():
         trial = trials[int(row["trial"])]
         run_dir = Path(str(trial.user_attrs.get("run_dir") or ""))
@@ -110,7 +110,8 @@ def pareto_lines(
         for alias in [a for a in str(row.get("named") or "").split(",") if a]:
             shown = ", ".join(f"{n} {row[n]:.4g}{_interval(row, n)}" for n in names if row.get(n) is not None)
             registered = _registered(uri, model, alias, trial.user_attrs.get("mlflow_run_id"))
-            unregistered = unregistered or not registered
+            if not registered:
+                unregistered.append(alias)
             lines.append(f"  {alias}: trial {trial.number}: {shown}")
             if registered:
                 lines.append(f"    {_program('agecls-serve')} ckpt={registered} tracking_uri={uri}")
@@ -119,12 +120,13 @@ def pareto_lines(
             else:
                 lines.append(f"    (no checkpoint at {_shown(ckpt)})")
     if unregistered:
-        aliases = [a for named in front["named"] for a in str(named or "").split(",") if a and a != "rule"]
         command = f"{_program('agecls-register')} study={study.study_name} tracking_uri={uri}"
         command += f" storage={storage}" if storage else ""
-        lines.append(f"Register them: {command}   ({model}@{', @'.join(aliases)})")
-        if rule:
-            lines.append(f'               {command} rule="{rule}"   ({model}@rule)')
+        named = [a for a in unregistered if a != "rule"]
+        commands = [f"{command}   ({model}@{', @'.join(named)})"] if named else []
+        if rule and "rule" in unregistered:
+            commands.append(f'{command} rule="{rule}"   ({model}@rule)')
+        lines.append("Register them: " + "\n               ".join(commands))
     return lines
 
 
