@@ -300,6 +300,7 @@ def test_a_pruned_trial_is_continued_from_its_pruned_epoch_and_promoted(tmp_path
     overrides += ["hydra/sweeper=agecls_optuna", "optimizer=choice(adam,nadam)", "tracking.experiment=late"]
     overrides += ["optuna.study_name=late", "optuna.n_trials=2", "optuna/pruner=threshold"]
     overrides += ["optuna.pruner.lower=1.01", "optuna.pruner.n_warmup_steps=0", "optuna.check_pruned=1"]
+    overrides += ["optuna.reseed.top=1", "optuna.reseed.seeds=[7]"]
     env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *overrides]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -334,3 +335,20 @@ def test_a_pruned_trial_is_continued_from_its_pruned_epoch_and_promoted(tmp_path
     # the continuation trains epochs 2 and 3 only; the pruned run keeps its one epoch
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/macro_f1")] == [2, 3]
     assert [m.step for m in client.get_metric_history(pruned_run.info.run_id, "val/macro_f1")] == [1]
+
+    # the promoted trial, best on its seed, is re-seeded; the study's record and @best follow the choice
+    promoted = fresh(study).trials[2]
+    seed_run = json.loads((copy.with_name(copy.name + "-seed-7") / "results.json").read_text())
+    assert promoted.user_attrs["reseeds"] == {"7": seed_run["objective"]}
+    record = client.get_run(parent.info.run_id).data
+    assert record.metrics["study/pruned_checked"] == 1 and record.metrics["study/pruned_would_win"] == 1
+    assert record.metrics["study/chosen_seed_mean"] == pytest.approx(
+        (promoted.value + seed_run["objective"]) / 2
+    )
+    assert record.tags["best.trial"] == "2"
+    assert record.tags["best.chosen_by"] == "mean validation value over seeds"
+    best_seed = promoted.value >= seed_run["objective"]
+    expected = promoted.user_attrs["mlflow_run_id"] if best_seed else seed_run["mlflow_run_id"]
+    assert record.tags["best.run_id"] == expected
+    version = client.get_model_version_by_alias("agecls-late", "best")
+    assert version.run_id == expected
