@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from agecls.errors import UsageError
 from agecls.study import fresh, set_finished_attrs
 from agecls.sweep.selection import best_seed_run, chosen_trial, maximizes, selection_table
+from agecls.sweep.stopping import stop_trials
 
 log = logging.getLogger("agecls.sweep.sweeper")
 
@@ -115,21 +115,9 @@ def run_jobs(executor: Any, slots: list[dict[str, str]], jobs: list[Job], label:
                     log.info("%s %s %s after %.0f s", label, job.name, ok, time.monotonic() - started)
             time.sleep(0.5)
     except KeyboardInterrupt:
-        stop_jobs([handle for _, handle, _ in running.values()])
+        stop_trials([handle for _, handle, _ in running.values()], graces=(20, 20, 20))
         log.warning("interrupted during the %ss; run the same command again to finish them", label)
         raise SystemExit(130) from None
-
-
-def stop_jobs(handles: list[Any], grace: float = 20.0) -> None:
-    """Ctrl-C to each running job (its run ends KILLED, a submitit job is cancelled), then SIGTERM and
-    SIGKILL to those still alive after `grace` seconds each (the sweeper stops its trials the same way)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        alive = [handle for handle in handles if not handle.done()]
-        for handle in alive:
-            handle.signal(sig)
-        deadline = time.monotonic() + grace
-        for handle in alive:
-            handle.wait(deadline - time.monotonic())
 
 
 def _quoted(value: Any) -> str:

@@ -70,6 +70,7 @@ from agecls.sweep.console import (
 from agecls.sweep.followup import check_followups, run_followups
 from agecls.sweep.sampler import study_sampler
 from agecls.sweep.settings import SETTINGS
+from agecls.sweep.stopping import stop_trials
 from agecls.sweep.warm_start import enqueue_warm_starts, warm_starts
 
 log = logging.getLogger("agecls.sweep.sweeper")
@@ -753,19 +754,6 @@ def _surplus(study, number: int, target: int, url: str) -> bool:
         requeue(study, failed, None, str(failed.user_attrs.get("requeue_reason", reason)))
     log.info("trial %d not run: %s", number, reason)
     return True
-
-
-def stop_trials(handles: list[TrialHandle], graces: tuple[float, float, float] = (10, 20, 30)) -> None:
-    """Stop running trials: Ctrl-C first (the run is marked KILLED), then SIGTERM (a process started with
-    SIGINT ignored, e.g. from a non-interactive shell's background job), then SIGKILL, each round waiting
-    its grace period for the trials to end. A submitit job is cancelled in the first round."""
-    for sig, grace in zip((signal.SIGINT, signal.SIGTERM, signal.SIGKILL), graces, strict=True):
-        alive = [handle for handle in handles if not handle.done()]
-        for handle in alive:
-            handle.signal(sig)
-        deadline = time.monotonic() + grace
-        for handle in alive:
-            handle.wait(deadline - time.monotonic())
 
 
 def _fail_and_requeue(
