@@ -23,7 +23,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 from quality import DEFAULT_ROOT, EXPERIMENTS, QUICK_DATA, REPO, run_logged, thread_env
-from sections import current_keys, machine_text, provenance, render_saved, write_section  # on sys.path
+from sections import (  # on sys.path
+    args_record,
+    current_keys,
+    machine_text,
+    provenance,
+    render_saved,
+    save_report,
+)
 
 BEGIN, END = "<!-- levers-runs:begin -->", "<!-- levers-runs:end -->"
 RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/levers.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "data": "generated synthetic faces (quick mode)"
         if args.quick
         else f"the whole persisted split of real UTKFace at {runs[0]['root']}",
@@ -259,14 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         rep["notes"] = args.notes.read_text().splitlines()
     section = render(rep)
     print(section)
-    saved = json.dumps(rep, indent=1) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "levers.json").write_text(saved)
-    if args.write and not args.quick:  # the committed record of the section
-        (RESULTS / "levers.json").write_text(saved)
-    if args.write:
-        write_section(args.write, section, BEGIN, END)
-        print(f"wrote {args.write}")
+    save_report(rep, "levers", out, RESULTS, section, args.write, (BEGIN, END), args.quick)
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from quality import DEFAULT_ROOT, QUICK_DATA, REPO, run_logged, strided_manifest, thread_env
-from sections import machine_text, provenance, render_saved, write_section  # bench/ is on sys.path
+from sections import args_record, machine_text, provenance, render_saved, write_section  # on sys.path
 
 NAME = "pareto-age-32px"
 MARKERS = (f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->")
@@ -180,7 +180,7 @@ def measure(args) -> dict:
     from data_pipeline import machine
 
     return {
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "command": "python bench/pareto.py " + " ".join(sys.argv[1:]),
         "overrides": overrides,
         "machine": machine(),

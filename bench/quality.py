@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from sections import (
+    args_record,
     current_keys,
     machine_text,
     provenance,
@@ -575,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "data": "generated synthetic faces (quick mode)"
         if args.quick
         else f"real UTKFace at {args.root}"

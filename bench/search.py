@@ -34,7 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from quality import DEFAULT_ROOT, EXPERIMENTS, REPO, run_logged, thread_env  # bench/ is on sys.path
-from sections import current_keys, machine_text, provenance, render_saved, write_section
+from sections import (
+    args_record,
+    current_keys,
+    machine_text,
+    provenance,
+    render_saved,
+    save_report,
+)
 
 BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"
 RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
@@ -578,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python bench/search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": args_record(args),
         "data": "generated synthetic faces (quick mode)"
         if args.quick
         else f"real UTKFace at {args.root}, the persisted split"
@@ -595,14 +602,7 @@ def main(argv: list[str] | None = None) -> int:
         rep["notes"] = args.notes.read_text().splitlines()
     section = render(rep)
     print(section)
-    saved = json.dumps(rep, indent=1, default=str) + "\n"
-    (out / "search.json").write_text(saved)
-    if args.write and not args.quick:  # the committed record of the section
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "search.json").write_text(saved)
-    if args.write:
-        write_section(args.write, section, BEGIN, END)
-        print(f"wrote {args.write}")
+    save_report(rep, "search", out, RESULTS, section, args.write, (BEGIN, END), args.quick)
     return 0
 
 

@@ -62,3 +62,31 @@ def render_saved(
     if write:
         write_section(write, section, *(markers(rep) if callable(markers) else markers))
     return 0
+
+
+def args_record(args) -> dict:
+    """A script's parsed arguments as JSON-ready values (paths as text), for its saved report."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def save_report(
+    rep: dict,
+    name: str,
+    out: Path,
+    results: Path,
+    section: str,
+    write: Path | None,
+    markers: tuple[str, str],
+    quick: bool = False,
+) -> None:
+    """Save a run's report as `out/<name>.json`; with `write` (and not a quick smoke) also as the committed
+    record `results/<name>.json`, and rewrite the section of `write`."""
+    saved = json.dumps(rep, indent=1, default=str) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(saved)
+    if write and not quick:
+        results.mkdir(exist_ok=True)
+        (results / f"{name}.json").write_text(saved)
+    if write:
+        write_section(write, section, *markers)
+        print(f"wrote {write}")
