@@ -20,7 +20,12 @@ with the recipe's chosen model over the same test faces (`agecls-compare`'s pair
 
     .venv/bin/python bench/search.py --write BENCHMARKS.md       # hours on CPU: make bench-search
     .venv/bin/python bench/search.py --tasks age --seeds 1 --fraction 0.05 --budget-epochs 4 --run-epochs 2
+    .venv/bin/python bench/search.py --tasks gender --out outputs/bench/search/X --write BENCHMARKS.md
     .venv/bin/python bench/search.py --quick                     # smoke: generated faces, 16 px
+
+With `--out` naming an earlier run's folder, finished cells (a task and seed with its three sides) and
+finished seed runs are read back rather than run again, and the section shows every cell of that folder: a
+benchmark too long for one sitting runs task by task (or after a crash) into the same folder.
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from quality import DEFAULT_ROOT, EXPERIMENTS, REPO, run_logged, thread_env  # bench/ is on sys.path
+from quality import (
+    DEFAULT_ROOT,
+    EXPERIMENTS,
+    REPO,
+    run_logged,
+    strided_manifest,
+    thread_env,
+)  # bench/ is on sys.path
 from sections import (
     args_record,
     current_keys,
@@ -170,7 +182,9 @@ def common(args, task: str, tracked: bool = False) -> list[str]:
         data = ["data=utkface", f"data.root={args.root}"]
     device = [] if args.device == "auto" else [f"trainer.accelerator={args.device}"]
     # one MLflow experiment per data (agecls keeps one split per experiment)
-    experiment = f"search-{task}-" + ("quick" if args.quick else f"train{args.fraction:g}")
+    experiment = f"search-{task}-" + (
+        "quick" if args.quick else f"stride{args.stride}-train{args.fraction:g}"
+    )
     return [
         f"experiment={EXPERIMENTS[task]}",
         *(
@@ -209,6 +223,8 @@ def seeded_side(args, task: str, seed: int, side: str, out: Path) -> dict:
 
     def one(i: int) -> dict:
         run_dir = side_dir / f"run-{i}"
+        if (run_dir / "results.json").is_file():  # finished in an earlier sitting
+            return read_run(run_dir)
         cmd = [sys.executable, "-m", "agecls.cli.train", *common(args, task), *extra]
         cmd += [f"seed={1000 * seed + i}", f"hydra.run.dir={run_dir}"]
         run_logged(cmd, side_dir / f"run-{i}.log", thread_env(args.threads))
@@ -229,6 +245,46 @@ def seeded_side(args, task: str, seed: int, side: str, out: Path) -> dict:
         "chosen": chosen,
         "detail": f"{len(runs)} seeds, val " + " ".join(f"{r['val']:.4f}" for r in runs),
     }
+
+
+# What must match for a cell of an earlier sitting to join this one's table.
+CELL_KEYS = (
+    "size",
+    "budget_epochs",
+    "run_epochs",
+    "fraction",
+    "stride",
+    "reseed_top",
+    "reseed_seeds",
+    "check_pruned",
+)
+
+
+def save_cell(out: Path, task: str, seed: int, args, sides: dict) -> None:
+    """One finished cell (a task and bench seed, its three sides scored on test), for a later sitting."""
+    record = {"settings": {k: getattr(args, k) for k in CELL_KEYS}, "sides": sides}
+    path = out / task / f"seed-{seed}" / "cell.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
+
+
+def earlier_cells(out: Path, args) -> dict[str, dict[str, dict]]:
+    """The cells finished in `out` by earlier sittings: {task: {seed: sides}}; SystemExit when one was run
+    with other settings (its numbers would not belong in the same table)."""
+    found: dict[str, dict[str, dict]] = {}
+    for path in sorted(out.glob("*/seed-*/cell.json")):
+        record = json.loads(path.read_text())
+        mine = {k: getattr(args, k) for k in CELL_KEYS}
+        if record["settings"] != mine:
+            diff = {
+                k: (record["settings"].get(k), v) for k, v in mine.items() if record["settings"].get(k) != v
+            }
+            raise SystemExit(f"{path}: run with other settings (earlier, now): {diff}; use another --out")
+        found.setdefault(path.parent.parent.name, {})[path.parent.name.removeprefix("seed-")] = record[
+            "sides"
+        ]
+    return {t: found[t] for t in EXPERIMENTS if t in found}
 
 
 def study_devices(args) -> str:
@@ -497,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-epochs", type=int, default=8, help="epochs of one run (a full-length trial)")
     parser.add_argument("--fraction", type=float, default=1.0, help="share of the train split kept (fixed)")
     parser.add_argument(
+        "--stride", type=int, default=1, help="keep 1 row in n of each split (train, val and test alike)"
+    )
+    parser.add_argument(
         "--device", default="auto", choices=["auto", "cpu", "gpu"], help="trainer.accelerator"
     )
     parser.add_argument(
@@ -557,39 +616,56 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or base / "bench" / "search" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     args.manifest, source = None, None
-    if not args.quick and args.fraction < 1:
-        args.manifest, source = train_subset(args, out)
-        print(f"{args.fraction:g} of the train split of {source}: {args.manifest}", flush=True)
-    results: dict[str, dict[str, dict]] = {}
+    if not args.quick and (args.fraction < 1 or args.stride > 1):
+        if args.fraction < 1 and args.stride > 1:
+            raise SystemExit(
+                "--fraction and --stride: choose one (a share of train, or 1 in n of every split)"
+            )
+        args.manifest, source = (strided_manifest if args.stride > 1 else train_subset)(args, out)
+        print(f"data: {args.manifest} (from {source})", flush=True)
+    results = earlier_cells(out, args)
+    resumed = sum(len(seeds) for seeds in results.values())
     for task in tasks:
         for seed in range(1, args.seeds + 1):
+            if str(seed) in results.get(task, {}):
+                continue
             sides = {
                 "dissertation": seeded_side(args, task, seed, "dissertation", out),
                 "recipe": seeded_side(args, task, seed, "recipe", out),
                 "study": study_side(args, task, seed, out),
             }
+            score_test(sides, args.n_boot)  # each side has chosen its model: test is read once, here
             results.setdefault(task, {})[str(seed)] = sides
+            save_cell(out, task, seed, args, sides)
             for name, s in sides.items():
                 print(
                     f"{task:10s} seed {seed} {name:12s} val {s['chosen']['val']:.4f}  epochs {s['epochs']}/"
                     f"{args.budget_epochs}  {s['wall_s'] / 60:.1f} min  {s['detail']}",
                     flush=True,
                 )
-    for seeds in results.values():  # test, read once every side has chosen its model
-        for sides in seeds.values():
-            score_test(sides, args.n_boot)
+    task0 = next(iter(results))
     first = json.loads(
-        (Path(results[tasks[0]]["1"]["recipe"]["chosen"]["run_dir"]) / "results.json").read_text()
+        (
+            Path(next(iter(results[task0].values()))["recipe"]["chosen"]["run_dir"]) / "results.json"
+        ).read_text()
     )
     rep = {
-        "command": "python bench/search.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python bench/search.py "
+        + " ".join(argv if argv is not None else sys.argv[1:])
+        + (f"  (cells of earlier sittings in {out} read back)" if resumed else ""),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "args": args_record(args),
         "data": "generated synthetic faces (quick mode)"
         if args.quick
         else f"real UTKFace at {args.root}, the persisted split"
-        + (f" with {args.fraction:g} of its train rows (a fixed draw; val and test whole)" if source else ""),
+        + (
+            f" with 1 row in {args.stride} of each split (sorted by file name)"
+            if args.stride > 1
+            else f" with {args.fraction:g} of its train rows (a fixed draw; val and test whole)"
+            if source
+            else ""
+        ),
         "sizes": first["data_sizes"],
         "load_start": load_start,
         "n_boot": args.n_boot,

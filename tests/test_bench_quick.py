@@ -438,6 +438,14 @@ def test_search_spends_the_same_budget_per_side_and_pairs_each_with_the_recipe(t
     assert "  - age: 2.0 trials per seed (1.0 pruned); chosen: enqueue[0]." in text
     assert json.loads((tmp_path / "record" / "search.json").read_text()) == rep
     assert search.render(rep) in text  # --from-json renders the same section
+    # A second sitting into the same folder reads the finished cell back and runs nothing
+    monkeypatch.setattr(search, "run_logged", lambda *a: pytest.fail(f"ran again: {a[0]}"))
+    assert search.main([*argv, "--write", str(md)]) == 0
+    again = json.loads((tmp_path / "out" / "search.json").read_text())
+    assert again["tasks"] == rep["tasks"] and "read back" in again["command"]
+    # ... and refuses to mix a cell of other settings into its table
+    with pytest.raises(SystemExit, match=r"cell.json: run with other settings .*'budget_epochs': \(12, 16\)"):
+        search.main([*argv[:-2], "--budget-epochs", "16", "--out", str(tmp_path / "out")])
 
 
 # heavy: six subprocess fits and two study rounds on generated faces (6 to 17 minutes on 2 loaded cores).
