@@ -84,7 +84,7 @@ ONECYCLE_START = {"scheduler": "onecycle", "optimizer.lr": 1e-3}
 # optuna_recipe's weight decays stop at 1e-2; the dissertation's 0.1 joins them so its warm start is its own
 # setting rather than a neighbour drawn by the sampler.
 WEIGHT_DECAYS = "optimizer.weight_decay=choice(0.0,1e-4,1e-3,1e-2,0.1)"
-# Search-space keys that exist only in the age task's config (task=gender|ethnicity has no head to choose).
+# Warm-start keys that exist only in the age task's config (task=gender|ethnicity has no head to choose).
 AGE_ONLY = ("task.head",)
 QUICK_DATA = [
     "data=synthetic",
@@ -117,37 +117,10 @@ def enqueue_override(starts: list[dict]) -> str:
     return f"optuna.enqueue=[{entries}]"
 
 
-def _flat(prefix: str, node) -> list[str]:
-    """`prefix.key=value` overrides for every leaf of a mapping read from a sweep file."""
-    if isinstance(node, dict):
-        return [line for k, v in node.items() for line in _flat(f"{prefix}.{k}", v)]
-    if isinstance(node, list):
-        return [f"{prefix}=[" + ",".join(hydra_value(v) for v in node) + "]"]
-    return [f"{prefix}={'null' if node is None else hydra_value(node)}"]
-
-
 def recipe_sweep(task: str) -> list[str]:
-    """Overrides selecting the study of `sweep=optuna_recipe` for `task`. For age, the file itself; its
-    space also holds task.head, a key of the age task only, so for the other tasks the file is read and
-    given as overrides (its defaults, optuna settings and search space) without the age-only keys."""
-    if task == "age":
-        return ["sweep=optuna_recipe"]
-    from omegaconf import OmegaConf
-
-    from agecls.config import CONFIG_DIR
-
-    sweep = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / "sweep" / "optuna_recipe.yaml"))
-    assert isinstance(sweep, dict)
-    lines = []
-    for entry in sweep.pop("defaults", []):  # `override /optuna/pruner: x` -> optuna/pruner=x
-        for group, option in entry.items() if isinstance(entry, dict) else []:
-            lines.append(f"{group.split()[-1].lstrip('/')}={option}")
-    optuna = sweep.get("optuna", {})
-    params = {k: v for k, v in optuna.pop("params", {}).items() if k not in AGE_ONLY}
-    for key in ("study_name", "n_trials", "reseed", "check_pruned"):  # set per task and seed below
-        optuna.pop(key, None)
-    lines += _flat("optuna", optuna) if optuna else []
-    return [*lines, *(f"{k}={v}" for k, v in params.items())]
+    """Overrides selecting the study's search space: `sweep=optuna_recipe` for every task (its task.head is an
+    optional key, searched for age only)."""
+    return ["sweep=optuna_recipe"]
 
 
 def train_subset(args, out: Path) -> tuple[Path, str]:

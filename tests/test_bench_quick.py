@@ -391,7 +391,6 @@ def test_search_spends_the_same_budget_per_side_and_pairs_each_with_the_recipe(t
     search = load_bench("search", monkeypatch)
     monkeypatch.setattr(search, "run_logged", _fake_agecls)
     monkeypatch.setattr(search, "RESULTS", tmp_path / "record")
-    monkeypatch.setattr(search, "recipe_sweep", lambda task: ["sweep=optuna_recipe"])
     root = tmp_path / "faces"
     root.mkdir()
     md = tmp_path / "BENCHMARKS.md"

@@ -75,7 +75,7 @@ def test_every_sweep_file_composes_with_its_values_in_the_typed_block(output_dir
 def test_the_schema_has_exactly_the_keys_of_train_yaml_optuna_block():
     block = OmegaConf.load(CONFIG_DIR / "train.yaml").optuna
     assert set(SETTINGS) == {*block, "sampler", "pruner"}  # sampler, pruner: groups optuna/sampler, /pruner
-    assert len(SETTINGS) == 21
+    assert len(SETTINGS) == 22
 
 
 def test_misspelled_optuna_key_on_the_command_line_is_an_error_naming_it(output_dir):
@@ -214,3 +214,27 @@ def test_only_agecls_study_touches_optunas_private_api():
         "study._storage.record_heartbeat",
         "trial._trial_id",
     ]
+
+
+@pytest.mark.parametrize("experiment", ["agecnn", "gendercnn", "ethnicitycnn"])
+def test_one_recipe_sweep_file_serves_every_task_its_head_searched_for_age_only(output_dir, experiment):
+    from agecls.config import check_overrides, present_params
+
+    lines = [f"experiment={experiment}", "sweep=optuna_recipe", "data=synthetic"]
+    cfg = check_overrides("train", lines, multirun=True)  # the command line's check: no unknown key
+    params = present_params(cfg)
+    assert ("task.head" in params) == (experiment == "agecnn")
+    assert set(cfg.optuna.params) - set(params) <= {"task.head"}
+
+
+def test_an_optional_param_the_space_does_not_search_is_refused_naming_the_closest(output_dir):
+    from agecls.config import check_overrides
+    from agecls.errors import UsageError
+
+    lines = ["experiment=gendercnn", "sweep=optuna_recipe", "optuna.optional_params=[task.haed]"]
+    with pytest.raises(
+        UsageError,
+        match=r"^optuna.optional_params: task.haed is not a key of optuna.params; "
+        r"did you mean task.head\? valid: callbacks.ema.enabled, ",
+    ):
+        check_overrides("train", lines, multirun=True)

@@ -220,8 +220,9 @@ def _check_optuna_params(cfg: DictConfig, loader: Any, config_name: str) -> None
     params = OmegaConf.select(cfg, "optuna.params")
     if not isinstance(params, DictConfig):
         return
-    lines = [f"{k}={v}" for k, v in OmegaConf.to_container(params).items() if not isinstance(v, dict | list)]
     keys = set(config_keys(cfg))
+    params = present_params(cfg)
+    lines = [f"{k}={v}" for k, v in params.items() if not isinstance(v, dict | list)]
     try:
         parsed = parse_overrides(lines, loader)
         problems = _group_problems(parsed, loader)
@@ -232,6 +233,29 @@ def _check_optuna_params(cfg: DictConfig, loader: Any, config_name: str) -> None
                 _check_key(override, keys, cfg, config_name)
     except UsageError as exc:
         raise UsageError(f"optuna.params: {exc}") from None
+
+
+def present_params(cfg: DictConfig) -> dict[str, Any]:
+    """optuna.params without the keys of optuna.optional_params that `cfg` does not have (task.head, say,
+    which only the age task has: one sweep file then searches every task). UsageError for an optional key
+    that optuna.params does not search (a misspelling would otherwise be silently ignored)."""
+    params = OmegaConf.to_container(OmegaConf.select(cfg, "optuna.params") or OmegaConf.create({}))
+    assert isinstance(params, dict)
+    optional = [str(k) for k in OmegaConf.select(cfg, "optuna.optional_params", default=None) or []]
+    for key in optional:
+        if key not in params:
+            close = difflib.get_close_matches(key, [str(k) for k in params], n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UsageError(
+                f"optuna.optional_params: {key} is not a key of optuna.params; {hint}"
+                f"valid: {', '.join(map(str, params))}"
+            )
+    absent = object()
+    return {
+        k: v
+        for k, v in params.items()
+        if k not in optional or OmegaConf.select(cfg, k, default=absent) is not absent
+    }
 
 
 def _explain(config_name: str, parsed: list[Any], loader: Any, exc: Exception) -> str:

@@ -32,6 +32,7 @@ class OptunaSettings:
     heartbeat_interval: int = MISSING
     grace_period: int = MISSING
     params: dict[str, Any] = MISSING  # key -> Hydra sweep syntax (choice, range, interval, tag) or a value
+    optional_params: list[str] = MISSING  # keys of params searched only where the config has them
     enqueue: list[Any] = MISSING  # warm starts: {search-space key: value} evaluated first (sweep.warm_start)
     enqueue_from: Any = MISSING  # null | {study, storage, top}: another study's top trials as warm starts
     register_best: bool = MISSING

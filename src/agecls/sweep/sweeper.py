@@ -44,7 +44,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
-from agecls.config import CONFIG_DIR
+from agecls.config import CONFIG_DIR, present_params
 from agecls.errors import UsageError
 from agecls.study import (
     fail_trial,
@@ -467,7 +467,9 @@ class StudyRunner:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         try:  # a study setting that cannot work stops here, as one line, before the study opens
             check_settings(ocfg)
-            space, fixed = search_space(OmegaConf.to_container(ocfg.params) or {}, arguments, parser)
+            params = present_params(cfg)
+            left_out = [k for k in ocfg.params if k not in params]
+            space, fixed = search_space(params, arguments, parser)
             if not space and not (cfg.get("bins") or {}).get("search"):
                 raise SweepError(
                     "the search space is empty: set optuna.params (a sweeps/optuna_*.yaml file), sweep a "
@@ -485,6 +487,10 @@ class StudyRunner:
             print(f"agecls-train: error: {exc}", file=sys.stderr)
             sys.exit(2)
         url = str(ocfg.storage)
+        if left_out:
+            log.info(
+                "optuna.params: %s left out (optuna.optional_params not in this config)", ", ".join(left_out)
+            )
         enqueue_warm_starts(study, first)
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
