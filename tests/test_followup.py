@@ -115,6 +115,35 @@ def test_a_reseed_of_an_untracked_trial_sets_no_tracking_keys(tmp_path):
     assert "seed=1" in job.cmd and job.run_dir == tmp_path / "trial-0000-seed-1"
 
 
+def test_a_reseed_of_a_promoted_trial_keeps_the_users_tags_but_not_the_continued_from(tmp_path):
+    """A promoted trial's folder (trial-NNNN-continued) carries optuna.continued_from in its config.yaml; a
+    re-seed of it is not a continuation, and Hydra would merge a dict override into the inherited tags."""
+    from agecls.config import compose
+
+    folder = tmp_path / "trial-0003-continued"
+    folder.mkdir()
+    inherited = {
+        "team": "faces",
+        "optuna.study": "s",
+        "optuna.continued_from": "3",
+        "mlflow.parentRunId": "P",
+    }
+    config = {"seed": 42, "tracking": {"enabled": True, "tags": inherited}}
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(config))
+    trial = create_trial(params={"optimizer": "adam"}, distributions=SPACE, value=0.5)
+    trial.user_attrs["run_dir"] = str(folder)
+    cmd = reseed_job(trial, 1, tmp_path, "s", "PARENT").cmd
+    start = cmd.index("~tracking.tags")
+    given = "++tracking.tags={" + ",".join(f"{k}:'{v}'" for k, v in inherited.items()) + "}"
+    cfg = compose("train", ["tracking=mlflow", given, *cmd[start : start + 2]])
+    assert cfg.tracking.tags == {
+        "team": "faces",
+        "optuna.study": "s",
+        "optuna.reseed_of": str(trial.number),
+        "mlflow.parentRunId": "PARENT",
+    }
+
+
 def test_top_trials_are_reseeded_and_chosen_by_their_seed_mean_once(tmp_path):
     study = _study(tmp_path)
     # trial 0 is best on its one seed (0.80) but falls to 0.60 and 0.62 on others; trial 1 holds 0.77-0.79
@@ -130,7 +159,8 @@ def test_top_trials_are_reseeded_and_chosen_by_their_seed_mean_once(tmp_path):
     name, cmd = executor.started[0]
     assert cmd[cmd.index("--config-path") + 1] == str((tmp_path / "trial-0000").resolve())
     assert "seed=1" in cmd and "optuna.trial=null" in cmd
-    assert "++tracking.tags={optuna.study:'s',optuna.reseed_of:'0',mlflow.parentRunId:'PARENT'}" in cmd
+    tags = "+tracking.tags={optuna.study:'s',optuna.reseed_of:'0',mlflow.parentRunId:'PARENT'}"
+    assert cmd[cmd.index(tags) - 1] == "~tracking.tags"
     assert f"hydra.run.dir={tmp_path / 'trial-0000-seed-1'}" in cmd
 
     study = fresh(study)
@@ -352,3 +382,25 @@ def test_a_pruned_trial_is_continued_from_its_pruned_epoch_and_promoted(tmp_path
     assert record.tags["best.run_id"] == expected
     version = client.get_model_version_by_alias("agecls-late", "best")
     assert version.run_id == expected
+
+
+def test_followups_stopped_by_ctrl_c_end_the_studys_run_killed(tmp_path, monkeypatch):
+    """Ctrl-C during re-seeds or continued trials: the study's MLflow run says KILLED (as after Ctrl-C during
+    its trials), not RUNNING until someone runs the command again."""
+    from mlflow import MlflowClient
+
+    from agecls.sweep import sweeper
+    from agecls.sweep.study_tracking import StudyRun
+
+    def interrupted(*args):
+        raise SystemExit(130)  # what run_jobs raises on KeyboardInterrupt, its jobs stopped
+
+    monkeypatch.setattr(sweeper, "run_followups", interrupted)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    tracker = StudyRun(client=client, run_id=run_id, cfg=_cfg(top=1))
+    with pytest.raises(SystemExit):
+        sweeper.followups(None, _cfg(top=1), None, [{}], tmp_path, tracker)
+    assert client.get_run(run_id).info.status == "KILLED"
+    with pytest.raises(SystemExit):  # untracked: nothing to end
+        sweeper.followups(None, _cfg(top=1), None, [{}], tmp_path, None)

@@ -125,8 +125,8 @@ def _quoted(value: Any) -> str:
     return f"'{text}'"
 
 
-def _tags_override(tags: dict[str, Any]) -> str:
-    return "++tracking.tags={" + ",".join(f"{k}:{_quoted(v)}" for k, v in tags.items()) + "}"
+def _tags_override(tags: dict[str, Any], prefix: str = "++") -> str:
+    return prefix + "tracking.tags={" + ",".join(f"{k}:{_quoted(v)}" for k, v in tags.items()) + "}"
 
 
 def trial_dir(trial, sweep_dir: Path) -> Path:
@@ -347,7 +347,16 @@ def reseed_job(trial, seed: int, sweep_dir: Path, study_name: str, parent: str |
     cmd += ["--config-name", "config", "trainer.enable_progress_bar=false"]
     cmd += ["optuna.trial=null", "optuna.parent_run_id=null", "trainer.resume=null", f"seed={seed}"]
     if OmegaConf.select(config, "tracking.enabled"):  # tracking=none has no tags or run name to set
-        cmd += [_tags_override(tags), f"tracking.run_name={_quoted(f'trial {trial.number} seed {seed}')}"]
+        given = OmegaConf.select(config, "tracking.tags")
+        # the user's own tags carry over; the source run's study tags (a promoted trial's
+        # optuna.continued_from) describe that run, not this one, and a dict override would merge them in
+        kept = {
+            k: v
+            for k, v in (OmegaConf.to_container(given) if given else {}).items()
+            if not str(k).startswith("optuna.") and k != "mlflow.parentRunId"
+        }
+        cmd += ["~tracking.tags", _tags_override({**kept, **tags}, "+")]
+        cmd.append(f"tracking.run_name={_quoted(f'trial {trial.number} seed {seed}')}")
     if OmegaConf.select(config, "bins.search") is not None:
         cmd.append("bins.search=null")  # config.yaml holds the edges the trial drew (bins.ranges)
     cmd.append(f"hydra.run.dir={run_dir}")

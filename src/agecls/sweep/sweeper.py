@@ -188,6 +188,17 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def followups(study, cfg: DictConfig, executor, slots, sweep_dir: Path, tracker) -> dict[str, Any]:
+    """run_followups with the study's MLflow run (`tracker`, None when untracked) ended KILLED when they are
+    interrupted, as the trials' loop does: the study's choice waits for the same command to run again."""
+    try:
+        return run_followups(study, cfg, executor, slots, sweep_dir, tracker.run_id if tracker else None)
+    except (KeyboardInterrupt, SystemExit):
+        if tracker:
+            tracker.client.set_terminated(tracker.run_id, status="KILLED")
+        raise
+
+
 # -- where trials run -----------------------------------------------------------------------------------
 class TrialHandle(Protocol):
     """One started trial: a local process or a submitit job."""
@@ -632,7 +643,7 @@ class StudyRunner:
         short = not stopping and done < target  # not expected: the loop ends with the study complete
         followup: dict[str, Any] = {}
         if not stopping and not short:  # the study holds its n_trials: late bloomers, then re-seeds
-            followup = run_followups(study, cfg, executor, slots, sweep_dir, parent)
+            followup = followups(study, cfg, executor, slots, sweep_dir, tracker)
             if followup:
                 study = fresh(study)  # what the follow-ups wrote on finished trials
         if tracker:
