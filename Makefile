@@ -123,17 +123,23 @@ bench-levers: $(STAMP)
 	nice -n 5 $(BIN)/python bench/levers.py --notes bench/results/levers-notes.md --write BENCHMARKS.md
 
 # Search vs hand recipe at the same budget (bench/search.py): per task and bench seed, the dissertation's
-# settings and agecls's hand recipe each trained on seeds (runs of 8 epochs, the best on validation), and an
-# Optuna study over sweep=optuna_recipe (warm starts, successive halving, the top trials re-seeded), 64 epochs
-# each; real UTKFace at 32 px from AGECLS_UTKFACE or ../shared/data/utkface (refused without it); test read
-# once at the end, paired bootstrap against the recipe. Days on 2 CPU cores (age alone, one seed, 4 epochs per
-# side on 5% of the train split: 26 minutes on 2 loaded cores); on a GPU machine pass SEARCH_ARGS='--device
-# gpu --parallel 4' (4 runs or trials share the GPU); '--fraction 0.25' keeps a quarter of the train split.
-# Rewrites its BENCHMARKS.md section.
-SEARCH_ARGS ?=
+# settings and agecls's hand recipe each trained on seeds (the best on validation), and an Optuna study over
+# sweep=optuna_recipe (warm starts, successive halving, a pruned trial continued, the top trials re-seeded), the
+# same epochs each; real UTKFace from AGECLS_UTKFACE or ../shared/data/utkface (refused without it); test read
+# once per cell, paired bootstrap against the recipe. Sized for 2 CPU cores: 1 row in 3 of each split at 32 px,
+# runs of 4 epochs, 32 epochs per side, 2 runs at a time: about 30 minutes per task and seed, 4.5 hours in all.
+# It resumes: each finished task and seed is kept in SEARCH_OUT, so the same command run again (or with
+# SEARCH_TASKS=gender) goes on where it stopped and rewrites the section with every cell done so far.
+# On a GPU machine: SEARCH_SIZE='--stride 1 --budget-epochs 64 --run-epochs 8' SEARCH_ARGS='--device gpu
+# --parallel 4' SEARCH_OUT=outputs/bench/search/gpu (4 runs or trials share the GPU).
+SEARCH_TASKS ?= age,gender,ethnicity
+SEARCH_SIZE ?= --stride 3 --budget-epochs 32 --run-epochs 4
+SEARCH_OUT ?= outputs/bench/search/cpu-stride3
+SEARCH_ARGS ?= --parallel 2
 bench-search: $(STAMP)
-	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks age,gender,ethnicity --seeds 3 \
-	  --budget-epochs 64 --run-epochs 8 $(SEARCH_ARGS) --write BENCHMARKS.md
+	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks $(SEARCH_TASKS) --seeds 3 $(SEARCH_SIZE) \
+	  --reseed-top 2 --reseed-seeds 1 --check-pruned 1 --study-set optuna.pruner.min_resource=2 \
+	  --out $(SEARCH_OUT) $(SEARCH_ARGS) --write BENCHMARKS.md
 
 # A Pareto study for age (bench/pareto.py): validation macro-F1 against the ethnicity gap, sweep=pareto_fairness
 # on 1 row in 3 of each split of real UTKFace at 32 px, 12 trials of 8 half-epochs, 2 at a time (about 35

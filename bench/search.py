@@ -220,7 +220,7 @@ def seeded_side(args, task: str, seed: int, side: str, out: Path) -> dict:
     }
 
 
-# What must match for a cell of an earlier sitting to join this one's table.
+# What must match for a cell of an earlier sitting to join this one's table (not how many runs at a time).
 CELL_KEYS = (
     "size",
     "budget_epochs",
@@ -230,6 +230,8 @@ CELL_KEYS = (
     "reseed_top",
     "reseed_seeds",
     "check_pruned",
+    "set",
+    "study_set",
 )
 
 
@@ -248,11 +250,10 @@ def earlier_cells(out: Path, args) -> dict[str, dict[str, dict]]:
     found: dict[str, dict[str, dict]] = {}
     for path in sorted(out.glob("*/seed-*/cell.json")):
         record = json.loads(path.read_text())
+        # a key the record lacks was not recorded then (kept with the settings it had)
         mine = {k: getattr(args, k) for k in CELL_KEYS}
-        if record["settings"] != mine:
-            diff = {
-                k: (record["settings"].get(k), v) for k, v in mine.items() if record["settings"].get(k) != v
-            }
+        diff = {k: (record["settings"][k], v) for k, v in mine.items() if record["settings"].get(k, v) != v}
+        if diff:
             raise SystemExit(f"{path}: run with other settings (earlier, now): {diff}; use another --out")
         found.setdefault(path.parent.parent.name, {})[path.parent.name.removeprefix("seed-")] = record[
             "sides"
@@ -456,7 +457,29 @@ def reading(rep: dict) -> list[str]:
             f"  - {task}: {sum(s['trials'] for s in studies) / n:.1f} trials per seed "
             f"({sum(s['pruned'] for s in studies) / n:.1f} pruned); chosen: {', '.join(picked)}."
         )
+        lines.append(f"  - {task}: {noise(seeds)}")
     return lines
+
+
+def noise(seeds: dict[str, dict]) -> str:
+    """How far one configuration moves with its seed alone, beside how far the sides' chosen models are
+    apart: the seeded sides' runs are the same settings on other seeds."""
+    import statistics
+
+    parts = []
+    for side in ("dissertation", "recipe"):
+        vals = [[r["val"] for r in s[side]["runs"]] for s in seeds.values() if len(s[side]["runs"]) > 1]
+        if vals:
+            sd = statistics.mean(statistics.stdev(v) for v in vals)
+            spread = statistics.mean(max(v) - min(v) for v in vals)
+            parts.append(f"the {side}'s runs sd {sd:.4f} (best minus worst {spread:.4f})")
+    if not parts:
+        return "one run per side: no seed spread to show."
+    return (
+        "noise: on validation, one configuration's seeds alone give "
+        + " and ".join(parts)
+        + " per bench seed; the chosen models are each the best of their side's runs on validation."
+    )
 
 
 def _ci(d: dict | None) -> str:
