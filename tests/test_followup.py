@@ -318,6 +318,41 @@ def test_the_pruner_sees_each_trials_best_epoch_so_far_unless_told_last():
         _callback("mean", "maximize")
 
 
+def test_no_trial_is_pruned_at_its_last_epoch_where_pruning_saves_nothing():
+    """Successive halving with min_resource 2 and 4 epochs has a rung at 4: a trial that reached it has
+    spent its budget, and pruning it there would only hide its value from the study's choice."""
+
+    class Pruning(_Trial):
+        def report(self, value: float, step: int) -> None:
+            self.reported.append((step, value))
+
+        def should_prune(self) -> bool:
+            return True  # a pruner that would cut every trial at every rung
+
+    callback = PruningCallback(
+        SimpleNamespace(
+            study=SimpleNamespace(direction=optuna.study.StudyDirection.MAXIMIZE), trial=Pruning()
+        ),
+        "val/macro_f1",
+    )
+    callback.ctx.number = 0
+    for epoch, expect in ((3, None), (2, 3)):  # the last epoch of 4, then an epoch before it
+        trainer = SimpleNamespace(
+            sanity_checking=False,
+            state=SimpleNamespace(fn="fit"),
+            callback_metrics={"val/macro_f1": torch.tensor(0.5)},
+            current_epoch=epoch,
+            max_epochs=4,
+            should_stop=False,
+            fit_loop=SimpleNamespace(
+                min_epochs=0, epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(is_last_batch=True))
+            ),
+        )
+        callback.on_validation_end(trainer, None)
+        assert callback.pruned_at == expect and trainer.should_stop == (expect is not None)
+    assert callback.ctx.trial.reported == [(4, 0.5), (3, 0.5)]  # the last epoch is still reported
+
+
 def test_a_pruned_trial_is_continued_from_its_pruned_epoch_and_promoted(tmp_path):
     """A real study: trial 1 is pruned after epoch 1 (checkpoints/last.ckpt holds that epoch), continued to
     epoch 3 in its own MLflow run that logs epochs 2 and 3 only, and beats the best complete trial."""
@@ -404,3 +439,29 @@ def test_followups_stopped_by_ctrl_c_end_the_studys_run_killed(tmp_path, monkeyp
     assert client.get_run(run_id).info.status == "KILLED"
     with pytest.raises(SystemExit):  # untracked: nothing to end
         sweeper.followups(None, _cfg(top=1), None, [{}], tmp_path, None)
+
+
+def test_best_serves_the_seeds_ensemble_only_when_validation_prefers_it_and_argmax_decodes_it(tmp_path):
+    from agecls.sweep.selection import served
+
+    study = _study(tmp_path)
+    for number, value in enumerate([0.70, 0.60]):
+        _complete(study, tmp_path, number, value)
+    values = {"s-trial-0000-seed-1": 0.72, "s-trial-0001-seed-1": 0.61}
+    reseed(study, _cfg(top=2, seeds=[1]), FakeExecutor(values), [{}], tmp_path, "PARENT")
+
+    def with_ensemble(number: int, ens: float):
+        from agecls.study import set_finished_attrs
+
+        set_finished_attrs(study, fresh(study).trials[number], {"ensemble_val": ens})
+        return fresh(study).trials[number]
+
+    kind, members, why = served(study, with_ensemble(0, 0.74))
+    assert kind == "ensemble" and why == "the seeds' ensemble 0.7400 > the best seed 0.7200 on validation"
+    assert members == ["run-s-trial-0000-seed-1", "run-0"]  # by seed: 1, then the trial's own 42
+    kind, members, why = served(study, with_ensemble(0, 0.71))
+    assert (kind, members) == ("seed", []) and why.startswith("the best seed 0.7200 >= the seeds' ensemble")
+    # a coral head is decoded by its cumulative median, not the argmax a served ensemble would take
+    (tmp_path / "trial-0000" / "config.yaml").write_text(OmegaConf.to_yaml({"task": {"head": "coral"}}))
+    kind, _, why = served(study, with_ensemble(0, 0.74))
+    assert kind == "seed" and "coral head" in why

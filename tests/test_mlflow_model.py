@@ -146,3 +146,87 @@ def test_agecls_register_picks_the_best_finished_run_of_an_experiment(registered
     assert register.main(["run=0123456789abcdef", f"tracking_uri={registered}"]) == 1
     assert "run=0123456789abcdef: no such MLflow run" in capsys.readouterr().err
     assert register.main([f"tracking_uri={registered}"]) == 2
+
+
+@pytest.fixture(scope="module")
+def second_member(tiny_multitask_ckpt, tmp_path_factory) -> Path:
+    """The tiny multitask checkpoint with its weights moved a little: another seed of the same model, so
+    the two disagree on probabilities but share their classes."""
+    import torch
+
+    state = torch.load(tiny_multitask_ckpt, map_location="cpu", weights_only=False)
+    gen = torch.Generator().manual_seed(0)
+    for key, value in state["state_dict"].items():
+        if value.is_floating_point():
+            state["state_dict"][key] = value + 0.3 * torch.randn(value.shape, generator=gen)
+    path = tmp_path_factory.mktemp("member") / "checkpoints" / "best.ckpt"
+    path.parent.mkdir()
+    torch.save(state, path)
+    return path
+
+
+def _probs(predictor: Predictor, image: bytes) -> dict[str, dict[str, float]]:
+    face = predictor.predict_file(image)["faces"][0]
+    return {attr: face[attr]["probs"] for attr in ATTRS}
+
+
+def test_checkpoints_of_one_attribute_are_an_ensemble_of_mean_probabilities(
+    tiny_multitask_ckpt, second_member, images, tmp_path
+):
+    import mlflow.pyfunc
+
+    one, two = load_model(Path(tiny_multitask_ckpt)), load_model(second_member)
+    a, b = (_probs(Predictor([m], detect=False), images[1]) for m in (one, two))
+    assert a["age"] != b["age"]
+    both = Predictor([one, two], detect=False)
+    got = _probs(both, images[1])
+    for attr in ATTRS:
+        for name, p in got[attr].items():
+            assert p == pytest.approx((a[attr][name] + b[attr][name]) / 2, abs=2e-6)
+        assert both.predict_file(images[1])["faces"][0][attr]["label"] == max(got[attr], key=got[attr].get)
+    # the same ensemble as an MLflow Model answers the same
+    path = save_pyfunc([Path(tiny_multitask_ckpt), second_member], tmp_path / "model", detect=False)
+    assert sorted(p.name for p in (path / "artifacts").glob("*.ckpt")) == ["member-0.ckpt", "member-1.ckpt"]
+    out = mlflow.pyfunc.load_model(str(path)).predict(pd.DataFrame({"image": images[1:2]}))
+    for attr in ATTRS:
+        want = both.predict_file(images[1])["faces"][0][attr]
+        assert out.loc[0, attr] == want["label"] and out.loc[0, f"{attr}_prob"] == pytest.approx(want["prob"])
+
+
+def test_members_with_other_classes_are_refused_naming_both(tiny_multitask_ckpt):
+    from dataclasses import replace
+
+    from agecls.errors import UsageError
+
+    one = load_model(Path(tiny_multitask_ckpt))
+    other = replace(one, path=Path("other.ckpt"), class_names={"gender": ["f", "m"]})
+    with pytest.raises(
+        UsageError, match=r"^ckpt: other.ckpt predicts gender as \['f', 'm'\], .* share their"
+    ):
+        Predictor([one, other], detect=False)
+
+
+def test_a_registered_ensemble_resolves_to_all_its_members(registered, tiny_multitask_ckpt, second_member):
+    from mlflow import MlflowClient
+
+    from agecls.errors import UsageError
+    from agecls.serving.mlflow_model import register_ensemble_model
+    from agecls.serving.predict import resolve_model, resolve_models
+
+    client = MlflowClient(tracking_uri=registered)
+    first = json.loads((Path(tiny_multitask_ckpt).parent.parent / "results.json").read_text())[
+        "mlflow_run_id"
+    ]
+    experiment = client.create_experiment("ensemble-members")
+    second = client.create_run(experiment).info.run_id
+    client.log_artifact(second, str(second_member), "checkpoints")
+    study = client.create_run(experiment).info.run_id
+    version = register_ensemble_model(registered, [first, second], "agecls-ens", "best", record_run=study)
+    again = register_ensemble_model(registered, [first, second], "agecls-ens", "best", record_run=study)
+    assert version == again == "1"
+    found = resolve_models("models:/agecls-ens@best", registered)
+    assert [p.name for p, _ in found] == ["member-0.ckpt", "member-1.ckpt"]
+    assert found[1][0].read_bytes() == second_member.read_bytes()
+    assert found[0][1].registered == "agecls-ens" and found[0][1].run_id == study
+    with pytest.raises(UsageError, match="an ensemble of 2 checkpoints, not one"):
+        resolve_model("models:/agecls-ens@best", registered)

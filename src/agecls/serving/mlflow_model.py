@@ -7,7 +7,9 @@ its class and probability. With `detect` on (the default) each image is a photo 
 as agecls-predict does; with it off each image is already a face crop.
 
 The model folder holds the checkpoint under `artifacts/`, so agecls-predict and agecls-serve also take the
-registered `models:/...` directly (they look for the .ckpt inside)."""
+registered `models:/...` directly (they look for the .ckpt inside). An ensemble (a study's chosen
+configuration over its seeds, when validation prefers it to the best seed alone) holds its members as
+member-0.ckpt, member-1.ckpt, ..., and answers with their mean class probabilities."""
 
 from __future__ import annotations
 
@@ -22,9 +24,15 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from agecls.serving.predict import DEFAULT_MAX_PIXELS, Predictor, load_model
+from agecls.serving.predict import DEFAULT_MAX_PIXELS, MEMBER_PREFIX, Predictor, load_model
 
-CHECKPOINT = "checkpoint"
+CHECKPOINT = "checkpoint"  # the artifact's name; an ensemble's members: checkpoint, checkpoint_1, ...
+
+
+def _member_keys(artifacts: dict[str, Any]) -> list[str]:
+    """The checkpoint artifacts of a saved model in member order (one for a single checkpoint)."""
+    keys = [k for k in artifacts if k == CHECKPOINT or k.startswith(f"{CHECKPOINT}_")]
+    return sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]) if k != CHECKPOINT else 0)
 
 
 def package_version() -> str:
@@ -82,7 +90,7 @@ class FaceClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         config = dict(context.model_config or {})
         self.predictor = Predictor(
-            [load_model(Path(context.artifacts[CHECKPOINT]))],
+            [load_model(Path(context.artifacts[k])) for k in _member_keys(context.artifacts)],
             detect=bool(config.get("detect", True)),
             max_pixels=int(config.get("max_pixels", DEFAULT_MAX_PIXELS)),
         )
@@ -107,31 +115,95 @@ def example_image(size: int = 64) -> bytes:
     return buf.getvalue()
 
 
-def save_pyfunc(checkpoint: Path, path: Path, *, detect: bool = True, version: str | None = None) -> Path:
-    """Write the checkpoint as an MLflow Model folder at `path` (python_function flavor, signature, an input
-    example of one generated face); returns `path`."""
+def save_pyfunc(
+    checkpoint: Path | list[Path], path: Path, *, detect: bool = True, version: str | None = None
+) -> Path:
+    """Write the checkpoint (or an ensemble's, a list) as an MLflow Model folder at `path` (python_function
+    flavor, signature, an input example of one generated face); returns `path`."""
+    import shutil
+    import tempfile
+
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    predictor = Predictor([load_model(checkpoint)], detect=False)
+    checkpoints = [checkpoint] if isinstance(checkpoint, Path | str) else list(checkpoint)
+    predictor = Predictor([load_model(Path(c)) for c in checkpoints], detect=False)
     attributes = list(predictor.class_names)
     outputs = [ColSpec("long", "image"), ColSpec("long", "face"), ColSpec("string", "box")]
     outputs += [ColSpec("string", "status"), ColSpec("string", "error")]
     for attr in attributes:
         outputs += [ColSpec("string", attr), ColSpec("double", f"{attr}_prob")]
     signature = ModelSignature(inputs=Schema([ColSpec("binary", "image")]), outputs=Schema(outputs))
-    mlflow.pyfunc.save_model(
-        path=str(path),
-        python_model=FaceClassifier(),
-        artifacts={CHECKPOINT: str(checkpoint)},
-        signature=signature,
-        input_example=pd.DataFrame({"image": [example_image()]}),
-        # Declared, not inferred: inferring loads the model in a subprocess and guesses a long list.
-        pip_requirements=[f"agecls=={version or package_version()}"],
-        model_config={"detect": detect},
-        metadata={"agecls.attributes": json.dumps({a: predictor.class_names[a] for a in attributes})},
-    )
+    metadata = {"agecls.attributes": json.dumps({a: predictor.class_names[a] for a in attributes})}
+    with tempfile.TemporaryDirectory(prefix="agecls-members-") as tmp:
+        if len(checkpoints) == 1:
+            artifacts = {CHECKPOINT: str(checkpoints[0])}
+        else:  # members keep distinct names in the model folder (each run's file is best.ckpt)
+            artifacts = {}
+            for i, ckpt in enumerate(checkpoints):
+                member = Path(tmp) / f"{MEMBER_PREFIX}{i}.ckpt"
+                shutil.copyfile(ckpt, member)
+                artifacts[CHECKPOINT if i == 0 else f"{CHECKPOINT}_{i}"] = str(member)
+            metadata["agecls.members"] = str(len(checkpoints))
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            python_model=FaceClassifier(),
+            artifacts=artifacts,
+            signature=signature,
+            input_example=pd.DataFrame({"image": [example_image()]}),
+            # Declared, not inferred: inferring loads the model in a subprocess and guesses a long list.
+            pip_requirements=[f"agecls=={version or package_version()}"],
+            model_config={"detect": detect},
+            metadata=metadata,
+        )
     return path
+
+
+def _best_checkpoint(tracking_uri: str, run_id: str, dst: Path) -> Path:
+    """The run's best checkpoint (its `checkpoints` artifacts: best.ckpt, else the only .ckpt), downloaded."""
+    from mlflow.artifacts import download_artifacts
+
+    dst.mkdir(parents=True, exist_ok=True)
+    local = Path(
+        download_artifacts(
+            run_id=run_id, artifact_path="checkpoints", dst_path=str(dst), tracking_uri=tracking_uri
+        )
+    )
+    found = sorted(local.rglob("*.ckpt"))
+    best = [f for f in found if f.name == "best.ckpt"] or found
+    if not best:
+        raise FileNotFoundError(f"run {run_id}: no checkpoint (*.ckpt) under its artifacts 'checkpoints'")
+    return best[0]
+
+
+def register_ensemble_model(
+    tracking_uri: str, run_ids: list[str], name: str, alias: str, *, record_run: str, detect: bool = True
+) -> str:
+    """Register the runs' best checkpoints as one ensemble model (mean class probabilities), logged as the
+    MLflow Model `ensemble_model` of `record_run` (a study's parent run) and registered as a version of
+    `name` with `alias` and the tag agecls.members (the member runs); returns the version. The same members
+    registered before keep their version (the alias moves to it)."""
+    import tempfile
+
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    with contextlib.suppress(MlflowException):
+        client.create_registered_model(name)
+    members = ",".join(run_ids)
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get("agecls.members") == members:
+            client.set_registered_model_alias(name, alias, version.version)
+            return str(version.version)
+    with tempfile.TemporaryDirectory(prefix="agecls-register-") as tmp:
+        ckpts = [_best_checkpoint(tracking_uri, r, Path(tmp) / f"run-{i}") for i, r in enumerate(run_ids)]
+        model_dir = save_pyfunc(ckpts, Path(tmp) / "model", detect=detect)
+        client.log_artifacts(record_run, str(model_dir), "ensemble_model")
+    source = f"{client.get_run(record_run).info.artifact_uri}/ensemble_model"
+    version = client.create_model_version(name, source, run_id=record_run, tags={"agecls.members": members})
+    client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
 
 
 def register_run_model(
@@ -143,7 +215,6 @@ def register_run_model(
     import tempfile
 
     from mlflow import MlflowClient
-    from mlflow.artifacts import download_artifacts
     from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=tracking_uri)
@@ -154,16 +225,8 @@ def register_run_model(
             client.set_registered_model_alias(name, alias, version.version)
             return str(version.version)
     with tempfile.TemporaryDirectory(prefix="agecls-register-") as tmp:
-        local = Path(
-            download_artifacts(
-                run_id=run_id, artifact_path="checkpoints", dst_path=tmp, tracking_uri=tracking_uri
-            )
-        )
-        found = sorted(local.rglob("*.ckpt"))
-        best = [f for f in found if f.name == "best.ckpt"] or found
-        if not best:
-            raise FileNotFoundError(f"run {run_id}: no checkpoint (*.ckpt) under its artifacts 'checkpoints'")
-        model_dir = save_pyfunc(best[0], Path(tmp) / "model", detect=detect)
+        best = _best_checkpoint(tracking_uri, run_id, Path(tmp) / "run")
+        model_dir = save_pyfunc(best, Path(tmp) / "model", detect=detect)
         client.log_artifacts(run_id, str(model_dir), "model")
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     version = client.create_model_version(name, source, run_id=run_id)

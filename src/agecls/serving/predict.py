@@ -5,6 +5,8 @@
 `ckpt` is one checkpoint (a single-attribute or a multitask one), a list of checkpoints, one per attribute
 (`ckpt=[age.ckpt,gender.ckpt,eth.ckpt]`), or an MLflow registered model `models:/NAME@ALIAS` or
 `models:/NAME/VERSION` (with `tracking_uri=`). Each checkpoint's own config decides its preprocessing.
+Several checkpoints that predict the same attribute with the same classes are an ensemble for it: their
+class probabilities are averaged (a registered ensemble, e.g. a study's seeds, holds them all).
 
 Faces are found with OpenCV's bundled Haar cascades (frontal face default, then alt2, then profile, both
 ways round); overlapping boxes are merged. A face is cut out as a square centred on the detector's box
@@ -299,12 +301,29 @@ def resolve_checkpoint(spec: str, tracking_uri: str | None = None, dest: Path | 
 def resolve_model(
     spec: str, tracking_uri: str | None = None, dest: Path | None = None
 ) -> tuple[Path, Source]:
-    """resolve_checkpoint's file and where it came from (registered name, version, run id)."""
+    """resolve_checkpoint's file and where it came from (registered name, version, run id); UsageError for a
+    registered ensemble (resolve_models gives its members)."""
+    found = resolve_models(spec, tracking_uri, dest)
+    if len(found) > 1:
+        raise UsageError(f"ckpt={spec}: an ensemble of {len(found)} checkpoints, not one")
+    return found[0]
+
+
+# A registered ensemble's members are saved under these names (agecls.serving.mlflow_model.save_pyfunc).
+MEMBER_PREFIX = "member-"
+
+
+def resolve_models(
+    spec: str, tracking_uri: str | None = None, dest: Path | None = None
+) -> list[tuple[Path, Source]]:
+    """The checkpoint file(s) of `spec` with where they came from: the file itself, or a registered
+    version's checkpoint (the .ckpt in its artifacts, best.ckpt when there are several), or every member of a
+    registered ensemble (member-0.ckpt, member-1.ckpt, ...)."""
     if not spec.startswith("models:/"):
         path = Path(spec).expanduser()
         if not path.is_file():
             raise UsageError(f"ckpt={spec}: no such checkpoint file")
-        return path, Source(str(path.resolve()))
+        return [(path, Source(str(path.resolve())))]
     import os
 
     import mlflow
@@ -347,12 +366,17 @@ def resolve_model(
             f"ckpt={spec}: cannot resolve it in the MLflow store {tracking_uri}: {exc}"
         ) from None
     files = [local] if local.is_file() else sorted(local.rglob("*.ckpt"))
+    members = sorted(
+        (f for f in files if f.name.startswith(MEMBER_PREFIX)),
+        key=lambda f: int(f.stem[len(MEMBER_PREFIX) :]) if f.stem[len(MEMBER_PREFIX) :].isdigit() else -1,
+    )
     if len(files) > 1:
-        files = [f for f in files if f.name == "best.ckpt"] or files[:0]
-    if len(files) != 1:
+        files = members or [f for f in files if f.name == "best.ckpt"]
+    if not files or (len(files) > 1 and not members):
         raise UsageError(f"ckpt={spec}: its artifacts {version.source} hold no single checkpoint (*.ckpt)")
     uri = tracking_uri or mlflow.get_tracking_uri()
-    return files[0], Source(spec, version.name, str(version.version), version.run_id or None, uri)
+    source = Source(spec, version.name, str(version.version), version.run_id or None, uri)
+    return [(f, source) for f in files]
 
 
 VAL_METRIC = "val/macro_f1"
@@ -553,13 +577,17 @@ class Predictor:
     class_names: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        first: dict[str, Path] = {}
         for model in self.models:
             for attr, names in model.class_names.items():
-                if attr in self.class_names:
+                if attr in self.class_names and self.class_names[attr] != names:
                     raise UsageError(
-                        f"ckpt: two checkpoints predict {attr} ({model.path}); give one per attribute"
+                        f"ckpt: {model.path} predicts {attr} as {names}, {first[attr]} as "
+                        f"{self.class_names[attr]}; an ensemble's members share their classes (or give one "
+                        "checkpoint per attribute)"
                     )
-                self.class_names[attr] = names
+                self.class_names.setdefault(attr, names)
+                first.setdefault(attr, model.path)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Predictor:
@@ -570,7 +598,7 @@ class Predictor:
         device = str(cfg.device)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        resolved = [resolve_model(str(s), cfg.get("tracking_uri")) for s in specs]
+        resolved = [found for s in specs for found in resolve_models(str(s), cfg.get("tracking_uri"))]
         return cls(
             [load_model(p, device, source) for p, source in resolved],
             detect=bool(cfg.detect),
@@ -594,21 +622,27 @@ class Predictor:
         )
 
     def classify(self, crops: list[Image.Image]) -> list[dict[str, dict[str, Any]]]:
-        """Per crop {attribute: {label, prob, probs}}."""
-        out: list[dict[str, dict[str, Any]]] = [{} for _ in crops]
+        """Per crop {attribute: {label, prob, probs}}; the mean probabilities of an attribute's ensemble."""
+        total = {attr: np.zeros((len(crops), len(names))) for attr, names in self.class_names.items()}
+        members = dict.fromkeys(self.class_names, 0)
         for model in self.models:
             squares = [model.preprocess.decode(c) for c in crops]
+            for attr in model.class_names:
+                members[attr] += 1
             for start in range(0, len(crops), self.batch_size):
                 x = model.tensor(squares[start : start + self.batch_size]).to(self.device)
                 for attr, probs in attribute_probs(model.module, x).items():
-                    names = model.class_names[attr]
-                    for i, row in enumerate(probs.float().cpu().numpy()):
-                        k = int(row.argmax())
-                        out[start + i][attr] = {
-                            "label": names[k],
-                            "prob": round(float(row[k]), 6),
-                            "probs": {n: round(float(p), 6) for n, p in zip(names, row, strict=True)},
-                        }
+                    rows = probs.float().cpu().numpy()
+                    total[attr][start : start + len(rows)] += rows
+        out: list[dict[str, dict[str, Any]]] = [{} for _ in crops]
+        for attr, names in self.class_names.items():
+            for i, row in enumerate(total[attr] / max(1, members[attr])):
+                k = int(row.argmax())
+                out[i][attr] = {
+                    "label": names[k],
+                    "prob": round(float(row[k]), 6),
+                    "probs": {n: round(float(p), 6) for n, p in zip(names, row, strict=True)},
+                }
         return out
 
     def predict_image(self, img: Image.Image, scale: float = 1.0) -> list[dict[str, Any]]:

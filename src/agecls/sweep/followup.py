@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agecls.errors import UsageError
 from agecls.study import fresh, set_finished_attrs
-from agecls.sweep.selection import best_seed_run, chosen_trial, maximizes, selection_table
+from agecls.sweep.selection import best_seed_run, chosen_trial, maximizes, selection_table, served
 from agecls.sweep.stopping import stop_trials
 
 log = logging.getLogger("agecls.sweep.sweeper")
@@ -494,12 +494,14 @@ def run_followups(
         log.warning("no trial of study %r completed: nothing to choose", study.study_name)
         return summary
     seed, run_id, run_dir, value = best_seed_run(study, chosen)
+    kind, members, why = served(study, chosen)
     summary.update(
         chosen_trial=chosen.number,
         seed_mean=chosen.user_attrs.get("seed_mean"),
         seed_std=chosen.user_attrs.get("seed_std"),
         best_seed={"seed": seed, "mlflow_run_id": run_id, "run_dir": run_dir, "value": value},
         ensemble_val=chosen.user_attrs.get("ensemble_val"),
+        serve={"kind": kind, "members": members, "why": why},
     )
     table = selection_table(study)
     table.to_csv(sweep_dir / "selection.csv", index=False)
@@ -510,12 +512,14 @@ def run_followups(
         else f", seed mean {summary['seed_mean']:.4f} ± {summary['seed_std']:.4f}"
     )
     log.info(
-        "chosen trial %d (value %.4f%s); its best seed %s: %.4f (%s)",
+        "chosen trial %d (value %.4f%s); its best seed %s: %.4f (%s); @best serves the %s: %s",
         chosen.number,
         float(chosen.value),
         spread,
         seed,
         value,
         run_dir,
+        "seeds' ensemble" if kind == "ensemble" else "best seed",
+        why,
     )
     return summary

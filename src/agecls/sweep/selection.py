@@ -82,6 +82,40 @@ def best_seed_run(study, trial) -> tuple[int, str | None, str | None, float]:
     return seed, run.get("mlflow_run_id"), run.get("run_dir"), float(run["value"])
 
 
+def served(study, trial) -> tuple[str, list[str], str]:
+    """What the study's `@best` serves of the chosen configuration: ("ensemble", its runs' MLflow ids, why)
+    when its seeds' ensemble (user attr ensemble_val, mean class probabilities) beats its best seed on
+    validation, else ("seed", [], why). An ensemble is served as the argmax of its members' mean
+    probabilities, which is how ensemble_val decodes a classification head; for ordinal and year heads
+    (decoded otherwise) and for runs without an MLflow run it is not offered."""
+    runs = seed_runs(trial)
+    ens = trial.user_attrs.get("ensemble_val")
+    best = best_seed_run(study, trial)[3]
+    if ens is None or len(runs) < 2:
+        return "seed", [], "no seeds' ensemble scored"
+    if not maximizes(study) or float(ens) <= best:
+        return "seed", [], f"the best seed {best:.4f} >= the seeds' ensemble {float(ens):.4f} on validation"
+    ids = [str(r.get("mlflow_run_id") or "") for _, r in sorted(runs.items())]
+    head = _head(trial.user_attrs.get("run_dir"))  # its seeds run the same config
+    if head != "classification":
+        return "seed", [], f"the ensemble would be served by argmax, which the {head} head does not decode by"
+    if not all(ids):
+        return "seed", [], "a seed's run has no MLflow run to register"
+    return "ensemble", ids, f"the seeds' ensemble {float(ens):.4f} > the best seed {best:.4f} on validation"
+
+
+def _head(run_dir: str | None) -> str:
+    """task.head of a run's config.yaml (classification for tasks without a head to choose)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    config = Path(str(run_dir or "")) / "config.yaml"
+    if not config.is_file():
+        return "unknown"
+    return str(OmegaConf.select(OmegaConf.load(config), "task.head") or "classification")
+
+
 def selection_table(study) -> pd.DataFrame:
     """One row per COMPLETE trial and per continued pruned trial: trial, state, value, each seed's value
     (`seed_<S>`), mean, std, continued value, ensemble_val, chosen; the chosen first, then by mean, value."""

@@ -126,6 +126,7 @@ class StudyRun:
             run_id = best.user_attrs.get("mlflow_run_id")
             chosen = followup.get("chosen_trial")
             tags: dict[str, str] = {}
+            members: list[str] = []
             if chosen is not None:  # re-seeded: the best mean over seeds, served by its best seed
                 best = next((t for t in completed if t.number == int(chosen)), best)
                 pick = followup.get("best_seed") or {}
@@ -135,12 +136,18 @@ class StudyRun:
                         metrics[f"study/chosen_{key}"] = float(best.user_attrs[key])
                 tags["best.seed"] = str(pick.get("seed"))
                 tags["best.chosen_by"] = "mean validation value over seeds"
+                serve = followup.get("serve") or {}
+                members = list(serve.get("members") or []) if serve.get("kind") == "ensemble" else []
+                tags["best.serves"] = "seeds' ensemble" if members else "best seed"
+                tags["best.serves_why"] = str(serve.get("why", ""))
             tags.update({f"best.{k}": str(v) for k, v in best.params.items()})
             tags["best.trial"] = str(best.number)
             tags["best.run_id"] = str(run_id or "")
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
-            if self.cfg.optuna.get("register_best") and run_id:
+            if self.cfg.optuna.get("register_best") and members:
+                self._register_ensemble(study.study_name, best, members, fallback=str(run_id or ""))
+            elif self.cfg.optuna.get("register_best") and run_id:
                 self._register(study.study_name, best, str(run_id))
         for key, value in metrics.items():
             self.client.log_metric(self.run_id, key, value)
@@ -197,6 +204,31 @@ class StudyRun:
             log.info("registered %s version %s (trial %d) as %s@best", name, version, best.number, name)
         except (MlflowException, FileNotFoundError, OSError) as exc:
             log.warning("could not register the best checkpoint in the MLflow model registry: %s", exc)
+
+    def _register_ensemble(self, study_name: str, best, members: list[str], fallback: str) -> None:
+        """Register the chosen configuration's seeds as one ensemble model `agecls-<study>@best` (logged on
+        the study's run as `ensemble_model`); the best seed instead when that fails."""
+        from mlflow.exceptions import MlflowException
+
+        from agecls.serving.mlflow_model import register_ensemble_model
+
+        name = f"agecls-{study_name}"
+        try:
+            version = register_ensemble_model(
+                str(self.cfg.tracking.tracking_uri), members, name, "best", record_run=self.run_id
+            )
+            log.info(
+                "registered %s version %s (trial %d over %d seeds, an ensemble) as %s@best",
+                name,
+                version,
+                best.number,
+                len(members),
+                name,
+            )
+        except (MlflowException, FileNotFoundError, OSError) as exc:
+            log.warning("could not register the seeds' ensemble (%s); registering the best seed", exc)
+            if fallback:
+                self._register(study_name, best, fallback)
 
 
 def register_points(

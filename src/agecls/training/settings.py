@@ -609,8 +609,8 @@ def check_added_keys(cfg: DictConfig, keys: Sequence[str]) -> None:
         value = OmegaConf.select(cfg, key)
         if key.startswith(("hydra.", "optuna.")) or key in OPTIONAL_KEYS:
             continue
-        if any(parent == node or parent.startswith(node + ".") for node in FREE_NODES):
-            continue
+        if any(node in (key, parent) or parent.startswith(node + ".") for node in FREE_NODES):
+            continue  # the node itself (tracking.tags={...} after ~tracking.tags) or any key under it
         if parent in ("optimizer", "scheduler.params", "model"):
             continue  # their arguments are checked against what they take (validate)
         if parent == "trainer":  # lightning.Trainer's arguments, and the trainer file's own keys

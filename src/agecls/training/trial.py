@@ -190,6 +190,11 @@ class PruningCallback(L.Callback):
             return
         epoch = trainer.current_epoch + 1
         self.ctx.trial.report(self._reported(float(trainer.callback_metrics[self.monitor])), epoch)
+        # The last epoch: the budget is spent and pruning saves nothing. A rung there (successive halving's
+        # rungs can land on trainer.max_epochs) would turn a finished trial PRUNED and keep its value out
+        # of the study's choice; it completes instead.
+        if 0 < int(trainer.max_epochs or 0) <= epoch:
+            return
         if self.ctx.trial.should_prune():
             import optuna
 
