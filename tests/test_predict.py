@@ -117,8 +117,12 @@ def test_detect_false_decodes_like_training_and_matches_the_square_crop(tiny_mul
 
 
 def test_one_checkpoint_per_attribute_and_the_softmax_fallback(tiny_multitask_ckpt):
-    with pytest.raises(UsageError, match="two checkpoints predict age"):
-        Predictor.from_config(parse_args([f"ckpt=[{tiny_multitask_ckpt},{tiny_multitask_ckpt}]", "images=x"]))
+    # two checkpoints of the same attributes are an ensemble: the same one twice answers as it does alone
+    twice = Predictor.from_config(
+        parse_args([f"ckpt=[{tiny_multitask_ckpt},{tiny_multitask_ckpt}]", "images=x"])
+    )
+    once = Predictor.from_config(parse_args([f"ckpt={tiny_multitask_ckpt}", "images=x"]))
+    assert len(twice.models) == 2 and twice.classify([grace()]) == once.classify([grace()])
 
     class Plain(torch.nn.Module):  # a module without predict_proba: softmax of its logits for cfg.task.target
         cfg = type("C", (), {"task": type("T", (), {"target": "gender"})})()
