@@ -196,8 +196,8 @@ def seeded_side(args, task: str, seed: int, side: str, out: Path) -> dict:
 
     def one(i: int) -> dict:
         run_dir = side_dir / f"run-{i}"
-        if (run_dir / "results.json").is_file():  # finished in an earlier sitting
-            return read_run(run_dir)
+        if (run_dir / "results.json").is_file():  # finished in an earlier sitting: its wall is not known here
+            return {**read_run(run_dir), "earlier": True}
         cmd = [sys.executable, "-m", "agecls.cli.train", *common(args, task), *extra]
         cmd += [f"seed={1000 * seed + i}", f"hydra.run.dir={run_dir}"]
         run_logged(cmd, side_dir / f"run-{i}.log", thread_env(args.threads))
@@ -213,7 +213,7 @@ def seeded_side(args, task: str, seed: int, side: str, out: Path) -> dict:
     return {
         "side": side,
         "epochs": spent,
-        "wall_s": time.perf_counter() - began,
+        "wall_s": float("nan") if any(r.get("earlier") for r in runs) else time.perf_counter() - began,
         "runs": runs,
         "chosen": chosen,
         "detail": f"{len(runs)} seeds, val " + " ".join(f"{r['val']:.4f}" for r in runs),
