@@ -436,8 +436,9 @@ def test_search_spends_the_same_budget_per_side_and_pairs_each_with_the_recipe(t
     )
     assert "  - age: 2.0 trials per seed (1.0 pruned); chosen: enqueue[0]." in text
     assert (  # seeds 1000-1002 give 0.50, 0.51, 0.52 on validation
-        "  - age: noise: on validation, one configuration's seeds alone give the dissertation's runs sd 0.0100 "
-        "(best minus worst 0.0200) and the recipe's runs sd 0.0100 (best minus worst 0.0200) per bench seed;"
+        "  - age: noise: on validation, one configuration's seeds alone give the dissertation's runs "
+        "sd 0.0100 (best minus worst 0.0200) and the recipe's runs sd 0.0100 (best minus worst 0.0200) "
+        "per bench seed;"
     ) in text
     assert json.loads((tmp_path / "record" / "search.json").read_text()) == rep
     assert search.render(rep) in text  # --from-json renders the same section
