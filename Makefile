@@ -134,7 +134,8 @@ bench-levers: $(STAMP)
 # --parallel 4' SEARCH_OUT=outputs/bench/search/gpu (4 runs or trials share the GPU).
 SEARCH_TASKS ?= age,gender,ethnicity
 SEARCH_SIZE ?= --stride 3 --budget-epochs 32 --run-epochs 4
-SEARCH_OUT ?= outputs/bench/search/cpu-stride3
+# (cpu-stride3-w: studies whose warm starts run to the end; cpu-stride3 holds the earlier ones, which pruned them)
+SEARCH_OUT ?= outputs/bench/search/cpu-stride3-w
 SEARCH_ARGS ?= --parallel 2
 bench-search: $(STAMP)
 	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks $(SEARCH_TASKS) --seeds 3 $(SEARCH_SIZE) \

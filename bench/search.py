@@ -372,8 +372,9 @@ def study_side(args, task: str, seed: int, out: Path) -> dict:
 
 
 def read_study(args, task: str, seed: int, out: Path, wall: float = float("nan")) -> dict:
-    """The study side: the chosen configuration's best run on validation (its trial or one of its re-seeded
-    runs), the epochs spent, and what the trials show (counts, pruned, values)."""
+    """The study side: what its `@best` serves of the chosen configuration (its best run on validation,
+    the trial or a re-seed, or the seeds' ensemble where validation prefers it), the epochs spent, and what
+    the trials show (counts, pruned, values)."""
     from optuna.trial import TrialState
 
     study = load(args, task, seed, out)
@@ -394,13 +395,20 @@ def read_study(args, task: str, seed: int, out: Path, wall: float = float("nan")
         + (f" ({attrs['warm_start']})" if attrs.get("warm_start") else "")
         + (f", seed mean {mean:.4f} ± {attrs.get('seed_std', 0.0):.4f}" if mean is not None else "")
     )
+    pick = max(runs, key=lambda r: r["val"])
+    kind, why = serves(study, best)
+    if kind == "ensemble":
+        pick = served_ensemble(best, seed_dir=out / task / f"seed-{seed}")
+        detail += f"; serves its seeds' ensemble ({why})"
     return {
         "side": "study",
         "epochs": spent["total"],
         "epochs_split": spent,
         "wall_s": wall,
         "runs": runs,
-        "chosen": max(runs, key=lambda r: r["val"]),
+        "chosen": pick,
+        "served": kind,
+        "served_why": why,
         "trial": best.number,
         "params": best.params,
         "warm_start": attrs.get("warm_start"),
@@ -410,6 +418,42 @@ def read_study(args, task: str, seed: int, out: Path, wall: float = float("nan")
         "pruned": pruned,
         "trial_values": values,
         "detail": detail,
+    }
+
+
+def serves(study, trial) -> tuple[str, str]:
+    """(kind, why): what the study's `@best` would serve of the chosen configuration (its best seed, or its
+    seeds' ensemble when validation prefers it: agecls.sweep.selection.served)."""
+    try:
+        from agecls.sweep.selection import served
+    except ImportError:  # before the ensemble could be served
+        return "seed", "the best seed"
+    kind, _, why = served(study, trial)
+    return kind, why
+
+
+def served_ensemble(trial, seed_dir: Path) -> dict:
+    """The chosen configuration's seeds' ensemble as the study's model: its validation and test predictions
+    (mean class probabilities, argmax: agecls.sweep.followup.ensemble_predictions) written to
+    `<seed_dir>/study-served`, with the first member's config and results, for the test read-out."""
+    import shutil
+
+    from agecls.sweep.followup import ensemble_predictions
+    from agecls.sweep.selection import seed_runs
+
+    members = [Path(str(r["run_dir"])) for _, r in sorted(seed_runs(trial).items())]
+    folder = seed_dir / "study-served"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "results.json"):
+        shutil.copyfile(members[0] / name, folder / name)
+    for split in ("val", "test"):
+        table, _, _ = ensemble_predictions(members, split)
+        table.to_csv(folder / f"predictions_{split}.csv", index=False)
+    return {
+        "run_dir": str(folder),
+        "val": float(trial.user_attrs["ensemble_val"]),
+        "epochs": sum(read_run(m)["epochs"] for m in members),
+        "members": [str(m) for m in members],
     }
 
 
@@ -511,11 +555,13 @@ def render(rep: dict) -> str:
         + ", ".join(f"`{o}`" for o in ONECYCLE)
         + " for age and gender), the same way; study = `sweep=optuna_recipe` (with "
         f"`{WEIGHT_DECAYS}` so the dissertation's weight decay is in it), its pruner, the dissertation's "
-        "settings and the recipe's levers enqueued first, trial seed 1000·s, then the top "
+        "settings and the recipe's levers enqueued first (warm starts run to the end: the pruner does not "
+        "cut them), trial seed 1000·s, then the top "
         f"{a['reseed_top']} trial(s) re-run on {a['reseed_seeds']} more seed(s) and chosen by mean "
         f"validation value"
         + (f", {a['check_pruned']} pruned trial(s) continued to the end" if a.get("check_pruned") else "")
-        + "; its model is the chosen configuration's best run on validation.",
+        + "; its model is what its `@best` serves: the chosen configuration's best run on validation, or "
+        "its seeds' ensemble (mean probabilities) where that scores higher on validation.",
         f"- Test read once at the end, for the three chosen models; differences are paired 95% bootstrap "
         f"intervals over the same test faces ({rep['n_boot']} resamples, `agecls-compare --split test`).",
         "",

@@ -353,6 +353,44 @@ def test_no_trial_is_pruned_at_its_last_epoch_where_pruning_saves_nothing():
     assert callback.ctx.trial.reported == [(4, 0.5), (3, 0.5)]  # the last epoch is still reported
 
 
+def test_a_kept_trial_is_asked_at_every_rung_but_never_stopped():
+    """A warm start (keep): the pruner still sees each epoch (its rungs record the value) and the first
+    epoch it would cut is recorded once; training goes on."""
+
+    class Pruning(_Trial):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked, self.attrs = 0, {}
+
+        def report(self, value: float, step: int) -> None:
+            self.reported.append(step)
+
+        def should_prune(self) -> bool:
+            self.asked += 1
+            return True
+
+        def set_user_attr(self, key: str, value) -> None:
+            self.attrs[key] = value
+
+    ctx = SimpleNamespace(study=SimpleNamespace(direction=optuna.study.StudyDirection.MAXIMIZE), number=0)
+    ctx.trial = Pruning()
+    callback = PruningCallback(ctx, "val/macro_f1", keep=True)
+    for epoch in (0, 1, 2):
+        trainer = SimpleNamespace(
+            sanity_checking=False,
+            state=SimpleNamespace(fn="fit"),
+            callback_metrics={"val/macro_f1": torch.tensor(0.5)},
+            current_epoch=epoch,
+            max_epochs=4,
+            should_stop=False,
+        )
+        callback.on_validation_end(trainer, None)
+        assert not trainer.should_stop and callback.pruned_at is None
+    callback.on_train_end(trainer, None)  # raises nothing: the trial completes
+    assert ctx.trial.reported == [1, 2, 3] and ctx.trial.asked == 3
+    assert ctx.trial.attrs == {"pruner_would_cut_at": 1} and callback.would_cut_at == 1
+
+
 def test_a_pruned_trial_is_continued_from_its_pruned_epoch_and_promoted(tmp_path):
     """A real study: trial 1 is pruned after epoch 1 (checkpoints/last.ckpt holds that epoch), continued to
     epoch 3 in its own MLflow run that logs epochs 2 and 3 only, and beats the best complete trial."""

@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import optuna
 import pytest
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+from tests.conftest import FAST_OVERRIDES
 
 from agecls.errors import UsageError
 from agecls.sweep.warm_start import enqueue_warm_starts, top_configurations, warm_starts
@@ -89,3 +95,26 @@ def test_another_studys_best_trials_seed_this_one(tmp_path):
     assert [label for label, _ in warm_starts(ocfg, SPACE)] == ["at32#1", "at32#2"]
     with pytest.raises(UsageError, match="optuna.enqueue_from.study=nope: no such study"):
         warm_starts(_ocfg(enqueue_from={"study": "nope", "storage": storage}), SPACE)
+
+
+def test_a_warm_start_runs_to_the_end_where_the_pruner_would_cut_it(tmp_path):
+    """A real study whose pruner cuts every trial after epoch 1: the enqueued configuration is the study's
+    known floor and finishes (marked where it would have been cut); the sampled trial is pruned."""
+    out = tmp_path / "out"
+    out.mkdir()
+    overrides = [*FAST_OVERRIDES, "data.synthetic.n=200", "data.image_size=16", "trainer.max_epochs=2"]
+    overrides += ["hydra/sweeper=agecls_optuna", "optimizer=choice(adam,nadam)", "tracking=none"]
+    overrides += ["optuna.study_name=floor", "optuna.n_trials=2", "optuna/pruner=threshold"]
+    overrides += ["optuna.pruner.lower=1.01", "optuna.pruner.n_warmup_steps=0", "optuna.n_jobs=1"]
+    overrides += ["optuna.enqueue=[{optimizer: nadam}]", "optuna.register_best=false"]
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="floor", storage=f"sqlite:///{out}/optuna.db")
+    warm, sampled = study.trials
+    assert warm.user_attrs["warm_start"] == "enqueue[0]" and warm.params["optimizer"] == "nadam"
+    assert warm.state == TrialState.COMPLETE and list(warm.intermediate_values) == [1, 2]
+    assert warm.user_attrs["pruner_would_cut_at"] == 1
+    assert sampled.state == TrialState.PRUNED and list(sampled.intermediate_values) == [1]
+    assert "pruner_would_cut_at" not in sampled.user_attrs

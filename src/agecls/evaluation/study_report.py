@@ -72,6 +72,12 @@ def trials_table(study) -> pd.DataFrame:
                 **({"infeasible": t.user_attrs["infeasible"]} if "infeasible" in t.user_attrs else {}),
                 "requeued_from": t.user_attrs.get("requeued_from"),  # a re-run of that trial's params
                 "warm_start": t.user_attrs.get("warm_start"),  # enqueued to run first (optuna.enqueue)
+                # a warm start the pruner would have cut at this epoch, kept to the end (prune_warm_starts)
+                **(
+                    {"would_cut_at": t.user_attrs["pruner_would_cut_at"]}
+                    if "pruner_would_cut_at" in t.user_attrs
+                    else {}
+                ),
                 "epochs": t.user_attrs.get("epochs_trained", len(t.intermediate_values) or None),
                 "test/macro_f1": t.user_attrs.get("test/macro_f1"),
                 "run": str(t.user_attrs.get("mlflow_run_id", ""))[:8],

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +36,9 @@ from agecls.errors import UsageError
 from agecls.study import fresh, set_finished_attrs
 from agecls.sweep.selection import best_seed_run, chosen_trial, maximizes, selection_table, served
 from agecls.sweep.stopping import stop_trials
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger("agecls.sweep.sweeper")
 
@@ -429,17 +432,17 @@ def reseed(
 
 
 # -- the seeds' ensemble, scored on validation ---------------------------------------------------------------
-def ensemble_val(run_dirs: list[Path]) -> float:
-    """Validation macro-F1 of the equal-weight ensemble of runs of one configuration, from their
-    predictions_val.csv (the same faces in the same order): mean class probabilities, decoded as
-    agecls.evaluation.ensemble decodes its members' heads (argmax; coral/corn: the cumulative median;
-    regression/label_distribution age heads: the mean predicted age, binned)."""
+def ensemble_predictions(run_dirs: list[Path], split: str = "val") -> tuple[pd.DataFrame, list[str], str]:
+    """(table, class names, label-column suffix): the equal-weight ensemble of runs of one configuration on
+    `split`, from their predictions_<split>.csv (the same faces in the same order): row, label, the mean
+    class probabilities p_<class>, and pred decoded as agecls.evaluation.ensemble decodes its members' heads
+    (argmax; coral/corn: the cumulative median; regression/label_distribution age heads: the mean predicted
+    age, binned). Multitask runs: the objective's attribute, its columns suffixed `_<attribute>`."""
     import pandas as pd
     import torch
 
     from agecls.data.bins import AgeBins
     from agecls.evaluation.ensemble import decide
-    from agecls.metrics import stage_report
     from agecls.tasks.multitask import is_multitask, objective_attribute
 
     config = OmegaConf.load(run_dirs[0] / "config.yaml")
@@ -448,14 +451,12 @@ def ensemble_val(run_dirs: list[Path]) -> float:
     attr = objective_attribute(config.task) if multi else None
     names = results["class_names"][attr] if multi else results["class_names"]
     suffix = f"_{attr}" if multi else ""
-    frames = [pd.read_csv(d / "predictions_val.csv") for d in run_dirs]
+    frames = [pd.read_csv(d / f"predictions_{split}.csv") for d in run_dirs]
     for d, frame in zip(run_dirs[1:], frames[1:], strict=True):
         if not np.array_equal(frame["row"].to_numpy(), frames[0]["row"].to_numpy()):
-            raise ValueError(f"{d / 'predictions_val.csv'} lists other faces than {run_dirs[0]}'s")
-    labels = torch.tensor(frames[0][f"label{suffix}"].to_numpy())
-    proba = torch.as_tensor(
-        np.mean([f[[f"p{suffix}_{n}" for n in names]].to_numpy(dtype=np.float64) for f in frames], axis=0)
-    )
+            raise ValueError(f"{d / f'predictions_{split}.csv'} lists other faces than {run_dirs[0]}'s")
+    columns = [f"p{suffix}_{n}" for n in names]
+    proba = np.mean([f[columns].to_numpy(dtype=np.float64) for f in frames], axis=0)
     head = str(OmegaConf.select(config, "task.head") or "classification")
     if (
         (not multi or attr == "age")
@@ -465,11 +466,27 @@ def ensemble_val(run_dirs: list[Path]) -> float:
         bins = AgeBins.from_config(config.bins)
         years = np.mean([f[f"pred_years{suffix}"].to_numpy(dtype=np.float64) for f in frames], axis=0)
         low, high = bins.ranges[0][0], bins.ranges[-1][1]
-        preds = torch.as_tensor(bins.index(np.clip(np.round(years), low, high)))
+        preds = np.asarray(bins.index(np.clip(np.round(years), low, high)))
     else:
-        preds = decide("ordinal_median" if head in ("coral", "corn") else "argmax", proba)
+        rule = "ordinal_median" if head in ("coral", "corn") else "argmax"
+        preds = decide(rule, torch.as_tensor(proba)).numpy()
+    table = pd.DataFrame({"row": frames[0]["row"], f"label{suffix}": frames[0][f"label{suffix}"]})
+    table[columns] = proba
+    table[f"pred{suffix}"] = preds
+    return table, list(names), suffix
+
+
+def ensemble_val(run_dirs: list[Path]) -> float:
+    """Validation macro-F1 of the equal-weight ensemble of one configuration's runs (ensemble_predictions)."""
+    import torch
+
+    from agecls.metrics import stage_report
+
+    table, names, suffix = ensemble_predictions(run_dirs, "val")
+    labels = torch.tensor(table[f"label{suffix}"].to_numpy())
+    preds = torch.tensor(table[f"pred{suffix}"].to_numpy())
     known = labels >= 0
-    return float(stage_report(preds[known], labels[known], list(names)).metrics["macro_f1"])
+    return float(stage_report(preds[known], labels[known], names).metrics["macro_f1"])
 
 
 # -- the whole follow-up -------------------------------------------------------------------------------------

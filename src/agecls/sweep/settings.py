@@ -35,6 +35,7 @@ class OptunaSettings:
     optional_params: list[str] = MISSING  # keys of params searched only where the config has them
     enqueue: list[Any] = MISSING  # warm starts: {search-space key: value} evaluated first (sweep.warm_start)
     enqueue_from: Any = MISSING  # null | {study, storage, top}: another study's top trials as warm starts
+    prune_warm_starts: bool = MISSING  # whether the pruner may cut an enqueued trial (PruningCallback)
     register_best: bool = MISSING
     register_rule: str | None = MISSING  # several objectives: a rule naming one front point (@rule)
     report: str = MISSING  # best | last: what a trial reports to the pruner each epoch (PruningCallback)

@@ -355,7 +355,9 @@ def train(cfg: DictConfig, trial: TrialContext | None = None, run_dir: Path | No
         report = str(cfg.optuna.get("report") or "best")
         # optuna's pruners work with one objective: a study with several stops trials by early stopping only
         prune = trial is not None and not trial.multi_objective
-        pruning = [PruningCallback(trial, str(cfg.objective.metric), report)] if prune else []
+        # a warm start is the study's known floor: it runs to the end unless optuna.prune_warm_starts
+        keep = bool(trial is not None and trial.warm_start and not cfg.optuna.get("prune_warm_starts", False))
+        pruning = [PruningCallback(trial, str(cfg.objective.metric), report, keep)] if prune else []
         trainer, checkpoint = build_trainer(cfg, run_dir, rec, pruning)
         started = time.perf_counter()
         # weights_only=False: the run's own checkpoint, whose hyperparameters hold its config

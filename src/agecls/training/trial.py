@@ -33,6 +33,7 @@ class TrialContext:
     trial: Any
     number: int
     requeued: dict[str, Any] = field(default_factory=dict)  # requeued_from, requeue_reason: a re-run trial
+    warm_start: str | None = None  # its label when the trial was enqueued (optuna.enqueue / enqueue_from)
     # objective.metrics of a study with several objectives (empty: one objective, objective.metric)
     metrics: list[str] = field(default_factory=list)
     objectives: dict[str, float] = field(default_factory=dict)  # the run's, set by record_objectives
@@ -65,6 +66,7 @@ class TrialContext:
             trial=attach_trial(study, frozen),
             number=int(number),
             requeued=requeued,
+            warm_start=frozen.user_attrs.get("warm_start"),
             metrics=metrics if len(metrics) > 1 else [],
         )
         # This process, as a sweeper on the same host can check it: if it dies without telling, that sweeper
@@ -160,13 +162,19 @@ class PruningCallback(L.Callback):
 
     A pruned run first finishes the epoch it was pruned at (its scheduler step, checkpoints/last.ckpt at
     the end of training), then raises optuna.TrialPruned: so the pruned run can be continued later from
-    that very epoch (`optuna.check_pruned`)."""
+    that very epoch (`optuna.check_pruned`).
 
-    def __init__(self, ctx: TrialContext, monitor: str, report: str = "best") -> None:
+    With `keep` (a warm start, unless optuna.prune_warm_starts) the pruner is still asked at every epoch, so
+    the trial's values take their place in its rungs for the other trials, but the trial runs to the end;
+    the first epoch the pruner would have cut it is recorded as the trial's user attr `pruner_would_cut_at`.
+    """
+
+    def __init__(self, ctx: TrialContext, monitor: str, report: str = "best", keep: bool = False) -> None:
         if report not in REPORTS:
             raise ValueError(f"optuna.report={report!r}; valid: {', '.join(REPORTS)}")
-        self.ctx, self.monitor, self.report = ctx, monitor, report
+        self.ctx, self.monitor, self.report, self.keep = ctx, monitor, report, keep
         self.pruned_at: int | None = None
+        self.would_cut_at: int | None = None
         self.best: float | None = None
 
     def _reported(self, value: float) -> float:
@@ -198,6 +206,16 @@ class PruningCallback(L.Callback):
         if self.ctx.trial.should_prune():
             import optuna
 
+            if self.keep:
+                if self.would_cut_at is None:
+                    self.would_cut_at = epoch
+                    self.ctx.trial.set_user_attr("pruner_would_cut_at", epoch)
+                    log.info(
+                        "trial %d: a warm start, kept (the pruner would have cut it after epoch %d)",
+                        self.ctx.number,
+                        epoch,
+                    )
+                return
             self.pruned_at = epoch
             log.info("trial %d pruned after epoch %d", self.ctx.number, epoch)
             epoch_ends = bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", True))
