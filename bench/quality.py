@@ -113,7 +113,10 @@ def strided_manifest(args, out: Path) -> tuple[Path, Path]:
     rows = [df[df["split"] == s].iloc[:: args.stride] for s in ("train", "val", "test")]
     path = out / f"utkface-stride{args.stride}.csv"
     cols = [c for c in ("path", "age", "gender", "ethnicity", "sha1", "split") if c in df.columns]
-    __import__("pandas").concat(rows)[cols].to_csv(path, index=False)
+    # written aside and moved in: a resumed sitting rewrites it while runs of another may be reading it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    __import__("pandas").concat(rows)[cols].to_csv(tmp, index=False)
+    tmp.replace(path)
     return path, manifest.path
 
 
