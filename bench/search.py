@@ -476,6 +476,25 @@ def score_test(sides: dict[str, dict], n_boot: int) -> None:
             side["vs_recipe"] = {k: diff[k] for k in ("diff", "lo", "hi", "p_a_not_better")}
 
 
+def seed_tests(sides: dict[str, dict]) -> None:
+    """Each seeded side's runs scored on test (`runs_test`), read after every side has chosen its model and
+    never used to choose: how far one configuration's seeds alone move test macro-F1, beside the gaps
+    between the sides' chosen models (whose paired intervals cover the test faces, not the seeds)."""
+    from agecls.evaluation.compare import CompareError, compare_runs
+
+    for name in ("dissertation", "recipe"):
+        side = sides[name]
+        if "runs_test" in side:
+            continue
+        try:
+            side["runs_test"] = [
+                compare_runs(r["run_dir"], r["run_dir"], split="test", n=1, seed=0)["macro_f1"]["A"][0]
+                for r in side["runs"]
+            ]
+        except CompareError as exc:  # a run folder of an earlier sitting is gone: its spread is not shown
+            print(f"{name}: seed runs not scored on test ({exc})", flush=True)
+
+
 def reading(rep: dict) -> list[str]:
     """A few lines from the numbers: where the study is ahead of, level with or behind each other side, and
     what its trials were (how many, how many pruned, which configuration it chose)."""
@@ -502,7 +521,33 @@ def reading(rep: dict) -> list[str]:
             f"({sum(s['pruned'] for s in studies) / n:.1f} pruned); chosen: {', '.join(picked)}."
         )
         lines.append(f"  - {task}: {noise(seeds)}")
+        spread = test_spread(seeds)
+        if spread:
+            lines.append(f"  - {task}: {spread}")
     return lines
+
+
+def test_spread(seeds: dict[str, dict]) -> str:
+    """Where the study's model lands among the recipe's seed runs on test (read after the choice)."""
+    import statistics
+
+    cells = [s for s in seeds.values() if len(s["recipe"].get("runs_test") or []) > 1]
+    if not cells:
+        return ""
+    parts = []
+    for s in cells:
+        runs = s["recipe"]["runs_test"]
+        below = sum(t < s["study"]["test"] for t in runs)
+        mean, sd = statistics.mean(runs), statistics.stdev(runs)
+        parts.append(
+            f"{mean:.4f} ± {sd:.4f} ({min(runs):.4f} to {max(runs):.4f}; the study's model "
+            f"{s['study']['test']:.4f} above {below} of {len(runs)})"
+        )
+    return (
+        "seeds on test (read after the choice, never used for it): the recipe's runs score "
+        + "; ".join(parts)
+        + " per bench seed. The paired intervals above cover the test faces, not the training seed."
+    )
 
 
 def noise(seeds: dict[str, dict]) -> str:
@@ -685,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.budget_epochs}  {s['wall_s'] / 60:.1f} min  {s['detail']}",
                     flush=True,
                 )
+    for seeds in results.values():
+        for sides in seeds.values():
+            seed_tests(sides)
     task0 = next(iter(results))
     first = json.loads(
         (

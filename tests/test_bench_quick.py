@@ -440,6 +440,10 @@ def test_search_spends_the_same_budget_per_side_and_pairs_each_with_the_recipe(t
         "sd 0.0100 (best minus worst 0.0200) and the recipe's runs sd 0.0100 (best minus worst 0.0200) "
         "per bench seed;"
     ) in text
+    assert (  # every recipe run gets 25 of 40 test faces right; the study's model 34
+        "  - age: seeds on test (read after the choice, never used for it): the recipe's runs score 0.6248 ± "
+        "0.0000 (0.6248 to 0.6248; the study's model 0.8500 above 3 of 3) per bench seed."
+    ) in text
     assert json.loads((tmp_path / "record" / "search.json").read_text()) == rep
     assert search.render(rep) in text  # --from-json renders the same section
     # A second sitting into the same folder reads the finished cell back and runs nothing
