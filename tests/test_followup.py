@@ -318,6 +318,21 @@ def test_the_pruner_sees_each_trials_best_epoch_so_far_unless_told_last():
         _callback("mean", "maximize")
 
 
+def _trainer(epoch: int) -> SimpleNamespace:
+    """A fitting trainer of 4 epochs at the end of validation of `epoch` (0-based), val/macro_f1 0.5."""
+    return SimpleNamespace(
+        sanity_checking=False,
+        state=SimpleNamespace(fn="fit"),
+        callback_metrics={"val/macro_f1": torch.tensor(0.5)},
+        current_epoch=epoch,
+        max_epochs=4,
+        should_stop=False,
+        fit_loop=SimpleNamespace(
+            min_epochs=0, epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(is_last_batch=True))
+        ),
+    )
+
+
 def test_no_trial_is_pruned_at_its_last_epoch_where_pruning_saves_nothing():
     """Successive halving with min_resource 2 and 4 epochs has a rung at 4: a trial that reached it has
     spent its budget, and pruning it there would only hide its value from the study's choice."""
@@ -337,17 +352,7 @@ def test_no_trial_is_pruned_at_its_last_epoch_where_pruning_saves_nothing():
     )
     callback.ctx.number = 0
     for epoch, expect in ((3, None), (2, 3)):  # the last epoch of 4, then an epoch before it
-        trainer = SimpleNamespace(
-            sanity_checking=False,
-            state=SimpleNamespace(fn="fit"),
-            callback_metrics={"val/macro_f1": torch.tensor(0.5)},
-            current_epoch=epoch,
-            max_epochs=4,
-            should_stop=False,
-            fit_loop=SimpleNamespace(
-                min_epochs=0, epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(is_last_batch=True))
-            ),
-        )
+        trainer = _trainer(epoch)
         callback.on_validation_end(trainer, None)
         assert callback.pruned_at == expect and trainer.should_stop == (expect is not None)
     assert callback.ctx.trial.reported == [(4, 0.5), (3, 0.5)]  # the last epoch is still reported
@@ -376,14 +381,7 @@ def test_a_kept_trial_is_asked_at_every_rung_but_never_stopped():
     ctx.trial = Pruning()
     callback = PruningCallback(ctx, "val/macro_f1", keep=True)
     for epoch in (0, 1, 2):
-        trainer = SimpleNamespace(
-            sanity_checking=False,
-            state=SimpleNamespace(fn="fit"),
-            callback_metrics={"val/macro_f1": torch.tensor(0.5)},
-            current_epoch=epoch,
-            max_epochs=4,
-            should_stop=False,
-        )
+        trainer = _trainer(epoch)
         callback.on_validation_end(trainer, None)
         assert not trainer.should_stop and callback.pruned_at is None
     callback.on_train_end(trainer, None)  # raises nothing: the trial completes
