@@ -57,11 +57,9 @@ test-heavy: $(STAMP)
 # The benchmark suite; each script rewrites its own section of BENCHMARKS.md. Data pipeline (cache vs
 # per-epoch JPEG decoding; ../shared/data/utkface when present, else generated faces; a few minutes),
 # framework overhead (agecls vs a plain PyTorch loop, generated faces; ~10 minutes on 2 loaded cores),
-# quality on real UTKFace (dissertation vs agecls under one budget, 32 px, 1/3 of each split: with agecls
-# searching, ~20 minutes on 2 shared CPU cores, then agecls's recipe without a search, ~12 minutes; needs the
-# UTKFace folder). The recipe's per-task levers (--agecls-set-age/-gender: OneCycle to 1e-3, chosen on
-# validation, BENCHMARKS.md levers section) are not given to the search protocol, which searches the
-# scheduler and learning rate itself. The sweep bench is separate: make bench-sweep.
+# quality on real UTKFace (the dissertation's settings vs agecls's recipe under one budget, 32 px, 1/3 of each
+# split, ~12 minutes on 2 shared CPU cores; needs the UTKFace folder). A study against both at the same
+# budget is make bench-search; make bench-sweep measures the pruner.
 # agecls's recipe for the no-search quality runs: the levers that won on validation at each image size
 # (BENCHMARKS.md levers and quality sections): OneCycle to 1e-3 won for age and gender at 32 px, and for
 # gender only at 64 px (it lost for age there).
@@ -72,9 +70,6 @@ RECIPE_64 := $(SHARED) --agecls-set-gender scheduler=onecycle optimizer.lr=1e-3
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
 	$(BIN)/python bench/overhead.py --write BENCHMARKS.md
-	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --epochs 2 --retrain 8 \
-	  --set data.pipeline=device --agecls-set callbacks.ema.enabled=true callbacks.ema.decay=0.995 augment.tta=auto \
-	  --write BENCHMARKS.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --no-search \
 	  --set data.pipeline=device $(RECIPE) --write BENCHMARKS.md
 
