@@ -55,7 +55,14 @@ from sections import (
     save_report,
 )
 
-BEGIN, END = "<!-- search:begin -->", "<!-- search:end -->"
+SECTION = "search"  # the default section; --section names another (a second protocol beside this one)
+
+
+def markers(section: str = SECTION) -> tuple[str, str]:
+    return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+
+
+BEGIN, END = markers()
 RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
 SIDES = ("dissertation", "recipe", "study")
 # The README's recipe on top of the dissertation's settings: EMA and flip TTA for every task, OneCycle to 1e-3
@@ -579,9 +586,13 @@ def _ci(d: dict | None) -> str:
 
 def render(rep: dict) -> str:
     a, m = rep["args"], rep["machine"]
+    begin, end = markers(rep.get("section", SECTION))
+    title = "## Search vs hand recipe at the same budget"
+    if rep.get("section", SECTION) != SECTION:
+        title += f": runs of {a['run_epochs']} epochs, {a['budget_epochs']} per side"
     lines = [
-        BEGIN,
-        "## Search vs hand recipe at the same budget",
+        begin,
+        title,
         "",
         *provenance(
             rep["command"],
@@ -624,7 +635,7 @@ def render(rep: dict) -> str:
                     f"| {_ci(s.get('vs_recipe'))} | {s['epochs']} / {a['budget_epochs']} | {wall} "
                     f"| {s['detail']} |"
                 )
-    lines += ["", *rep["reading"], *(["", *rep["notes"]] if rep.get("notes") else []), END]
+    lines += ["", *rep["reading"], *(["", *rep["notes"]] if rep.get("notes") else []), end]
     return "\n".join(lines) + "\n"
 
 
@@ -667,9 +678,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of a markdown file")
     parser.add_argument("--notes", type=Path, help="Markdown lines to append to the section")
     parser.add_argument("--from-json", type=Path, help="render a saved bench/results/search.json instead")
+    parser.add_argument(
+        "--section",
+        default=SECTION,
+        help="the section of --write (and bench/results/<section>.json) this run rewrites: another name "
+        "keeps a second protocol beside the default one",
+    )
     args = parser.parse_args(argv)
+    if not args.section.replace("-", "").replace("_", "").isalnum():
+        raise SystemExit(f"--section {args.section!r}: letters, digits, '-' and '_' only")
     if args.from_json:
-        return render_saved(args.from_json, render, args.write, (BEGIN, END), args.notes)
+        return render_saved(
+            args.from_json,
+            render,
+            args.write,
+            lambda rep: markers(rep.get("section", SECTION)),
+            args.notes,
+        )
     given = argv if argv is not None else sys.argv
     if args.quick and "--tasks" not in given:
         args.tasks = "age"
@@ -762,13 +787,14 @@ def main(argv: list[str] | None = None) -> int:
         "tasks": results,
         "out": str(out),
         "seconds": time.perf_counter() - began,
+        "section": args.section,
     }
     rep["reading"] = reading(rep)
     if args.notes:
         rep["notes"] = args.notes.read_text().splitlines()
     section = render(rep)
     print(section)
-    save_report(rep, "search", out, RESULTS, section, args.write, (BEGIN, END), args.quick)
+    save_report(rep, args.section, out, RESULTS, section, args.write, markers(args.section), args.quick)
     return 0
 
 

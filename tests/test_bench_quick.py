@@ -454,6 +454,15 @@ def test_search_spends_the_same_budget_per_side_and_pairs_each_with_the_recipe(t
     # ... and refuses to mix a cell of other settings into its table
     with pytest.raises(SystemExit, match=r"cell.json: run with other settings .*'budget_epochs': \(12, 16\)"):
         search.main([*argv[:-2], "--budget-epochs", "16", "--out", str(tmp_path / "out")])
+    # Another protocol keeps its own section and record beside the default one
+    assert search.main([*argv, "--write", str(md), "--section", "search-4ep"]) == 0
+    text = md.read_text()
+    assert text.count("<!-- search:begin -->") == 1 and text.count("<!-- search-4ep:begin -->") == 1
+    assert "## Search vs hand recipe at the same budget: runs of 4 epochs, 12 per side" in text
+    assert (tmp_path / "record" / "search-4ep.json").is_file()
+    assert json.loads((tmp_path / "record" / "search.json").read_text()) == again  # the default one untouched
+    with pytest.raises(SystemExit, match="--section 'a b'"):
+        search.main([*argv, "--section", "a b"])
 
 
 # heavy: six subprocess fits and two study rounds on generated faces (6 to 17 minutes on 2 loaded cores).
