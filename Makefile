@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-sweep bench-predict bench-gpu bench-64 bench-levers bench-search bench-pareto bench-serve browser engines utkface
+.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-sweep bench-predict bench-gpu bench-64 bench-levers bench-search bench-search-8ep bench-pareto bench-serve browser engines utkface
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -136,6 +136,14 @@ bench-search: $(STAMP)
 	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks $(SEARCH_TASKS) --seeds 3 $(SEARCH_SIZE) \
 	  --reseed-top 2 --reseed-seeds 1 --check-pruned 1 --study-set optuna.pruner.min_resource=2 \
 	  --out $(SEARCH_OUT) $(SEARCH_ARGS) --write BENCHMARKS.md
+
+# The same comparison with runs twice as long (8 epochs, 64 per side) and the sweep's own rungs (epochs 3 and
+# 6), in its own section (search-8ep): does the recipe's lead, chosen at 4-epoch budgets, hold at 8? 23 (gender)
+# to 39 (age) minutes per task and seed on 2 cores; SEARCH_TASKS as above.
+bench-search-8ep: $(STAMP)
+	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks $(SEARCH_TASKS) --seeds 3 --stride 3 \
+	  --budget-epochs 64 --run-epochs 8 --reseed-top 2 --reseed-seeds 1 --check-pruned 1 --parallel 2 \
+	  --out outputs/bench/search/cpu-stride3-8ep --section search-8ep --write BENCHMARKS.md
 
 # A Pareto study for age (bench/pareto.py): validation macro-F1 against the ethnicity gap, sweep=pareto_fairness
 # on 1 row in 3 of each split of real UTKFace at 32 px, 12 trials of 8 half-epochs, 2 at a time (about 35
