@@ -62,7 +62,6 @@ def markers(section: str = SECTION) -> tuple[str, str]:
     return f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
 
 
-BEGIN, END = markers()
 RESULTS = Path(__file__).parent / "results"  # the committed record of the section (tests point it elsewhere)
 SIDES = ("dissertation", "recipe", "study")
 # The README's recipe on top of the dissertation's settings: EMA and flip TTA for every task, OneCycle to 1e-3
@@ -586,9 +585,10 @@ def _ci(d: dict | None) -> str:
 
 def render(rep: dict) -> str:
     a, m = rep["args"], rep["machine"]
-    begin, end = markers(rep.get("section", SECTION))
+    name = rep.get("section", SECTION)  # reports saved before --section existed are the default one
+    begin, end = markers(name)
     title = "## Search vs hand recipe at the same budget"
-    if rep.get("section", SECTION) != SECTION:
+    if name != SECTION:
         title += f": runs of {a['run_epochs']} epochs, {a['budget_epochs']} per side"
     lines = [
         begin,
