@@ -113,9 +113,9 @@ bench-sweep: $(STAMP)
 
 # Quality levers per task on validation (bench/levers.py: the dissertation's recipe plus each lever, whole UTKFace
 # split, 32 px, 8 half-epochs, and the dissertation's hierarchies V15/V16 for age; about 45 minutes on 2 CPU
-# cores); rewrites its BENCHMARKS.md section.
+# cores); rewrites its section of docs/BENCHMARKS-EARLIER.md.
 bench-levers: $(STAMP)
-	nice -n 5 $(BIN)/python bench/levers.py --notes bench/results/levers-notes.md --write BENCHMARKS.md
+	nice -n 5 $(BIN)/python bench/levers.py --notes bench/results/levers-notes.md --write docs/BENCHMARKS-EARLIER.md
 
 # Search vs hand recipe at the same budget (bench/search.py): per task and bench seed, the dissertation's
 # settings and agecls's hand recipe each trained on seeds (the best on validation), and an Optuna study over

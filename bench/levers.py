@@ -4,9 +4,9 @@ plus its overrides, on the whole persisted UTKFace split at a small image size f
 `--parallel` at a time with one CPU thread each. Only validation is read (best epoch's macro-F1, no TTA):
 levers are kept or dropped without looking at test, which the quality bench (bench/quality.py) then reports.
 
-    .venv/bin/python bench/levers.py --write BENCHMARKS.md          # the default set, ~45 min on 2 cores
+    .venv/bin/python bench/levers.py --write docs/BENCHMARKS-EARLIER.md  # the default set, ~45 min on 2 cores
     .venv/bin/python bench/levers.py --only g_ema g_ema_onecycle1e-3
-    .venv/bin/python bench/levers.py --collect outputs/bench/levers/<stamp> --write BENCHMARKS.md
+    .venv/bin/python bench/levers.py --collect outputs/bench/levers/<stamp> --write docs/BENCHMARKS-EARLIER.md
     .venv/bin/python bench/levers.py --quick                        # CI smoke: generated faces, seconds
 """
 

@@ -385,7 +385,7 @@ def render(rep: dict) -> str:
             + _overrides_text(a.get("agecls_set", []))
             + _per_task_text(a)
             + f", trained once for up to {budget} epochs (levers chosen on validation beforehand: levers "
-            "section). "
+            "sections of docs/BENCHMARKS-EARLIER.md). "
             + rep.get("schedule", f"Runs went {a['parallel']} at a time")
             + f", {a['threads']} CPU thread each."
             if no_search

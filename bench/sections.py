@@ -1,4 +1,5 @@
-"""Each benchmark owns one marked section of BENCHMARKS.md and rewrites only that."""
+"""Each benchmark owns one marked section of BENCHMARKS.md (the lever rounds: docs/BENCHMARKS-EARLIER.md) and
+rewrites only that."""
 
 from __future__ import annotations
 

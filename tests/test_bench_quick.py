@@ -244,13 +244,17 @@ def test_levers_collect_reads_finished_runs_marks_the_best_per_task_and_skips_mi
     _lever_run(tmp_path, "g_none", 0.81, [0.7, 0.81, 0.8])
     _lever_run(tmp_path, "g_ema", 0.83, [0.72, 0.79, 0.83])
     _lever_run(tmp_path, "e_ema", 0.6, [0.5, 0.6])
-    md = tmp_path / "BENCHMARKS.md"
+    md = tmp_path / "BENCHMARKS-EARLIER.md"  # the page make bench-levers writes, its other sections kept
+    md.write_text((REPO / "docs" / "BENCHMARKS-EARLIER.md").read_text())
     args = ["--collect", str(tmp_path), "--only", "g_none", "g_ema", "e_ema", "a_ema", "--write", str(md)]
     monkeypatch.setattr(levers, "RESULTS", tmp_path / "record")  # not the committed bench/results
     (tmp_path / "record").mkdir()
     assert levers.main(args) == 0
     text = md.read_text()
     assert text.count("<!-- levers-runs:begin -->") == 1
+    assert text.index("<!-- recipe-followups:end -->") < text.index("<!-- levers-runs:begin -->")  # in place
+    assert text.index("<!-- levers-runs:end -->") < text.index("<!-- levers:begin -->")
+    assert "## Age heads on UTKFace" in text and "## Levers tried on age alone, on validation" in text
     assert "| gender | none (the dissertation's recipe) | 0.8100 | 2 of 3 | 0.700 0.810 0.800 | 12 |" in text
     ema = "`callbacks.ema.enabled=true`, `callbacks.ema.decay=0.995`"
     assert f"| gender | {ema} | **0.8300** | 3 of 3 |" in text

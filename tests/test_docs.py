@@ -122,6 +122,23 @@ def test_quoted_commands_name_real_console_scripts_and_make_targets(doc):
     assert "agecls-train" in scripts and "docs" in targets  # the parsers found something
 
 
+# The lever rounds and explorations that found the recipe, moved from BENCHMARKS.md to their own page.
+EARLIER = ["recipe-followups", "levers-runs", "levers", "age_heads", "bin_discovery"]
+
+
+def test_earlier_benchmark_sections_live_on_their_page_and_bench_levers_writes_there():
+    earlier = (REPO / "docs" / "BENCHMARKS-EARLIER.md").read_text()
+    main = (REPO / "BENCHMARKS.md").read_text()
+    for name in EARLIER:
+        begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+        assert earlier.count(begin) == 1 and earlier.count(end) == 1, name
+        assert begin not in main and end not in main, name
+    assert "](docs/BENCHMARKS-EARLIER.md)" in main
+    makefile = (REPO / "Makefile").read_text().splitlines()
+    levers = [line for line in makefile if "bench/levers.py --notes" in line]
+    assert levers and all(line.endswith("--write docs/BENCHMARKS-EARLIER.md") for line in levers), levers
+
+
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
 def test_local_links_point_at_files_that_exist(doc):
     missing = [
