@@ -54,15 +54,15 @@ test: $(STAMP)
 test-heavy: $(STAMP)
 	$(BIN)/python -m pytest -m heavy
 
-# The benchmark suite; each script rewrites its own section of BENCHMARKS.md. Data pipeline (cache vs
-# per-epoch JPEG decoding; ../shared/data/utkface when present, else generated faces; a few minutes),
-# framework overhead (agecls vs a plain PyTorch loop, generated faces; ~10 minutes on 2 loaded cores),
-# quality on real UTKFace (the dissertation's settings vs agecls's recipe under one budget, 32 px, 1/3 of each
-# split, ~12 minutes on 2 shared CPU cores; needs the UTKFace folder). A study against both at the same
-# budget is make bench-search; make bench-sweep measures the pruner.
+# The benchmark suite; each script rewrites its own section of BENCHMARKS.md (the levers rounds: of
+# docs/BENCHMARKS-EARLIER.md). Data pipeline (cache vs per-epoch JPEG decoding; ../shared/data/utkface when
+# present, else generated faces; a few minutes), framework overhead (agecls vs a plain PyTorch loop, generated
+# faces; ~10 minutes on 2 loaded cores), quality on real UTKFace (the dissertation's settings vs agecls's
+# recipe under one budget, 32 px, 1/3 of each split, ~12 minutes on 2 shared CPU cores; needs the UTKFace
+# folder). A study against both at the same budget is make bench-search; make bench-sweep measures the pruner.
 # agecls's recipe for the no-search quality runs: the levers that won on validation at each image size
-# (BENCHMARKS.md levers and quality sections): OneCycle to 1e-3 won for age and gender at 32 px, and for
-# gender only at 64 px (it lost for age there).
+# (docs/BENCHMARKS-EARLIER.md levers, BENCHMARKS.md quality): OneCycle to 1e-3 won for age and gender at
+# 32 px, and for gender only at 64 px (it lost for age there).
 SHARED := --agecls-set callbacks.ema.enabled=true callbacks.ema.decay=0.995 augment.tta=auto
 RECIPE := $(SHARED) --agecls-set-age scheduler=onecycle optimizer.lr=1e-3 \
 	--agecls-set-gender scheduler=onecycle optimizer.lr=1e-3

@@ -235,10 +235,13 @@ CELL_KEYS = (
     "stride",
     "reseed_top",
     "reseed_seeds",
+    "leader_seeds",
     "check_pruned",
     "set",
     "study_set",
 )
+# Keys added to CELL_KEYS after cells were recorded: a record without one ran with this value.
+LATER_KEYS = {"leader_seeds": 0}
 
 
 def save_cell(out: Path, task: str, seed: int, args, sides: dict) -> None:
@@ -258,7 +261,8 @@ def earlier_cells(out: Path, args) -> dict[str, dict[str, dict]]:
         record = json.loads(path.read_text())
         # a key the record lacks was not recorded then (kept with the settings it had)
         mine = {k: getattr(args, k) for k in CELL_KEYS}
-        diff = {k: (record["settings"][k], v) for k, v in mine.items() if record["settings"].get(k, v) != v}
+        theirs = {k: record["settings"].get(k, LATER_KEYS.get(k, v)) for k, v in mine.items()}
+        diff = {k: (theirs[k], v) for k, v in mine.items() if theirs[k] != v}
         if diff:
             raise SystemExit(f"{path}: run with other settings (earlier, now): {diff}; use another --out")
         found.setdefault(path.parent.parent.name, {})[path.parent.name.removeprefix("seed-")] = record[
@@ -357,7 +361,8 @@ def study_side(args, task: str, seed: int, out: Path) -> dict:
     ]
     # the seeds of the seeded sides' second, third, ... runs: each re-seed has a same-seed run on both sides
     reseed_seeds = [1000 * seed + 1 + i for i in range(args.reseed_seeds)]
-    reserve = args.run_epochs * (args.reseed_top * len(reseed_seeds) + args.check_pruned)
+    leader_seeds = [1000 * seed + 1 + args.reseed_seeds + i for i in range(args.leader_seeds)]
+    reserve = args.run_epochs * (args.reseed_top * len(reseed_seeds) + len(leader_seeds) + args.check_pruned)
     began, rounds, n_trials, spent = time.perf_counter(), 0, 0, {"trials": 0}
     while (room := (args.budget_epochs - reserve - spent["trials"]) // args.run_epochs) > 0:
         n_trials += room  # each at most a whole run: the round cannot overrun the budget
@@ -370,6 +375,7 @@ def study_side(args, task: str, seed: int, out: Path) -> dict:
     if args.reseed_top or args.check_pruned:
         seeds = "[" + ",".join(map(str, reseed_seeds)) + "]"
         follow = [f"optuna.reseed.top={args.reseed_top}", f"optuna.reseed.seeds={seeds}"]
+        follow.append("optuna.reseed.leader_seeds=[" + ",".join(map(str, leader_seeds)) + "]")
         follow.append(f"optuna.check_pruned={args.check_pruned}")
         run_logged(
             [*cmd, f"optuna.n_trials={n_trials}", *follow], seed_dir / "study-followup.log", thread_env(1)
@@ -615,6 +621,11 @@ def render(rep: dict) -> str:
         "cut them), trial seed 1000·s, then the top "
         f"{a['reseed_top']} trial(s) re-run on {a['reseed_seeds']} more seed(s) and chosen by mean "
         f"validation value"
+        + (
+            f", the leader then run on {a['leader_seeds']} more seed(s) and the choice made again"
+            if a.get("leader_seeds")
+            else ""
+        )
         + (f", {a['check_pruned']} pruned trial(s) continued to the end" if a.get("check_pruned") else "")
         + "; its model is what its `@best` serves: the chosen configuration's best run on validation, or "
         "its seeds' ensemble (mean probabilities) where that scores higher on validation.",
@@ -660,6 +671,12 @@ def main(argv: list[str] | None = None) -> int:
         "--reseed-top", type=int, default=2, help="the study's top trials re-run on more seeds"
     )
     parser.add_argument("--reseed-seeds", type=int, default=1, help="extra seeds per re-run trial")
+    parser.add_argument(
+        "--leader-seeds",
+        type=int,
+        default=0,
+        help="extra seeds of the trial the re-seeds choose (optuna.reseed.leader_seeds), inside the budget",
+    )
     parser.add_argument("--check-pruned", type=int, default=0, help="pruned trials continued to the end")
     parser.add_argument("--parallel", type=int, default=1, help="seed runs of a side at a time")
     parser.add_argument(
@@ -717,6 +734,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"--budget-epochs {args.budget_epochs} --run-epochs {args.run_epochs}: the budget must hold at "
             "least one run"
+        )
+    if args.leader_seeds and not (args.reseed_top and args.reseed_seeds):
+        raise SystemExit(
+            f"--leader-seeds {args.leader_seeds}: the leader is chosen among re-seeded trials; "
+            "valid with --reseed-top >= 1 and --reseed-seeds >= 1"
         )
     # A study trial gets CPUs / optuna.n_jobs threads from the sweeper: the seed runs get as many
     args.jobs = args.jobs or args.parallel

@@ -469,6 +469,43 @@ def test_search_spends_the_same_budget_per_side_and_pairs_each_with_the_recipe(t
         search.main([*argv, "--section", "a b"])
 
 
+def test_search_keeps_budget_for_the_leaders_seeds_and_asks_the_study_for_them(tmp_path, monkeypatch):
+    """--leader-seeds 1: the study reserves one more run (trials get 12 - 4 re-seed - 4 leader = 4 epochs)
+    and its follow-up round asks for the leader's seed after the re-seeds' (1001, then 1002). A cell
+    recorded before the setting existed ran without leader seeds: it joins a table of 0, not of 1."""
+    search = load_bench("search", monkeypatch)
+    commands: list[list[str]] = []
+
+    def fake(cmd, log, env):
+        commands.append(cmd)
+        return _fake_agecls(cmd, log, env)
+
+    monkeypatch.setattr(search, "run_logged", fake)
+    monkeypatch.setattr(search, "RESULTS", tmp_path / "record")
+    root = tmp_path / "faces"
+    root.mkdir()
+    argv = ["--root", str(root), "--tasks", "age", "--seeds", "1", "--budget-epochs", "12"]
+    argv += ["--run-epochs", "4", "--reseed-top", "1", "--reseed-seeds", "1", "--n-boot", "50"]
+    argv += ["--out", str(tmp_path / "out")]
+    assert search.main([*argv, "--leader-seeds", "1"]) == 0
+    study = json.loads((tmp_path / "out" / "search.json").read_text())["tasks"]["age"]["1"]["study"]
+    assert study["trials"] == 1 and study["epochs_split"]["trials"] == 4
+    rounds = [c for c in commands if any(a.startswith("hydra.sweep.dir=") for a in c)]
+    assert not any("leader_seeds" in a for a in rounds[0]), "trial rounds run no follow-ups"
+    assert "optuna.reseed.seeds=[1001]" in rounds[-1] and "optuna.reseed.leader_seeds=[1002]" in rounds[-1]
+
+    cell = tmp_path / "out" / "age" / "seed-1" / "cell.json"
+    record = json.loads(cell.read_text())
+    del record["settings"]["leader_seeds"]  # as recorded before the setting existed
+    cell.write_text(json.dumps(record))
+    monkeypatch.setattr(search, "run_logged", lambda *a: pytest.fail(f"ran again: {a[0]}"))
+    with pytest.raises(SystemExit, match=r"'leader_seeds': \(0, 1\)"):
+        search.main([*argv, "--leader-seeds", "1"])
+    assert search.main(argv) == 0
+    with pytest.raises(SystemExit, match="--leader-seeds 1: the leader is chosen among re-seeded trials"):
+        search.main([*argv, "--reseed-top", "0", "--leader-seeds", "1"])
+
+
 # heavy: six subprocess fits and two study rounds on generated faces (6 to 17 minutes on 2 loaded cores).
 @pytest.mark.heavy
 def test_search_quick_runs_three_sides_on_one_budget(tmp_path):

@@ -67,10 +67,11 @@ class FakeExecutor:
         return Done()
 
 
-def _cfg(top: int = 0, seeds=(1, 2), check: int = 0, metrics=None) -> OmegaConf:
+def _cfg(top: int = 0, seeds=(1, 2), check: int = 0, metrics=None, leader=()) -> OmegaConf:
+    reseed = {"top": top, "seeds": list(seeds), "leader_seeds": list(leader)}
     return OmegaConf.create(
         {
-            "optuna": {"reseed": {"top": top, "seeds": list(seeds)}, "check_pruned": check},
+            "optuna": {"reseed": reseed, "check_pruned": check},
             "objective": {"metric": "val/acc", "mode": "max", "metrics": metrics},
             "hydra": {"job": {"config_name": "train"}},
         }
@@ -187,6 +188,61 @@ def test_top_trials_are_reseeded_and_chosen_by_their_seed_mean_once(tmp_path):
     reseed(fresh(study), cfg, again, [{}], tmp_path, "PARENT")
     assert again.started == []
     assert fresh(study).trials[1].user_attrs["seed_mean"] == pytest.approx(0.78)
+
+
+def test_the_leader_gets_more_seeds_and_the_choice_is_made_again_over_all_of_them(tmp_path):
+    """Top 2 on seed 1: trial 0 leads by its mean (0.80, 0.78) over trial 1 (0.76, 0.76). Its leader seeds 2
+    and 3 (0.70, 0.70) pull its mean to 0.745, below trial 1's 0.76: trial 1 is chosen. Trial 1 got no extra
+    seeds, and a resumed study runs nothing again and names the same leader."""
+    study = _study(tmp_path)
+    for number, value in enumerate([0.80, 0.76, 0.70]):
+        _complete(study, tmp_path, number, value)
+    values = {"s-trial-0000-seed-1": 0.78, "s-trial-0001-seed-1": 0.76}
+    values.update({"s-trial-0000-seed-2": 0.70, "s-trial-0000-seed-3": 0.70})
+    executor = FakeExecutor(values)
+    cfg = _cfg(top=2, seeds=[1], leader=[2, 3])
+
+    assert reseed(study, cfg, executor, [{}], tmp_path, "PARENT") == [0, 1]
+    assert [name for name, _ in executor.started] == [
+        "s-trial-0000-seed-1",
+        "s-trial-0001-seed-1",
+        "s-trial-0000-seed-2",
+        "s-trial-0000-seed-3",
+    ], "the top trials' seeds first, then the leader's"
+    first, second, _ = fresh(study).trials
+    assert first.user_attrs["reseeds"] == {"1": 0.78, "2": 0.70, "3": 0.70}
+    assert first.user_attrs["leader_seeds"] == [2, 3]
+    assert first.user_attrs["seed_mean"] == pytest.approx(0.745)
+    assert second.user_attrs["reseeds"] == {"1": 0.76} and second.user_attrs["leader_seeds"] == []
+    assert chosen_trial(fresh(study)).number == 1
+    assert selection_table(fresh(study)).loc[1, ["seed_1", "seed_2", "seed_3", "seed_42"]].tolist() == [
+        0.78,
+        0.70,
+        0.70,
+        0.80,
+    ]
+
+    again = FakeExecutor(values)
+    reseed(fresh(study), cfg, again, [{}], tmp_path, "PARENT")
+    assert again.started == []
+    assert fresh(study).trials[0].user_attrs["seed_mean"] == pytest.approx(0.745)
+    assert fresh(study).trials[0].user_attrs["leader_seeds"] == [2, 3]
+
+
+def test_leader_seeds_are_refused_without_top_trials_or_when_they_repeat_the_seeds():
+    from agecls.sweep.followup import check_followups
+
+    with pytest.raises(
+        UsageError, match=r"leader_seeds=\[3\] with optuna.reseed.top=0.*valid: optuna.reseed.top"
+    ):
+        check_followups(_cfg(top=0, seeds=[1], leader=[3]))
+    with pytest.raises(UsageError, match=r"leader_seeds=\[1, 3\] repeats optuna.reseed.seeds=\[1\]"):
+        check_followups(_cfg(top=2, seeds=[1], leader=[1, 3]))
+    with pytest.raises(UsageError, match=r"leader_seeds=\['a'\]; valid: a list of distinct whole numbers"):
+        check_followups(_cfg(top=2, seeds=[1], leader=["a"]))
+    with pytest.raises(UsageError, match=r"optuna.reseed.leader is not a setting; valid: .*leader_seeds"):
+        check_followups(OmegaConf.create({"optuna": {"reseed": {"top": 1, "seeds": [1], "leader": [2]}}}))
+    check_followups(_cfg(top=2, seeds=[1], leader=[2, 3]))
 
 
 def _pruned(study, tmp_path: Path, number: int, reported: dict[int, float]) -> Path:

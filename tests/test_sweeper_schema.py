@@ -53,7 +53,10 @@ def test_every_sweep_file_composes_with_its_values_in_the_typed_block(output_dir
     assert OmegaConf.get_type(cfg.optuna) is OptunaSettings
     assert _type_name(cfg.hydra.sweeper) == SWEEPER_CONF
     for key, value in raw.optuna.items():
-        assert cfg.optuna[key] == value, key
+        if isinstance(value, DictConfig):  # a block merges over train.yaml's: the file's keys win
+            assert {k: cfg.optuna[key][k] for k in value} == value, key
+        else:
+            assert cfg.optuna[key] == value, key
     assert cfg.optuna.n_trials == raw.optuna.n_trials and isinstance(cfg.optuna.n_trials, int)
     # sampler and pruner stay `_target_` blocks of their groups (train.yaml's defaults: tpe, median; a sweep
     # file may choose another pruner, e.g. none where several objectives rule pruners out)

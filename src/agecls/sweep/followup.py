@@ -10,6 +10,8 @@ selection (docs/SWEEPS.md, "Noise-aware selection and late bloomers").
   config.yaml, as plain runs nested under the study's MLflow run (tag `optuna.reseed_of`), in
   `trial-NNNN-seed-S`; user attributes `reseeds`, `reseed_runs`, `seed_mean`, `seed_std` and, when the
   objective is a macro-F1, `ensemble_val` (the validation macro-F1 of the seeds' mean probabilities).
+  `optuna.reseed.leader_seeds: [...]`: then the trial those seeds' means choose (the leader) runs on these
+  seeds too, and the choice is made again over every seed each trial has (user attribute `leader_seeds`).
 
 Follow-ups are plain `agecls-train` processes started through the study's executor, in its slots (CPU
 processes, one per GPU, or Slurm jobs), not Optuna trials: the sampler and n_trials are untouched. A run
@@ -50,9 +52,11 @@ def followup_settings(cfg: DictConfig) -> tuple[int, list[int], int]:
     follow-up asked of a study with several objectives (a Pareto study picks its points differently)."""
     ocfg = cfg.optuna
     reseed = ocfg.get("reseed") or {}
-    unknown = sorted(set(reseed) - {"top", "seeds"})
+    unknown = sorted(set(reseed) - {"top", "seeds", "leader_seeds"})
     if unknown:
-        raise UsageError(f"optuna.reseed.{unknown[0]} is not a setting; valid: optuna.reseed.top, .seeds")
+        raise UsageError(
+            f"optuna.reseed.{unknown[0]} is not a setting; valid: optuna.reseed.top, .seeds, .leader_seeds"
+        )
     top, check = reseed.get("top", 0), ocfg.get("check_pruned", 0)
     for key, value in (("optuna.reseed.top", top), ("optuna.check_pruned", check)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -74,9 +78,33 @@ def followup_settings(cfg: DictConfig) -> tuple[int, list[int], int]:
     return int(top), [int(s) for s in seeds], int(check)
 
 
+def leader_seeds(cfg: DictConfig) -> list[int]:
+    """`optuna.reseed.leader_seeds`: the seeds the leader (the trial chosen once the top trials are re-seeded)
+    runs on besides; UsageError naming a bad value, or leader seeds without re-seeded top trials."""
+    top, seeds, _ = followup_settings(cfg)
+    raw = (cfg.optuna.get("reseed") or {}).get("leader_seeds") or []
+    more = list(raw) if not isinstance(raw, int | str) else [raw]
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in more) or len(set(more)) != len(more):
+        raise UsageError(
+            f"optuna.reseed.leader_seeds={raw!r}; valid: a list of distinct whole numbers, e.g. [3, 4]"
+        )
+    if set(more) & set(seeds):
+        raise UsageError(
+            f"optuna.reseed.leader_seeds={raw!r} repeats optuna.reseed.seeds={seeds}: the leader already ran "
+            "those; valid: other seeds"
+        )
+    if more and not top:
+        raise UsageError(
+            f"optuna.reseed.leader_seeds={raw!r} with optuna.reseed.top=0: the leader is chosen among the "
+            "re-seeded top trials; valid: optuna.reseed.top >= 1 (or leader_seeds: [])"
+        )
+    return [int(s) for s in more]
+
+
 def check_followups(cfg: DictConfig) -> None:
     """UsageError before the study starts when its follow-up settings cannot be used."""
     followup_settings(cfg)
+    leader_seeds(cfg)
 
 
 # -- running follow-up jobs ----------------------------------------------------------------------------------
@@ -370,8 +398,10 @@ def reseed(
     study, cfg: DictConfig, executor: Any, slots: list[dict[str, str]], sweep_dir: Path, parent: str | None
 ) -> list[int]:
     """Re-run the top trials on `optuna.reseed.seeds` and record their seed values, mean and spread (and
-    the seeds' ensemble on validation); returns the re-seeded trials' numbers."""
+    the seeds' ensemble on validation); then the leader those means choose on `optuna.reseed.leader_seeds`,
+    recorded again over all its seeds. Returns the re-seeded trials' numbers."""
     top, seeds, _ = followup_settings(cfg)
+    more = leader_seeds(cfg)
     picked = top_trials(study, top)
     wanted: dict[int, list[tuple[int, Job]]] = {}
     for trial in list(picked):
@@ -381,54 +411,77 @@ def reseed(
             )
             picked.remove(trial)
             continue
-        own = trial.user_attrs.get("seed")
-        wanted[trial.number] = [
-            (s, reseed_job(trial, s, sweep_dir, study.study_name, parent)) for s in seeds if s != own
-        ]
-    jobs = [job for pairs in wanted.values() for _, job in pairs if job.results() is None]
-    if jobs:
-        run_jobs(executor, slots, jobs, "re-seed")
+        wanted[trial.number] = _seed_jobs(trial, seeds, sweep_dir, study.study_name, parent)
+    _run_missing(executor, slots, [job for pairs in wanted.values() for _, job in pairs], "re-seed")
     for trial in picked:
-        values, runs = {}, {}
-        for seed, job in wanted[trial.number]:
-            results = job.results()
-            if results is None or not _finite(results.get("objective")):
-                log.warning(
-                    "trial %d seed %d: no result; see %s", trial.number, seed, job.run_dir / "process.log"
-                )
-                continue
-            values[str(seed)] = float(results["objective"])
-            runs[str(seed)] = {
-                "value": float(results["objective"]),
-                "run_dir": str(results["run_dir"]),
-                "mlflow_run_id": results.get("mlflow_run_id"),
-                "checkpoint": results.get("checkpoint"),
-            }
-        every = [float(trial.value), *values.values()]
-        attrs = {
-            "reseeds": values,
-            "reseed_runs": runs,
-            "seed_mean": float(statistics.fmean(every)),
-            "seed_std": float(statistics.stdev(every)) if len(every) > 1 else 0.0,
-        }
-        run_dirs = [trial.user_attrs.get("run_dir"), *(r["run_dir"] for r in runs.values())]
-        if str(cfg.objective.metric).endswith("macro_f1") and len(run_dirs) > 1 and all(run_dirs):
-            try:
-                attrs["ensemble_val"] = ensemble_val([Path(str(d)) for d in run_dirs])
-            except Exception as exc:  # noqa: BLE001 - a record of the seeds; never stops a study
-                log.warning(
-                    "trial %d: the seeds' ensemble could not be scored on validation: %s", trial.number, exc
-                )
-        set_finished_attrs(study, trial, attrs)
-        log.info(
-            "trial %d over seeds %s: mean %.4f, std %.4f (values %s)",
-            trial.number,
-            [trial.user_attrs.get("seed"), *map(int, values)],
-            attrs["seed_mean"],
-            attrs["seed_std"],
-            ", ".join(f"{v:.4f}" for v in every),
-        )
+        _record_seeds(study, cfg, trial, wanted[trial.number], leader=[])
+    if more and picked:
+        # the means of the top trials' seeds name the leader (deterministically, so a resumed study picks the
+        # same one); its extra seeds then count in the choice like any other
+        leader = chosen_trial(fresh(study))
+        extra = _seed_jobs(leader, more, sweep_dir, study.study_name, parent)
+        _run_missing(executor, slots, [job for _, job in extra], "leader seed")
+        _record_seeds(study, cfg, leader, wanted[leader.number] + extra, leader=more)
     return [t.number for t in picked]
+
+
+def _seed_jobs(trial, seeds: list[int], sweep_dir: Path, study_name: str, parent: str | None):
+    """(seed, Job) of `trial` for each of `seeds` but its own."""
+    own = trial.user_attrs.get("seed")
+    return [(s, reseed_job(trial, s, sweep_dir, study_name, parent)) for s in seeds if s != own]
+
+
+def _run_missing(executor: Any, slots: list[dict[str, str]], jobs: list[Job], label: str) -> None:
+    """Run the jobs without a results.json (those with one finished in an earlier run of the command)."""
+    missing = [job for job in jobs if job.results() is None]
+    if missing:
+        run_jobs(executor, slots, missing, label)
+
+
+def _record_seeds(study, cfg: DictConfig, trial, pairs: list[tuple[int, Job]], leader: list[int]) -> None:
+    """Set `trial`'s user attributes from its own value and its seed runs: reseeds, reseed_runs, seed_mean,
+    seed_std, leader_seeds and (a macro-F1 objective) the seeds' ensemble on validation."""
+    values, runs = {}, {}
+    for seed, job in pairs:
+        results = job.results()
+        if results is None or not _finite(results.get("objective")):
+            log.warning(
+                "trial %d seed %d: no result; see %s", trial.number, seed, job.run_dir / "process.log"
+            )
+            continue
+        values[str(seed)] = float(results["objective"])
+        runs[str(seed)] = {
+            "value": float(results["objective"]),
+            "run_dir": str(results["run_dir"]),
+            "mlflow_run_id": results.get("mlflow_run_id"),
+            "checkpoint": results.get("checkpoint"),
+        }
+    every = [float(trial.value), *values.values()]
+    attrs = {
+        "reseeds": values,
+        "reseed_runs": runs,
+        "seed_mean": float(statistics.fmean(every)),
+        "seed_std": float(statistics.stdev(every)) if len(every) > 1 else 0.0,
+        "leader_seeds": [s for s in leader if str(s) in values],
+    }
+    run_dirs = [trial.user_attrs.get("run_dir"), *(r["run_dir"] for r in runs.values())]
+    if str(cfg.objective.metric).endswith("macro_f1") and len(run_dirs) > 1 and all(run_dirs):
+        try:
+            attrs["ensemble_val"] = ensemble_val([Path(str(d)) for d in run_dirs])
+        except Exception as exc:  # noqa: BLE001 - a record of the seeds; never stops a study
+            log.warning(
+                "trial %d: the seeds' ensemble could not be scored on validation: %s", trial.number, exc
+            )
+    set_finished_attrs(study, trial, attrs)
+    log.info(
+        "trial %d over seeds %s%s: mean %.4f, std %.4f (values %s)",
+        trial.number,
+        [trial.user_attrs.get("seed"), *map(int, values)],
+        " (the leader's extra seeds included)" if leader else "",
+        attrs["seed_mean"],
+        attrs["seed_std"],
+        ", ".join(f"{v:.4f}" for v in every),
+    )
 
 
 # -- the seeds' ensemble, scored on validation ---------------------------------------------------------------

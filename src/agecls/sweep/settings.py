@@ -39,7 +39,7 @@ class OptunaSettings:
     register_best: bool = MISSING
     register_rule: str | None = MISSING  # several objectives: a rule naming one front point (@rule)
     report: str = MISSING  # best | last: what a trial reports to the pruner each epoch (PruningCallback)
-    reseed: dict[str, Any] = MISSING  # {top, seeds}: the top COMPLETE trials re-run per seed (sweep.followup)
+    reseed: dict[str, Any] = MISSING  # {top, seeds, leader_seeds}: top trials re-run (sweep.followup)
     check_pruned: int = MISSING  # PRUNED trials continued to the end from their last.ckpt (sweep.followup)
     trial: int | None = MISSING  # set by the sweeper in each trial process
     parent_run_id: str | None = MISSING  # set by the sweeper: the study's MLflow run
