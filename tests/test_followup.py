@@ -229,13 +229,12 @@ def test_the_leader_gets_more_seeds_and_the_choice_is_made_again_over_all_of_the
     assert fresh(study).trials[0].user_attrs["leader_seeds"] == [2, 3]
 
 
-def test_leader_seeds_are_refused_without_top_trials_or_when_they_repeat_the_seeds():
-    from agecls.sweep.followup import check_followups
+def test_leader_seeds_are_refused_when_they_repeat_the_seeds_and_off_without_top_trials():
+    from agecls.sweep.followup import check_followups, leader_seeds
 
-    with pytest.raises(
-        UsageError, match=r"leader_seeds=\[3\] with optuna.reseed.top=0.*valid: optuna.reseed.top"
-    ):
-        check_followups(_cfg(top=0, seeds=[1], leader=[3]))
+    # reseed.top=0 turns re-seeding off, the leader's seeds included (a sweep file's list stays quiet)
+    assert leader_seeds(_cfg(top=0, seeds=[1], leader=[3])) == []
+    assert leader_seeds(_cfg(top=2, seeds=[1], leader=[3])) == [3]
     with pytest.raises(UsageError, match=r"leader_seeds=\[1, 3\] repeats optuna.reseed.seeds=\[1\]"):
         check_followups(_cfg(top=2, seeds=[1], leader=[1, 3]))
     with pytest.raises(UsageError, match=r"leader_seeds=\['a'\]; valid: a list of distinct whole numbers"):

@@ -80,7 +80,8 @@ def followup_settings(cfg: DictConfig) -> tuple[int, list[int], int]:
 
 def leader_seeds(cfg: DictConfig) -> list[int]:
     """`optuna.reseed.leader_seeds`: the seeds the leader (the trial chosen once the top trials are re-seeded)
-    runs on besides; UsageError naming a bad value, or leader seeds without re-seeded top trials."""
+    runs on besides; [] when `optuna.reseed.top` is 0 (no re-seeds, no leader: `top=0` turns the whole
+    follow-up off, whatever a sweep file lists); UsageError naming a bad value."""
     top, seeds, _ = followup_settings(cfg)
     raw = (cfg.optuna.get("reseed") or {}).get("leader_seeds") or []
     more = list(raw) if not isinstance(raw, int | str) else [raw]
@@ -93,12 +94,7 @@ def leader_seeds(cfg: DictConfig) -> list[int]:
             f"optuna.reseed.leader_seeds={raw!r} repeats optuna.reseed.seeds={seeds}: the leader already ran "
             "those; valid: other seeds"
         )
-    if more and not top:
-        raise UsageError(
-            f"optuna.reseed.leader_seeds={raw!r} with optuna.reseed.top=0: the leader is chosen among the "
-            "re-seeded top trials; valid: optuna.reseed.top >= 1 (or leader_seeds: [])"
-        )
-    return [int(s) for s in more]
+    return [int(s) for s in more] if top else []
 
 
 def check_followups(cfg: DictConfig) -> None:
