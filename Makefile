@@ -138,12 +138,13 @@ bench-search: $(STAMP)
 	  --out $(SEARCH_OUT) $(SEARCH_ARGS) --write BENCHMARKS.md
 
 # The same comparison with runs twice as long (8 epochs, 64 per side) and the sweep's own rungs (epochs 3 and
-# 6), in its own section (search-8ep): does the recipe's lead, chosen at 4-epoch budgets, hold at 8? 23 (gender)
-# to 39 (age) minutes per task and seed on 2 cores; SEARCH_TASKS as above.
+# 6), in its own section (search-8ep): does the recipe's lead, chosen at 4-epoch budgets, hold at 8? The study
+# spends one run of its budget on a third seed of its leader (optuna.reseed.leader_seeds). 20 (gender) to 42
+# (age) minutes per task and seed on 2 cores; SEARCH_TASKS as above.
 bench-search-8ep: $(STAMP)
 	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks $(SEARCH_TASKS) --seeds 3 --stride 3 \
-	  --budget-epochs 64 --run-epochs 8 --reseed-top 2 --reseed-seeds 1 --check-pruned 1 --parallel 2 \
-	  --out outputs/bench/search/cpu-stride3-8ep --section search-8ep --write BENCHMARKS.md
+	  --budget-epochs 64 --run-epochs 8 --reseed-top 2 --reseed-seeds 1 --leader-seeds 1 --check-pruned 1 \
+	  --parallel 2 --out outputs/bench/search/cpu-stride3-8ep-leader --section search-8ep --write BENCHMARKS.md
 
 # A Pareto study for age (bench/pareto.py): validation macro-F1 against the ethnicity gap, sweep=pareto_fairness
 # on 1 row in 3 of each split of real UTKFace at 32 px, 12 trials of 8 half-epochs, 2 at a time (about 35
