@@ -106,6 +106,14 @@ def _complete(study, tmp_path: Path, number: int, value: float) -> None:
     )
 
 
+def _study_of(tmp_path: Path, values: list[float]) -> optuna.Study:
+    """A study of COMPLETE trials 0, 1, ... with these values, each with its folder and config.yaml."""
+    study = _study(tmp_path)
+    for number, value in enumerate(values):
+        _complete(study, tmp_path, number, value)
+    return study
+
+
 def test_a_reseed_of_an_untracked_trial_sets_no_tracking_keys(tmp_path):
     """tracking=none has no tags or run name: the re-seed's command must not set them (Hydra would refuse)."""
     folder = _trial_dir(tmp_path, 0, tracking=False)
@@ -146,10 +154,8 @@ def test_a_reseed_of_a_promoted_trial_keeps_the_users_tags_but_not_the_continued
 
 
 def test_top_trials_are_reseeded_and_chosen_by_their_seed_mean_once(tmp_path):
-    study = _study(tmp_path)
     # trial 0 is best on its one seed (0.80) but falls to 0.60 and 0.62 on others; trial 1 holds 0.77-0.79
-    for number, value in enumerate([0.80, 0.78, 0.70]):
-        _complete(study, tmp_path, number, value)
+    study = _study_of(tmp_path, [0.80, 0.78, 0.70])
     values = {"s-trial-0000-seed-1": 0.60, "s-trial-0000-seed-2": 0.62}
     values.update({"s-trial-0001-seed-1": 0.77, "s-trial-0001-seed-2": 0.79})
     executor = FakeExecutor(values)
@@ -194,9 +200,7 @@ def test_the_leader_gets_more_seeds_and_the_choice_is_made_again_over_all_of_the
     """Top 2 on seed 1: trial 0 leads by its mean (0.80, 0.78) over trial 1 (0.76, 0.76). Its leader seeds 2
     and 3 (0.70, 0.70) pull its mean to 0.745, below trial 1's 0.76: trial 1 is chosen. Trial 1 got no extra
     seeds, and a resumed study runs nothing again and names the same leader."""
-    study = _study(tmp_path)
-    for number, value in enumerate([0.80, 0.76, 0.70]):
-        _complete(study, tmp_path, number, value)
+    study = _study_of(tmp_path, [0.80, 0.76, 0.70])
     values = {"s-trial-0000-seed-1": 0.78, "s-trial-0001-seed-1": 0.76}
     values.update({"s-trial-0000-seed-2": 0.70, "s-trial-0000-seed-3": 0.70})
     executor = FakeExecutor(values)
@@ -535,9 +539,7 @@ def test_followups_stopped_by_ctrl_c_end_the_studys_run_killed(tmp_path, monkeyp
 def test_best_serves_the_seeds_ensemble_only_when_validation_prefers_it_and_argmax_decodes_it(tmp_path):
     from agecls.sweep.selection import served
 
-    study = _study(tmp_path)
-    for number, value in enumerate([0.70, 0.60]):
-        _complete(study, tmp_path, number, value)
+    study = _study_of(tmp_path, [0.70, 0.60])
     values = {"s-trial-0000-seed-1": 0.72, "s-trial-0001-seed-1": 0.61}
     reseed(study, _cfg(top=2, seeds=[1]), FakeExecutor(values), [{}], tmp_path, "PARENT")
 
