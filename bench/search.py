@@ -310,7 +310,10 @@ def study_epochs(study) -> dict:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         attrs = t.user_attrs
         if attrs.get("continued_from") is not None:
-            continue  # a continued pruned trial that joined the study: counted as its source's `continued`
+            # a continued pruned trial that joined the study: its epochs are its source's `continued`, but
+            # the re-seeds it got as a top trial are its own
+            reseeds += sum(run_epochs(r) for r in (attrs.get("reseed_runs") or {}).values())
+            continue
         done = len(t.intermediate_values) or int(attrs.get("epochs_trained", 0))
         trials += done
         reseeds += sum(run_epochs(r) for r in (attrs.get("reseed_runs") or {}).values())

@@ -575,3 +575,27 @@ def test_search_scores_the_seeds_ensemble_where_the_study_serves_it(tmp_path, mo
     assert pick["val"] == 1.0 and pick["epochs"] == 8 and pick["members"] == [str(a), str(b)]
     report = compare_runs(pick["run_dir"], a, split="test", n=50, seed=0)
     assert report["macro_f1"]["A"][0] == pytest.approx(1.0) and report["faces"] == 4
+
+
+def test_search_counts_the_reseeds_of_a_promoted_pruned_trial(tmp_path, monkeypatch):
+    """A pruned trial continued to the end joins the study (continued_from) and may then be re-seeded as a
+    top trial: its own epochs are its source's `continued`, its re-seeds are budget spent like any other."""
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    search = load_bench("search", monkeypatch)
+    study = optuna.create_study(direction="maximize")
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    source = {"continued": {"epochs": 8}}
+    study.add_trial(
+        create_trial(
+            state=TrialState.PRUNED,
+            params={"x": 0.5},
+            distributions=dist,
+            intermediate_values={0: 0.1, 1: 0.2, 2: 0.3},
+            user_attrs=source,
+        )
+    )
+    promoted = {"continued_from": 0, "reseed_runs": {"1001": {"epochs": 8}}, "epochs_trained": 8}
+    study.add_trial(create_trial(value=0.6, params={"x": 0.5}, distributions=dist, user_attrs=promoted))
+    assert search.study_epochs(study) == {"trials": 3, "reseeds": 8, "continued": 5, "total": 16}
