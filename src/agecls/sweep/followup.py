@@ -61,10 +61,7 @@ def followup_settings(cfg: DictConfig) -> tuple[int, list[int], int]:
     for key, value in (("optuna.reseed.top", top), ("optuna.check_pruned", check)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise UsageError(f"{key}={value!r}; valid: a whole number >= 0 (0: off)")
-    raw = reseed.get("seeds") or []
-    seeds = list(raw) if not isinstance(raw, int | str) else [raw]
-    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
-        raise UsageError(f"optuna.reseed.seeds={raw!r}; valid: a list of distinct whole numbers, e.g. [1, 2]")
+    seeds = _seed_list(reseed.get("seeds"), "optuna.reseed.seeds", "[1, 2]")
     if top and not seeds:
         raise UsageError(f"optuna.reseed.top={top} with no optuna.reseed.seeds; valid: e.g. seeds: [1, 2]")
     metrics = (cfg.get("objective") or {}).get("metrics")
@@ -75,7 +72,16 @@ def followup_settings(cfg: DictConfig) -> tuple[int, list[int], int]:
                 f"{key}={top if top else check} with {len(metrics)} objectives (objective.metrics): a Pareto "
                 f"study keeps every non-dominated trial rather than naming one best; valid: {key}=0"
             )
-    return int(top), [int(s) for s in seeds], int(check)
+    return int(top), seeds, int(check)
+
+
+def _seed_list(raw: Any, key: str, example: str) -> list[int]:
+    """A seed list setting (one seed may stand alone); UsageError naming `key` unless distinct integers."""
+    raw = raw or []
+    seeds = list(raw) if not isinstance(raw, int | str) else [raw]
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise UsageError(f"{key}={raw!r}; valid: a list of distinct whole numbers, e.g. {example}")
+    return [int(s) for s in seeds]
 
 
 def leader_seeds(cfg: DictConfig) -> list[int]:
@@ -83,18 +89,14 @@ def leader_seeds(cfg: DictConfig) -> list[int]:
     runs on besides; [] when `optuna.reseed.top` is 0 (no re-seeds, no leader: `top=0` turns the whole
     follow-up off, whatever a sweep file lists); UsageError naming a bad value."""
     top, seeds, _ = followup_settings(cfg)
-    raw = (cfg.optuna.get("reseed") or {}).get("leader_seeds") or []
-    more = list(raw) if not isinstance(raw, int | str) else [raw]
-    if any(isinstance(s, bool) or not isinstance(s, int) for s in more) or len(set(more)) != len(more):
-        raise UsageError(
-            f"optuna.reseed.leader_seeds={raw!r}; valid: a list of distinct whole numbers, e.g. [3, 4]"
-        )
+    raw = (cfg.optuna.get("reseed") or {}).get("leader_seeds")
+    more = _seed_list(raw, "optuna.reseed.leader_seeds", "[3, 4]")
     if set(more) & set(seeds):
         raise UsageError(
             f"optuna.reseed.leader_seeds={raw!r} repeats optuna.reseed.seeds={seeds}: the leader already ran "
             "those; valid: other seeds"
         )
-    return [int(s) for s in more] if top else []
+    return more if top else []
 
 
 def check_followups(cfg: DictConfig) -> None:
