@@ -154,10 +154,10 @@ bench-pareto: $(STAMP)
 	nice -n 5 $(BIN)/python bench/pareto.py --trials 12 --epochs 8 --jobs 2 --write BENCHMARKS.md
 
 # The recipe comparison at 64 px (about 45 minutes on 2 CPU cores; needs the UTKFace folder); rewrites its
-# BENCHMARKS.md section.
+# section of docs/BENCHMARKS-EARLIER.md.
 bench-64: $(STAMP)
 	nice -n 10 $(BIN)/python bench/quality.py --size 64 --stride 3 --fraction 0.5 --budget 16 --no-search \
-	  --set data.pipeline=device $(RECIPE_64) --write BENCHMARKS.md
+	  --set data.pipeline=device $(RECIPE_64) --write docs/BENCHMARKS-EARLIER.md
 
 # agecls-predict latency per stage (decode, detect, preprocess, model) for one photo and a batch of 32, CPU,
 # dissertation-size untrained model (a few minutes); rewrites its BENCHMARKS.md section.
