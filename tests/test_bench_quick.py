@@ -449,8 +449,18 @@ def test_search_spends_the_same_budget_per_side_and_pairs_each_with_the_recipe(t
         "  - age: seeds on test (read after the choice, never used for it): the recipe's runs score 0.6248 ± "
         "0.0000 (0.6248 to 0.6248; the study's model 0.8500 above 3 of 3) per bench seed."
     ) in text
+    assert (  # the recipe's runs 0.50-0.52; the study's trial 0 on its own seed 0.60 and re-seeded 0.70
+        "  - age: seeds' means on validation, recipe / study: 0.5100 / 0.6500 per bench seed (the recipe's "
+        "seed runs against the seeds of the configuration the study chose);"
+        " the study at least level in 1 of 1."
+    ) in text
     assert json.loads((tmp_path / "record" / "search.json").read_text()) == rep
     assert search.render(rep) in text  # --from-json renders the same section
+    # ... and words the reading anew from the numbers, so a record of older wording gets today's lines
+    (tmp_path / "old.json").write_text(json.dumps({**rep, "reading": ["- an older reading"]}))
+    assert search.main(["--from-json", str(tmp_path / "old.json"), "--write", str(tmp_path / "old.md")]) == 0
+    rendered = (tmp_path / "old.md").read_text()
+    assert "an older reading" not in rendered and "\n".join(rep["reading"]) in rendered
     # A second sitting into the same folder reads the finished cell back and runs nothing
     monkeypatch.setattr(search, "run_logged", lambda *a: pytest.fail(f"ran again: {a[0]}"))
     assert search.main([*argv, "--write", str(md)]) == 0
