@@ -139,8 +139,8 @@ bench-search: $(STAMP)
 
 # The same comparison with runs twice as long (8 epochs, 64 per side) and the sweep's own rungs (epochs 3 and
 # 6), in its own section (search-8ep): does the recipe's lead, chosen at 4-epoch budgets, hold at 8? The study
-# spends one run of its budget on a third seed of its leader (optuna.reseed.leader_seeds). 20 (gender) to 42
-# (age) minutes per task and seed on 2 cores; SEARCH_TASKS as above.
+# spends one run of its budget on a third seed of its leader (optuna.reseed.leader_seeds). 20 (gender) to 40-50
+# (age, ethnicity) minutes per task and seed on 2 cores; SEARCH_TASKS as above.
 bench-search-8ep: $(STAMP)
 	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks $(SEARCH_TASKS) --seeds 3 --stride 3 \
 	  --budget-epochs 64 --run-epochs 8 --reseed-top 2 --reseed-seeds 1 --leader-seeds 1 --check-pruned 1 \
