@@ -309,14 +309,11 @@ def study_epochs(study) -> dict:
     trials = reseeds = continued = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         attrs = t.user_attrs
+        reseeds += sum(run_epochs(r) for r in (attrs.get("reseed_runs") or {}).values())
         if attrs.get("continued_from") is not None:
-            # a continued pruned trial that joined the study: its epochs are its source's `continued`, but
-            # the re-seeds it got as a top trial are its own
-            reseeds += sum(run_epochs(r) for r in (attrs.get("reseed_runs") or {}).values())
-            continue
+            continue  # a continued pruned trial that joined the study: its epochs are its source's continued
         done = len(t.intermediate_values) or int(attrs.get("epochs_trained", 0))
         trials += done
-        reseeds += sum(run_epochs(r) for r in (attrs.get("reseed_runs") or {}).values())
         if attrs.get("continued"):  # resumed from the pruned trial's last.ckpt: only the epochs after it
             continued += max(0, run_epochs(attrs["continued"]) - done)
     return {
