@@ -69,9 +69,9 @@ RECIPE := $(SHARED) --agecls-set-age scheduler=onecycle optimizer.lr=1e-3 \
 RECIPE_64 := $(SHARED) --agecls-set-gender scheduler=onecycle optimizer.lr=1e-3
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
-	$(BIN)/python bench/overhead.py --write BENCHMARKS.md
+	$(BIN)/python bench/overhead.py --notes bench/results/overhead-notes.md --write BENCHMARKS.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --no-search \
-	  --set data.pipeline=device $(RECIPE) --write BENCHMARKS.md
+	  --set data.pipeline=device $(RECIPE) --notes bench/results/quality-32px-recipe-notes.md --write BENCHMARKS.md
 
 # CI smoke of the overhead, quality and throughput benches on tiny generated data (a few minutes; BENCHMARKS.md
 # untouched).
@@ -135,7 +135,7 @@ SEARCH_ARGS ?= --parallel 2
 bench-search: $(STAMP)
 	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks $(SEARCH_TASKS) --seeds 3 $(SEARCH_SIZE) \
 	  --reseed-top 2 --reseed-seeds 1 --check-pruned 1 --study-set optuna.pruner.min_resource=2 \
-	  --out $(SEARCH_OUT) $(SEARCH_ARGS) --write BENCHMARKS.md
+	  --out $(SEARCH_OUT) $(SEARCH_ARGS) --notes bench/results/search-notes.md --write BENCHMARKS.md
 
 # The same comparison with runs twice as long (8 epochs, 64 per side) and the sweep's own rungs (epochs 3 and
 # 6), in its own section (search-8ep): does the recipe's lead, chosen at 4-epoch budgets, hold at 8? The study
@@ -144,20 +144,23 @@ bench-search: $(STAMP)
 bench-search-8ep: $(STAMP)
 	nice -n 10 $(BIN)/python bench/search.py --size 32 --tasks $(SEARCH_TASKS) --seeds 3 --stride 3 \
 	  --budget-epochs 64 --run-epochs 8 --reseed-top 2 --reseed-seeds 1 --leader-seeds 1 --check-pruned 1 \
-	  --parallel 2 --out outputs/bench/search/cpu-stride3-8ep-leader --section search-8ep --write BENCHMARKS.md
+	  --parallel 2 --out outputs/bench/search/cpu-stride3-8ep-leader --section search-8ep \
+	  --notes bench/results/search-8ep-notes.md --write BENCHMARKS.md
 
 # A Pareto study for age (bench/pareto.py): validation macro-F1 against the ethnicity gap, sweep=pareto_fairness
 # on 1 row in 3 of each split of real UTKFace at 32 px, 12 trials of 8 half-epochs, 2 at a time (about 35
 # minutes on 2 CPU cores); the fairest front point against the best-F1 trial on test, paired bootstrap.
 # Rewrites its BENCHMARKS.md section.
 bench-pareto: $(STAMP)
-	nice -n 5 $(BIN)/python bench/pareto.py --trials 12 --epochs 8 --jobs 2 --write BENCHMARKS.md
+	nice -n 5 $(BIN)/python bench/pareto.py --trials 12 --epochs 8 --jobs 2 \
+	  --notes bench/results/pareto-age-32px-notes.md --write BENCHMARKS.md
 
 # The recipe comparison at 64 px (about 45 minutes on 2 CPU cores; needs the UTKFace folder); rewrites its
 # section of docs/BENCHMARKS-EARLIER.md.
 bench-64: $(STAMP)
 	nice -n 10 $(BIN)/python bench/quality.py --size 64 --stride 3 --fraction 0.5 --budget 16 --no-search \
-	  --set data.pipeline=device $(RECIPE_64) --write docs/BENCHMARKS-EARLIER.md
+	  --set data.pipeline=device $(RECIPE_64) --notes bench/results/quality-64px-recipe-notes.md \
+	  --write docs/BENCHMARKS-EARLIER.md
 
 # agecls-predict latency per stage (decode, detect, preprocess, model) for one photo and a batch of 32, CPU,
 # dissertation-size untrained model (a few minutes); rewrites its BENCHMARKS.md section.
