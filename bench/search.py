@@ -508,67 +508,74 @@ def seed_tests(sides: dict[str, dict]) -> None:
 
 
 def reading(rep: dict) -> list[str]:
-    """A few lines from the numbers: where the study is ahead of, level with or behind each other side, and
-    what its trials were (how many, how many pruned, which configuration it chose)."""
-    lines = []
+    """One row per task from the numbers: how often the study is at least level with each other side, how
+    far one configuration moves with its seed alone, what the study ran and chose, the configurations' seed
+    means on validation, and where the study's model lands among the recipe's seed runs on test."""
+    lines = [
+        "By task, over its bench seeds. Level+: in how many the study is at least level on validation / on "
+        "test. Each seeded side serves its best run on validation, the study its chosen configuration's best "
+        "seed or their ensemble; the seeds' means compare the configurations instead of the picks. Test is "
+        "read after every choice; the paired intervals above cover the test faces, not the training seed.",
+        "",
+        "| task | vs recipe: level+ val / test; mean test diff (significantly ahead / behind) "
+        "| vs dissertation: level+ val / test; mean test diff | trials per seed (pruned); chosen "
+        "| one configuration's seeds on val: sd (best − worst), dissertation / recipe "
+        "| seeds' means on val, recipe / study "
+        "| the recipe's seeds on test: mean ± sd (the study's model above) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for task, seeds in rep["tasks"].items():
-        n = len(seeds)
-        for other in ("recipe", "dissertation"):
-            val = sum(s["study"]["chosen"]["val"] >= s[other]["chosen"]["val"] for s in seeds.values())
-            test = sum(s["study"]["test"] >= s[other]["test"] for s in seeds.values())
-            mean = sum(s["study"]["test"] - s[other]["test"] for s in seeds.values()) / n
-            sig = ""
-            if other == "recipe":
-                up = sum(s["study"]["vs_recipe"]["lo"] > 0 for s in seeds.values())
-                down = sum(s["study"]["vs_recipe"]["hi"] < 0 for s in seeds.values())
-                sig = f"; significantly ahead in {up}, behind in {down}"
-            lines.append(
-                f"- {task}: the study is at least level with the {other} on validation in {val} of {n} seeds "
-                f"and on test in {test} of {n} (mean test difference {mean:+.4f}{sig})."
-            )
         studies = [s["study"] for s in seeds.values()]
         picked = [s.get("warm_start") or f"trial {s['trial']} (sampled)" for s in studies]
-        lines.append(
-            f"  - {task}: {sum(s['trials'] for s in studies) / n:.1f} trials per seed "
-            f"({sum(s['pruned'] for s in studies) / n:.1f} pruned); chosen: {', '.join(picked)}."
-        )
-        lines.append(f"  - {task}: {noise(seeds)}")
-        means = seed_means(seeds)
-        if means:
-            lines.append(f"  - {task}: {means}")
-        spread = test_spread(seeds)
-        if spread:
-            lines.append(f"  - {task}: {spread}")
+        cells = [
+            task,
+            _versus(seeds, "recipe"),
+            _versus(seeds, "dissertation"),
+            f"{sum(s['trials'] for s in studies) / len(seeds):.1f} "
+            f"({sum(s['pruned'] for s in studies) / len(seeds):.1f}); {', '.join(picked)}",
+            noise(seeds),
+            seed_means(seeds),
+            test_spread(seeds),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
+def _versus(seeds: dict[str, dict], other: str) -> str:
+    """`level+ val / test; mean test difference` of the study against `other` (with the significant counts
+    against the recipe, whose paired intervals the table has)."""
+    n = len(seeds)
+    val = sum(s["study"]["chosen"]["val"] >= s[other]["chosen"]["val"] for s in seeds.values())
+    test = sum(s["study"]["test"] >= s[other]["test"] for s in seeds.values())
+    mean = sum(s["study"]["test"] - s[other]["test"] for s in seeds.values()) / n
+    text = f"{val} / {test} of {n}; {mean:+.4f}"
+    if other == "recipe":
+        up = sum(s["study"]["vs_recipe"]["lo"] > 0 for s in seeds.values())
+        down = sum(s["study"]["vs_recipe"]["hi"] < 0 for s in seeds.values())
+        text += f" ({up} / {down})"
+    return text
+
+
 def test_spread(seeds: dict[str, dict]) -> str:
-    """Where the study's model lands among the recipe's seed runs on test (read after the choice)."""
+    """Per bench seed, the recipe's seed runs on test (read after the choice) and how many of them the
+    study's model is above; '-' with one run per side."""
     import statistics
 
-    cells = [s for s in seeds.values() if len(s["recipe"].get("runs_test") or []) > 1]
-    if not cells:
-        return ""
     parts = []
-    for s in cells:
-        runs = s["recipe"]["runs_test"]
-        below = sum(t < s["study"]["test"] for t in runs)
-        mean, sd = statistics.mean(runs), statistics.stdev(runs)
-        parts.append(
-            f"{mean:.4f} ± {sd:.4f} ({min(runs):.4f} to {max(runs):.4f}; the study's model "
-            f"{s['study']['test']:.4f} above {below} of {len(runs)})"
-        )
-    return (
-        "seeds on test (read after the choice, never used for it): the recipe's runs score "
-        + "; ".join(parts)
-        + " per bench seed. The paired intervals above cover the test faces, not the training seed."
-    )
+    for s in seeds.values():
+        runs = s["recipe"].get("runs_test") or []
+        if len(runs) > 1:
+            below = sum(t < s["study"]["test"] for t in runs)
+            mean, sd = statistics.mean(runs), statistics.stdev(runs)
+            parts.append(f"{mean:.4f} ± {sd:.4f} (above {below} of {len(runs)})")
+    return "; ".join(parts) or "-"
 
 
 def seed_means(seeds: dict[str, dict]) -> str:
-    """The configurations rather than the picks on validation: the recipe side's mean over its seed runs
-    against the mean over the seeds of the configuration the study chose. A side's best of 8 runs sits above
-    its configuration's mean by the luck of the draw, and the study's best of 3 less so."""
+    """The configurations rather than the picks on validation, per bench seed: the recipe side's mean over
+    its seed runs against the mean over the seeds of the configuration the study chose, and in how many the
+    study is at least level. A side's best of 8 runs sits above its configuration's mean by the luck of the
+    draw, and the study's best of 3 less so. '-' where either side has no seeds' mean."""
     import statistics
 
     cells = [
@@ -577,19 +584,15 @@ def seed_means(seeds: dict[str, dict]) -> str:
         if len(s["recipe"]["runs"]) > 1 and s["study"].get("seed_mean") is not None
     ]
     if not cells:
-        return ""
+        return "-"
     level = sum(study >= recipe for recipe, study in cells)
-    pairs = ", ".join(f"{recipe:.4f} / {study:.4f}" for recipe, study in cells)
-    return (
-        f"seeds' means on validation, recipe / study: {pairs} per bench seed (the recipe's seed runs against "
-        f"the seeds of the configuration the study chose); the study at least level in {level} of "
-        f"{len(cells)}."
-    )
+    pairs = "; ".join(f"{recipe:.4f} / {study:.4f}" for recipe, study in cells)
+    return f"{pairs} (level+ {level} of {len(cells)})"
 
 
 def noise(seeds: dict[str, dict]) -> str:
-    """How far one configuration moves with its seed alone, beside how far the sides' chosen models are
-    apart: the seeded sides' runs are the same settings on other seeds."""
+    """How far one configuration moves with its seed alone on validation (the seeded sides' runs are the
+    same settings on other seeds): the mean per bench seed of their sd and of best minus worst."""
     import statistics
 
     parts = []
@@ -598,14 +601,8 @@ def noise(seeds: dict[str, dict]) -> str:
         if vals:
             sd = statistics.mean(statistics.stdev(v) for v in vals)
             spread = statistics.mean(max(v) - min(v) for v in vals)
-            parts.append(f"the {side}'s runs sd {sd:.4f} (best minus worst {spread:.4f})")
-    if not parts:
-        return "one run per side: no seed spread to show."
-    return (
-        "noise: on validation, one configuration's seeds alone give "
-        + " and ".join(parts)
-        + " per bench seed; the chosen models are each the best of their side's runs on validation."
-    )
+            parts.append(f"{sd:.4f} ({spread:.4f})")
+    return " / ".join(parts) if len(parts) == 2 else "- (one run per side)"
 
 
 def _ci(d: dict | None) -> str:
