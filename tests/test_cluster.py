@@ -227,8 +227,18 @@ def test_slurm_gives_each_concurrent_trial_job_its_own_gpu(
     seen = [(tmp_path / f"trial{n}.log").read_text().strip() for n in range(2)]
     assert sorted(seen) == ["0", "1"], seen
     jobs = [f"-j{h.job.job_id}" for h in handles]
-    accounted = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "State,AllocTRES,Start,End", *jobs)
-    rows = [line.split("|") for line in accounted.splitlines()]
+
+    def accounted() -> list[list[str]]:
+        out = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "State,AllocTRES,Start,End", *jobs)
+        return [line.split("|") for line in out.splitlines()]
+
+    # slurmdbd records a job's end after the queue has let it go (seconds later on loaded cores)
+    def ended() -> bool:
+        states = [r[0] for r in accounted()]
+        return len(states) == 2 and not {"PENDING", "RUNNING"} & set(states)
+
+    wait_for(ended, "the jobs' accounting", 60)
+    rows = accounted()
     assert [r[0] for r in rows] == ["COMPLETED", "COMPLETED"], rows
     assert all("gres/gpu=1" in r[1] for r in rows), rows
     (_, _, s0, e0), (_, _, s1, e1) = rows
