@@ -41,6 +41,12 @@ def make_targets() -> set[str]:
     return set(re.findall(r"^([A-Za-z][\w-]*)\s*:(?!=)", (REPO / "Makefile").read_text(), re.M))
 
 
+def makefile_commands() -> list[str]:
+    """The Makefile's recipe lines with their backslash continuations joined, whitespace collapsed."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    return [" ".join(line.split()) for line in text.splitlines() if line.startswith("\t")]
+
+
 def commands(text: str) -> list[list[str]]:
     """Each shell command of the fenced code blocks (continuation lines joined, comments dropped) as words."""
     out = []
@@ -138,12 +144,6 @@ def test_earlier_benchmark_sections_live_on_their_page_and_their_make_targets_wr
     for marker in ("bench/levers.py --notes", "$(RECIPE_64) --notes"):
         found = [c for c in commands if marker in c]
         assert found and all(c.endswith("--write docs/BENCHMARKS-EARLIER.md") for c in found), found
-
-
-def makefile_commands() -> list[str]:
-    """The Makefile's recipe lines with their backslash continuations joined, whitespace collapsed."""
-    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
-    return [" ".join(line.split()) for line in text.splitlines() if line.startswith("\t")]
 
 
 def test_make_targets_keep_the_hand_written_reading_of_their_sections():
