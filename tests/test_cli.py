@@ -20,6 +20,7 @@ from agecls.cli import bins, compare, data, eval, predict, register, report, ser
 from agecls.cli import train as cli_train
 from agecls.config import CONFIG_DIR, check_overrides, compose_train
 from agecls.errors import AgeclsError, UsageError
+from agecls.sweep.params import check_params
 
 APPS = {m.APP.prog: m for m in (bins, compare, data, eval, predict, register, report, serve)}
 BIN = Path(sys.executable).parent
@@ -184,22 +185,25 @@ def test_multirun_sweeps_are_checked_value_by_value(output_dir):
     with pytest.raises(
         UsageError, match=r"optuna.params: optimizer=nadamm: .* did you mean optimizer=nadam\?"
     ):
-        check_overrides(
-            "train", ["sweep=demo", 'optuna.params={optimizer: "choice(adam, nadamm)"}'], multirun=True
-        )
+        study_params(["sweep=demo", 'optuna.params={optimizer: "choice(adam, nadamm)"}'])
     with pytest.raises(
         UsageError, match=r"optuna.params: unknown key 'model.blcks'; did you mean model.blocks\?"
     ):
-        check_overrides("train", ["sweep=demo", '++optuna.params={model.blcks: "range(2,4)"}'], multirun=True)
+        study_params(["sweep=demo", '++optuna.params={model.blcks: "range(2,4)"}'])
     with pytest.raises(
         UsageError, match=r"optuna.params has no key 'model.blcks' \(its keys: none\); \+\+opt"
     ):
-        check_overrides("train", ['optuna.params={model.blcks: "range(2,4)"}'], multirun=True)
+        study_params(['optuna.params={model.blcks: "range(2,4)"}'])
+
+
+def study_params(overrides: list[str]) -> None:
+    """What `agecls-train -m OVERRIDES` checks of a study's search space before it starts."""
+    check_params(check_overrides("train", overrides, multirun=True))
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml")))
 def test_every_sweep_file_names_existing_keys_and_options(output_dir, name):
-    check_overrides("train", [f"sweep={name}"], multirun=True)
+    study_params([f"sweep={name}"])
 
 
 # -- the other commands ------------------------------------------------------------------------------------

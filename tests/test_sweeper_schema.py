@@ -221,7 +221,8 @@ def test_only_agecls_study_touches_optunas_private_api():
 
 @pytest.mark.parametrize("experiment", ["agecnn", "gendercnn", "ethnicitycnn"])
 def test_one_recipe_sweep_file_serves_every_task_its_head_searched_for_age_only(output_dir, experiment):
-    from agecls.config import check_overrides, present_params
+    from agecls.config import check_overrides
+    from agecls.sweep.params import present_params
 
     lines = [f"experiment={experiment}", "sweep=optuna_recipe", "data=synthetic"]
     cfg = check_overrides("train", lines, multirun=True)  # the command line's check: no unknown key
@@ -233,6 +234,7 @@ def test_one_recipe_sweep_file_serves_every_task_its_head_searched_for_age_only(
 def test_an_optional_param_the_space_does_not_search_is_refused_naming_the_closest(output_dir):
     from agecls.config import check_overrides
     from agecls.errors import UsageError
+    from agecls.sweep.params import check_params
 
     lines = ["experiment=gendercnn", "sweep=optuna_recipe", "optuna.optional_params=[task.haed]"]
     with pytest.raises(
@@ -240,4 +242,4 @@ def test_an_optional_param_the_space_does_not_search_is_refused_naming_the_close
         match=r"^optuna.optional_params: task.haed is not a key of optuna.params; "
         r"did you mean task.head\? valid: callbacks.ema.enabled, ",
     ):
-        check_overrides("train", lines, multirun=True)
+        check_params(check_overrides("train", lines, multirun=True))

@@ -104,9 +104,6 @@ def _checked(
             keys = set(config_keys(cfg))
             for override in deferred:
                 _check_key(override, keys, cfg, config_name)
-        multirun = multirun or OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN
-        if multirun and OmegaConf.select(cfg, "hydra.runtime.choices.hydra/sweeper") == "agecls_optuna":
-            _check_optuna_params(cfg, loader, config_name)
     if not hydra:  # as hydra.compose(return_hydra_config=False) leaves it
         with open_dict(cfg):
             del cfg["hydra"]
@@ -214,48 +211,25 @@ def _check_key(override: Any, keys: set[str], cfg: DictConfig, config_name: str)
         raise UsageError(_unknown_key(override.key_or_group, keys, _groups(cfg), config_name))
 
 
-def _check_optuna_params(cfg: DictConfig, loader: Any, config_name: str) -> None:
-    """optuna.params names keys and group options like the command line does (the sweeper parses them the
-    same way); a misspelling there would fail every trial."""
-    params = OmegaConf.select(cfg, "optuna.params")
-    if not isinstance(params, DictConfig):
-        return
-    keys = set(config_keys(cfg))
-    params = present_params(cfg)
-    lines = [f"{k}={v}" for k, v in params.items() if not isinstance(v, dict | list)]
-    try:
+def check_lines(
+    lines: Sequence[str], cfg: DictConfig, config_name: str, config_dir: str | Path = CONFIG_DIR
+) -> None:
+    """UsageError for `key=value` lines (no sweeps) that name an unknown key or group option of `cfg`, the
+    config composed from `config_name` in `config_dir`: what a program that applies such lines to the
+    config later (a study's search space, say) must check before it starts."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
         parsed = parse_overrides(lines, loader)
         problems = _group_problems(parsed, loader)
         if problems:
             raise UsageError(problems[0])
+        keys = set(config_keys(cfg))
         for override in parsed:
             if not _is_group(loader, override.key_or_group):
                 _check_key(override, keys, cfg, config_name)
-    except UsageError as exc:
-        raise UsageError(f"optuna.params: {exc}") from None
-
-
-def present_params(cfg: DictConfig) -> dict[str, Any]:
-    """optuna.params without the keys of optuna.optional_params that `cfg` does not have (task.head, say,
-    which only the age task has: one sweep file then searches every task). UsageError for an optional key
-    that optuna.params does not search (a misspelling would otherwise be silently ignored)."""
-    params = OmegaConf.to_container(OmegaConf.select(cfg, "optuna.params") or OmegaConf.create({}))
-    assert isinstance(params, dict)
-    optional = [str(k) for k in OmegaConf.select(cfg, "optuna.optional_params", default=None) or []]
-    for key in optional:
-        if key not in params:
-            close = difflib.get_close_matches(key, [str(k) for k in params], n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise UsageError(
-                f"optuna.optional_params: {key} is not a key of optuna.params; {hint}"
-                f"valid: {', '.join(map(str, params))}"
-            )
-    absent = object()
-    return {
-        k: v
-        for k, v in params.items()
-        if k not in optional or OmegaConf.select(cfg, k, default=absent) is not absent
-    }
 
 
 def _explain(config_name: str, parsed: list[Any], loader: Any, exc: Exception) -> str:

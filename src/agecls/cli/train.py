@@ -52,6 +52,10 @@ def precheck(argv: Sequence[str]) -> None:
         config_dir = Path(__file__).resolve().parent / args.config_path
     name = args.config_name or "train"
     cfg = check_overrides(name, overrides, config_dir.resolve(), multirun=args.multirun)
+    if is_study(cfg, args.multirun):
+        from agecls.sweep.params import check_params
+
+        check_params(cfg, name, config_dir.resolve())
     if args.cfg or args.info:  # printing the config runs nothing
         return
     check_values(cfg, name, overrides, config_dir.resolve(), multirun=args.multirun)
@@ -80,8 +84,7 @@ def check_values(cfg: DictConfig, name: str, overrides: list[str], config_dir: P
         for o in added
         if not o.is_force_add() or OmegaConf.select(base, o.key_or_group, default=absent) is absent
     ]
-    study = multirun and OmegaConf.select(cfg, "hydra.runtime.choices.hydra/sweeper") == "agecls_optuna"
-    if study and any(o.is_sweep_override() for o in parse_overrides(overrides)):
+    if is_study(cfg, multirun) and any(o.is_sweep_override() for o in parse_overrides(overrides)):
         # A study's command-line sweeps are its search space: each trial checks what it draws.
         fixed = [o.input_line for o in parse_overrides(overrides) if not o.is_sweep_override()]
         cfg = check_overrides(name, fixed, config_dir, multirun=True)
@@ -100,6 +103,14 @@ def check_values(cfg: DictConfig, name: str, overrides: list[str], config_dir: P
                 validate(stage.cfg, drawn_later=multirun)
             except UsageError as exc:
                 raise UsageError(f"hierarchy stage {stage.name}: {exc}") from None
+
+
+def is_study(cfg: DictConfig, multirun: bool) -> bool:
+    """Whether the composed command line runs agecls's Optuna sweeper."""
+    from hydra.types import RunMode
+
+    multirun = multirun or OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN
+    return multirun and OmegaConf.select(cfg, "hydra.runtime.choices.hydra/sweeper") == "agecls_optuna"
 
 
 def main() -> None:

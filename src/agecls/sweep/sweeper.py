@@ -44,7 +44,7 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Overrid
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
-from agecls.config import CONFIG_DIR, present_params
+from agecls.config import CONFIG_DIR
 from agecls.errors import UsageError
 from agecls.study import (
     fail_trial,
@@ -68,6 +68,7 @@ from agecls.sweep.console import (
     trial_view,
 )
 from agecls.sweep.followup import check_followups, run_followups
+from agecls.sweep.params import present_params
 from agecls.sweep.sampler import study_sampler
 from agecls.sweep.settings import SETTINGS
 from agecls.sweep.stopping import stop_trials
