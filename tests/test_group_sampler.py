@@ -13,9 +13,10 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution
 
 from agecls.data.datamodule import FaceDataModule, group_weights
-from agecls.sweep.sweeper import format_value, search_space
-from agecls.training.settings import ConfigValueError, resolve_auto, validate
+from agecls.sweep.space import format_value, search_space
+from agecls.training.settings import resolve_auto
 from agecls.training.train import build_datamodule
+from agecls.training.validation import ConfigValueError, validate
 
 # (class, ethnicity) per face: groups of 3, 1, 2 and 2 faces; -1 is an unknown ethnicity.
 TABLE = np.array([[0, 0], [0, 0], [0, 0], [0, 1], [1, 0], [1, 0], [1, -1], [1, -1]])

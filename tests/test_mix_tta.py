@@ -341,7 +341,7 @@ def test_auto_starts_without_tta_and_is_not_a_mode_of_a_model():
 def test_choose_tta_keeps_the_better_mode_on_validation_and_writes_it_into_the_checkpoint(
     tmp_path, flip_helps, chosen
 ):
-    from agecls.training.train import choose_tta
+    from agecls.evaluation.splits import choose_tta
 
     module = _auto_module(flip_helps)
     best = tmp_path / "best.ckpt"

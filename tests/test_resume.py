@@ -19,7 +19,8 @@ from agecls.data.augment import build_augment
 from agecls.data.datamodule import FaceDataModule
 from agecls.errors import UsageError
 from agecls.tracking import end_dead_runs, process_identity, process_started, write_run_file
-from agecls.training.train import check_same_run, train
+from agecls.training.resume import check_same_run
+from agecls.training.train import train
 
 # Shuffled batches, dropout, the EMA and the per-epoch learning rate schedule all have to continue where the
 # killed process left them.

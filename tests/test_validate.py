@@ -11,7 +11,7 @@ import pytest
 from agecls.cli import train as cli_train
 from agecls.config import CONFIG_DIR, compose_train
 from agecls.models.limits import min_image_size
-from agecls.training.settings import ConfigValueError, check_added_keys, validate
+from agecls.training.validation import ConfigValueError, check_added_keys, validate
 
 # (override lines, the exact one-line message after "agecls-train: error: ")
 BAD = [

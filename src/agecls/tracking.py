@@ -30,7 +30,7 @@ from agecls.files import file_lock, sqlite_lock_path, write_atomic
 from agecls.process import ENDED, proc_stat
 
 MAX_PARAM_CHARS = 6000
-log = logging.getLogger("agecls.cli.train")
+log = logging.getLogger(__name__)
 # The run folder's status marker (see `write_run_file`).
 RUN_FILE = "run.json"
 # MLflow tags naming the process that runs a run, so a later command can tell whether it still runs.

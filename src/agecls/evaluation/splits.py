@@ -20,7 +20,7 @@ from agecls.metrics import StageReport, plot_confusion, stage_report
 from agecls.tasks.module import FaceClassifier
 from agecls.tracking import Recorder
 
-log = logging.getLogger("agecls.training.train")
+log = logging.getLogger(__name__)
 
 # Metric-name prefix of each split's scores with the best checkpoint (val's per-epoch values are `val/`).
 PREFIX = {"train": "best_train", "val": "best_val", "test": "test"}

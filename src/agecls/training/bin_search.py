@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agecls.data.bins import AgeBins, BinsError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 _KEYS = ("k", "lowest", "highest", "min_width", "max_width", "fixed_edges", "min_count")
 
@@ -176,3 +179,19 @@ def check_counts(bins: AgeBins, train_labels: np.ndarray, min_count: int) -> Non
     short = [f"{label} ({int(n)})" for label, n in zip(bins.labels, counts, strict=True) if n < min_count]
     if short:
         raise InfeasibleBins(f"bins with fewer than min_count={min_count} training faces: {', '.join(short)}")
+
+
+def check_min_count(bins_cfg: Any, manifest: pd.DataFrame, trial: Any | None) -> None:
+    """With `bins.search.min_count`, InfeasibleBins (after recording the reason on the trial) when a bin
+    of the run's bins has fewer training faces of `manifest` (a manifest frame) than that."""
+    spec = search_spec(bins_cfg)
+    if spec is None or spec.min_count <= 0:
+        return
+    bins = AgeBins.from_config(bins_cfg)
+    train_ages = manifest.loc[manifest["split"] == "train", "age"]
+    try:
+        check_counts(bins, bins.index(train_ages), spec.min_count)
+    except InfeasibleBins as exc:
+        if trial is not None:
+            trial.set_user_attr("infeasible", str(exc))
+        raise

@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.callbacks import WeightAveraging
 from torch.optim.swa_utils import AveragedModel
 
-log = logging.getLogger("agecls.training.ema")
+log = logging.getLogger(__name__)
 KEYS = ("enabled", "decay", "warmup")
 
 

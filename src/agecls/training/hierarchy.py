@@ -33,7 +33,7 @@ from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
 from agecls.tracking import Recorder, interrupted
 from agecls.training.train import build_datamodule, train
 
-log = logging.getLogger("agecls.training.hierarchy")
+log = logging.getLogger(__name__)
 
 GROUPS: dict[str, tuple[str, ...]] = {"gender": GENDER_NAMES, "ethnicity": ETHNICITY_NAMES}
 

@@ -1,10 +1,12 @@
 """The lightning.Trainer of a run and its callbacks (best and last checkpoint, early stopping, SWA or EMA,
-pruning, the random streams a resumed fit continues), and the model's memory layout and compilation."""
+pruning, the random streams a resumed fit continues), the model's memory layout and compilation, and the
+fit that chooses the run's checkpoint (`fit_best`)."""
 
 from __future__ import annotations
 
 import logging
 import random
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,14 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, StochasticWeightAveraging
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.evaluation.postfit import Fitted
 from agecls.files import atomic_path
 from agecls.tasks.module import FaceClassifier
 from agecls.tracking import EpochLogger, Recorder
 from agecls.training.ema import build_ema
 from agecls.training.settings import check_resolved
 
-log = logging.getLogger("agecls.training.train")
+log = logging.getLogger(__name__)
 
 # The callbacks group's entries (conf/callbacks/default.yaml).
 CALLBACKS = ("checkpoint", "early_stopping", "swa", "ema")
@@ -198,6 +201,32 @@ def prepare_model(cfg: DictConfig, module: FaceClassifier) -> FaceClassifier:
             )
         module.model.compile(**kwargs)
     return module
+
+
+def fit_best(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    checkpoint: ModelCheckpoint,
+    module: FaceClassifier,
+    datamodule: L.LightningDataModule,
+    run_dir: Path,
+    last: Path | None = None,
+) -> Fitted:
+    """Fit `module` (from `last`, a resumed run's checkpoint) and choose its checkpoint: the best epoch's,
+    or the SWA weights when they beat it. RuntimeError when no checkpoint was saved."""
+    started = time.perf_counter()
+    # weights_only=False: the run's own checkpoint, whose hyperparameters hold its config
+    trainer.fit(module, datamodule=datamodule, ckpt_path=last, weights_only=False if last else None)
+    fit_seconds = time.perf_counter() - started
+    best = checkpoint.best_model_path
+    best_score = float(checkpoint.best_model_score) if best else float("nan")
+    if best and cfg.callbacks.swa.enabled:
+        best, best_score = prefer_swa(cfg, trainer, module, datamodule, best, best_score, run_dir)
+    if not best:
+        raise RuntimeError(
+            f"no checkpoint was saved in {run_dir / 'checkpoints'}; did training run an epoch?"
+        )
+    return Fitted(best, best_score, int(trainer.current_epoch), fit_seconds)
 
 
 def prefer_swa(cfg, trainer, module, datamodule, best: str, best_score: float, run_dir: Path):

@@ -6,14 +6,17 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from agecls.study import attach_trial, find_trial, open_study, process_record, record_heartbeat, trial_id
+from agecls.tracking import overrides_run_name, trial_run_name
 
-log = logging.getLogger("agecls.training.trial")
+log = logging.getLogger(__name__)
 
 
 class TrialNotRunning(RuntimeError):
@@ -106,6 +109,32 @@ class TrialContext:
         self.stop_heartbeat()
         self.study.tell(self.number, *args, skip_if_finished=True, **kwargs)
 
+    def start_run(self, cfg: DictConfig, run_dir: Path) -> dict[str, str]:
+        """Record the run's folder and epoch budget with the trial; returns the MLflow tags naming it."""
+        tags = self.tags(cfg.optuna.get("parent_run_id"))
+        self.trial.set_user_attr("max_epochs", int(cfg.trainer.max_epochs))
+        self.trial.set_user_attr("run_dir", str(run_dir))
+        return tags
+
+    def run_name(self, cfg: DictConfig) -> str:
+        """The MLflow run's name: one per trial, even when the study's command gives one."""
+        return trial_run_name(self.number, self.trial.params, cfg.tracking.get("run_name"))
+
+    def pruning_callbacks(self, cfg: DictConfig) -> list[L.Callback]:
+        """The callback reporting each epoch to the study's pruner; none for a study with several objectives
+        (optuna's pruners work with one: such a study stops trials by early stopping only)."""
+        if self.multi_objective:
+            return []
+        report = str(cfg.optuna.get("report") or "best")
+        # a warm start is the study's known floor: it runs to the end unless optuna.prune_warm_starts
+        keep = bool(self.warm_start and not cfg.optuna.get("prune_warm_starts", False))
+        return [PruningCallback(self, str(cfg.objective.metric), report, keep)]
+
+    @property
+    def in_study(self) -> bool:
+        """A trial's run: resumed only by its study, and every objective.metrics value must be computed."""
+        return True
+
     def tags(self, parent_run_id: str | None) -> dict[str, str]:
         tags = {"optuna.study": self.study.study_name, "optuna.trial": str(self.number)}
         tags.update({f"optuna.{k}": str(v) for k, v in self.requeued.items()})
@@ -150,6 +179,30 @@ class TrialContext:
 
         self.trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
         self._tell(state=optuna.trial.TrialState.FAIL)
+
+
+class NoTrial:
+    """A run outside any study, with `TrialContext`'s run-side methods: nothing to report or record."""
+
+    trial = None
+    in_study = False
+
+    def start_run(self, cfg: DictConfig, run_dir: Path) -> dict[str, str]:
+        return {}
+
+    def run_name(self, cfg: DictConfig) -> str:
+        """`tracking.run_name`, else one made of the command's overrides."""
+        given = cfg.tracking.get("run_name")
+        if given:
+            return given
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        return overrides_run_name(overrides, fallback=f"{cfg.task.name} defaults")
+
+    def pruning_callbacks(self, cfg: DictConfig) -> list[L.Callback]:
+        return []
+
+    def record_objectives(self, values: dict[str, float]) -> None:
+        pass
 
 
 # What a trial reports to the pruner after each epoch (`optuna.report`).
