@@ -3,8 +3,8 @@
 The model is the dissertation's final size (experiment=agecnn: basic_cnn 4 blocks, base 64, hidden 132,
 224 px greyscale, 7 age bins), untrained: latency does not depend on the weights. The photo is matplotlib's
 grace_hopper.jpg (512x600 JPEG, one face). Stages, as agecls-predict runs them:
-  decode      JPEG bytes -> RGB image (agecls.serving.predict.open_image)
-  detect      Haar cascades + eye alignment + square crop (agecls.serving.predict.find_faces)
+  decode      JPEG bytes -> RGB image (agecls.serving.faces.open_image)
+  detect      Haar cascades + eye alignment + square crop (agecls.serving.faces.find_faces)
   preprocess  crop -> decoded like training (fit_square) -> normalised tensor
   model       forward pass + probabilities (predict_proba)
 A batch is N photos of one face each: decode, detect and preprocess per photo, one forward pass for all.
@@ -35,12 +35,13 @@ def build_model():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from agecls.config import CONFIG_DIR
+    from agecls.config import CONFIG_DIR, register_resolvers
     from agecls.data.bins import AgeBins
     from agecls.evaluation.inference import Preprocess
     from agecls.serving.predict import Model
     from agecls.tasks.module import FaceClassifier
 
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=agecnn", "data=synthetic"])
     names = list(AgeBins.from_config(cfg.bins).labels)
@@ -66,7 +67,8 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 def measure(n: int, repeats: int, model, data: bytes) -> dict[str, float]:
     """Median ms per stage for n photos of one face each."""
     from agecls.data.cache import fit_square
-    from agecls.serving.predict import attribute_probs, find_faces, open_image
+    from agecls.serving.faces import find_faces, open_image
+    from agecls.serving.predict import attribute_probs
 
     t_decode, imgs = timed(lambda: [open_image(data) for _ in range(n)], repeats)
     t_detect, faces = timed(lambda: [find_faces(img)[0] for img in imgs], repeats)

@@ -20,7 +20,8 @@ import pytest
 from PIL import Image
 
 from agecls.serving.mlflow_model import example_image, register_run_model, save_pyfunc
-from agecls.serving.predict import Predictor, load_model, resolve_checkpoint
+from agecls.serving.predict import Predictor, load_model
+from agecls.serving.sources import resolve_checkpoint
 
 pytestmark = pytest.mark.slow
 ATTRS = ("age", "gender", "ethnicity")
@@ -67,7 +68,9 @@ def test_the_saved_model_predicts_per_face_like_agecls_predict(tiny_multitask_ck
     assert set(out.loc[0, "age"].split()) and 0 < out.loc[0, "age_prob"] <= 1
 
 
-def test_the_registry_alias_loads_in_mlflow_and_in_agecls_predict(registered, images, tiny_multitask_ckpt):
+def test_the_registry_alias_loads_in_mlflow_and_in_agecls_predict(
+    registered, images, tiny_multitask_ckpt, tmp_path
+):
     import mlflow
     import mlflow.pyfunc
 
@@ -75,7 +78,7 @@ def test_the_registry_alias_loads_in_mlflow_and_in_agecls_predict(registered, im
     model = mlflow.pyfunc.load_model("models:/agecls-pyfunc-test@best")
     out = model.predict(pd.DataFrame({"image": images[:2]}))
     assert list(out["status"]) == ["ok", "ok"] and set(ATTRS) <= set(out.columns)
-    ckpt = resolve_checkpoint("models:/agecls-pyfunc-test@best", registered)
+    ckpt = resolve_checkpoint("models:/agecls-pyfunc-test@best", registered, tmp_path / "dl")
     assert (
         ckpt.name == Path(tiny_multitask_ckpt).name
         and ckpt.read_bytes() == Path(tiny_multitask_ckpt).read_bytes()
@@ -206,12 +209,14 @@ def test_members_with_other_classes_are_refused_naming_both(tiny_multitask_ckpt)
         Predictor([one, other], detect=False)
 
 
-def test_a_registered_ensemble_resolves_to_all_its_members(registered, tiny_multitask_ckpt, second_member):
+def test_a_registered_ensemble_resolves_to_all_its_members(
+    registered, tiny_multitask_ckpt, second_member, tmp_path
+):
     from mlflow import MlflowClient
 
     from agecls.errors import UsageError
     from agecls.serving.mlflow_model import register_ensemble_model
-    from agecls.serving.predict import resolve_model, resolve_models
+    from agecls.serving.sources import resolve_model, resolve_models
 
     client = MlflowClient(tracking_uri=registered)
     first = json.loads((Path(tiny_multitask_ckpt).parent.parent / "results.json").read_text())[
@@ -224,9 +229,9 @@ def test_a_registered_ensemble_resolves_to_all_its_members(registered, tiny_mult
     version = register_ensemble_model(registered, [first, second], "agecls-ens", "best", record_run=study)
     again = register_ensemble_model(registered, [first, second], "agecls-ens", "best", record_run=study)
     assert version == again == "1"
-    found = resolve_models("models:/agecls-ens@best", registered)
+    found = resolve_models("models:/agecls-ens@best", registered, tmp_path / "dl")
     assert [p.name for p, _ in found] == ["member-0.ckpt", "member-1.ckpt"]
     assert found[1][0].read_bytes() == second_member.read_bytes()
     assert found[0][1].registered == "agecls-ens" and found[0][1].run_id == study
     with pytest.raises(UsageError, match="an ensemble of 2 checkpoints, not one"):
-        resolve_model("models:/agecls-ens@best", registered)
+        resolve_model("models:/agecls-ens@best", registered, tmp_path / "dl2")

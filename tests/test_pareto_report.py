@@ -254,7 +254,7 @@ def test_registered_aliases_resolve_to_the_named_trials_runs(
     from mlflow import MlflowClient
 
     from agecls.cli import register
-    from agecls.serving.predict import resolve_model
+    from agecls.serving.sources import resolve_model
 
     ckpt = Path(tiny_multitask_ckpt)
     uri = f"sqlite:///{output_dir}/mlflow.db"

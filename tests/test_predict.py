@@ -19,9 +19,9 @@ from agecls.serving.predict import (
     Predictor,
     UsageError,
     attribute_probs,
-    resolve_checkpoint,
     run,
 )
+from agecls.serving.sources import resolve_checkpoint
 from data_helpers import REAL_SKIP_REASON, real_utkface_root
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def test_faces_are_found_and_every_output_is_well_formed(tiny_multitask_ckpt, ph
 
 
 def test_a_large_photo_is_searched_downscaled_and_boxes_map_back():
-    from agecls.serving.predict import find_faces
+    from agecls.serving.faces import find_faces
 
     small, large = grace(), grace().resize((1536, 1800))
     a, b = find_faces(small)[0], find_faces(large)[0]  # the largest face (at 1536 px the cascade also

@@ -246,7 +246,7 @@ def test_jpegs_decode_reduced_and_other_formats_over_the_decoded_limit_are_refus
 
 
 def test_decode_image_reduces_jpegs_to_the_needed_size_and_keeps_the_photos_own_size():
-    from agecls.serving.predict import TooLargeError, decode_image
+    from agecls.serving.faces import TooLargeError, decode_image
 
     def encoded(size: tuple[int, int], fmt: str = "JPEG", orientation: int | None = None) -> bytes:
         buf = io.BytesIO()

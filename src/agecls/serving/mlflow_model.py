@@ -17,6 +17,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,11 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from agecls.serving.predict import DEFAULT_MAX_PIXELS, MEMBER_PREFIX, Predictor, load_model
+from agecls.serving.faces import DEFAULT_MAX_PIXELS
+from agecls.serving.predict import Predictor, load_model
+from agecls.serving.sources import MEMBER_PREFIX
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"  # the artifact's name; an ensemble's members: checkpoint, checkpoint_1, ...
 
@@ -203,6 +208,7 @@ def register_ensemble_model(
     source = f"{client.get_run(record_run).info.artifact_uri}/ensemble_model"
     version = client.create_model_version(name, source, run_id=record_run, tags={"agecls.members": members})
     client.set_registered_model_alias(name, alias, version.version)
+    log.debug("registered %s version %s (@%s) from %s", name, version.version, alias, source)
     return str(version.version)
 
 
@@ -231,4 +237,5 @@ def register_run_model(
     source = f"{client.get_run(run_id).info.artifact_uri}/model"
     version = client.create_model_version(name, source, run_id=run_id)
     client.set_registered_model_alias(name, alias, version.version)
+    log.debug("registered %s version %s (@%s) from %s", name, version.version, alias, source)
     return str(version.version)

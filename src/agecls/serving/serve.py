@@ -31,25 +31,25 @@ served. ckpt and the face-finding keys are those of agecls-predict.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import math
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from agecls.serving.predict import (
-    DETECT_MAX_SIDE,
-    SYNTHETIC_WARNING,
-    ImageError,
-    Predictor,
-    TooLargeError,
-    decode_image,
-    image_result,
-    model_card,
-)
+from agecls.serving.faces import DETECT_MAX_SIDE, ImageError, TooLargeError, decode_image
+from agecls.serving.predict import Predictor, image_result
+from agecls.serving.sources import SYNTHETIC_WARNING, model_card
+
+log = logging.getLogger(__name__)
 
 # JPEGs decode reduced to no less than this longer side: twice what the detector searches at, so the faces
 # it finds and the crops cut from them (a few hundred pixels at most) are as in the full-size photo
@@ -192,81 +192,52 @@ def _malloc_trim():
     return _TRIM[0]
 
 
-def create_app(
-    predictor: Predictor,
-    *,
-    max_upload_mb: float = 10,
-    max_batch: int = 16,
-    max_concurrent: int = 2,
-    max_queue: int = 16,
-    max_wait_s: float = 60,
-    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
-):
-    """The FastAPI app serving `predictor`: its request bodies capped, its work bounded (module docstring)."""
-    import threading
+@dataclasses.dataclass
+class Service:
+    """What the app's handlers share (`app.state.service`): the predictor, the limits, the turns."""
 
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import HTMLResponse, JSONResponse
-    from starlette.concurrency import run_in_threadpool
+    predictor: Predictor
+    max_upload_mb: float
+    max_batch: int
+    max_concurrent: int
+    max_queue: int
+    max_decoded_pixels: int
+    gate: Gate
+    page: str
+    # which model answers: shown, so a user can tell a demo model from a real one
+    models: list[dict[str, Any]]
+    # one detection + forward pass at a time: OpenCV and torch already use every core
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
-    max_bytes = int(max_upload_mb * 1024 * 1024)
-    page = resources.files("agecls.serving").joinpath("static/index.html").read_text()
-    lock = threading.Lock()  # one detection + forward pass at a time: OpenCV and torch already use every core
-    gate = Gate(max_concurrent, max_queue, max_wait_s)
-    app = FastAPI(title="agecls", docs_url=None, redoc_url=None, openapi_url=None)
-    # which model answers: shown on the page, so a user can tell a demo model from a real one
-    models = [m.card or model_card(m.path, m.module) for m in predictor.models]
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
 
-    @app.exception_handler(Busy)
-    async def busy(_request: Request, exc: Busy) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, 503, headers={"Retry-After": str(exc.retry_after)})
-
-    @asynccontextmanager
-    async def uploads(request: Request, field: str, most: int) -> AsyncIterator[list[Any]]:
-        """The form's files in `field` (UploadFile, still spooled) while the block runs; 4xx for a form
-        that is not one, has none or too many."""
-        ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            raise HTTPException(
-                415, f"send the photo as multipart/form-data field {field!r}, not {ctype or 'no type'}"
-            )
-        try:
-            form = await request.form(max_files=most + 1, max_fields=most + 4)
-        except BodyTooLarge:
-            raise
-        except Exception as exc:  # malformed multipart, too many parts
-            raise HTTPException(400, f"cannot read the form: {exc}") from None
-        try:
-            files = [f for f in form.getlist(field) if hasattr(f, "read")]
-            if not files:
-                raise HTTPException(400, f"no file in form field {field!r}")
-            if len(files) > most:
-                raise HTTPException(400, f"{len(files)} files sent; at most {most} per request")
-            yield files
-        finally:
-            await form.close()  # deletes the parser's spooled temporary files
-
-    def check_upload(upload) -> None:
+    def check_upload(self, upload) -> None:
         """415 / 413 for a file whose declared type is not an image or whose spooled size is over the limit:
         cheap, so a single upload is checked before it waits for a turn."""
         name = upload.filename or "upload"
         ctype = upload.content_type
         if ctype and not (ctype.startswith("image/") or ctype == "application/octet-stream"):
             raise HTTPException(415, f"{name}: content type {ctype} is not an image")
-        if upload.size is not None and upload.size > max_bytes:
-            raise HTTPException(413, f"{name}: larger than the {max_upload_mb:g} MB allowed per file")
+        if upload.size is not None and upload.size > self.max_bytes:
+            raise HTTPException(413, f"{name}: larger than the {self.max_upload_mb:g} MB allowed per file")
 
-    def predict_one(upload) -> dict[str, Any]:
+    def predict_one(self, upload) -> dict[str, Any]:
         """Check, read, decode and predict one uploaded file (in a worker thread, in the request's turn)."""
-        check_upload(upload)
+        self.check_upload(upload)
         name = upload.filename or "upload"
         upload.file.seek(0)
-        data = upload.file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise HTTPException(413, f"{name}: larger than the {max_upload_mb:g} MB allowed per file")
+        data = upload.file.read(self.max_bytes + 1)
+        if len(data) > self.max_bytes:
+            raise HTTPException(413, f"{name}: larger than the {self.max_upload_mb:g} MB allowed per file")
         try:
             img, size = decode_image(
-                data, predictor.max_pixels, name, reduce_to=REDUCE_TO, max_decoded_pixels=max_decoded_pixels
+                data,
+                self.predictor.max_pixels,
+                name,
+                reduce_to=REDUCE_TO,
+                max_decoded_pixels=self.max_decoded_pixels,
             )
         except TooLargeError as exc:
             raise HTTPException(413, str(exc)) from None
@@ -274,18 +245,18 @@ def create_app(
             raise HTTPException(400, str(exc)) from None
         del data
         try:
-            with lock:
-                faces = predictor.predict_image(img, size[0] / img.width)
+            with self.lock:
+                faces = self.predictor.predict_image(img, size[0] / img.width)
             return image_result(name, img, faces, size)
         finally:
             img.close()
 
-    def predict_many(files: list[Any]) -> list[dict[str, Any]]:
+    def predict_many(self, files: list[Any]) -> list[dict[str, Any]]:
         """Each file's result: a refused or unreadable file is an error entry, the others are predicted."""
         results = []
         for upload in files:
             try:
-                results.append(predict_one(upload))
+                results.append(self.predict_one(upload))
             except HTTPException as exc:
                 name = upload.filename or "upload"
                 results.append(
@@ -299,43 +270,112 @@ def create_app(
                 )
         return results
 
-    def settled(fn, *args):
-        """fn(*args), then the freed decode buffers go back to the system before the turn ends."""
-        try:
-            return fn(*args)
-        finally:
-            release_memory()
 
-    @app.get("/", response_class=HTMLResponse)
-    def index() -> str:
-        return page
+@asynccontextmanager
+async def uploads(request: Request, field: str, most: int) -> AsyncIterator[list[Any]]:
+    """The form's files in `field` (UploadFile, still spooled) while the block runs; 4xx for a form that is
+    not one, has none or too many."""
+    ctype = request.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise HTTPException(
+            415, f"send the photo as multipart/form-data field {field!r}, not {ctype or 'no type'}"
+        )
+    try:
+        form = await request.form(max_files=most + 1, max_fields=most + 4)
+    except BodyTooLarge:
+        raise
+    except Exception as exc:  # malformed multipart, too many parts
+        raise HTTPException(400, f"cannot read the form: {exc}") from None
+    try:
+        files = [f for f in form.getlist(field) if hasattr(f, "read")]
+        if not files:
+            raise HTTPException(400, f"no file in form field {field!r}")
+        if len(files) > most:
+            raise HTTPException(400, f"{len(files)} files sent; at most {most} per request")
+        yield files
+    finally:
+        await form.close()  # deletes the parser's spooled temporary files
 
-    @app.get("/api/info")
-    def info() -> dict[str, Any]:
-        return {
-            "class_names": predictor.class_names,
-            "models": models,
-            "synthetic_warning": SYNTHETIC_WARNING,
-            "detect": predictor.detect,
-            "max_upload_mb": max_upload_mb,
-            "max_batch": max_batch,
-            "max_pixels": predictor.max_pixels,
-            "max_decoded_pixels": max_decoded_pixels,
-            "max_concurrent": max_concurrent,
-            "max_queue": max_queue,
-        }
 
-    @app.post("/api/predict")
-    async def predict(request: Request) -> dict[str, Any]:
-        async with uploads(request, "file", 1) as (upload,):
-            check_upload(upload)
-            async with gate.turn():
-                return await run_in_threadpool(settled, predict_one, upload)
+def settled(fn, *args):
+    """fn(*args), then the freed decode buffers go back to the system before the turn ends."""
+    try:
+        return fn(*args)
+    finally:
+        release_memory()
 
-    @app.post("/api/predict/batch")
-    async def predict_batch(request: Request) -> dict[str, Any]:
-        async with uploads(request, "files", max_batch) as files, gate.turn():
-            return {"results": await run_in_threadpool(settled, predict_many, files)}
 
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def busy(request: Request, exc: Busy) -> JSONResponse:
+    log.debug("%s refused: %s", request.url.path, exc.detail)
+    return JSONResponse({"detail": exc.detail}, 503, headers={"Retry-After": str(exc.retry_after)})
+
+
+def index(request: Request) -> str:
+    return _service(request).page
+
+
+def info(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    return {
+        "class_names": service.predictor.class_names,
+        "models": service.models,
+        "synthetic_warning": SYNTHETIC_WARNING,
+        "detect": service.predictor.detect,
+        "max_upload_mb": service.max_upload_mb,
+        "max_batch": service.max_batch,
+        "max_pixels": service.predictor.max_pixels,
+        "max_decoded_pixels": service.max_decoded_pixels,
+        "max_concurrent": service.max_concurrent,
+        "max_queue": service.max_queue,
+    }
+
+
+async def predict(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    async with uploads(request, "file", 1) as (upload,):
+        service.check_upload(upload)
+        async with service.gate.turn():
+            return await run_in_threadpool(settled, service.predict_one, upload)
+
+
+async def predict_batch(request: Request) -> dict[str, Any]:
+    service = _service(request)
+    async with uploads(request, "files", service.max_batch) as files, service.gate.turn():
+        return {"results": await run_in_threadpool(settled, service.predict_many, files)}
+
+
+def create_app(
+    predictor: Predictor,
+    *,
+    max_upload_mb: float = 10,
+    max_batch: int = 16,
+    max_concurrent: int = 2,
+    max_queue: int = 16,
+    max_wait_s: float = 60,
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+):
+    """The FastAPI app serving `predictor`: its request bodies capped, its work bounded (module docstring)."""
+    service = Service(
+        predictor,
+        max_upload_mb,
+        max_batch,
+        max_concurrent,
+        max_queue,
+        max_decoded_pixels,
+        gate=Gate(max_concurrent, max_queue, max_wait_s),
+        page=resources.files("agecls.serving").joinpath("static/index.html").read_text(),
+        models=[m.card or model_card(m.path, m.module) for m in predictor.models],
+    )
+    app = FastAPI(title="agecls", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    app.add_exception_handler(Busy, busy)
+    app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/api/info", info, methods=["GET"])
+    app.add_api_route("/api/predict", predict, methods=["POST"])
+    app.add_api_route("/api/predict/batch", predict_batch, methods=["POST"])
     # the whole body: every file plus multipart overhead
-    return LimitBody(app, limit=max_bytes * max_batch + 64 * 1024)
+    return LimitBody(app, limit=service.max_bytes * max_batch + 64 * 1024)
