@@ -205,7 +205,7 @@ def test_slurm_gives_each_concurrent_trial_job_its_own_gpu(
     from omegaconf import OmegaConf
 
     from agecls.config import CONFIG_DIR
-    from agecls.sweep.sweeper import SubmititExecutor
+    from agecls.sweep.executors import SubmititExecutor
 
     for key, value in slurm_cluster.env.items():
         monkeypatch.setenv(key, value)  # submitit's sbatch and sacct calls reach this cluster

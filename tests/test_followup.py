@@ -523,16 +523,16 @@ def test_followups_stopped_by_ctrl_c_end_the_studys_run_killed(tmp_path, monkeyp
     from agecls.sweep.study_tracking import StudyRun
 
     def interrupted(*args):
-        raise SystemExit(130)  # what run_jobs raises on KeyboardInterrupt, its jobs stopped
+        raise KeyboardInterrupt  # what run_jobs raises again on Ctrl-C, its jobs stopped
 
     monkeypatch.setattr(sweeper, "run_followups", interrupted)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     tracker = StudyRun(client=client, run_id=run_id, cfg=_cfg(top=1))
-    with pytest.raises(SystemExit):
+    with pytest.raises(KeyboardInterrupt):
         sweeper.followups(None, _cfg(top=1), None, [{}], tmp_path, tracker)
     assert client.get_run(run_id).info.status == "KILLED"
-    with pytest.raises(SystemExit):  # untracked: nothing to end
+    with pytest.raises(KeyboardInterrupt):  # untracked: nothing to end
         sweeper.followups(None, _cfg(top=1), None, [{}], tmp_path, None)
 
 

@@ -101,7 +101,7 @@ def test_console_redraws_in_place_on_a_terminal_and_throttles_plain_lines(caplog
     assert tty.getvalue().endswith("0.5000\nstatus C\n"), "a kept block is not erased"
 
     plain = StatusConsole(io.StringIO(), every_s=30.0, tty=False)
-    with caplog.at_level(logging.INFO, logger="agecls.sweep.sweeper"):
+    with caplog.at_level(logging.INFO, logger="agecls.sweep.console"):
         plain.show("s1", ["trial 0: starting"])  # the first line is shown
         plain.show("s2", [])  # within 30 s and no event: not shown
         plain.show("s3", [], event=True)
@@ -120,7 +120,7 @@ class _Recorder:
 
 
 def test_epoch_lines_stay_off_the_console_while_a_progress_bar_is_on(tmp_path):
-    logger = logging.getLogger("agecls.cli.train")
+    logger = logging.getLogger("agecls.tracking")
     console, log_file = io.StringIO(), tmp_path / "train.log"
     handlers = [logging.StreamHandler(console), logging.FileHandler(log_file)]
     old_level, old_propagate = logger.level, logger.propagate

@@ -24,8 +24,8 @@ from tests.test_sweeper import TINY
 
 from agecls.evaluation.study_report import trials_table
 from agecls.study import heartbeat_ages, process_gone, process_record, record_heartbeat, requeue, trial_id
+from agecls.sweep.recovery import Reaper, surplus
 from agecls.sweep.sampler import study_sampler, trial_seed
-from agecls.sweep.sweeper import Reaper, _surplus
 
 SPACE = {
     "x": FloatDistribution(0.0, 1.0),
@@ -152,7 +152,7 @@ def test_dead_trials_of_this_host_are_requeued_at_once_marked_and_their_runs_end
     running = study.get_trials(states=(TrialState.RUNNING,))
     ages = heartbeat_ages(url, running)
     assert sorted(ages) == sorted(t.number for t in running) and all(0 <= a < 60 for a in ages.values())
-    with caplog.at_level(logging.INFO, logger="agecls.sweep.sweeper"):
+    with caplog.at_level(logging.INFO, logger="agecls.sweep.recovery"):
         reaper.log_waiting(5)
     waited = f"trial {numbers['other host']} (host node-7, pid {dead['pid']}, last heartbeat"
     assert "0 of optuna.n_trials=5 trials finished; waiting for 3 running elsewhere" in caplog.text
@@ -168,9 +168,9 @@ def test_a_trial_asked_for_at_the_same_moment_as_another_workers_is_given_back(t
     requeue(study, study.trials[failed.number], 1, "its trial process (pid 1 on x) is gone")
     mine = study.ask(SPACE)  # pops the re-queued trial
     assert mine.user_attrs["requeued_from"] == failed.number
-    assert not _surplus(study, first, 2, url) and not _surplus(study, mine.number, 2, url)
+    assert not surplus(study, first, 2, url) and not surplus(study, mine.number, 2, url)
     extra = study.ask(SPACE)  # a second worker saw 1 running of 2 at the same moment
-    assert _surplus(study, extra.number, 2, url)
+    assert surplus(study, extra.number, 2, url)
     assert study.trials[extra.number].state == TrialState.FAIL
     assert study.trials[extra.number].user_attrs["failed_because"].startswith("surplus: trials before it")
     # a re-queued trial taken from the queue as a surplus goes back to the queue, its reason kept
@@ -178,7 +178,7 @@ def test_a_trial_asked_for_at_the_same_moment_as_another_workers_is_given_back(t
     requeue(study, study.trials[mine.number], None, "again")
     popped = study.ask(SPACE)
     assert popped.user_attrs["requeued_from"] == mine.number
-    assert _surplus(study, popped.number, 1, url)
+    assert surplus(study, popped.number, 1, url)
     (waiting,) = [t for t in study.get_trials() if t.state == TrialState.WAITING]
     assert waiting.user_attrs == {"requeued_from": popped.number, "requeue_reason": "again"}
     assert waiting.params == study.trials[failed.number].params

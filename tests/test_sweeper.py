@@ -23,7 +23,8 @@ from tests.conftest import FAST_OVERRIDES
 
 from agecls.cli.report import main as report_main
 from agecls.config import CONFIG_DIR
-from agecls.sweep.sweeper import SweepError, format_value, search_space
+from agecls.sweep.checks import SweepError
+from agecls.sweep.space import format_value, search_space
 
 TINY = [*FAST_OVERRIDES, "trainer.max_epochs=2", "data.synthetic.n=300"]
 

@@ -26,14 +26,9 @@ from tests.conftest import FAST_OVERRIDES
 from tests.test_sweeper import _start_training_sweep
 
 from agecls.config import CONFIG_DIR
-from agecls.sweep.sweeper import (
-    SubmititExecutor,
-    SubprocessExecutor,
-    _fail_and_requeue,
-    stop_trials,
-    submitit_parameters,
-    trial_executor,
-)
+from agecls.sweep.executors import SubmititExecutor, SubprocessExecutor, submitit_parameters, trial_executor
+from agecls.sweep.recovery import fail_and_requeue
+from agecls.sweep.stopping import stop_trials
 from agecls.training.trial import TrialContext, TrialNotRunning
 
 ONE_EPOCH = [*FAST_OVERRIDES, "trainer.max_epochs=1", "data.synthetic.n=300"]
@@ -145,11 +140,11 @@ def test_trial_that_died_without_telling_is_failed_and_requeued_once(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="d")
     space = {"x": optuna.distributions.FloatDistribution(0, 1)}
     first = study.ask(space)
-    _fail_and_requeue(study, study.trials[first.number], retries=1)
+    fail_and_requeue(study, study.trials[first.number], retries=1)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.WAITING]
     second = study.ask(space)
     assert second.params == first.params, "re-queued with the same parameters"
-    _fail_and_requeue(study, study.trials[second.number], retries=1)
+    fail_and_requeue(study, study.trials[second.number], retries=1)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL], "retries=1: not again"
 
 

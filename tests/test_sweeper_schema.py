@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.storages import BaseStorage, RDBStorage
 
 from agecls.config import CONFIG_DIR
+from agecls.sweep.checks import SweepError, check_settings
 from agecls.sweep.settings import SETTINGS, OptunaSettings
-from agecls.sweep.sweeper import SweepError, check_settings
 from hydra_plugins.agecls_sweeper.config import AgeclsOptunaSweeperConf
 from hydra_plugins.agecls_sweeper.optuna_sweeper import AgeclsOptunaSweeper
 

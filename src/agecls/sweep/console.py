@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-log = logging.getLogger("agecls.sweep.sweeper")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from agecls.sweep.stopping import stop_trials
 if TYPE_CHECKING:
     import pandas as pd
 
-log = logging.getLogger("agecls.sweep.sweeper")
+log = logging.getLogger(__name__)
 
 CONTINUED = "continued"  # suffix of a continued pruned trial's folder: trial-NNNN-continued
 
@@ -120,8 +120,8 @@ class Job:
 
 
 def run_jobs(executor: Any, slots: list[dict[str, str]], jobs: list[Job], label: str) -> None:
-    """Run `jobs` through the study's executor, as many at once as it has slots; Ctrl-C stops them (a
-    re-run of the study's command runs again those without results.json)."""
+    """Run `jobs` through the study's executor, as many at once as it has slots; Ctrl-C stops them and is
+    raised again (a re-run of the study's command runs again those without results.json)."""
     pending, running = list(jobs), {}
     try:
         while pending or running:
@@ -146,7 +146,7 @@ def run_jobs(executor: Any, slots: list[dict[str, str]], jobs: list[Job], label:
     except KeyboardInterrupt:
         stop_trials([handle for _, handle, _ in running.values()], graces=(20, 20, 20))
         log.warning("interrupted during the %ss; run the same command again to finish them", label)
-        raise SystemExit(130) from None
+        raise
 
 
 def _quoted(value: Any) -> str:
@@ -252,33 +252,16 @@ def check_pruned(
 ) -> dict[str, Any]:
     """Continue `optuna.check_pruned` pruned trials to the end; promote those that beat the best COMPLETE
     value. Returns {"study/pruned_checked", "study/pruned_would_win", "values"}."""
-    import optuna
     from optuna.trial import TrialState
 
     _, _, k = followup_settings(cfg)
     sign = 1.0 if maximizes(study) else -1.0
-    picked = pruned_candidates(study, k)
-    jobs, origin = [], {}
-    for trial in picked:
-        source = trial_dir(trial, sweep_dir)
-        target = source.with_name(f"{source.name}-{CONTINUED}")
-        if not prepare_continuation(trial, source, target, study.study_name, parent):
-            continue
-        cmd = [sys.executable, "-m", "agecls.cli.train", "--config-name", str(cfg.hydra.job.config_name)]
-        # trainer.resume takes trainer.max_epochs from the command: the trial's own, to the end of its budget
-        epochs = OmegaConf.load(target / "config.yaml").trainer.max_epochs
-        cmd += [
-            "trainer.enable_progress_bar=false",
-            f"trainer.resume={target}",
-            f"trainer.max_epochs={epochs}",
-        ]
-        cmd.append(f"hydra.run.dir={target}")
-        job = Job(f"{study.study_name}-trial-{trial.number:04d}-{CONTINUED}", cmd, target)
-        origin[job.name] = trial
-        if job.results() is None:
-            jobs.append(job)
-    if jobs:
-        run_jobs(executor, slots, jobs, "continuation")
+    pairs = []
+    for trial in pruned_candidates(study, k):
+        job = _continuation(study, cfg, trial, sweep_dir, parent)
+        if job is not None:
+            pairs.append((trial, job))
+    _run_missing(executor, slots, [job for _, job in pairs], "continuation")
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -291,9 +274,8 @@ def check_pruned(
         if "continued_from" in t.user_attrs
     }
     checked, winners = 0, []
-    for name, trial in origin.items():
-        source = trial_dir(trial, sweep_dir)
-        results = Job(name, [], source.with_name(f"{source.name}-{CONTINUED}")).results()
+    for trial, job in pairs:
+        results = job.results()
         if results is None or not _finite(results.get("objective")):
             log.warning("pruned trial %d: its continuation has no result; see its process.log", trial.number)
             continue
@@ -309,31 +291,8 @@ def check_pruned(
         if sign * value <= best:
             continue
         winners.append((trial.number, value))
-        if trial.number in promoted:
-            continue
-        attrs = {
-            "continued_from": trial.number,
-            "mlflow_run_id": results.get("mlflow_run_id"),
-            "run_dir": str(results["run_dir"]),
-            "checkpoint": results.get("checkpoint"),
-            "best_epoch": results.get("best_epoch"),
-            "epochs_trained": results.get("epochs_trained"),
-            "max_epochs": trial.user_attrs.get("max_epochs"),
-            "seed": trial.user_attrs.get("seed"),
-        }
-        if results.get("objectives") is not None:
-            attrs["objectives"] = results["objectives"]
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=trial.params,
-                distributions=trial.distributions,
-                value=value,
-                user_attrs={k: v for k, v in attrs.items() if v is not None},
-            )
-        )
-        log.info(
-            "pruned trial %d continued to %.4f: added to the study as a COMPLETE trial", trial.number, value
-        )
+        if trial.number not in promoted:
+            _promote(study, trial, value, results)
     shown = ", ".join(f"trial {n}: {v:.4f}" for n, v in winners)
     line = (
         f"{checked} of {len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))} pruned trials "
@@ -350,6 +309,47 @@ def check_pruned(
     study.set_user_attr("pruned_checked", checked)
     study.set_user_attr("pruned_would_win", len(winners))
     return summary
+
+
+def _continuation(study, cfg: DictConfig, trial, sweep_dir: Path, parent: str | None) -> Job | None:
+    """The run continuing pruned `trial` in `trial-NNNN-continued`; None when it left no checkpoint."""
+    source = trial_dir(trial, sweep_dir)
+    target = source.with_name(f"{source.name}-{CONTINUED}")
+    if not prepare_continuation(trial, source, target, study.study_name, parent):
+        return None
+    cmd = [sys.executable, "-m", "agecls.cli.train", "--config-name", str(cfg.hydra.job.config_name)]
+    # trainer.resume takes trainer.max_epochs from the command: the trial's own, to the end of its budget
+    epochs = OmegaConf.load(target / "config.yaml").trainer.max_epochs
+    cmd += ["trainer.enable_progress_bar=false", f"trainer.resume={target}", f"trainer.max_epochs={epochs}"]
+    cmd.append(f"hydra.run.dir={target}")
+    return Job(f"{study.study_name}-trial-{trial.number:04d}-{CONTINUED}", cmd, target)
+
+
+def _promote(study, trial, value: float, results: dict[str, Any]) -> None:
+    """Add pruned `trial`'s continuation, which beat the best COMPLETE value, to the study as COMPLETE."""
+    import optuna
+
+    attrs = {
+        "continued_from": trial.number,
+        "mlflow_run_id": results.get("mlflow_run_id"),
+        "run_dir": str(results["run_dir"]),
+        "checkpoint": results.get("checkpoint"),
+        "best_epoch": results.get("best_epoch"),
+        "epochs_trained": results.get("epochs_trained"),
+        "max_epochs": trial.user_attrs.get("max_epochs"),
+        "seed": trial.user_attrs.get("seed"),
+    }
+    if results.get("objectives") is not None:
+        attrs["objectives"] = results["objectives"]
+    study.add_trial(
+        optuna.trial.create_trial(
+            params=trial.params,
+            distributions=trial.distributions,
+            value=value,
+            user_attrs={k: v for k, v in attrs.items() if v is not None},
+        )
+    )
+    log.info("pruned trial %d continued to %.4f: added to the study as a COMPLETE trial", trial.number, value)
 
 
 # -- re-seeding the top trials -------------------------------------------------------------------------------

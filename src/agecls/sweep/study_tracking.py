@@ -25,7 +25,7 @@ from agecls.evaluation.pareto import (
 )
 from agecls.tracking import ensure_experiment, source_tags
 
-log = logging.getLogger("agecls.sweep.sweeper")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any
 
 from agecls.errors import UsageError
 
-log = logging.getLogger("agecls.sweep.sweeper")
+log = logging.getLogger(__name__)
 
 
 def _check_value(where: str, key: str, value: Any, dist) -> Any:

@@ -1,0 +1,266 @@
+"""Where a study's trials run (`trial_executor`): child processes of the sweeper (CPU or one GPU each), or
+submitit jobs when `hydra.launcher` is a submitit launcher; either way the same agecls.cli.train command."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+from omegaconf import DictConfig, OmegaConf
+
+from agecls.sweep.checks import SweepError
+
+log = logging.getLogger(__name__)
+
+
+class TrialHandle(Protocol):
+    """One started trial: a local process or a submitit job."""
+
+    def done(self) -> bool: ...
+
+    def signal(self, sig: int) -> None: ...
+
+    def wait(self, timeout: float) -> None: ...
+
+
+class TrialExecutor(Protocol):
+    """Starts trial commands; `slots()` is one environment per trial that may run at once."""
+
+    kind: str
+
+    def slots(self) -> list[dict[str, str]]: ...
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> TrialHandle: ...
+
+
+@dataclass
+class ProcessHandle:
+    process: subprocess.Popen
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def signal(self, sig: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=max(0.1, timeout))
+
+
+class SubprocessExecutor:
+    """Trials as child processes of the sweeper: `optuna.n_jobs` on CPU, or one per GPU (`optuna.devices`)."""
+
+    kind = "subprocess"
+
+    def __init__(self, ocfg: DictConfig) -> None:
+        self.ocfg = ocfg
+
+    def slots(self) -> list[dict[str, str]]:
+        """One environment per concurrent trial: a GPU each when CUDA is there, else CPU threads shared."""
+        devices = self.ocfg.get("devices")
+        gpus: list[str] = []
+        if devices == "auto":
+            try:
+                import torch
+
+                gpus = [str(i) for i in range(torch.cuda.device_count())]
+            except ImportError:  # pragma: no cover - torch is a dependency
+                gpus = []
+        elif devices is not None:
+            gpus = [str(d) for d in devices]
+        if gpus:
+            return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+        n_jobs = _n_jobs(self.ocfg)
+        threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
+        return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads} for _ in range(n_jobs)]
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> ProcessHandle:
+        with open(log_path, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        return ProcessHandle(proc)
+
+
+@dataclass
+class JobHandle:
+    job: Any  # submitit.Job
+    cancelled: bool = False
+    # A job that ends without writing its result (killed, lost node, time limit) is seen only through the
+    # cluster's accounting (sacct), which submitit polls at most every 10 minutes on its own: force a poll
+    # (one sacct call for every job) at most this often.
+    force_every_s: ClassVar[float] = 60.0
+    _last_forced: ClassVar[float] = 0.0
+
+    def done(self) -> bool:
+        now = time.monotonic()
+        force = now - JobHandle._last_forced > self.force_every_s
+        if force:
+            JobHandle._last_forced = now
+        try:
+            return bool(self.job.done(force_check=force))
+        except Exception as exc:  # noqa: BLE001 - a flaky sacct must not stop the study
+            log.warning("job %s: state unknown (%s); still waiting", self.job.job_id, exc)
+            return False
+
+    def signal(self, sig: int) -> None:
+        """Cancel the job (scancel on Slurm; SIGINT to submitit's local controller). A local job still alive
+        at a later call gets `sig` itself: a controller started with SIGINT ignored (a background job of a
+        non-interactive shell) passes SIGTERM on to its task, and SIGKILL ends it."""
+        if self.done():
+            return
+        if not self.cancelled:
+            self.job.cancel(check=False)
+            self.cancelled = True
+            return
+        process = getattr(self.job, "_process", None)  # submitit's LocalJob: the controller process
+        if process is not None and process.poll() is None:
+            process.send_signal(sig)
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.done() and time.monotonic() < deadline:
+            time.sleep(0.25)
+
+
+def submitit_parameters(launcher: dict[str, Any]) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """(cluster, folder, executor init kwargs, update_parameters kwargs) from a `hydra.launcher` block of
+    hydra-submitit-launcher (submitit_slurm/submitit_local, or agecls's `slurm`), mapped as that plugin
+    maps them: its shared keys keep their names, cluster-specific ones get the cluster's prefix."""
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    target = str(launcher.get("_target_", ""))
+    if target.endswith(".SlurmLauncher"):
+        cluster = "slurm"
+    elif target.endswith(".LocalLauncher"):
+        cluster = "local"
+    else:
+        raise SweepError(f"hydra.launcher._target_={target!r} is not a submitit launcher")
+    shared = set(BaseQueueConf.__dataclass_fields__)
+    folder = str(launcher["submitit_folder"])
+    init = {}
+    if "max_num_timeout" in launcher:
+        init[f"{cluster}_max_num_timeout"] = launcher["max_num_timeout"]
+    params = {
+        (key if key in shared else f"{cluster}_{key}"): value
+        for key, value in launcher.items()
+        if key not in {"_target_", "submitit_folder", "max_num_timeout", "array_parallelism"}
+    }
+    return cluster, folder, init, params
+
+
+class SubmititExecutor:
+    """Trials as submitit jobs (Slurm, or submitit's local executor): `optuna.n_jobs` jobs submitted at once,
+    each running the trial command through `run_trial_job`; the job's resources come from `hydra.launcher`."""
+
+    def __init__(self, launcher: dict[str, Any], ocfg: DictConfig) -> None:
+        import submitit
+
+        self.kind, folder, init, self.params = submitit_parameters(launcher)
+        self.folder = folder
+        self.executor = submitit.AutoExecutor(folder=folder, cluster=self.kind, **init)
+        self.executor.update_parameters(**self.params)
+        self.n_jobs = _n_jobs(ocfg)
+
+    def slots(self) -> list[dict[str, str]]:
+        """GPUs are the job's own (Slurm sets CUDA_VISIBLE_DEVICES); CPU threads follow cpus_per_task."""
+        cpus = self.params.get("cpus_per_task")
+        return [{"OMP_NUM_THREADS": str(cpus)} if cpus else {} for _ in range(self.n_jobs)]
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> JobHandle:
+        self.executor.update_parameters(name=name)
+        job = self.executor.submit(run_trial_job, cmd, env, str(log_path), os.getcwd())
+        log.info("%s: submitted as %s job %s", name, self.kind, job.job_id)
+        handle = JobHandle(job)
+        if not _JOB_HANDLES:
+            atexit.register(_release_jobs)
+        _JOB_HANDLES.append(handle)
+        return handle
+
+
+_JOB_HANDLES: list[JobHandle] = []
+
+
+def _release_jobs() -> None:
+    """Let submitit's job objects be finalised while the interpreter is intact (their __del__ fails
+    noisily when it runs during shutdown)."""
+    for handle in _JOB_HANDLES:
+        handle.job = None
+    _JOB_HANDLES.clear()
+    gc.collect()
+
+
+def trial_executor(cfg: DictConfig) -> TrialExecutor:
+    """Where this study's trials run: submitit jobs when `hydra.launcher` is a submitit launcher
+    (`hydra/launcher=slurm|submitit_slurm|submitit_local`), else child processes of the sweeper."""
+    launcher = cfg.get("hydra", {}).get("launcher") or {}
+    target = str(launcher.get("_target_", ""))
+    if "hydra_submitit_launcher" in target:
+        resolved = OmegaConf.to_container(launcher, resolve=True)
+        assert isinstance(resolved, dict)
+        return SubmititExecutor(resolved, cfg.optuna)
+    return SubprocessExecutor(cfg.optuna)
+
+
+def _n_jobs(ocfg: DictConfig) -> int:
+    n_jobs = int(ocfg.n_jobs)
+    if n_jobs < 1:
+        raise SweepError(f"optuna.n_jobs={n_jobs}; must be >= 1")
+    return n_jobs
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """Linux: SIGTERM this process when its parent dies (a cancelled job's wrapper is SIGKILLed)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_trial_job(cmd: list[str], env: dict[str, str], log_path: str, cwd: str) -> int:
+    """Body of a submitit job: run one trial command, its output in `log_path`; returns its exit code.
+
+    SIGINT/SIGTERM (a cancelled job) are passed on to the trial, which then stops as an interrupted run;
+    if this wrapper is killed outright, the trial gets SIGTERM (Linux) rather than running on orphaned."""
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+            cwd=cwd,
+            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        )
+
+    def forward(signum, frame) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    code = proc.wait()
+    if code != 0:
+        raise RuntimeError(f"trial command exited with {code}; see {log_path}")
+    return code
+
+
+@dataclass
+class Running:
+    """A trial this sweeper started: its handle, number, storage id, parameters and slot."""
+
+    handle: TrialHandle
+    number: int
+    trial_id: int
+    params: dict[str, Any]
+    slot: int
+    started: float = field(default_factory=time.monotonic)
