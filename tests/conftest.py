@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from agecls.config import CONFIG_DIR
+from agecls.config import CONFIG_DIR, register_resolvers
 
 # session fixtures that start real engines (Slurm, PostgreSQL, an MLflow server) for `-m cluster`
 pytest_plugins = ["tests.engines"]
@@ -34,6 +34,10 @@ def output_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("outputs")
     os.environ["AGECLS_OUTPUT_DIR"] = str(path)
     return path
+
+
+# Tests compose with Hydra's API directly: register agecls's resolvers first, as agecls-train's main() does.
+register_resolvers()
 
 
 def compose_train(overrides: list[str] | None = None) -> DictConfig:

@@ -168,10 +168,59 @@ def test_agecls_train_valid_command_lines_still_compose(tmp_path):
         tmp_path, "--config-dir", str(tmp_path / "mine"), "--cfg", "job", "model=mine", "model.blocks=2"
     )
     assert own.returncode == 0 and OmegaConf.create(own.stdout).model.blocks == 2, own.stderr
-    helped = _train(tmp_path, "--help")
-    assert helped.returncode == 0 and helped.stdout.startswith("agecls-train: train one configured run")
-    head, _, rest = helped.stdout.partition("== Configuration groups ==")
-    assert head.count("\n  agecls-train ") == 4 and "experiment: agecnn, demo" in rest
+
+
+HEAVY = ("torch", "lightning", "pandas", "mlflow", "optuna")
+
+
+def test_agecls_train_help_is_what_it_does_then_the_groups_without_composing_a_config(tmp_path):
+    """--help reads the help text and lists the groups from the config folder: no config is composed, so
+    nothing heavy is imported; the full config is behind --cfg job."""
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(tmp_path / "out")}
+    helped = subprocess.run(
+        [sys.executable, "-X", "importtime", str(BIN / "agecls-train"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in helped.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "hydra" in imported and not imported & set(HEAVY)
+    text = helped.stdout
+    shipped = yaml.safe_load((CONFIG_DIR / "hydra" / "default.yaml").read_text())["help"]
+    assert text.startswith(shipped["header"] + "\n\n== Configuration groups ==\n")
+    assert text.endswith("\n" + shipped["footer"] + "\n")
+    head, _, rest = text.partition("== Configuration groups ==")
+    assert head.count("\n  agecls-train ") == 4
+    groups, _, config = rest.partition("\n== Config ==\n")
+    assert "experiment: agecnn, demo" in groups and "optuna/pruner: hyperband, median" in groups
+    assert "hydra/" not in groups and "--cfg job" in config and "seed: 42" not in text
+    assert _train(tmp_path, "-h").stdout == text
+
+
+def test_the_help_lists_the_groups_as_hydra_does(monkeypatch, capsys, tmp_path):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        from hydra.core.global_hydra import GlobalHydra
+
+        hydras = GlobalHydra.instance().hydra.format_config_groups(lambda g: g.split("/")[0] != "hydra")
+    listed = cli_train.config_groups(CONFIG_DIR)
+    assert "".join(f"{group}: {', '.join(options)}\n" for group, options in listed.items()) == hydras
+    (tmp_path / "model").mkdir()  # --config-dir adds its options, as Hydra's search path does
+    (tmp_path / "model" / "mine.yaml").write_text("name: basic_cnn\n")
+    monkeypatch.setattr(sys, "argv", ["agecls-train", "--config-dir", str(tmp_path), "--help"])
+    cli_train.main()
+    shown = capsys.readouterr().out
+    assert f"model: {', '.join(sorted([*listed['model'], 'mine']))}\n" in shown
+
+
+def test_agecls_train_hydra_help_stays_hydras(tmp_path):
+    helped = _train(tmp_path, "--hydra-help")
+    assert helped.returncode == 0 and "== Flags ==" in helped.stdout, helped.stderr[-2000:]
 
 
 def test_multirun_sweeps_are_checked_value_by_value(output_dir):
@@ -365,3 +414,65 @@ def test_command_modules_import_no_heavy_library():
     probe = f"import sys, {modules}; print(sorted(m for m in {heavy} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+
+
+# -- agecls-train: one check per process, exit codes from agecls.cli only -----------------------------------
+
+
+def _main_exit(monkeypatch, argv: list[str]) -> int | str | None:
+    monkeypatch.setattr(sys, "argv", ["agecls-train", *argv])
+    try:
+        cli_train.main()
+    except SystemExit as exited:
+        return exited.code
+    return 0
+
+
+def test_a_single_run_is_composed_by_hydra_and_validated_once(output_dir, tmp_path, monkeypatch):
+    """The precheck validates the run's config before Hydra starts; train() is told so rather than
+    validating it again. A study's trial, launched with overrides its sweeper checked, skips the precheck."""
+    import agecls.training.task as task
+    import agecls.training.validation as validation
+
+    calls, given = [], []
+    real = validation.validate
+    monkeypatch.setattr(validation, "validate", lambda cfg, **kw: calls.append(kw) or real(cfg, **kw))
+    monkeypatch.setattr(task, "run_task", lambda cfg, validated=None: given.append(validated) or 0.5)
+    run = ["trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert _main_exit(monkeypatch, run) == 0
+    assert len(calls) == 1 and given == [[]]  # its warnings (none here) stand for train()'s own check
+
+    def refuse(argv):
+        raise AssertionError("a trial's command line is checked by its sweeper")
+
+    monkeypatch.setattr(cli_train, "precheck", refuse)
+    assert _main_exit(monkeypatch, [*run, "optuna.trial=3"]) == 0
+    assert len(calls) == 1 and given[-1] is None  # train() validates what the trial drew
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "message"),
+    [
+        (UsageError("optuna.n_jobs=0: valid: a whole number >= 1"), 2, "optuna.n_jobs=0: valid: "),
+        (KeyboardInterrupt(), 130, None),
+        (RuntimeError("a bug"), 1, "RuntimeError: a bug"),  # Hydra's report of anything else, as before
+    ],
+)
+def test_a_study_s_usage_error_and_ctrl_c_become_exit_codes(
+    output_dir, tmp_path, monkeypatch, capsys, raised, code, message
+):
+    from agecls.sweep import sweeper
+
+    def sweep(self, arguments):
+        raise raised
+
+    monkeypatch.setattr(sweeper.StudyRunner, "sweep", sweep)
+    argv = ["-m", "sweep=demo", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    assert _main_exit(monkeypatch, argv) == code
+    err = capsys.readouterr().err
+    if code == 2:
+        assert err == f"agecls-train: error: {raised}\n"
+    elif message:
+        assert message in err and "Traceback" in err
+    else:
+        assert "Traceback" not in err

@@ -3,6 +3,8 @@ parameter importances are withheld when too few trials stand behind them."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import matplotlib
 import optuna
 import pandas as pd
@@ -73,3 +75,24 @@ def test_the_mlflow_leaderboard_gives_a_pruned_run_its_last_validation_value():
     assert table["status"].tolist() == ["FINISHED", "PRUNED"]
     assert table["last_val/macro_f1"].isna().tolist() == [True, False]
     assert table.loc[1, "last_val/macro_f1"] == pytest.approx(0.44)
+
+
+def test_an_unknown_experiment_without_a_study_is_one_line_exit_1(output_dir, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    import agecls.study
+    from agecls.cli import report as report_cli
+    from agecls.errors import AgeclsError
+    from agecls.evaluation.report import NoSuchExperiment, load_runs
+
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", lambda name: None)
+    monkeypatch.setattr(mlflow, "search_experiments", lambda: [SimpleNamespace(name="other")])
+    with pytest.raises(NoSuchExperiment) as caught:
+        load_runs("sqlite:///x.db", "nosuch")
+    assert isinstance(caught.value, AgeclsError) and caught.value.exit_code == 1
+    monkeypatch.setattr(agecls.study, "find_study", lambda storage, name: None)
+    assert report_cli.main(["nosuch", "tracking_uri=sqlite:///x.db", f"out={tmp_path}"]) == 1
+    assert capsys.readouterr().err == (
+        "agecls-report: error: no MLflow experiment named 'nosuch' in sqlite:///x.db; experiments: other\n"
+    )

@@ -72,6 +72,7 @@ def _checked(
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
+    register_resolvers()
     failures = (HydraException, OmegaConfBaseException, ValueError)
     try:
         context = initialize_config_dir(config_dir=str(config_dir), version_base="1.3")
@@ -358,7 +359,7 @@ def _walk(node: Any, prefix: str) -> Iterator[str]:
 
 
 def register_resolvers() -> None:
-    """Register agecls's OmegaConf resolvers (idempotent)."""
+    """Register agecls's OmegaConf resolvers (idempotent); call it before composing a config with Hydra."""
     if not OmegaConf.has_resolver("agecls_root"):
         OmegaConf.register_new_resolver("agecls_root", lambda: str(project_root()))
 
@@ -376,6 +377,3 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-register_resolvers()

@@ -14,3 +14,12 @@ class UsageError(AgeclsError):
     """Bad, unknown or missing arguments or config values (exit code 2)."""
 
     exit_code = 2
+
+
+class CarriedError(BaseException):
+    """An AgeclsError carried past a framework that reports every Exception its own way (Hydra's
+    run_and_report: a traceback and exit code 1) to agecls.cli, which reports `error` as one line."""
+
+    def __init__(self, error: AgeclsError) -> None:
+        super().__init__(str(error))
+        self.error = error

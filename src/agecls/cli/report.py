@@ -13,7 +13,6 @@ from omegaconf import DictConfig
 
 from agecls.cli.app import App, run
 from agecls.cli.args import require
-from agecls.errors import AgeclsError
 
 APP = App(
     prog="agecls-report",
@@ -172,7 +171,7 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
     name = str(cfg.name)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from agecls.evaluation.pareto import is_multi, pareto_table, parse_rule
-    from agecls.evaluation.report import leaderboard, load_runs, to_markdown
+    from agecls.evaluation.report import NoSuchExperiment, leaderboard, load_runs, to_markdown
     from agecls.evaluation.study_report import bins_vary, compute_spent, trials_table, write_plots
     from agecls.study import find_study
     from agecls.tracking import default_tracking
@@ -186,9 +185,9 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
     study, best_lines = find_study(storage, name), []
     try:
         runs = load_runs(uri, name)
-    except SystemExit as exc:  # no such experiment: fine when there is a study
+    except NoSuchExperiment:  # fine when there is a study
         if study is None:
-            raise AgeclsError(str(exc.code)) from None
+            raise
         runs = None
     if runs is not None:
         table = leaderboard(runs)

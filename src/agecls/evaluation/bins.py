@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from agecls.evaluation.bin_discovery import (
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
+_SPLIT_WORDS = {"val": "validation", "train": "training"}
 NOT_COMPARABLE = (
     "Expected macro-F1 is not comparable across different bin sets: fewer, wider bins score higher by "
     "construction. Use the table to see what each extra bin costs; choose k for what the bins are for."
@@ -235,8 +237,48 @@ def _table(grouping: Grouping) -> str:
     return "\n".join(lines)
 
 
-def propose(opts: dict[str, Any]) -> dict[str, Any]:
-    """Run `propose` with parsed options; print the report and return what was written and found."""
+@dataclass(frozen=True)
+class Request:
+    """propose's options, checked: where the run is, what to group it into, and what to write."""
+
+    run: str
+    k: int
+    constraints: Constraints
+    split: str
+    name: str
+    install: bool
+    compare: Any = None
+    out: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the run's confusion matrix gave: the chosen grouping for every k, and the compared bins."""
+
+    results: dict[str, Any]
+    source: str
+    class_names: list[str]
+    fine: list[tuple[int, int]]
+    confusion: np.ndarray
+    discovery: Discovery
+    compared: Grouping | None
+    compare_label: str
+
+
+@dataclass(frozen=True)
+class Written:
+    """The files propose wrote, and the best grouping of every k (the trade-off table's rows)."""
+
+    yaml: Path
+    confusion_png: Path
+    tradeoff_png: Path
+    tradeoff_csv: Path
+    rows: list[dict[str, Any]]
+
+
+def check_request(opts: dict[str, Any]) -> Request:
+    """propose's options as a Request; UsageError naming the first bad one."""
     if "run" not in opts:
         raise UsageError("run=<MLflow run id | run folder | results.json> is required")
     if "k" not in opts:
@@ -256,83 +298,109 @@ def propose(opts: dict[str, Any]) -> dict[str, Any]:
     install = opts.get("install", False)
     if not isinstance(install, bool):
         raise UsageError(f"install={install!r} must be true or false")
+    return Request(
+        str(opts["run"]),
+        k,
+        constraints,
+        split,
+        name,
+        install,
+        compare=opts.get("compare"),
+        out=opts.get("out"),
+        tracking_uri=opts.get("tracking_uri"),
+    )
 
-    results, source = load_results(str(opts["run"]), opts.get("tracking_uri"))
-    if "class_names" not in results or f"confusion_{split}" not in results:
-        raise UsageError(f"run={opts['run']}: {source} has no class_names / confusion_{split}")
+
+def find_bins(req: Request) -> Found:
+    """The run's fine classes and confusion matrix, grouped by `discover`; the `compare` bins scored."""
+    results, source = load_results(req.run, req.tracking_uri)
+    if "class_names" not in results or f"confusion_{req.split}" not in results:
+        raise UsageError(f"run={req.run}: {source} has no class_names / confusion_{req.split}")
     class_names = [str(c) for c in results["class_names"]]
     try:
         fine = parse_fine_ranges(class_names)
     except DiscoveryError as exc:
-        raise UsageError(f"run={opts['run']}: {exc}") from None
+        raise UsageError(f"run={req.run}: {exc}") from None
     n = len(fine)
-    if k > n:
-        raise UsageError(f"k={k} is larger than the {n} fine classes of the run (at most k={n})")
-    confusion = np.asarray(results[f"confusion_{split}"], dtype=np.float64)
+    if req.k > n:
+        raise UsageError(f"k={req.k} is larger than the {n} fine classes of the run (at most k={n})")
+    confusion = np.asarray(results[f"confusion_{req.split}"], dtype=np.float64)
     try:
-        discovery = discover(confusion, fine, k, constraints)
+        discovery = discover(confusion, fine, req.k, req.constraints)
     except DiscoveryError as exc:
         text = str(exc)
         named = text.startswith(("fixed_edges", "max_width", "min_count", "k=", "no grouping"))
-        raise UsageError(text if named else f"run={opts['run']}: {text}") from None
-    best = discovery.best
+        raise UsageError(text if named else f"run={req.run}: {text}") from None
     compared, compare_label = None, ""
-    if opts.get("compare") is not None:
-        compare_label, ranges = _compare_ranges(opts["compare"])
+    if req.compare is not None:
+        compare_label, ranges = _compare_ranges(req.compare)
         try:
             compared = score_ranges(confusion, fine, ranges)
         except DiscoveryError as exc:
-            raise UsageError(f"compare={opts['compare']!r}: {exc}") from None
+            raise UsageError(f"compare={req.compare!r}: {exc}") from None
+    return Found(results, source, class_names, fine, confusion, discovery, compared, compare_label)
 
-    from agecls.tracking import default_tracking
 
-    out = Path(opts["out"]) if opts.get("out") else default_tracking()[1] / "bins"
-    out.mkdir(parents=True, exist_ok=True)
-    split_word = {"val": "validation", "train": "training"}[split]
+def write_outputs(req: Request, found: Found, out: Path) -> Written:
+    """The bins YAML, the outlined confusion matrix, and the trade-off of every k (CSV and plot) in `out`."""
+    import pandas as pd
+
+    best, split_word = found.discovery.best, _SPLIT_WORDS[req.split]
     header = [
-        f"Proposed by agecls-bins from {source}: the {n} fine classes grouped into k={k} contiguous bins,",
-        f"chosen on the {split_word} confusion matrix ({constraints.describe()}).",
-        f"Expected macro-F1 {best.macro_f1:.4f} on the fine model's {split} predictions; "
+        f"Proposed by agecls-bins from {found.source}: the {len(found.fine)} fine classes grouped into "
+        f"k={req.k} contiguous bins,",
+        f"chosen on the {split_word} confusion matrix ({req.constraints.describe()}).",
+        f"Expected macro-F1 {best.macro_f1:.4f} on the fine model's {req.split} predictions; "
         "not comparable across bin sets.",
     ]
-    yaml_path = out / f"{name}.yaml"
-    yaml_path.write_text(bins_yaml(best, name, header, fine))
-    title = f"{name}: k={k}, expected macro-F1 {best.macro_f1:.3f} ({split} confusion of {source})"
-    png = plot_blocks(confusion, class_names, best, out / f"{name}_confusion.png", title)
+    out.mkdir(parents=True, exist_ok=True)
+    yaml_path = out / f"{req.name}.yaml"
+    yaml_path.write_text(bins_yaml(best, req.name, header, found.fine))
+    title = f"{req.name}: k={req.k}, expected macro-F1 {best.macro_f1:.3f}"
+    title += f" ({req.split} confusion of {found.source})"
+    png = plot_blocks(found.confusion, found.class_names, best, out / f"{req.name}_confusion.png", title)
     rows = [
         {
             "k": kk,
             "expected_macro_f1": (g.macro_f1 if g else None),
             "bins": (" ".join(g.labels) if g else "infeasible"),
         }
-        for kk, g in discovery.by_k.items()
+        for kk, g in found.discovery.by_k.items()
         if kk >= 2
     ]
-    import pandas as pd
-
-    pd.DataFrame(rows).to_csv(out / f"{name}_tradeoff.csv", index=False)
+    csv = out / f"{req.name}_tradeoff.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
     tradeoff_png = plot_tradeoff(
-        discovery, k, out / f"{name}_tradeoff.png", f"best expected macro-F1 per k ({split}, {source})"
+        found.discovery,
+        req.k,
+        out / f"{req.name}_tradeoff.png",
+        f"best expected macro-F1 per k ({req.split}, {found.source})",
     )
+    return Written(yaml_path, png, tradeoff_png, csv, rows)
 
-    print(f"Fine classes: {n} ({class_names[0]} .. {class_names[-1]}) from {source}")
+
+def print_report(req: Request, found: Found, written: Written) -> float | None:
+    """What was chosen and how every k compares; returns the chosen bins' test macro-F1 (a held-out check,
+    never used to choose), when the run has a test matrix and the bins were chosen on val."""
+    best, n = found.discovery.best, len(found.fine)
+    print(f"Fine classes: {n} ({found.class_names[0]} .. {found.class_names[-1]}) from {found.source}")
     print(
-        f"Selection: the {split_word} confusion matrix ({int(confusion.sum())} samples); "
+        f"Selection: the {_SPLIT_WORDS[req.split]} confusion matrix ({int(found.confusion.sum())} samples); "
         "the test split is never used to choose bins."
     )
-    print(f"Constraints: {constraints.describe()}")
-    print(f"\nProposed k={k} bins ({name}):\n{_table(best)}")
+    print(f"Constraints: {req.constraints.describe()}")
+    print(f"\nProposed k={req.k} bins ({req.name}):\n{_table(best)}")
     test_f1 = None
-    if split == "val" and "confusion_test" in results:
-        held = score_ranges(results["confusion_test"], fine, best.ranges)
-        test_f1 = held.macro_f1
+    if req.split == "val" and "confusion_test" in found.results:
+        test_f1 = score_ranges(found.results["confusion_test"], found.fine, best.ranges).macro_f1
         print(f"  held-out check, not used for selection: the same bins on test score {test_f1:.3f}")
-    if compared is not None:
-        print(f"\nFor comparison, {compare_label} on the same {split} matrix:\n{_table(compared)}")
+    if found.compared is not None:
+        print(f"\nFor comparison, {found.compare_label} on the same {req.split} matrix:")
+        print(_table(found.compared))
     print("\nBest expected macro-F1 for every k (same constraints):")
-    for row in rows:
+    for row in written.rows:
         f1 = row["expected_macro_f1"]
-        mark = "  <-" if row["k"] == k else ""
+        mark = "  <-" if row["k"] == req.k else ""
         value = f"{f1:.3f}" if f1 is not None else "  -  "
         print(f"  k={row['k']:>2}  {value}  {row['bins']}{mark}")
     print(f"\nNote: {NOT_COMPARABLE}")
@@ -340,27 +408,47 @@ def propose(opts: dict[str, Any]) -> dict[str, Any]:
         "Expected = rescoring the fine model's predictions; a model trained on these bins will score "
         "differently."
     )
-    print(f"\nWrote {yaml_path}\n      {png}\n      {tradeoff_png}\n      {out / f'{name}_tradeoff.csv'}")
-    installed = None
-    if install:
-        from agecls.config import CONFIG_DIR
+    print(
+        f"\nWrote {written.yaml}\n      {written.confusion_png}\n      {written.tradeoff_png}\n"
+        f"      {written.tradeoff_csv}"
+    )
+    return test_f1
 
-        target = CONFIG_DIR / "bins" / f"{name}.yaml"
-        if target.exists():
-            raise UsageError(f"install: {target} already exists; choose another name= (never overwritten)")
-        shutil.copyfile(yaml_path, target)
-        installed = target
-        print(f"Installed {target}: train with  agecls-train bins={name}")
+
+def install_bins(req: Request, yaml_path: Path) -> Path | None:
+    """With install=true, the YAML copied into the package's conf/bins/ (never over an existing file)."""
+    if not req.install:
+        usage = f"agecls-train bins={req.name} after  agecls-bins propose ... --install  (or copy the YAML)"
+        print(f"Use it: {usage}")
+        return None
+    from agecls.config import CONFIG_DIR
+
+    target = CONFIG_DIR / "bins" / f"{req.name}.yaml"
+    if target.exists():
+        raise UsageError(f"install: {target} already exists; choose another name= (never overwritten)")
+    shutil.copyfile(yaml_path, target)
+    print(f"Installed {target}: train with  agecls-train bins={req.name}")
+    return target
+
+
+def propose(opts: dict[str, Any]) -> dict[str, Any]:
+    """Run `propose` with parsed options; print the report and return what was written and found."""
+    req = check_request(opts)
+    found = find_bins(req)
+    if req.out:
+        out = Path(req.out)
     else:
-        print(
-            f"Use it: agecls-train bins={name} after  agecls-bins propose ... --install  (or copy the YAML)"
-        )
+        from agecls.tracking import default_tracking
+
+        out = default_tracking()[1] / "bins"
+    written = write_outputs(req, found, out)
+    test_f1 = print_report(req, found, written)
     return {
-        "yaml": yaml_path,
-        "confusion_png": png,
-        "tradeoff_png": tradeoff_png,
-        "installed": installed,
-        "discovery": discovery,
+        "yaml": written.yaml,
+        "confusion_png": written.confusion_png,
+        "tradeoff_png": written.tradeoff_png,
+        "installed": install_bins(req, written.yaml),
+        "discovery": found.discovery,
         "test_macro_f1": test_f1,
-        "compared": compared,
+        "compared": found.compared,
     }

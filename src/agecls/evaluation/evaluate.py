@@ -42,8 +42,9 @@ from agecls.tracking import default_tracking
 
 def default_paths() -> DictConfig:
     """The `paths` group as agecls-train resolves it here (AGECLS_OUTPUT_DIR or the default outputs/)."""
-    from agecls.config import CONFIG_DIR
+    from agecls.config import CONFIG_DIR, register_resolvers
 
+    register_resolvers()  # its root_dir is ${agecls_root:}
     return OmegaConf.create({"paths": OmegaConf.load(CONFIG_DIR / "paths" / "default.yaml")}).paths
 
 

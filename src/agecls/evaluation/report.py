@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from agecls.errors import AgeclsError
+
 # Params that differ between runs without being a choice (locations, derived sizes).
 _NOISE_PREFIXES = ("paths.", "tracking.", "data.n_", "data.root", "data.manifest_dir", "hydra", "optuna.")
 _METRICS = (
@@ -17,14 +19,21 @@ _METRICS = (
 )
 
 
+class NoSuchExperiment(AgeclsError):
+    """The tracking store has no MLflow experiment of that name (the message lists those it has)."""
+
+
 def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
-    """All runs of an experiment as one row each (params.*, metrics.*, tags.*), newest first."""
+    """All runs of an experiment as one row each (params.*, metrics.*, tags.*), newest first;
+    NoSuchExperiment when there is no such experiment."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri)
     if mlflow.get_experiment_by_name(experiment) is None:
         names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
-        raise SystemExit(f"no MLflow experiment named {experiment!r} in {tracking_uri}; experiments: {names}")
+        raise NoSuchExperiment(
+            f"no MLflow experiment named {experiment!r} in {tracking_uri}; experiments: {names}"
+        )
     return mlflow.search_runs(experiment_names=[experiment], output_format="pandas")
 
 

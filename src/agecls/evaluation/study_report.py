@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-log = logging.getLogger("agecls.cli.report")
+log = logging.getLogger(__name__)
 
 
 def compute_spent(study) -> dict[str, Any]:
