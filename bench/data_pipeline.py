@@ -33,7 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sections import provenance, render_saved, write_section  # bench/ is on sys.path when a script runs
+from sections import (  # bench/ is on sys.path when a script runs
+    provenance,
+    read_notes,
+    render_saved,
+    write_section,
+)
 from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,20 +254,37 @@ def data_share(images, labels, transform, workers, model_args: dict, size: int, 
     }
 
 
-def _rate_rows(rows: list[dict]) -> list[str]:
-    def cell(r: dict, k: str) -> str:
-        v = r["later"][k]
-        return f"{r['first'][k]:.0f} / {r['median'][k]:.0f} ({min(v):.0f}-{max(v):.0f})"
+def _rates(r: dict, k: str) -> str:
+    """images/s of one path: the first epoch / the median (range) of the later ones."""
+    v = r["later"][k]
+    return f"{r['first'][k]:.0f} / {r['median'][k]:.0f} ({min(v):.0f}-{max(v):.0f})"
 
-    return [
-        f"| {r['workers']} | {cell(r, 'jpeg')} | {cell(r, 'cache')} | {r['ratio']:.1f}x "
-        f"({min(r['ratios']):.1f}-{max(r['ratios']):.1f}x) |"
-        for r in rows
+
+def _loader_row(r: dict, label: str, augment: str, training: dict[str, dict]) -> str:
+    """One loader setting: both paths' images/s, their ratio, and each model's training step on it."""
+    steps = [
+        "-"
+        if t is None
+        else f"{t['step_ms']:.0f} / {t['wait_ms']:.1f} ({100 * t['data_share']:.1f}%); "
+        f"{t['train_images_per_s']:.0f}"
+        for t in training.values()
     ]
+    cells = [label, augment, _rates(r, "jpeg"), _rates(r, "cache")]
+    cells.append(f"{r['ratio']:.1f}x ({min(r['ratios']):.1f}-{max(r['ratios']):.1f}x)")
+    return "| " + " | ".join([*cells, *steps]) + " |"
 
 
 def render(res: dict) -> str:
     m, a, load = res["machine"], res["args"], res["load_average"]
+    models = list(dict.fromkeys(r["model"] for r in res["training"]))
+
+    def trained(workers) -> dict[str, dict | None]:
+        return {
+            name: next((r for r in res["training"] if r["model"] == name and r["workers"] == workers), None)
+            for name in models
+        }
+
+    steps = {name: next(r["steps"] for r in res["training"] if r["model"] == name) for name in models}
     lines = [
         BEGIN,
         "## Data pipeline: decoded cache vs per-epoch JPEG decoding",
@@ -276,57 +298,33 @@ def render(res: dict) -> str:
             f"{load['during']['mean']}, max {load['during']['max']}",
             f"{res['date']} ({res['seconds']:.0f} s in all)",
         ),
-        f"- Data: {res['data']}; {a['size']} px greyscale, `augment={a['augment']}`, batch size "
-        f"{a['batch_size']}, shuffled. Cache build (decode + resize, {res['cache']['workers']} threads): "
-        f"{res['cache']['seconds']:.1f} s, {res['cache']['images_per_s']:.0f} images/s.",
-        "- Method: the JPEG and cache paths with the same transforms and loader settings, in one process; "
-        "images/s over whole epochs: the first (worker start-up included) / the median (range) of "
-        f"{a['repeats']} more, JPEG and cache alternating; the ratio is of the medians (range: of the "
-        "pairs). The JPEG files were in the OS page cache, which favours them.",
+        f"- Setup: {res['data']}; {a['size']} px greyscale, batch size {a['batch_size']}, shuffled; cache "
+        f"build (decode + resize, {res['cache']['workers']} threads) {res['cache']['seconds']:.1f} s, "
+        f"{res['cache']['images_per_s']:.0f} images/s. Both paths with the same transforms and loaders in "
+        f"one process: images/s of the first epoch / the median (range) of {a['repeats']} more, alternating "
+        "(the JPEG files in the OS page cache, which favours them). Training: a plain loop of the basic CNN "
+        f"on the cache's batches (Adam, {a['warmup']} warm-up steps); data wait is the time blocked in "
+        "`next(loader)`.",
         "",
-        "| DataLoader workers | JPEG decode + resize + augment, images/s: 1st / median (range) "
-        "| cache + augment, images/s: 1st / median (range) | cache / JPEG |",
-        "|---|---|---|---|",
-        *_rate_rows(res["loading"]),
+        "| DataLoader workers | augment | JPEG decode + resize, images/s: 1st / median (range) "
+        "| cache, images/s: 1st / median (range) | cache / JPEG "
+        + "".join(
+            f"| {name}, {steps[name]} steps: step / data wait, ms (share); images/s " for name in models
+        )
+        + "|",
+        "|---|---|---|---|---|" + "---|" * len(models),
+        *(_loader_row(r, str(r["workers"]), a["augment"], trained(r["workers"])) for r in res["loading"]),
     ]
     if res.get("device"):
-        d = res["device"]
-        lines.append(
-            f"| device pipeline (`data.pipeline=device` on the CPU, no DataLoader) vs JPEG at 0 workers "
-            f"| {d['first']['jpeg']:.0f} / {d['median']['jpeg']:.0f} "
-            f"({min(d['later']['jpeg']):.0f}-{max(d['later']['jpeg']):.0f}) "
-            f"| {d['first']['cache']:.0f} / {d['median']['cache']:.0f} "
-            f"({min(d['later']['cache']):.0f}-{max(d['later']['cache']):.0f}) "
-            f"| {d['ratio']:.1f}x ({min(d['ratios']):.1f}-{max(d['ratios']):.1f}x) |"
-        )
-    lines += [
-        "",
-        "Loading alone (`augment=none`, same loaders):",
-        "",
-        "| DataLoader workers | JPEG decode + resize, images/s: 1st / median (range) "
-        "| cache, images/s: 1st / median (range) | cache / JPEG |",
-        "|---|---|---|---|",
-        *_rate_rows(res["no_augment"]),
-        "",
-        "Training the basic CNN on the cache's batches (a plain loop: Adam, cross-entropy, batches of 64, "
-        f"{a['warmup']} warm-up steps); data time is the time blocked in `next(loader)`:",
-        "",
-        "| model | workers | timed steps | step, ms | waiting for data, ms | data share of step time "
-        "| train images/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in res["training"]:
-        lines.append(
-            f"| {r['model']} | {'device pipeline' if r['workers'] == 'device' else r['workers']} "
-            f"| {r['steps']} | {r['step_ms']:.0f} | {r['wait_ms']:.1f} | "
-            f"{100 * r['data_share']:.1f}% | {r['train_images_per_s']:.0f} |"
-        )
+        label = "device pipeline (`data.pipeline=device` on the CPU) vs JPEG at 0 workers"
+        lines.append(_loader_row(res["device"], label, a["augment"], trained("device")))
+    none = dict.fromkeys(models)
+    lines += [_loader_row(r, str(r["workers"]), "none", none) for r in res["no_augment"]]
     t = res["targets"]
     lines += [
         "",
-        f"Targets: cache >= 5x the images/s of per-epoch JPEG decoding: **{t['cache_5x']}**. Data time < 5% "
-        f"of step time: **{t['data_5pct']}**.",
-        "",
+        f"- Targets: cache >= 5x the images/s of per-epoch JPEG decoding: **{t['cache_5x']}**. Data time < "
+        f"5% of step time: **{t['data_5pct']}**.",
     ]
     aug0 = next(r for r in res["loading"] if r["workers"] == 0) if res["loading"] else None
     raw0 = next(r for r in res["no_augment"] if r["workers"] == 0) if res["no_augment"] else None
@@ -475,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     res["targets"] = verdicts(res)
     res["seconds"] = time.perf_counter() - began
-    res["notes"] = args.notes.read_text().splitlines() if args.notes else []
+    res["notes"] = read_notes(args.notes, args.write)
     section = render(res)
     print(section)
     out_dir.mkdir(parents=True, exist_ok=True)

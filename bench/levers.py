@@ -28,6 +28,7 @@ from sections import (  # on sys.path
     current_keys,
     machine_text,
     provenance,
+    read_notes,
     render_saved,
     save_report,
 )
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - began,
     }
     if args.notes:
-        rep["notes"] = args.notes.read_text().splitlines()
+        rep["notes"] = read_notes(args.notes, args.write)
     section = render(rep)
     print(section)
     save_report(rep, "levers", out, RESULTS, section, args.write, (BEGIN, END), args.quick)

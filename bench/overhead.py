@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sections import machine_text, provenance, render_saved, write_section  # bench/ is on sys.path
+from sections import machine_text, provenance, read_notes, render_saved, write_section  # bench/ on sys.path
 
 from agecls.config import compose_train
 
@@ -276,12 +276,10 @@ def render(res: dict) -> str:
     worst = max(max(c["cpu"]["total"]["overhead"], c["cpu"]["steady"]["overhead"]) for c in res["cases"])
     lines += [
         "",
-        f"Target (overhead < 5%, CPU time): **{'met' if worst < 0.05 else 'not met'}** "
+        f"- Target (overhead < 5%, CPU time): **{'met' if worst < 0.05 else 'not met'}** "
         f"(largest median overhead {pct(worst)}).",
     ]
-    if res.get("notes"):
-        lines += ["", *res["notes"]]
-    lines.append(END)
+    lines += [*res.get("notes", []), END]
     return "\n".join(lines) + "\n"
 
 
@@ -337,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "load_average": {"start": load_start, "during": load.stop()},
         "cases": results,
-        "notes": args.notes.read_text().splitlines() if args.notes else [],
+        "notes": read_notes(args.notes, args.write),
         "seconds": time.perf_counter() - began,
     }
     section = render(res)

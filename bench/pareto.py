@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from quality import DEFAULT_ROOT, QUICK_DATA, REPO, run_logged, strided_manifest, thread_env
-from sections import args_record, machine_text, provenance, render_saved, write_section  # on sys.path
+from sections import args_record, machine_text, provenance, read_notes, render_saved, write_section
 
 NAME = "pareto-age-32px"
 MARKERS = (f"<!-- {NAME}:begin -->", f"<!-- {NAME}:end -->")
@@ -253,46 +253,44 @@ def render(rep: dict) -> str:
     machine = machine_text(rep["machine"]) + f"; 1-min load {rep['load']:.1f} at the start"
     rows = rep.get("rows") or {}
     data = (
-        f"real UTKFace, 1 row in {a['stride']} of each split of the persisted split {rep['source']} "
-        f"(train/val/test rows {rows.get('train')}/{rows.get('val')}/{rows.get('test')}); {a['size']} px"
+        f"real UTKFace, 1 row in {a['stride']} of each split of the persisted split (train/val/test rows "
+        f"{rows.get('train')}/{rows.get('val')}/{rows.get('test')}); {a['size']} px"
         if rows
         else "generated faces (smoke run)"
     )
+    # the study's own overrides; the run's absolute paths (data, storage, output folders) stay in the record
+    study = " ".join(o for o in rep["overrides"] if not o.partition("=")[2].startswith(("/", "sqlite:")))
+    epochs = {t["trial"]: t["epochs"] for t in rep["trials"]}
+    sizes = ", ".join(f"{k} {v}" for k, v in rep["test_group_sizes"].items())
     lines = [
         MARKERS[0],
         "## Pareto study: age macro-F1 against the ethnicity gap",
         "",
         *provenance(rep["command"], machine, f"{rep['date']} ({rep['minutes']} min)"),
-        f"- Data: {data}; an epoch is {a['fraction']} of the training split, validation and test whole.",
-        f"- Study: `agecls-train -m {' '.join(rep['overrides'])}`: {len(rep['trials'])} complete "
-        f"trials of up to {a['epochs']} epochs, {a['jobs']} at a time; objectives on validation: "
-        "macro-F1 (max) and the ethnicity gap, largest minus smallest age macro-F1 across the five "
-        "groups (min).",
-        "- Points chosen on validation; test read once for them. Intervals: 95% percentile bootstrap over "
-        f"{a['resamples']} resamples of the test faces; differences against best F1 are paired (same faces).",
+        f"- Setup: {data}; an epoch is {a['fraction']} of the training split. Study: `agecls-train -m "
+        f"{study}`, {len(rep['trials'])} complete trials of up to {a['epochs']} epochs, {a['jobs']} at a "
+        "time; objectives on validation: macro-F1 (max) and the ethnicity gap, largest minus smallest age "
+        "macro-F1 across the five groups (min).",
+        "- Points chosen on validation, test read once for them; intervals: 95% percentile bootstrap over "
+        f"{a['resamples']} resamples of the test faces ({sizes}), paired against best F1.",
         "",
-        "| point (chosen on validation) | trial | val macro-F1 | val gap | test macro-F1 [95% CI] | "
+        "| point (chosen on validation) | trial | epochs | val macro-F1 | val gap | test macro-F1 [95% CI] | "
         "test gap [95% CI] | test macro-F1 vs best F1 | test gap vs best F1 |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, p in rep["points"].items():
         df1 = _ci(p["f1_diff"], True) if "f1_diff" in p else "-"
         dgap = _ci(p["gap_diff"], True) if "gap_diff" in p else "-"
         lines.append(
-            f"| {label} | {p['trial']} | {p['val_f1']:.3f} | {p['val_gap']:.3f} | {_ci(p['f1'])} | "
-            f"{_ci(p['gap'])} | {df1} | {dgap} |"
+            f"| {label} | {p['trial']} | {epochs.get(p['trial'], '-')} | {p['val_f1']:.3f} "
+            f"| {p['val_gap']:.3f} | {_ci(p['f1'])} | {_ci(p['gap'])} | {df1} | {dgap} |"
         )
-    sizes = ", ".join(f"{k} {v}" for k, v in rep["test_group_sizes"].items())
-    lines += ["", f"Test faces per ethnicity group: {sizes}.", ""]
-    front = [t for t in rep["trials"] if t["front"]]
-    lines.append(
-        f"![Pareto front]({rep['plot']})" if not rep["plot"].startswith("/") else f"Plot: {rep['plot']}"
-    )
-    lines += ["", "| front trial | val macro-F1 | val gap | epochs | parameters |", "|---|---|---|---|---|"]
-    for t in sorted(front, key=lambda t: t["gap"]):
-        params = ", ".join(f"`{k}={v}`" for k, v in t["params"].items())
-        lines.append(f"| {t['trial']} | {t['f1']:.3f} | {t['gap']:.3f} | {t['epochs']} | {params} |")
-    lines += ["", *rep.get("notes", []), MARKERS[1]]
+    lines += [
+        "",
+        f"![Pareto front]({rep['plot']})" if not rep["plot"].startswith("/") else f"Plot: {rep['plot']}",
+        *rep.get("notes", []),
+        MARKERS[1],
+    ]
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
@@ -326,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     rep = measure(args)
     if args.notes:
-        rep["notes"] = args.notes.read_text().splitlines()
+        rep["notes"] = read_notes(args.notes, args.write)
     saved = REPO / "bench" / "results" / f"{NAME}{'-quick' if args.quick else ''}.json"
     if not args.quick:
         saved.write_text(json.dumps(rep, indent=2))

@@ -44,6 +44,7 @@ from sections import (
     current_keys,
     machine_text,
     provenance,
+    read_notes,
     render_saved,
     write_section,
 )  # bench/ is on sys.path
@@ -102,9 +103,10 @@ def strided_manifest(args, out: Path) -> tuple[Path, Path]:
     so each split's age mix is kept), for `data=manifest`; rows keep their split, so test stays test."""
     from hydra import compose, initialize_config_dir
 
-    from agecls.config import CONFIG_DIR
+    from agecls.config import CONFIG_DIR, register_resolvers
     from agecls.data.prepare import data_lock, resolve_manifest
 
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["data=utkface", f"data.root={args.root}"])
     with data_lock(cfg.paths.data_dir):
@@ -323,33 +325,42 @@ def _overrides_text(overrides: list[str]) -> str:
     return ", ".join(f"`{current_keys(o)}`" for o in overrides)
 
 
-def _difference_rows(rep: dict) -> list[str]:
-    """One row per task: agecls minus dissertation on test (with the paired interval when both runs wrote
-    face-level predictions), the reading, the validation difference and what `augment.tta=auto` chose."""
-    rows = []
-    for task, sides in rep["tasks"].items():
-        d, g = (next(x for x in sides if x["side"] == s) for s in ("dissertation", "agecls"))
-        diff = g["test_macro_f1"][0] - d["test_macro_f1"][0]
-        pair = rep.get("paired", {}).get(task)
-        if pair:
-            sign = "better" if pair["lo"] > 0 else "worse" if pair["hi"] < 0 else "not significant"
-            shown = (
-                f"{diff:+.4f} [{pair['lo']:+.4f}, {pair['hi']:+.4f}] | {pair['p_a_not_better']:.1%} | {sign}"
-            )
-        else:
-            overlap = (
-                g["test_macro_f1"][1] <= d["test_macro_f1"][2]
-                and d["test_macro_f1"][1] <= g["test_macro_f1"][2]
-            )
-            shown = f"{diff:+.4f} | - | separate intervals {'overlap' if overlap else 'do not overlap'}"
-        tta = g.get("tta")
-        chosen = (
-            f"{tta['chosen']} (" + ", ".join(f"{m} {v:.4f}" for m, v in tta["val_macro_f1"].items()) + ")"
-            if tta
-            else "-"
-        )
-        rows.append(f"| {task} | {shown} | {g['val_macro_f1'] - d['val_macro_f1']:+.4f} | {chosen} |")
-    return rows
+def _difference_cells(rep: dict, task: str, d: dict, g: dict) -> list[str]:
+    """agecls minus dissertation on test (with the paired interval when both runs wrote face-level
+    predictions) and how often agecls was no better over the resamples, with the reading."""
+    diff = g["test_macro_f1"][0] - d["test_macro_f1"][0]
+    pair = rep.get("paired", {}).get(task)
+    if pair:
+        sign = "better" if pair["lo"] > 0 else "worse" if pair["hi"] < 0 else "not significant"
+        return [
+            f"{diff:+.4f} [{pair['lo']:+.4f}, {pair['hi']:+.4f}]",
+            f"{pair['p_a_not_better']:.1%} ({sign})",
+        ]
+    overlap = (
+        g["test_macro_f1"][1] <= d["test_macro_f1"][2] and d["test_macro_f1"][1] <= g["test_macro_f1"][2]
+    )
+    return [f"{diff:+.4f}", f"- (separate intervals {'overlap' if overlap else 'do not overlap'})"]
+
+
+def _tta_cell(g: dict) -> str:
+    tta = g.get("tta")
+    if not tta:
+        return "-"
+    return f"{tta['chosen']} (" + ", ".join(f"{m} {v:.4f}" for m, v in tta["val_macro_f1"].items()) + ")"
+
+
+def _wall(s: dict) -> str:
+    return "-" if s["wall_s"] != s["wall_s"] else str(round(s["wall_s"] / 60, 1))
+
+
+def _best_trial_cell(g: dict) -> str:
+    """The agecls study's best trial (chosen on validation), and the retrain when there was one."""
+    params = ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in g["best_params"].items()
+    )
+    if g.get("retrain"):
+        params += f"; retrained {g['retrain']['epochs_trained']} ep, val {g['retrain']['val']:.4f}"
+    return params or "-"
 
 
 def render(rep: dict) -> str:
@@ -359,6 +370,17 @@ def render(rep: dict) -> str:
     no_search = bool(a.get("no_search"))
     begin, end = markers(a["size"], no_search)
     size, budget = a["size"], a["budget"]
+    agecls = (
+        "the same recipe plus "
+        + _overrides_text(a.get("agecls_set", []))
+        + _per_task_text(a)
+        + f", trained once for up to {budget} epochs (levers chosen on validation beforehand: levers "
+        "sections of docs/BENCHMARKS-EARLIER.md). "
+        + rep.get("schedule", f"Runs went {a['parallel']} at a time")
+        + f", {a['threads']} CPU thread each."
+        if no_search
+        else _study_text(rep)
+    )
     lines = [
         begin,
         f"## Quality at {size} px: the dissertation's recipe vs "
@@ -374,65 +396,43 @@ def render(rep: dict) -> str:
                 else f"({rep['seconds'] / 60:.0f} min in all)"
             ),
         ),
-        f"- Data: {rep['data']} (train/val/test rows "
+        f"- Setup: {rep['data']} (train/val/test rows "
         f"{rep['sizes']['train']}/{rep['sizes']['val']}/{rep['sizes']['test']}); {size} px greyscale; an "
-        f"epoch is {a['fraction']:g} of the training split "
-        f"(`trainer.limit_train_batches={a['fraction']:g}`), validation and test are whole.",
-        f"- Protocol: {budget} epochs per task and side. Dissertation: its final recipe "
-        f"(`experiment=agecnn|gendercnn|ethnicitycnn`) trained once. agecls: "
-        + (
-            "the same recipe plus "
-            + _overrides_text(a.get("agecls_set", []))
-            + _per_task_text(a)
-            + f", trained once for up to {budget} epochs (levers chosen on validation beforehand: levers "
-            "sections of docs/BENCHMARKS-EARLIER.md). "
-            + rep.get("schedule", f"Runs went {a['parallel']} at a time")
-            + f", {a['threads']} CPU thread each."
-            if no_search
-            else _study_text(rep)
-        ),
-        "- Test chose nothing: only the two final models' test scores are read. Intervals: 95% percentile "
+        f"epoch is {a['fraction']:g} of the training split, validation and test whole; {budget} epochs per "
+        "task and side. Dissertation: `experiment=agecnn|gendercnn|ethnicitycnn` trained once. agecls: "
+        + agecls,
+        "- Test chose nothing: only the final models' test scores are read; intervals: 95% percentile "
         f"bootstrap over {rep['n_boot']} resamples of the test rows"
         + (
-            "; for a difference, the paired 95% bootstrap interval of the difference over the same test "
-            "faces (`agecls-compare --split test`)."
+            ", for a difference the paired 95% bootstrap interval of the difference over the same test faces "
+            "(`agecls-compare --split test`)."
             if rep.get("paired")
             else "."
         ),
         "",
-        "| task | side | epochs trained | val macro-F1 | test macro-F1 [95% CI] | test accuracy [95% CI] "
-        "| wall, min |",
-        "|---|---|---|---|---|---|---|",
+        "| task | epochs: dissertation / agecls | val macro-F1: dissertation / agecls "
+        "| test macro-F1 [95% CI]: dissertation | test macro-F1 [95% CI]: agecls "
+        "| agecls − dissertation, test | agecls no better in | test accuracy: dissertation / agecls "
+        "| `augment.tta=auto` chose (val macro-F1) | wall, min: dissertation / agecls |"
+        + ("" if no_search else " agecls's best trial |"),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("" if no_search else "---|"),
     ]
     for task, sides in rep["tasks"].items():
-        for s in sides:
-            searched = s["side"] == "agecls" and s["trials"]
-            extra = f" ({s['trials']} trials, {s['pruned']} pruned)" if searched else ""
-            lines.append(
-                f"| {task} | {s['side']} | {s['epochs_trained']}{extra} | {s['val_macro_f1']:.4f} "
-                f"| {f(s['test_macro_f1'])} | {f(s['test_acc'])} "
-                f"| {'-' if s['wall_s'] != s['wall_s'] else round(s['wall_s'] / 60, 1)} |"
-            )
-    lines += [
-        "",
-        "| task | agecls − dissertation, test macro-F1 | agecls no better in | reading | val macro-F1 "
-        "difference | `augment.tta=auto` chose (val macro-F1) |",
-        "|---|---|---|---|---|---|",
-        *_difference_rows(rep),
-    ]
-    lines += [] if no_search else ["", "Best agecls trial per task (chosen on validation):", ""]
-    for task, sides in {} if no_search else rep["tasks"].items():
-        s = next(x for x in sides if x["side"] == "agecls")
-        params = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["best_params"].items()
-        )
-        retrained = (
-            f"; retrained {s['retrain']['epochs_trained']} epochs: validation {s['retrain']['val']:.4f}, "
-            f"the agecls model is the {s['chosen']}"
-            if s.get("retrain")
-            else ""
-        )
-        lines.append(f"- {task}: {params}; its trials' validation macro-F1 {s['trial_vals']}{retrained}")
+        d, g = (next(x for x in sides if x["side"] == s) for s in ("dissertation", "agecls"))
+        searched = f" ({g['trials']} trials, {g['pruned']} pruned)" if g.get("trials") else ""
+        cells = [
+            task,
+            f"{d['epochs_trained']} / {g['epochs_trained']}{searched}",
+            f"{d['val_macro_f1']:.4f} / {g['val_macro_f1']:.4f}",
+            f(d["test_macro_f1"]),
+            f(g["test_macro_f1"]),
+            *_difference_cells(rep, task, d, g),
+            f"{d['test_acc'][0]:.4f} / {g['test_acc'][0]:.4f}",
+            _tta_cell(g),
+            f"{_wall(d)} / {_wall(g)}",
+            *([] if no_search else [_best_trial_cell(g)]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines += [*(["", *rep["notes"]] if rep.get("notes") else []), end]
     return "\n".join(lines) + "\n"
 
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     rep["paired"] = {t: p for t, p in pairs.items() if p}
     rep["verdict"] = verdict(rep)
     if args.notes:
-        rep["notes"] = args.notes.read_text().splitlines()
+        rep["notes"] = read_notes(args.notes, args.write)
     if args.schedule:
         rep["schedule"] = args.schedule
     section = render(rep)

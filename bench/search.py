@@ -51,6 +51,7 @@ from sections import (
     current_keys,
     machine_text,
     provenance,
+    read_notes,
     render_saved,
     save_report,
 )
@@ -134,9 +135,10 @@ def train_subset(args, out: Path) -> tuple[Path, str]:
     0), validation and test whole, for `data=manifest`."""
     from hydra import compose, initialize_config_dir
 
-    from agecls.config import CONFIG_DIR
+    from agecls.config import CONFIG_DIR, register_resolvers
     from agecls.data.prepare import data_lock, resolve_manifest
 
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=["data=utkface", f"data.root={args.root}"])
     with data_lock(cfg.paths.data_dir):
@@ -508,107 +510,61 @@ def seed_tests(sides: dict[str, dict]) -> None:
 
 
 def reading(rep: dict) -> list[str]:
-    """One row per task from the numbers: how often the study is at least level with each other side, how
-    far one configuration moves with its seed alone, what the study ran and chose, the configurations' seed
-    means on validation, and where the study's model lands among the recipe's seed runs on test."""
-    lines = [
-        "By task, over its bench seeds. Level+: in how many the study is at least level on validation / on "
-        "test. Each seeded side serves its best run on validation, the study its chosen configuration's best "
-        "seed or their ensemble; the seeds' means compare the configurations instead of the picks. Test is "
-        "read after every choice; the paired intervals above cover the test faces, not the training seed.",
-        "",
-        "| task | vs recipe: level+ val / test; mean test diff (significantly ahead / behind) "
-        "| vs dissertation: level+ val / test; mean test diff | trials per seed (pruned); chosen "
-        "| one configuration's seeds on val: sd (best − worst), dissertation / recipe "
-        "| seeds' means on val, recipe / study "
-        "| the recipe's seeds on test: mean ± sd (the study's model above) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """One line from the numbers, per task over its bench seeds: in how many the study is at least level with
+    the recipe on validation / on test, significantly ahead / behind it on test, at least level by the
+    configurations' seed means on validation, and at least level with the dissertation's settings on test."""
+    per: dict[str, list[str]] = {"val / test": [], "ahead / behind": [], "means": [], "dissertation": []}
     for task, seeds in rep["tasks"].items():
-        studies = [s["study"] for s in seeds.values()]
-        picked = [s.get("warm_start") or f"trial {s['trial']} (sampled)" for s in studies]
-        cells = [
-            task,
-            _versus(seeds, "recipe"),
-            _versus(seeds, "dissertation"),
-            f"{sum(s['trials'] for s in studies) / len(seeds):.1f} "
-            f"({sum(s['pruned'] for s in studies) / len(seeds):.1f}); {', '.join(picked)}",
-            noise(seeds),
-            seed_means(seeds),
-            test_spread(seeds),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
-
-
-def _versus(seeds: dict[str, dict], other: str) -> str:
-    """`level+ val / test; mean test difference` of the study against `other` (with the significant counts
-    against the recipe, whose paired intervals the table has)."""
-    n = len(seeds)
-    val = sum(s["study"]["chosen"]["val"] >= s[other]["chosen"]["val"] for s in seeds.values())
-    test = sum(s["study"]["test"] >= s[other]["test"] for s in seeds.values())
-    mean = sum(s["study"]["test"] - s[other]["test"] for s in seeds.values()) / n
-    text = f"{val} / {test} of {n}; {mean:+.4f}"
-    if other == "recipe":
-        up = sum(s["study"]["vs_recipe"]["lo"] > 0 for s in seeds.values())
-        down = sum(s["study"]["vs_recipe"]["hi"] < 0 for s in seeds.values())
-        text += f" ({up} / {down})"
-    return text
-
-
-def test_spread(seeds: dict[str, dict]) -> str:
-    """Per bench seed, the recipe's seed runs on test (read after the choice) and how many of them the
-    study's model is above; '-' with one run per side."""
-    import statistics
-
-    parts = []
-    for s in seeds.values():
-        runs = s["recipe"].get("runs_test") or []
-        if len(runs) > 1:
-            below = sum(t < s["study"]["test"] for t in runs)
-            mean, sd = statistics.mean(runs), statistics.stdev(runs)
-            parts.append(f"{mean:.4f} ± {sd:.4f} (above {below} of {len(runs)})")
-    return "; ".join(parts) or "-"
-
-
-def seed_means(seeds: dict[str, dict]) -> str:
-    """The configurations rather than the picks on validation, per bench seed: the recipe side's mean over
-    its seed runs against the mean over the seeds of the configuration the study chose, and in how many the
-    study is at least level. A side's best of 8 runs sits above its configuration's mean by the luck of the
-    draw, and the study's best of 3 less so. '-' where either side has no seeds' mean."""
-    import statistics
-
-    cells = [
-        (statistics.mean(r["val"] for r in s["recipe"]["runs"]), s["study"]["seed_mean"])
-        for s in seeds.values()
-        if len(s["recipe"]["runs"]) > 1 and s["study"].get("seed_mean") is not None
+        cells = list(seeds.values())
+        study, recipe = [c["study"] for c in cells], [c["recipe"] for c in cells]
+        val = sum(s["chosen"]["val"] >= r["chosen"]["val"] for s, r in zip(study, recipe, strict=True))
+        test = sum(s["test"] >= r["test"] for s, r in zip(study, recipe, strict=True))
+        per["val / test"].append(f"{task} {val} / {test}")
+        ahead = sum(s["vs_recipe"]["lo"] > 0 for s in study)
+        per["ahead / behind"].append(f"{task} {ahead} / {sum(s['vs_recipe']['hi'] < 0 for s in study)}")
+        means = [m for m in map(seed_means, cells) if m]
+        per["means"].append(f"{task} {sum(mine >= theirs for theirs, mine in means)} of {len(means)}")
+        level = sum(s["test"] >= c["dissertation"]["test"] for s, c in zip(study, cells, strict=True))
+        per["dissertation"].append(f"{task} {level} of {len(cells)}")
+    return [
+        "- Study vs recipe, by task: at least level on val / test "
+        + ", ".join(per["val / test"])
+        + "; significantly ahead / behind on test "
+        + ", ".join(per["ahead / behind"])
+        + "; at least level by the seeds' means on val "
+        + ", ".join(per["means"])
+        + ". Study at least level with the dissertation's settings on test: "
+        + ", ".join(per["dissertation"])
+        + "."
     ]
-    if not cells:
-        return "-"
-    level = sum(study >= recipe for recipe, study in cells)
-    pairs = "; ".join(f"{recipe:.4f} / {study:.4f}" for recipe, study in cells)
-    return f"{pairs} (level+ {level} of {len(cells)})"
 
 
-def noise(seeds: dict[str, dict]) -> str:
-    """How far one configuration moves with its seed alone on validation (the seeded sides' runs are the
-    same settings on other seeds): the mean per bench seed of their sd and of best minus worst."""
+def seed_means(cell: dict[str, dict]) -> tuple[float, float] | None:
+    """The configurations rather than the picks on validation: the recipe side's mean over its seed runs and
+    the mean over the seeds of the configuration the study chose (None where either has no seeds' mean). A
+    side's best of 8 runs sits above its configuration's mean by the luck of the draw, the study's best of 3
+    less so."""
     import statistics
 
-    parts = []
-    for side in ("dissertation", "recipe"):
-        vals = [[r["val"] for r in s[side]["runs"]] for s in seeds.values() if len(s[side]["runs"]) > 1]
-        if vals:
-            sd = statistics.mean(statistics.stdev(v) for v in vals)
-            spread = statistics.mean(max(v) - min(v) for v in vals)
-            parts.append(f"{sd:.4f} ({spread:.4f})")
-    return " / ".join(parts) if len(parts) == 2 else "- (one run per side)"
+    runs, mean = cell["recipe"]["runs"], cell["study"].get("seed_mean")
+    if len(runs) < 2 or mean is None:
+        return None
+    return statistics.mean(r["val"] for r in runs), mean
 
 
 def _ci(d: dict | None) -> str:
     if not d:
         return "-"
     return f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]"
+
+
+def _study_cell(s: dict) -> str:
+    """The study side in values: trials (pruned); the configuration chosen; `ensemble` when it serves the
+    seeds' ensemble (the per-trial narrative stays in the record's `detail`)."""
+    picked = s.get("warm_start") or f"trial {s['trial']}"
+    return f"{s['trials']} ({s['pruned']}); {picked}" + (
+        "; ensemble" if s.get("served") == "ensemble" else ""
+    )
 
 
 def render(rep: dict) -> str:
@@ -618,6 +574,11 @@ def render(rep: dict) -> str:
     title = "## Search vs hand recipe at the same budget"
     if name != SECTION:
         title += f": runs of {a['run_epochs']} epochs, {a['budget_epochs']} per side"
+    follow = f"top {a['reseed_top']} re-run on {a['reseed_seeds']} more seed(s), chosen by seed mean"
+    if a.get("leader_seeds"):
+        follow += f", the leader on {a['leader_seeds']} more"
+    if a.get("check_pruned"):
+        follow += f", {a['check_pruned']} pruned trial(s) continued"
     lines = [
         begin,
         title,
@@ -627,48 +588,36 @@ def render(rep: dict) -> str:
             machine_text(m) + f"; 1-min load {rep['load_start']} at the start",
             f"{rep['date']} ({rep['seconds'] / 60:.0f} min in all)",
         ),
-        f"- Data: {rep['data']} (train/val/test rows {rep['sizes']['train']}/{rep['sizes']['val']}/"
-        f"{rep['sizes']['test']}), {a['size']} px greyscale.",
-        f"- Budget: {a['budget_epochs']} epochs per task, bench seed and side, every run {a['run_epochs']} "
-        "epochs long; a side starts a run only while a whole run still fits, so it may end up to one run "
-        "under (more when early stopping or pruning cut runs short): the epochs column counts what it spent.",
-        "- Sides: dissertation = `experiment=agecnn|gendercnn|ethnicitycnn` on seeds 1000·s+i, best on "
-        "validation; recipe = the same plus "
+        f"- Setup: {rep['data']} (train/val/test rows {rep['sizes']['train']}/{rep['sizes']['val']}/"
+        f"{rep['sizes']['test']}), {a['size']} px greyscale; {a['budget_epochs']} epochs per task, bench "
+        f"seed and side in runs of {a['run_epochs']}. Dissertation: "
+        "`experiment=agecnn|gendercnn|ethnicitycnn` on seeds 1000·s+i, best on validation; recipe: the same "
+        "plus "
         + ", ".join(f"`{current_keys(o)}`" for o in SHARED)
-        + " (and "
+        + " (age, gender: also "
         + ", ".join(f"`{o}`" for o in ONECYCLE)
-        + " for age and gender), the same way; study = `sweep=optuna_recipe` (with "
-        f"`{WEIGHT_DECAYS}` so the dissertation's weight decay is in it), its pruner, the dissertation's "
-        "settings and the recipe's levers enqueued first (warm starts run to the end: the pruner does not "
-        "cut them), trial seed 1000·s, then the top "
-        f"{a['reseed_top']} trial(s) re-run on {a['reseed_seeds']} more seed(s) and chosen by mean "
-        f"validation value"
-        + (
-            f", the leader then run on {a['leader_seeds']} more seed(s) and the choice made again"
-            if a.get("leader_seeds")
-            else ""
-        )
-        + (f", {a['check_pruned']} pruned trial(s) continued to the end" if a.get("check_pruned") else "")
-        + "; its model is what its `@best` serves: the chosen configuration's best run on validation, or "
-        "its seeds' ensemble (mean probabilities) where that scores higher on validation.",
-        f"- Test read once at the end, for the three chosen models; differences are paired 95% bootstrap "
-        f"intervals over the same test faces ({rep['n_boot']} resamples, `agecls-compare --split test`).",
+        + f"); study: `sweep=optuna_recipe` with `{WEIGHT_DECAYS}`, both warm-started, trial seed 1000·s, "
+        f"{follow}; `@best` serves the best seed or the seeds' ensemble. Test read once; intervals paired "
+        f"over the test faces ({rep['n_boot']} resamples).",
         "",
-        "| task | seed | side | val macro-F1 | test macro-F1 | − recipe, test [95% CI] "
-        "| epochs spent / budget | wall, min | what ran |",
+        "| task | seed | val macro-F1: dissertation / recipe / study | test macro-F1: dissertation / recipe "
+        "/ study | study − recipe, test [95% CI] | dissertation − recipe, test [95% CI] "
+        "| study: trials (pruned); chosen | seeds' mean, val: recipe / study | epochs: dissertation / recipe "
+        "/ study (budget) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for task, seeds in rep["tasks"].items():
         for seed, sides in seeds.items():
-            for name in SIDES:
-                s = sides[name]
-                wall = "-" if s["wall_s"] != s["wall_s"] else f"{s['wall_s'] / 60:.1f}"
-                lines.append(
-                    f"| {task} | {seed} | {name} | {s['chosen']['val']:.4f} | {s['test']:.4f} "
-                    f"| {_ci(s.get('vs_recipe'))} | {s['epochs']} / {a['budget_epochs']} | {wall} "
-                    f"| {s['detail']} |"
-                )
-    lines += ["", *rep["reading"], *(["", *rep["notes"]] if rep.get("notes") else []), end]
+            d, r, s = (sides[n] for n in SIDES)
+            means = seed_means(sides)
+            lines.append(
+                f"| {task} | {seed} | {d['chosen']['val']:.4f} / {r['chosen']['val']:.4f} / "
+                f"{s['chosen']['val']:.4f} | {d['test']:.4f} / {r['test']:.4f} / {s['test']:.4f} "
+                f"| {_ci(s.get('vs_recipe'))} | {_ci(d.get('vs_recipe'))} | {_study_cell(s)} "
+                f"| {'-' if not means else f'{means[0]:.4f} / {means[1]:.4f}'} "
+                f"| {d['epochs']} / {r['epochs']} / {s['epochs']} ({a['budget_epochs']}) |"
+            )
+    lines += ["", *rep["reading"], *rep.get("notes", []), end]
     return "\n".join(lines) + "\n"
 
 
@@ -835,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     rep["reading"] = reading(rep)
     if args.notes:
-        rep["notes"] = args.notes.read_text().splitlines()
+        rep["notes"] = read_notes(args.notes, args.write)
     section = render(rep)
     print(section)
     save_report(rep, args.section, out, RESULTS, section, args.write, markers(args.section), args.quick)

@@ -4,6 +4,7 @@ rewrites only that."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,26 @@ def write_section(path: Path, section: str, begin: str, end: str) -> None:
     path.write_text(text)
 
 
+# A notes file's lines above this marker are the section's reading; those below stay in the notes file, which
+# the section links: a section keeps to its table and a few lines, the per-run narrative lives beside it.
+DETAILS = "<!-- details -->"
+
+
+def read_notes(notes: Path | None, write: Path | None = None) -> list[str]:
+    """The reading lines of a `--notes` file for the section of `write`: the lines above DETAILS (all of them
+    without it), and with details below it a last line linking the notes file (relative to `write`)."""
+    if not notes:
+        return []
+    lines = notes.read_text().splitlines()
+    if DETAILS not in lines:
+        return lines
+    reading = lines[: lines.index(DETAILS)]
+    while reading and not reading[-1].strip():
+        reading.pop()
+    target = os.path.relpath(notes.resolve(), (write or Path("x")).resolve().parent)
+    return [*reading, f"- Details: [{notes.name}]({Path(target).as_posix()})."]
+
+
 def render_saved(
     saved: Path,
     render: Callable[[dict], str],
@@ -57,7 +78,7 @@ def render_saved(
     of `write` when given; `markers` may depend on the report (a callable). Returns the exit status, 0."""
     rep = json.loads(saved.read_text())
     if notes:
-        rep["notes"] = notes.read_text().splitlines()
+        rep["notes"] = read_notes(notes, write)
     section = render(rep)
     print(section)
     if write:

@@ -11,6 +11,8 @@ its VmHWM (peak) after the load, and its VmRSS 2 s after the last answer (/proc/
 
     .venv/bin/python bench/serve_load.py                                   # print the section
     .venv/bin/python bench/serve_load.py --notes bench/results/serve-load-notes.md --write BENCHMARKS.md
+    .venv/bin/python bench/serve_load.py --from-json bench/results/serve_load.json \\
+        --notes bench/results/serve-load-notes.md --write BENCHMARKS.md
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data_pipeline import machine  # bench/ is on sys.path when a script in it runs
-from sections import machine_text, provenance, write_section
+from sections import machine_text, provenance, read_notes, render_saved, write_section
 
 BEGIN, END = "<!-- serve_load:begin -->", "<!-- serve_load:end -->"
 PNG_SIZE, JPEG_SIZE = (3990, 4000), (7300, 5470)  # just under the defaults of max_decoded_pixels, max_pixels
@@ -60,7 +62,7 @@ def tiny_checkpoint(out: Path) -> Path:
     os.environ["AGECLS_OUTPUT_DIR"] = str(out)
     from hydra import compose, initialize_config_dir
 
-    from agecls.config import CONFIG_DIR
+    from agecls.config import CONFIG_DIR, register_resolvers
     from agecls.training.train import train
 
     overrides = [
@@ -73,6 +75,7 @@ def tiny_checkpoint(out: Path) -> Path:
         "trainer.enable_progress_bar=false",
         "task=multitask",
     ]
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     return Path(train(cfg)["checkpoint"])
@@ -208,31 +211,30 @@ def render(rep: dict) -> str:
     def lat(q: dict | None) -> str:
         return "-" if q is None else f"{q['p50']} / {q['p95']} / {q['max']}"
 
+    def yes(flag: bool) -> str:
+        return "yes" if flag else "NO"
+
     settings = " ".join(rep["settings"]) or "the defaults (max_concurrent=2 max_queue=16 max_wait_s=60)"
-    rows = [
-        "| requests | concurrency | 200 | 503 | other | RSS ready (MB) | peak VmHWM (MB) | RSS after (MB) "
-        "| 200: p50 / p95 / max (s) | 503: p50 / p95 / max (s) | wall (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|",
-        f"| {rep['requests']} | {rep['concurrency']} | {rep['ok']} | {rep['busy']} | {len(rep['other'])} "
-        f"| {rep['rss_ready_mb']} | {rep['peak_mb']} | {rep['rss_after_mb']} | {lat(rep['ok_s'])} "
-        f"| {lat(rep['busy_s'])} | {rep['wall_s']} |",
-    ]
-    kb = {name: round(size / 1024) for name, size in rep["sizes"].items()}
+    kb = rep.get("sizes_kb") or {name: round(size / 1024) for name, size in rep["sizes"].items()}
     lines = [
         BEGIN,
         "## agecls-serve under load: concurrent uploads at the pixel limits",
         "",
         *provenance(rep["command"], rep["machine"], rep["date"]),
-        f"- Protocol: the real server (uvicorn, 127.0.0.1) with {settings} and a tiny multitask checkpoint; "
+        f"- Setup: the real server (uvicorn, 127.0.0.1) with {settings} and a tiny multitask checkpoint; "
         f"{rep['requests']} POST /api/predict from {rep['concurrency']} client threads at once, alternating "
         f"a 3990x4000 PNG (16.0 Mpx, {kb['big.png']} KB) and a 7300x5470 JPEG (39.9 Mpx, "
         f"{kb['big.jpg']} KB), flat colour with one face pasted in. Memory: the server's VmRSS after a "
         "warm-up photo, its VmHWM after the load, its VmRSS 2 s later.",
-        f"- Every answer JSON: {'yes' if rep['all_json'] else 'NO'}; every 503 with Retry-After: "
-        f"{'yes' if rep['busy_with_retry_after'] else 'NO'}; the face found in {rep['faces_found']} answered "
-        f"photos; server still answering after the load: {'yes' if rep['alive_after'] else 'NO'}.",
         "",
-        *rows,
+        "| requests | concurrency | 200 | 503 | other | RSS ready (MB) | peak VmHWM (MB) | RSS after (MB) "
+        "| 200: p50 / p95 / max (s) | 503: p50 / p95 / max (s) | wall (s) | face found | all JSON / 503 with "
+        "Retry-After / alive after |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---|---|",
+        f"| {rep['requests']} | {rep['concurrency']} | {rep['ok']} | {rep['busy']} | {len(rep['other'])} "
+        f"| {rep['rss_ready_mb']} | {rep['peak_mb']} | {rep['rss_after_mb']} | {lat(rep['ok_s'])} "
+        f"| {lat(rep['busy_s'])} | {rep['wall_s']} | {rep['faces_found']} | {yes(rep['all_json'])} / "
+        f"{yes(rep['busy_with_retry_after'])} / {yes(rep['alive_after'])} |",
     ]
     if rep.get("notes"):
         lines += ["", *rep["notes"]]
@@ -248,7 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also save the measurements here")
     parser.add_argument("--notes", type=Path, help="Markdown lines to append to the section")
     parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of this file")
+    parser.add_argument("--from-json", type=Path, help="render a saved bench/results/serve_load.json instead")
     args = parser.parse_args(argv)
+    if args.from_json:
+        return render_saved(args.from_json, render, args.write, (BEGIN, END), args.notes)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="agecls-serve-load-") as tmp:
         ckpt = args.ckpt or tiny_checkpoint(Path(tmp) / "outputs")
@@ -260,10 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     rep["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rep["command"] = "make bench-serve"
+    saved = json.dumps(rep, indent=2) + "\n"
     if args.json:
-        args.json.write_text(json.dumps(rep, indent=2) + "\n")
+        args.json.write_text(saved)
+    if args.write:  # the committed record of the section, for --from-json
+        (Path(__file__).parent / "results" / "serve_load.json").write_text(saved)
     if args.notes:
-        rep["notes"] = args.notes.read_text().splitlines()
+        rep["notes"] = read_notes(args.notes, args.write)
     section = render(rep)
     print(section)
     if args.write:

@@ -98,9 +98,8 @@ def section(result: dict) -> str:
             "",
             *table,
             "",
-            f"Pruned / unpruned: {result['epoch_ratio_pruned_over_unpruned']} of the epochs, "
+            f"- Pruned / unpruned: {result['epoch_ratio_pruned_over_unpruned']} of the epochs, "
             f"{result['wall_ratio_pruned_over_unpruned']} of the wall time.",
-            "",
             "- The unpruned study found the better best trial on validation "
             f"({full['best_val_macro_f1']} vs {pruned['best_val_macro_f1']}); on test the two are level "
             f"({full['best_trial_test_macro_f1']} vs {pruned['best_trial_test_macro_f1']}). With "

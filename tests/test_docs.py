@@ -246,3 +246,69 @@ def test_quoted_key_value_arguments_of_the_other_commands_are_their_keys():
                         bad.append(f"{doc.name}: agecls-{name} {word}")
     assert not bad, "\n".join(bad)
     assert checked >= 15, checked
+
+
+BENCHMARKS = REPO / "BENCHMARKS.md"
+SECTION = re.compile(r"^<!-- ([\w-]+):begin -->\n(.*?)^<!-- \1:end -->", re.S | re.M)
+HEADER = ("- Command: ", "- Machine: ", "- Date: ")
+
+
+def table_cells(text: str) -> list[str]:
+    """Every cell of every Markdown table in `text` (an escaped pipe stays inside its cell)."""
+    return [
+        cell.strip()
+        for line in text.splitlines()
+        if line.startswith("|")
+        for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])
+    ]
+
+
+def test_readme_and_benchmarks_stay_short_and_benchmark_tables_hold_values():
+    readme, benchmarks = (REPO / "README.md").read_text(), BENCHMARKS.read_text()
+    assert len(readme.splitlines()) <= 150, "README.md: at most 150 lines; move detail to docs/"
+    assert len(benchmarks.splitlines()) <= 250, "BENCHMARKS.md: at most 250 lines"
+    long = [cell[:80] + "..." for cell in table_cells(benchmarks) if len(cell) > 200]
+    assert not long, f"BENCHMARKS.md cells over 200 characters (narrative belongs in bench/results/): {long}"
+
+
+def test_each_benchmark_section_is_its_provenance_one_table_and_a_short_reading():
+    """Command, machine and date; one table (none while a section waits for its machine); at most five lines
+    of reading. A section's per-run narrative lives in its record or notes file under bench/results/."""
+    sections = SECTION.findall(BENCHMARKS.read_text())
+    assert len(sections) >= 8
+    for name, body in sections:
+        lines = body.splitlines()
+        for key in HEADER:
+            assert any(line.startswith(key) for line in lines), f"{name}: no '{key.strip()}' line"
+        tables = sum(
+            1 for i, line in enumerate(lines) if line.startswith("|") and not lines[i - 1].startswith("|")
+        )
+        assert tables == 1 or (tables == 0 and "not measured" in lines[0]), f"{name}: {tables} tables"
+        reading = [line for line in lines if line.strip() and not line.startswith(("|", "#", "![", *HEADER))]
+        assert len(reading) <= 5, f"{name}: {len(reading)} lines of reading, at most 5: {reading}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("doc", [*DOCS, BENCHMARKS], ids=lambda p: p.name)
+def test_section_links_name_headings_that_exist(doc):
+    missing = []
+    for target, anchor in re.findall(r"\]\(([^)#:\s]*)#([^)\s]+)\)", doc.read_text()):
+        page = (doc.parent / target) if target else doc
+        if page.suffix != ".md":
+            continue
+        headings = {slug(h) for h in re.findall(r"^#+ (.+)$", page.read_text(), re.M)}
+        if anchor not in headings:
+            missing.append(f"{target}#{anchor}")
+    assert not missing, f"{doc.name} links to headings that do not exist: {missing}"
+
+
+def test_architecture_lists_every_module_of_the_package():
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    package = REPO / "src" / "agecls"
+    modules = [p.relative_to(package).as_posix() for p in package.rglob("*.py") if p.name != "__init__.py"]
+    assert len(modules) > 50
+    assert [m for m in sorted(modules) if f"`{m}`" not in text] == []
