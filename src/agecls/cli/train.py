@@ -61,7 +61,6 @@ def precheck(argv: Sequence[str]) -> Checked | None:
     not exist). The config is composed as @hydra.main will compose it: same --config-path/--config-name/
     --config-dir, sweeps (-m) checked value by value. Returns what it validated of a single run."""
     from hydra._internal.utils import get_args_parser
-    from hydra.types import RunMode
 
     args = get_args_parser().parse_args(list(argv))
     if args.hydra_help or args.shell_completion or args.experimental_rerun is not None:
@@ -81,8 +80,9 @@ def precheck(argv: Sequence[str]) -> Checked | None:
     if args.cfg or args.info:  # printing the config runs nothing
         return None
     checked = check_values(cfg, name, overrides, config_dir, multirun=args.multirun)
-    multirun = args.multirun or OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN
-    return None if multirun else checked  # each job of a sweep is validated as it starts
+    return (
+        None if is_multirun(cfg, args.multirun) else checked
+    )  # each job of a sweep is validated as it starts
 
 
 def primary_config_dir(config_path: str | None) -> Path:
@@ -139,12 +139,17 @@ def check_values(
     return Checked(OmegaConf.to_container(job, resolve=False), warnings)
 
 
-def is_study(cfg: DictConfig, multirun: bool) -> bool:
-    """Whether the composed command line runs agecls's Optuna sweeper."""
+def is_multirun(cfg: DictConfig, flag: bool) -> bool:
+    """Whether the command line sweeps: -m given, or hydra.mode=MULTIRUN set in its config."""
     from hydra.types import RunMode
 
-    multirun = multirun or OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN
-    return multirun and OmegaConf.select(cfg, "hydra.runtime.choices.hydra/sweeper") == "agecls_optuna"
+    return flag or OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN
+
+
+def is_study(cfg: DictConfig, multirun: bool) -> bool:
+    """Whether the composed command line runs agecls's Optuna sweeper."""
+    sweeper = OmegaConf.select(cfg, "hydra.runtime.choices.hydra/sweeper")
+    return is_multirun(cfg, multirun) and sweeper == "agecls_optuna"
 
 
 def is_trial(argv: Sequence[str]) -> bool:
