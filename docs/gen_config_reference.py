@@ -24,6 +24,32 @@ CONF = REPO / "src" / "agecls" / "conf"
 OUT = REPO / "docs" / "CONFIG.md"
 KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_+][\w.+/-]*)\s*:(?:\s+(?P<rest>.*))?$")
 PACKAGE = re.compile(r"^#\s*@package\s+(\S+)")
+# Group swaps on top of an experiment that validation refuses, and why (tests/test_composition.py checks that
+# these, and only these, of every experiment x every option of the swappable groups are refused). `when`: the
+# composed value that decides it (key, "<" or "==", value), None for every experiment.
+REFUSED_SWAPS = [
+    {
+        "swap": "bins=search",
+        "when": None,
+        "error": "bins=search has no ranges of its own",
+        "why": "its bin edges are drawn per trial of a study (`-m sweep=optuna_bin_edges`), not for one run",
+    },
+    {
+        "swap": "model=inception_resnet_v1",
+        "when": ("data.image_size", "<", 75),
+        "error": "model 'inception_resnet_v1' needs a whole number >= 75",
+        "why": "its valid convolutions shrink 75 px to 1x1 (experiment=demo at 64 px, utkface at 32); "
+        "`model.padded=true` takes 32 px",
+    },
+    {
+        "swap": "optimizer=adadelta",
+        "when": ("scheduler.name", "==", "onecycle"),
+        "error": "optimizer must support momentum or beta1",
+        "why": "OneCycle cycles the momentum, which Adadelta has not (experiment=utkface); add "
+        "`scheduler=none`",
+    },
+]
+SWAPPABLE = ["optimizer", "scheduler", "model", "sampler", "augment", "bins", "task"]
 
 
 @dataclass
@@ -256,11 +282,38 @@ def render(conf: Path = CONF) -> str:
                     "",
                     *key_table(rows),
                 ]
+    lines += swaps_section(conf)
     for path in others:  # the other commands' key files (agecls-eval, ...): `key=value` on their command line
         rows = keys(path, "")
         lines += ["", f"## `agecls-{path.stem}` (`{path.name}`)", "", header(path.read_text().splitlines())]
         lines += ["", *key_table(rows)] if rows else []
     return "\n".join(lines) + "\n"
+
+
+def swaps_section(conf: Path) -> list[str]:
+    """What may be swapped on top of an experiment, and the swaps validation refuses."""
+    experiments = len(list((conf / "experiment").glob("*.yaml")))
+    options = sum(len(list((conf / g).glob("*.yaml"))) for g in SWAPPABLE)
+    lines = [
+        "",
+        "## Swapping a group on top of an experiment",
+        "",
+        f"Every experiment takes every option of {', '.join(f'`{g}`' for g in SWAPPABLE)}, e.g. "
+        "`agecls-train experiment=v13 optimizer=rmsprop` or `experiment=agecnn model=vgg16`: an experiment "
+        "sets only keys that every option of a group has (`optimizer.lr`, `optimizer.weight_decay`, "
+        "`task.label_smoothing`) and selects an option for the rest (the dissertation's CNNs are the model "
+        "presets `agecnn`, `agecnn_nodropout`, `gendercnn`, `ethnicitycnn` of `basic_cnn`), so a swap "
+        f"replaces the whole option. tests/test_composition.py composes and validates all {experiments} x "
+        f"{options} swaps; these are refused, each with a one-line error before anything runs:",
+        "",
+        "| swap | refused where | why |",
+        "|---|---|---|",
+    ]
+    for rule in REFUSED_SWAPS:
+        key, op, value = rule["when"] or ("", "", "")
+        where = f"`{key}` {op} {value}" if key else "every experiment"
+        lines.append(f"| `{rule['swap']}` | {cell(where)} | {cell(rule['why'])} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
