@@ -17,7 +17,10 @@ from agecls.models import WeightsError, available_models, create_backbone, creat
 from agecls.tasks.module import FaceClassifier
 from agecls.training.train import train
 
-MODEL_FILES = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
+# A model file builds its own model; a preset (model=agecnn) is another file's keys with some values changed.
+_FILES = sorted((CONFIG_DIR / "model").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in _FILES if "defaults" in OmegaConf.load(p))
+MODEL_FILES = sorted(p.stem for p in _FILES if p.stem not in PRESETS)
 
 # Per model: the smallest sensible image size and the overrides that keep the CPU test small. Each is
 # applied to the composed model file, so the test also proves every file's keys are builder arguments.
@@ -69,6 +72,11 @@ def build(name: str, num_classes: int = 3, in_chans: int = 1, **extra) -> torch.
 
 def test_every_registered_model_has_a_file_and_a_test():
     assert set(available_models()) == set(MODEL_FILES) == set(SMALL)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_is_a_registered_model(preset):
+    assert composed_model(preset)["name"] in available_models()
 
 
 @pytest.mark.parametrize(("name", "in_chans"), CASES)
