@@ -15,11 +15,14 @@ from agecls.errors import UsageError
 
 def check_params(cfg: DictConfig, config_name: str = "train", config_dir: str | Path = CONFIG_DIR) -> None:
     """optuna.params names keys and group options like the command line does (the sweeper parses them the
-    same way); a misspelling there would fail every trial."""
+    same way); a misspelling there would fail every trial. A key under a group the study also searches
+    (`model.width` beside `model: choice(basic_cnn, residual_attention)`) need not be in the composed config:
+    the sweeper checks it against each option it draws."""
     if not isinstance(OmegaConf.select(cfg, "optuna.params"), DictConfig):
         return
     params = present_params(cfg)
-    lines = [f"{k}={v}" for k, v in params.items() if not isinstance(v, dict | list)]
+    drawn_later = [k for k in map(str, params) if "." in k and k.split(".")[0] in params]
+    lines = [f"{k}={v}" for k, v in params.items() if not isinstance(v, dict | list) and k not in drawn_later]
     try:
         check_lines(lines, cfg, config_name, config_dir)
     except UsageError as exc:

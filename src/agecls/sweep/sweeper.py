@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
-from agecls.errors import UsageError
+from agecls.errors import AgeclsError, UsageError
 from agecls.study import find_trial, fresh, open_study, process_record, record_heartbeat, trial_id
 from agecls.sweep.checks import SweepError, check_settings, check_several_objectives, study_objectives
 from agecls.sweep.console import (
@@ -50,6 +51,7 @@ from agecls.sweep.console import (
     status_line,
     trial_view,
 )
+from agecls.sweep.drawable import Drawable, check_space
 from agecls.sweep.executors import Running, TrialExecutor, trial_executor
 from agecls.sweep.followup import check_followups, run_followups
 from agecls.sweep.params import present_params
@@ -66,6 +68,7 @@ class Plan:
     """What the checked settings decide before the study opens."""
 
     space: dict[str, Any]  # key -> Optuna distribution
+    drawable: Drawable  # which keys every trial draws, and which only where its drawn option has them
     fixed: list[str]  # the overrides every trial gets
     names: list[str] | None  # objective.metrics of a study of several objectives, else None
     directions: list[str]
@@ -104,6 +107,8 @@ class LoopState:
 
     running: dict[int, Running] = field(default_factory=dict)
     failures: int = 0
+    reasons: Counter = field(default_factory=Counter)  # why trials failed: reason -> count
+    failed_logs: dict[str, Path] = field(default_factory=dict)  # reason -> the first failed trial's log
     stopping: bool = False  # more than optuna.max_failures failed: no new trials
     last_beat: float = 0.0
     last_check: float = 0.0
@@ -120,6 +125,10 @@ def followups(study, cfg: DictConfig, executor, slots, sweep_dir: Path, tracker)
         if tracker:
             tracker.client.set_terminated(tracker.run_id, status="KILLED")
         raise
+
+
+class StudyFailed(AgeclsError):
+    """The study stopped short: too many trials failed, or it holds fewer finished trials than it wants."""
 
 
 class StudyRunner:
@@ -171,7 +180,8 @@ class StudyRunner:
             check_several_objectives(cfg)
             check_followups(cfg)
             names, directions = study_objectives(cfg)
-            plan = Plan(space, fixed, names, directions, warm_starts(ocfg, space), left_out)
+            drawable = check_space(space, self._composer(fixed), self._is_group, _validate_trial)
+            plan = Plan(space, drawable, fixed, names, directions, warm_starts(ocfg, space), left_out)
             # an existing study with other objectives is refused here, before anything is asked of it
             study = open_study(
                 ocfg, directions=directions, metric_names=names, sampler=study_sampler(ocfg.sampler)
@@ -179,6 +189,23 @@ class StudyRunner:
         except (SweepError, UsageError) as exc:
             raise UsageError(str(exc)) from None
         return plan, study
+
+    def _composer(self, fixed: list[str]):
+        """compose(lines): the config a trial with these overrides (beside the sweep's own) would run."""
+        from omegaconf import open_dict
+
+        loader = self.hydra_context.config_loader
+
+        def compose(lines: list[str]) -> DictConfig:
+            cfg = loader.load_sweep_config(self.config, [*fixed, *lines])
+            with open_dict(cfg):
+                del cfg["hydra"]
+            return cfg
+
+        return compose
+
+    def _is_group(self, key: str) -> bool:
+        return bool(self.hydra_context.config_loader.get_group_options(key))
 
     def _open(self, plan: Plan, study) -> Sweep:
         """Warm starts enqueued, the sweep folder and its multirun.yaml written, the executor and the study's
@@ -189,6 +216,8 @@ class StudyRunner:
         if plan.left_out:
             shown = ", ".join(plan.left_out)
             log.info("optuna.params: %s left out (optuna.optional_params not in this config)", shown)
+        for line in plan.drawable.describe():
+            log.info("optuna.params: %s", line)
         enqueue_warm_starts(study, plan.warm)
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -249,7 +278,8 @@ class StudyRunner:
     def _start_trial(self, run: Sweep, state: LoopState, slot: int) -> None:
         """Ask the study for a trial and start it in `slot`."""
         study = run.study
-        trial = study.ask(run.plan.space)
+        trial = study.ask(run.plan.drawable.always)
+        run.plan.drawable.draw_conditional(trial)
         if surplus(study, trial.number, run.target, run.url):
             return  # another worker asked at the same moment and filled the study first
         record_heartbeat(study, trial_id(trial))
@@ -294,19 +324,19 @@ class StudyRunner:
 
         run.console.clear()
         frozen = settle_ended(run.study, item.number, run.retries, run.url, run.tracker)
+        trial_log = run.sweep_dir / f"trial-{item.number:04d}" / "process.log"
+        attrs = frozen.user_attrs
+        reason = attrs.get("error") or attrs.get("failed_because") or "no reason recorded"
         if frozen.state == TrialState.FAIL:
             state.failures += 1
             state.stopping = state.stopping or state.failures > run.max_failures
+            state.reasons[reason] += 1
+            state.failed_logs.setdefault(reason, trial_log)
         value = _values_text(frozen.values, run.plan.names)
         seconds = time.monotonic() - item.started
         log.info("trial %d %s%s after %.0f s", item.number, frozen.state.name, value, seconds)
         if frozen.state == TrialState.FAIL:
-            log.warning(
-                "trial %d failed: %s (see %s)",
-                item.number,
-                frozen.user_attrs.get("error") or frozen.user_attrs.get("failed_because"),
-                run.sweep_dir / f"trial-{item.number:04d}" / "process.log",
-            )
+            log.warning("trial %d failed: %s (see %s)", item.number, reason, trial_log)
         self._show(run, event=True)
         state.last_show = time.monotonic()
 
@@ -360,7 +390,7 @@ class StudyRunner:
 
     def _finish(self, run: Sweep, state: LoopState) -> None:
         """Once the trials' loop ends: the follow-ups (when the study holds its n_trials), the study's run
-        closed, trials.csv and best.txt; SweepError when too many trials failed or the study is short."""
+        closed, trials.csv and best.txt; StudyFailed when too many trials failed or the study is short."""
         from optuna.trial import TrialState
 
         run.console.keep()  # the final state stays on the terminal above what follows
@@ -378,13 +408,28 @@ class StudyRunner:
         _write_summary(run.study, run.sweep_dir, followup)
         study, target = run.study, run.target
         if state.stopping:
-            failed = f"{state.failures} trials failed (optuna.max_failures={run.max_failures})"
-            raise SweepError(f"{failed}; see {run.sweep_dir}")
+            raise StudyFailed(_failed_text(state, run.max_failures))
         if short:
-            raise SweepError(
+            raise StudyFailed(
                 f"study {study.study_name!r} holds {done} finished trials of optuna.n_trials={target}; "
                 "run the same command again to go on"
             )
+
+
+def _failed_text(state: LoopState, max_failures: int) -> str:
+    """One line: how many trials failed, the most common reason and the log of one trial it failed."""
+    reason, count = state.reasons.most_common(1)[0]
+    return (
+        f"the study stopped: {state.failures} trials failed (more than optuna.max_failures={max_failures}); "
+        f"most common reason ({count} of {state.failures}): {reason}; log: {state.failed_logs[reason]}"
+    )
+
+
+def _validate_trial(cfg: DictConfig) -> None:
+    """What a trial process checks first (bin edges a trial draws may be missing until it draws them)."""
+    from agecls.training.validation import validate
+
+    validate(cfg, drawn_later=bool((cfg.get("bins") or {}).get("search")))
 
 
 def _counted(study, *states) -> int:

@@ -26,11 +26,11 @@ class AgeclsOptunaSweeper(Sweeper):
         self.hydra_context, self.config = hydra_context, config
 
     def sweep(self, arguments: list[str]) -> Any:
-        from agecls.errors import CarriedError, UsageError
+        from agecls.errors import AgeclsError, CarriedError
         from agecls.sweep.sweeper import StudyRunner
 
         assert self.config is not None and self.hydra_context is not None
         try:
             return StudyRunner(self.config, self.hydra_context).sweep(arguments)
-        except UsageError as exc:  # past Hydra's traceback report, so agecls-train says it in one line
+        except AgeclsError as exc:  # past Hydra's traceback report, so agecls-train says it in one line
             raise CarriedError(exc) from exc
