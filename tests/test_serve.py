@@ -18,6 +18,8 @@ from PIL import Image
 from agecls.cli.predict import parse_args
 from agecls.errors import UsageError
 from agecls.serving.predict import Predictor
+from agecls.serving.serve import synthetic_warning
+from agecls.serving.sources import SYNTHETIC_WARNING
 
 pytestmark = pytest.mark.slow
 CHROMIUM = os.environ.get("AGECLS_CHROMIUM", "/usr/bin/chromium")
@@ -114,6 +116,14 @@ def test_page_and_info(client, tiny_multitask_ckpt):
         "trained on generated synthetic faces, not real photos: its predictions on real faces are not "
         "meaningful"
     )
+
+
+def test_only_a_model_trained_on_generated_faces_carries_the_synthetic_warning():
+    real = {"source": "a.ckpt", "synthetic": False}
+    assert synthetic_warning([real]) == {}
+    assert synthetic_warning([real, {"source": "b.ckpt", "synthetic": True}]) == {
+        "synthetic_warning": SYNTHETIC_WARNING
+    }
 
 
 def test_one_photo_is_predicted(client, face_jpeg):

@@ -5,6 +5,7 @@ runs the same at 50 requests)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,9 @@ def test_concurrent_uploads_at_the_pixel_limits_keep_the_server_up_and_bounded(
     assert rep["all_json"] and rep["busy_with_retry_after"] and rep["alive_after"], rep
     assert rep["faces_found"] == f"{rep['ok']}/{rep['ok']}", rep  # JPEGs decoded reduced still show the face
     assert rep["peak_mb"] - rep["rss_ready_mb"] < PEAK_ABOVE_READY_MB, rep
+    # before uvicorn's own lines: which model it serves and where to open the page
+    lines = (tmp_path / "server.log").read_text().splitlines()
+    said = [line for line in lines if line.startswith("agecls-serve:")]
+    assert said[0].startswith(f"agecls-serve: model {tiny_multitask_ckpt.resolve()} (MLflow run ")
+    assert ": age, gender, ethnicity; trained on synthetic" in said[0]
+    assert re.fullmatch(r"agecls-serve: open http://127\.0\.0\.1:\d+/ in a browser \(Ctrl-C stops\)", said[1])

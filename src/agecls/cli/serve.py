@@ -57,7 +57,8 @@ def check(cfg: DictConfig) -> DictConfig:
 def _serve(cfg: DictConfig, _overrides: list[str]) -> int:
     check(cfg)  # before anything heavy is imported or loaded
     from agecls.serving.predict import Predictor
-    from agecls.serving.serve import create_app
+    from agecls.serving.serve import create_app, model_cards
+    from agecls.serving.sources import describe_model
 
     predictor = Predictor.from_config(cfg)
     import uvicorn
@@ -71,6 +72,10 @@ def _serve(cfg: DictConfig, _overrides: list[str]) -> int:
         max_wait_s=float(cfg.max_wait_s),
         max_decoded_pixels=int(cfg.max_decoded_pixels),
     )
+    for card in model_cards(predictor):
+        print(f"{PROG}: model {describe_model(card)}", file=sys.stderr)
+    shown = "127.0.0.1" if str(cfg.host) in ("0.0.0.0", "::") else str(cfg.host)
+    print(f"{PROG}: open http://{shown}:{int(cfg.port)}/ in a browser (Ctrl-C stops)", file=sys.stderr)
     uvicorn.run(app, host=str(cfg.host), port=int(cfg.port), log_level="info")
     return 0
 

@@ -5,7 +5,8 @@
 GET /                 upload page (HTML + a little inline JS; no external assets)
 GET /api/info         the attributes and class names the checkpoint(s) predict, each model's card (models:
                       source, registered, version, run_id, attributes, data {name, root, manifest_hash},
-                      val_macro_f1, synthetic), and the server's limits
+                      val_macro_f1, synthetic), synthetic_warning only where a model was trained on
+                      generated faces, and the server's limits
 POST /api/predict     one photo (multipart field `file`) -> {status, width, height, faces: [...]}
 POST /api/predict/batch  several photos (multipart field `files`, at most max_batch) -> {results: [...]}, 200
                       whenever the request itself is readable: each file has its own result, a refused or
@@ -318,12 +319,23 @@ def index(request: Request) -> str:
     return _service(request).page
 
 
+def model_cards(predictor: Predictor) -> list[dict[str, Any]]:
+    """Each served model's card (agecls.serving.sources.model_card)."""
+    return [m.card or model_card(m.path, m.module) for m in predictor.models]
+
+
+def synthetic_warning(cards: list[dict[str, Any]]) -> dict[str, str]:
+    """{"synthetic_warning": ...} when a model was trained on generated faces, else nothing: the API says
+    only what is true of the models it serves."""
+    return {"synthetic_warning": SYNTHETIC_WARNING} if any(c.get("synthetic") for c in cards) else {}
+
+
 def info(request: Request) -> dict[str, Any]:
     service = _service(request)
     return {
         "class_names": service.predictor.class_names,
         "models": service.models,
-        "synthetic_warning": SYNTHETIC_WARNING,
+        **synthetic_warning(service.models),
         "detect": service.predictor.detect,
         "max_upload_mb": service.max_upload_mb,
         "max_batch": service.max_batch,
@@ -368,7 +380,7 @@ def create_app(
         max_decoded_pixels,
         gate=Gate(max_concurrent, max_queue, max_wait_s),
         page=resources.files("agecls.serving").joinpath("static/index.html").read_text(),
-        models=[m.card or model_card(m.path, m.module) for m in predictor.models],
+        models=model_cards(predictor),
     )
     app = FastAPI(title="agecls", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
