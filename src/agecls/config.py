@@ -131,7 +131,8 @@ def parse_overrides(lines: Sequence[str], loader: Any = None) -> list[Any]:
     return parsed
 
 
-def _is_group(loader: Any, name: str) -> bool:
+def is_group(loader: Any, name: str) -> bool:
+    """Whether `name` is a config group (a folder of options) of Hydra's config `loader`."""
     return bool(name) and loader.repository.group_exists(name)
 
 
@@ -161,10 +162,10 @@ def _group_problems(parsed: list[Any], loader: Any) -> list[str]:
         group = override.key_or_group
         if override.is_delete():
             continue
-        if not _is_group(loader, group):
+        if not is_group(loader, group):
             dotted = group.replace(".", "/")
             value = None if override.is_sweep_override() else override.value()
-            if "." in group and _is_group(loader, dotted) and str(value) in _options(loader, dotted):
+            if "." in group and is_group(loader, dotted) and str(value) in _options(loader, dotted):
                 problems.append(
                     f"{override.input_line}: {dotted} is a config group; choose an option with "
                     f"{dotted}={value}"
@@ -201,7 +202,7 @@ def _first_values(parsed: list[Any], loader: Any) -> tuple[list[str], list[Any]]
             lines.append(override.input_line)
         elif first is not None:
             lines.append(f"{override.get_key_element()}={first}")
-        elif not _is_group(loader, override.key_or_group):
+        elif not is_group(loader, override.key_or_group):
             deferred.append(override)
     return lines, deferred
 
@@ -229,7 +230,7 @@ def check_lines(
             raise UsageError(problems[0])
         keys = set(config_keys(cfg))
         for override in parsed:
-            if not _is_group(loader, override.key_or_group):
+            if not is_group(loader, override.key_or_group):
                 _check_key(override, keys, cfg, config_name)
 
 
@@ -246,7 +247,7 @@ def _explain(config_name: str, parsed: list[Any], loader: Any, exc: Exception) -
     group_lines = []
     for override in parsed:
         group = override.key_or_group
-        if _is_group(loader, group) and override.package is None:
+        if is_group(loader, group) and override.package is None:
             if group not in tree and not override.is_add():
                 return _not_a_group(override, set(config_keys(base)), tree, config_name)
             if not override.is_sweep_override():
@@ -265,7 +266,7 @@ def _explain(config_name: str, parsed: list[Any], loader: Any, exc: Exception) -
     keys = set(config_keys(cfg))
     for override in parsed:
         key = override.key_or_group
-        if _is_group(loader, key) or override.package is not None or override.is_force_add():
+        if is_group(loader, key) or override.package is not None or override.is_force_add():
             continue
         if override.is_add():
             if key in keys:

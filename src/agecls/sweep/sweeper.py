@@ -33,6 +33,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import HydraContext
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.config import is_group
 from agecls.errors import AgeclsError, UsageError
 from agecls.study import find_trial, fresh, open_study, process_record, record_heartbeat, trial_id
 from agecls.sweep.checks import SweepError, check_settings, check_several_objectives, study_objectives
@@ -67,8 +69,7 @@ log = logging.getLogger(__name__)
 class Plan:
     """What the checked settings decide before the study opens."""
 
-    space: dict[str, Any]  # key -> Optuna distribution
-    drawable: Drawable  # which keys every trial draws, and which only where its drawn option has them
+    drawable: Drawable  # the space (key -> Optuna distribution): what every trial draws, what only some do
     fixed: list[str]  # the overrides every trial gets
     names: list[str] | None  # objective.metrics of a study of several objectives, else None
     directions: list[str]
@@ -180,8 +181,9 @@ class StudyRunner:
             check_several_objectives(cfg)
             check_followups(cfg)
             names, directions = study_objectives(cfg)
-            drawable = check_space(space, self._composer(fixed), self._is_group, _validate_trial)
-            plan = Plan(space, drawable, fixed, names, directions, warm_starts(ocfg, space), left_out)
+            loader = self.hydra_context.config_loader
+            drawable = check_space(space, self._composer(fixed), partial(is_group, loader), _validate_trial)
+            plan = Plan(drawable, fixed, names, directions, warm_starts(ocfg, space), left_out)
             # an existing study with other objectives is refused here, before anything is asked of it
             study = open_study(
                 ocfg, directions=directions, metric_names=names, sampler=study_sampler(ocfg.sampler)
@@ -203,9 +205,6 @@ class StudyRunner:
             return cfg
 
         return compose
-
-    def _is_group(self, key: str) -> bool:
-        return bool(self.hydra_context.config_loader.get_group_options(key))
 
     def _open(self, plan: Plan, study) -> Sweep:
         """Warm starts enqueued, the sweep folder and its multirun.yaml written, the executor and the study's
@@ -234,7 +233,7 @@ class StudyRunner:
             int(ocfg.n_trials),
             len(slots),
             executor.kind,
-            ", ".join(plan.space),
+            ", ".join(plan.drawable.space),
         )
         return Sweep(
             study=study,
