@@ -42,6 +42,10 @@ class TrialExecutor(Protocol):
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> TrialHandle: ...
 
+    def prepare(self) -> None: ...
+
+    def wait_any(self, timeout: float) -> None: ...
+
 
 @dataclass
 class ProcessHandle:
@@ -60,12 +64,20 @@ class ProcessHandle:
 
 
 class SubprocessExecutor:
-    """Trials as child processes of the sweeper: `optuna.n_jobs` on CPU, or one per GPU (`optuna.devices`)."""
+    """Trials as child processes of the sweeper: `optuna.n_jobs` on CPU, or one per GPU (`optuna.devices`).
+    With `optuna.trial_start=template` (the default) each trial is forked from a pre-imported template
+    process (agecls.sweep.template); with `fresh`, or if the template fails, it is a new interpreter."""
 
     kind = "subprocess"
 
     def __init__(self, ocfg: DictConfig) -> None:
         self.ocfg = ocfg
+        start = str(ocfg.get("trial_start", "template"))
+        if start not in ("template", "fresh"):
+            raise SweepError(f"optuna.trial_start={start!r}; valid: template, fresh")
+        self.use_template = start == "template"
+        self.template: Any = None
+        self._said_ready = False
 
     def slots(self) -> list[dict[str, str]]:
         """One environment per concurrent trial: a GPU each when CUDA is there, else CPU threads shared."""
@@ -86,10 +98,47 @@ class SubprocessExecutor:
         threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
         return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads} for _ in range(n_jobs)]
 
-    def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> ProcessHandle:
+    def prepare(self) -> None:
+        """Start the trial template now, so that it imports while the sweeper opens the study."""
+        if self.use_template and self.template is None:
+            from agecls.sweep.template import Template
+
+            self.template = Template()
+            atexit.register(self.template.close)
+
+    def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> TrialHandle:
+        from agecls.sweep.template import TemplateGone, is_module_command
+
+        if self.use_template and is_module_command(cmd):
+            try:
+                self.prepare()
+                self._say_ready()
+                log_path.write_text("")
+                return self.template.start(cmd, env, log_path)
+            except TemplateGone as exc:
+                log.warning("%s; trials start as fresh processes from now on", exc)
+                self.use_template, self.template = False, None
         with open(log_path, "w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
         return ProcessHandle(proc)
+
+    def wait_any(self, timeout: float) -> None:
+        """Sleep until a trial of the template ends, at most `timeout` seconds."""
+        if self.template is not None:
+            self.template.wait_any(timeout)
+        else:
+            time.sleep(timeout)
+
+    def _say_ready(self) -> None:
+        if not self._said_ready:
+            imported = self.template.wait_ready()
+            waited = time.monotonic() - self.template.started
+            log.info(
+                "trial template ready (imports %.1f s, %.1f s after it started): trials fork from it",
+                imported,
+                waited,
+            )
+            self._said_ready = True
 
 
 @dataclass
@@ -186,6 +235,12 @@ class SubmititExecutor:
             atexit.register(_release_jobs)
         _JOB_HANDLES.append(handle)
         return handle
+
+    def prepare(self) -> None:
+        pass  # each job starts its own interpreter on its node
+
+    def wait_any(self, timeout: float) -> None:
+        time.sleep(timeout)  # a job's end is seen by polling the cluster
 
 
 _JOB_HANDLES: list[JobHandle] = []

@@ -27,6 +27,7 @@ class OptunaSettings:
     n_trials: int = MISSING  # complete + pruned trials the study should hold
     n_jobs: int = MISSING  # trials at once on CPU
     devices: Any = MISSING  # auto | a list of GPU indices | null (CPU only)
+    trial_start: str = MISSING  # template (forked from a pre-imported process) | fresh (a new interpreter)
     max_failures: int = MISSING
     retries: int = MISSING
     heartbeat_interval: int = MISSING

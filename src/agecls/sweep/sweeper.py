@@ -222,6 +222,7 @@ class StudyRunner:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
         executor = trial_executor(cfg)
+        executor.prepare()
         slots = executor.slots()
         tracker = StudyRun.open(cfg, study.study_name) if cfg.tracking.enabled else None
         url, names, directions = str(ocfg.storage), plan.names, plan.directions
@@ -255,8 +256,13 @@ class StudyRunner:
         than optuna.max_failures failed and those running have ended."""
         from optuna.trial import TrialState
 
+        from agecls.tracking import end_dead_runs
+
         finished = (TrialState.COMPLETE, TrialState.PRUNED)
         run.reap(state.running)  # before asking: a crashed run's trials are re-queued, not counted as running
+        # then the other runs of this host whose process died (after the reaper, which ends its trials' runs
+        # with the trial's own reason): once here rather than in every trial
+        end_dead_runs(self.config.tracking)
         state.last_check = time.monotonic()
         while True:
             busy = {item.slot for item in state.running.values()}
@@ -272,7 +278,7 @@ class StudyRunner:
                     del state.running[number]
                     self._trial_ended(run, state, item)
             self._tend(run, state)
-            time.sleep(0.5)
+            run.executor.wait_any(0.5)  # wakes when a trial ends
 
     def _start_trial(self, run: Sweep, state: LoopState, slot: int) -> None:
         """Ask the study for a trial and start it in `slot`."""

@@ -123,7 +123,8 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     draw_bins(cfg.bins, job.trial)  # bins=search: this trial's edges
     resolved = settle(cfg, validated if last is None else None)  # a resumed run has its saved config
-    end_dead_runs(cfg.tracking)  # before a resume: the run it continues may be one of them
+    if not job.in_study:  # a study's sweeper ends its dead runs, once, not each trial (a store-wide search)
+        end_dead_runs(cfg.tracking)  # before a resume: the run it continues may be one of them
     resumed_run_id = continue_run(cfg, resolved, run_dir, last)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(resolved))
     tags = {**(cfg.tracking.get("tags") or {}), "seed": cfg.seed, "task": cfg.task.name}
