@@ -309,17 +309,30 @@ def test_early_stopping_auto_stays_off_under_a_whole_run_schedule(compose_cfg, t
 
 
 def test_auto_settings_follow_the_machine(compose_cfg, monkeypatch):
+    from agecls.training import settings
     from agecls.training.settings import resolve_auto
 
     cfg = compose_cfg(["augment=seed"])
     assert (cfg.data.pipeline, cfg.trainer.precision, cfg.trainer.channels_last) == ("auto", "auto", "auto")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    resolve_auto(cfg)  # here (no CUDA): the CPU reference settings
+    monkeypatch.setattr(settings, "cpu_bf16", lambda: None)
+    resolve_auto(cfg)  # no CUDA, a CPU without bf16 instructions: the float32 reference settings
     assert (cfg.data.pipeline, cfg.trainer.precision, cfg.trainer.channels_last) == (
         "loader",
         "32-true",
         False,
     )
+    monkeypatch.setattr(settings, "cpu_bf16", lambda: "AVX512-BF16")
+    fast_cpu = compose_cfg(["augment=seed"])
+    why = resolve_auto(fast_cpu)  # a CPU with bf16 instructions: its fastest path
+    assert (fast_cpu.data.pipeline, fast_cpu.trainer.precision, fast_cpu.trainer.channels_last) == (
+        "loader",
+        "bf16-mixed",
+        True,
+    )
+    assert why["trainer.precision"] == "bf16-mixed (a CPU with AVX512-BF16)"
+    assert why["trainer.channels_last"] == "true (a CPU with AVX512-BF16)"
+    monkeypatch.setattr(settings, "cpu_bf16", lambda: None)
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)

@@ -53,6 +53,16 @@ def test_clipping_label_smoothing_and_bf16_autocast_train(compose_cfg):
     )
 
 
+def test_a_deterministic_bf16_channels_last_run_is_reproduced_exactly(compose_cfg, tmp_path):
+    """What `auto` picks on a bf16 CPU (and on GPUs) keeps trainer.deterministic's promise: the same
+    config trains the same weights and scores, to the last digit."""
+    fast = ["trainer.precision=bf16-mixed", "trainer.channels_last=true", "trainer.deterministic=true"]
+    first, second = (_train_ok(compose_cfg, *fast, f"hydra.run.dir={tmp_path / n}") for n in ("a", "b"))
+    for key in ("objective", "test/macro_f1", "best_epoch"):
+        assert first[key] == second[key], key
+    assert first["confusion_test"] == second["confusion_test"]
+
+
 def test_swa_weights_are_scored_on_validation_and_kept_only_when_better(compose_cfg):
     results = _train_ok(
         compose_cfg,
