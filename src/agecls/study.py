@@ -153,12 +153,19 @@ def find_trial(study: optuna.Study, number: int) -> FrozenTrial | None:
     return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
 
 
-def requeue(study: optuna.Study, failed: FrozenTrial, max_retry: int | None, reason: str) -> bool:
+def requeue(
+    study: optuna.Study,
+    failed: FrozenTrial,
+    max_retry: int | None,
+    reason: str,
+    marks: dict[str, Any] | None = None,
+) -> bool:
     """Queue a failed trial's parameters again as a new WAITING trial marked with where it came from (user
-    attrs `requeued_from`, `requeue_reason`; system attrs `failed_trial`, `retry_history` as Optuna's
-    RetryHeartbeatStaleTrialCallback sets them). False, and nothing queued, after `max_retry` re-queues of
-    the original trial (None: no limit). The failed trial's other user attrs (its process, MLflow run,
-    error) are not copied: they describe the run that failed, not the one to come."""
+    attrs `requeued_from`, `requeue_reason`, and `marks`; system attrs `failed_trial`, `retry_history` as
+    Optuna's RetryHeartbeatStaleTrialCallback sets them). False, and nothing queued, after `max_retry`
+    re-queues of the original trial (None: no limit). The failed trial's other user attrs (its process,
+    MLflow run, error) are not copied: they describe the run that failed, not the one to come; but a trial
+    that had to run alone (`run_alone`: it ran out of GPU memory beside others) still must."""
     import optuna
 
     history = [*failed.system_attrs.get("retry_history", []), failed.number]
@@ -170,7 +177,10 @@ def requeue(study: optuna.Study, failed: FrozenTrial, max_retry: int | None, rea
         "retry_history": history,
         "fixed_params": dict(failed.params),
     }
-    user_attrs = {"requeued_from": failed.number, "requeue_reason": reason}
+    user_attrs: dict[str, Any] = {"requeued_from": failed.number, "requeue_reason": reason}
+    if failed.user_attrs.get("run_alone"):
+        user_attrs["run_alone"] = True
+    user_attrs.update(marks or {})
     study.add_trial(
         optuna.trial.create_trial(
             state=optuna.trial.TrialState.WAITING,
@@ -255,6 +265,26 @@ def process_gone(record: Any) -> bool | None:
     except PermissionError:
         return False
     return False
+
+
+def device_label(env: Any) -> str | None:
+    """The device a trial's environment gives it, as its user attr and MLflow tag `device` say it: "cpu"
+    (CUDA_VISIBLE_DEVICES empty), "cuda:1" (=1), and in a Slurm job what Slurm gave it: "cuda:1 (1 shard)"
+    for a share of a GPU (gres/shard), "cuda:0 (Slurm GPU 3)" when the job sees its GPU renumbered (cgroups).
+    None when the environment names no device (then the process's own CUDA, if any, decides)."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    node_gpus = env.get("SLURM_STEP_GPUS") or env.get("SLURM_JOB_GPUS")
+    ids = visible if visible is not None else node_gpus
+    if ids is None:
+        return None
+    if not ids.strip():
+        return "cpu"
+    label = ",".join(f"cuda:{i.strip()}" for i in ids.split(","))
+    extra = [f"Slurm GPU {node_gpus}"] if node_gpus and node_gpus != ids else []
+    shards = env.get("SLURM_SHARDS_ON_NODE")
+    if shards:
+        extra.append(f"{shards} shard" + ("s" if shards != "1" else ""))
+    return f"{label} ({', '.join(extra)})" if extra else label
 
 
 # -- beyond Optuna's public API --------------------------------------------------------------------------

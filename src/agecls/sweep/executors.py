@@ -80,7 +80,10 @@ class SubprocessExecutor:
         self._said_ready = False
 
     def slots(self) -> list[dict[str, str]]:
-        """One environment per concurrent trial: a GPU each when CUDA is there, else CPU threads shared."""
+        """One environment per concurrent trial: `optuna.trials_per_device` per GPU when CUDA is there, else
+        CPU threads shared. A GPU's slots are spread (0, 1, 0, 1): the first trials each get a GPU of
+        their own."""
+        per_device = trials_per_device(self.ocfg)  # checked on CPU too, where it changes nothing
         devices = self.ocfg.get("devices")
         gpus: list[str] = []
         if devices == "auto":
@@ -93,7 +96,7 @@ class SubprocessExecutor:
         elif devices is not None:
             gpus = [str(d) for d in devices]
         if gpus:
-            return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus]
+            return [{"CUDA_VISIBLE_DEVICES": g} for _ in range(per_device) for g in gpus]
         n_jobs = _n_jobs(self.ocfg)
         threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
         return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads} for _ in range(n_jobs)]
@@ -182,10 +185,13 @@ class JobHandle:
             time.sleep(0.25)
 
 
-def submitit_parameters(launcher: dict[str, Any]) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+def submitit_parameters(
+    launcher: dict[str, Any], trials_per_device: int = 1
+) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     """(cluster, folder, executor init kwargs, update_parameters kwargs) from a `hydra.launcher` block of
     hydra-submitit-launcher (submitit_slurm/submitit_local, or agecls's `slurm`), mapped as that plugin
-    maps them: its shared keys keep their names, cluster-specific ones get the cluster's prefix."""
+    maps them: its shared keys keep their names, cluster-specific ones get the cluster's prefix. With
+    `trials_per_device` > 1 a Slurm job asks for one GPU shard instead of its GPU (`shard_parameters`)."""
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     target = str(launcher.get("_target_", ""))
@@ -205,17 +211,62 @@ def submitit_parameters(launcher: dict[str, Any]) -> tuple[str, str, dict[str, A
         for key, value in launcher.items()
         if key not in {"_target_", "submitit_folder", "max_num_timeout", "array_parallelism"}
     }
+    if cluster == "slurm" and trials_per_device > 1:
+        params = shard_parameters(params, trials_per_device)
     return cluster, folder, init, params
+
+
+# How a Slurm job asks for whole GPUs (update_parameters keys); a job sharing a GPU asks for none of them.
+GPU_REQUESTS = ("gpus_per_node", "slurm_gpus_per_task", "slurm_gres")
+PER_GPU = ("slurm_cpus_per_gpu", "slurm_mem_per_gpu")  # sizes per allocated GPU: none with a shard
+# Set in a trial's environment by the sweeper for a trial re-queued to run alone (it ran out of GPU memory
+# beside other trials): its Slurm job asks for the launcher's whole GPU, which Slurm gives only once no
+# shard of it is allocated.
+RUN_ALONE_ENV = "AGECLS_RUN_ALONE"
+
+
+def _gpus_asked(params: dict[str, Any]) -> int:
+    """How many GPUs a job of these parameters asks for (0: none)."""
+    counts = [int(params.get(key) or 0) for key in ("gpus_per_node", "slurm_gpus_per_task")]
+    for item in str(params.get("slurm_gres") or "").split(","):
+        parts = item.strip().split(":")
+        if parts[0] == "gpu":
+            counts.append(int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1)
+    return max(counts, default=0)
+
+
+def shard_parameters(params: dict[str, Any], trials_per_device: int) -> dict[str, Any]:
+    """A Slurm job's parameters for a trial that shares its GPU: `--gres=shard:1` instead of the launcher's
+    GPU. At most the cluster's shards per GPU (its gres.conf) share one; optuna.n_jobs is how many jobs
+    are in flight. SweepError for a launcher asking for more than one GPU per job or sizing by GPU
+    (cpus_per_gpu, mem_per_gpu): such a trial is no share of one GPU."""
+    asked = _gpus_asked(params)
+    if asked > 1:
+        raise SweepError(
+            f"optuna.trials_per_device={trials_per_device} shares one GPU between trial jobs, but "
+            f"hydra.launcher asks for {asked} GPUs per job; ask for one or set optuna.trials_per_device=1"
+        )
+    sized = [key.removeprefix("slurm_") for key in PER_GPU if params.get(key) is not None]
+    if sized:
+        raise SweepError(
+            f"optuna.trials_per_device={trials_per_device}: a trial job gets a GPU shard, not a GPU, so "
+            f"hydra.launcher.{sized[0]} cannot size it; use cpus_per_task / mem_gb (or trials_per_device=1)"
+        )
+    return {**params, **dict.fromkeys(GPU_REQUESTS), "slurm_gres": "shard:1"}
 
 
 class SubmititExecutor:
     """Trials as submitit jobs (Slurm, or submitit's local executor): `optuna.n_jobs` jobs submitted at once,
-    each running the trial command through `run_trial_job`; the job's resources come from `hydra.launcher`."""
+    each running the trial command through `run_trial_job`; the job's resources come from `hydra.launcher`,
+    with `optuna.trials_per_device` > 1 on Slurm a GPU shard instead of a GPU (`shard_parameters`)."""
 
     def __init__(self, launcher: dict[str, Any], ocfg: DictConfig) -> None:
         import submitit
 
-        self.kind, folder, init, self.params = submitit_parameters(launcher)
+        per_device = trials_per_device(ocfg)
+        self.kind, folder, init, self.params = submitit_parameters(launcher, per_device)
+        # a trial re-queued to run alone gets the launcher's own GPU request (RUN_ALONE_ENV)
+        self.alone_params = submitit_parameters(launcher)[3]
         self.folder = folder
         self.executor = submitit.AutoExecutor(folder=folder, cluster=self.kind, **init)
         self.executor.update_parameters(**self.params)
@@ -227,7 +278,8 @@ class SubmititExecutor:
         return [{"OMP_NUM_THREADS": str(cpus)} if cpus else {} for _ in range(self.n_jobs)]
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> JobHandle:
-        self.executor.update_parameters(name=name)
+        alone = env.get(RUN_ALONE_ENV) == "1"
+        self.executor.update_parameters(**{**(self.alone_params if alone else self.params), "name": name})
         job = self.executor.submit(run_trial_job, cmd, env, str(log_path), os.getcwd())
         log.info("%s: submitted as %s job %s", name, self.kind, job.job_id)
         handle = JobHandle(job)
@@ -272,6 +324,13 @@ def _n_jobs(ocfg: DictConfig) -> int:
     if n_jobs < 1:
         raise SweepError(f"optuna.n_jobs={n_jobs}; must be >= 1")
     return n_jobs
+
+
+def trials_per_device(ocfg: DictConfig) -> int:
+    value = ocfg.get("trials_per_device", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SweepError(f"optuna.trials_per_device={value!r}; valid: an integer >= 1 (trials sharing a GPU)")
+    return value
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child

@@ -8,7 +8,15 @@ import warnings
 from datetime import datetime
 from typing import Any
 
-from agecls.study import fail_trial, find_trial, heartbeat_ages, process_gone, requeue, sqlite_lock
+from agecls.study import (
+    fail_trial,
+    find_trial,
+    heartbeat_ages,
+    process_gone,
+    requeue,
+    set_finished_attrs,
+    sqlite_lock,
+)
 from agecls.sweep.checks import SweepError
 from agecls.sweep.executors import Running
 from agecls.sweep.stopping import stop_trials
@@ -128,6 +136,23 @@ def fail_and_requeue(
     if failed is None:
         return False
     requeue(study, failed, retries, reason)
+    return True
+
+
+def requeue_alone(study, frozen, shared: bool) -> bool:
+    """Re-queue, once, a failed trial that ran out of GPU memory on a device it shared with other trials
+    (`shared`: its sweeper slot's GPU had others; or its Slurm job had a GPU shard), marked `run_alone`: the
+    sweeper then starts it only on a GPU with nothing else running, or as a Slurm job of a whole GPU. Its
+    record says why (`failed_because`, beside the trial's own `error`). False for any other failed trial,
+    and for one that already ran alone."""
+    attrs = frozen.user_attrs
+    device = str(attrs.get("device") or "its GPU")
+    shared = shared or "shard" in device
+    if not (shared and attrs.get("out_of_memory")) or attrs.get("run_alone"):
+        return False
+    reason = f"out of GPU memory on {device}, shared with other trials: re-queued to run alone"
+    requeue(study, frozen, None, reason, marks={"run_alone": True})  # no retry limit: once, by `run_alone`
+    set_finished_attrs(study, frozen, {"failed_because": reason})
     return True
 
 

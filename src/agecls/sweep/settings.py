@@ -27,6 +27,7 @@ class OptunaSettings:
     n_trials: int = MISSING  # complete + pruned trials the study should hold
     n_jobs: int = MISSING  # trials at once on CPU
     devices: Any = MISSING  # auto | a list of GPU indices | null (CPU only)
+    trials_per_device: int = MISSING  # trials sharing one GPU at once (Slurm: each job asks for a gres/shard)
     trial_start: str = MISSING  # template (forked from a pre-imported process) | fresh (a new interpreter)
     max_failures: int = MISSING
     retries: int = MISSING

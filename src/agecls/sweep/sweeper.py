@@ -43,7 +43,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from agecls.config import is_group
 from agecls.errors import AgeclsError, UsageError
-from agecls.study import find_trial, fresh, open_study, process_record, record_heartbeat, trial_id
+from agecls.study import (
+    device_label,
+    find_trial,
+    fresh,
+    open_study,
+    process_record,
+    record_heartbeat,
+    trial_id,
+)
 from agecls.sweep.checks import SweepError, check_settings, check_several_objectives, study_objectives
 from agecls.sweep.console import (
     StatusConsole,
@@ -54,10 +62,10 @@ from agecls.sweep.console import (
     trial_view,
 )
 from agecls.sweep.drawable import Drawable, check_space
-from agecls.sweep.executors import Running, TrialExecutor, trial_executor
+from agecls.sweep.executors import RUN_ALONE_ENV, Running, TrialExecutor, trial_executor, trials_per_device
 from agecls.sweep.followup import check_followups, run_followups
 from agecls.sweep.params import present_params
-from agecls.sweep.recovery import Reaper, requeue_interrupted, settle_ended, surplus
+from agecls.sweep.recovery import Reaper, requeue_alone, requeue_interrupted, settle_ended, surplus
 from agecls.sweep.sampler import study_sampler
 from agecls.sweep.space import format_value, search_space
 from agecls.sweep.warm_start import enqueue_warm_starts, warm_starts
@@ -170,6 +178,7 @@ class StudyRunner:
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         try:
             check_settings(ocfg)
+            trials_per_device(ocfg)  # a bad value: one line before the study opens, not a traceback after
             params = present_params(cfg)
             left_out = [k for k in ocfg.params if k not in params]
             space, fixed = search_space(params, arguments, parser)
@@ -265,11 +274,10 @@ class StudyRunner:
         end_dead_runs(self.config.tracking)
         state.last_check = time.monotonic()
         while True:
-            busy = {item.slot for item in state.running.values()}
-            free = [s for s in range(len(run.slots)) if s not in busy]
-            may_start = free and not state.stopping
+            slot = _free_slot(run, state)
+            may_start = slot is not None and not state.stopping
             if may_start and _counted(run.study, *finished, TrialState.RUNNING) < run.target:
-                self._start_trial(run, state, free[0])
+                self._start_trial(run, state, slot)
                 continue
             if not state.running and (state.stopping or _counted(run.study, *finished) >= run.target):
                 return
@@ -291,11 +299,17 @@ class StudyRunner:
         # who asked: a sweeper on this host that finds it RUNNING with this process gone (and no trial
         # process recorded yet) fails and re-queues it at once
         trial.set_user_attr("sweeper", process_record())
+        env = dict(run.slots[slot])
+        device = device_label(env)
+        if device is not None:  # a Slurm job's device is the job's to record
+            trial.set_user_attr("device", device)
+        if trial.user_attrs.get("run_alone"):
+            env[RUN_ALONE_ENV] = "1"
         run_dir = run.sweep_dir / f"trial-{trial.number:04d}"
         run_dir.mkdir(parents=True, exist_ok=True)
         cmd = self._command(run.plan.fixed, trial.params, trial.number, run.parent, run_dir)
         name = f"{study.study_name}-trial-{trial.number:04d}"
-        handle = run.executor.start(cmd, run.slots[slot], run_dir / "process.log", name)
+        handle = run.executor.start(cmd, env, run_dir / "process.log", name)
         state.running[trial.number] = Running(handle, trial.number, trial_id(trial), trial.params, slot)
         run.console.clear()
         log.info(
@@ -332,7 +346,10 @@ class StudyRunner:
         trial_log = run.sweep_dir / f"trial-{item.number:04d}" / "process.log"
         attrs = frozen.user_attrs
         reason = attrs.get("error") or attrs.get("failed_because") or "no reason recorded"
-        if frozen.state == TrialState.FAIL:
+        failed = frozen.state == TrialState.FAIL
+        # out of GPU memory beside other trials: not the trial's fault, it runs again alone
+        alone = failed and requeue_alone(run.study, frozen, _shares_device(run.slots, item.slot))
+        if failed and not alone:
             state.failures += 1
             state.stopping = state.stopping or state.failures > run.max_failures
             state.reasons[reason] += 1
@@ -340,7 +357,11 @@ class StudyRunner:
         value = _values_text(frozen.values, run.plan.names)
         seconds = time.monotonic() - item.started
         log.info("trial %d %s%s after %.0f s", item.number, frozen.state.name, value, seconds)
-        if frozen.state == TrialState.FAIL:
+        if alone:
+            log.warning(
+                "trial %d ran out of GPU memory beside other trials; re-queued to run alone", item.number
+            )
+        elif failed:
             log.warning("trial %d failed: %s (see %s)", item.number, reason, trial_log)
         self._show(run, event=True)
         state.last_show = time.monotonic()
@@ -428,6 +449,44 @@ def _failed_text(state: LoopState, max_failures: int) -> str:
         f"the study stopped: {state.failures} trials failed (more than optuna.max_failures={max_failures}); "
         f"most common reason ({count} of {state.failures}): {reason}; log: {state.failed_logs[reason]}"
     )
+
+
+def _slot_device(slots: list[dict[str, str]], slot: int) -> str:
+    """The device a slot's trial runs on, as scheduling groups slots: its GPU ("cuda:1"); a CPU slot or a
+    Slurm job slot (whose GPU is the job's) counts as a device of its own."""
+    device = device_label(slots[slot])
+    return device if device not in (None, "cpu") else f"slot {slot}"
+
+
+def _shares_device(slots: list[dict[str, str]], slot: int) -> bool:
+    """Whether other slots run trials on the GPU of `slot` (optuna.trials_per_device > 1)."""
+    device = _slot_device(slots, slot)
+    return sum(_slot_device(slots, s) == device for s in range(len(slots))) > 1
+
+
+def _free_slot(run: Sweep, state: LoopState) -> int | None:
+    """The slot the next trial starts in, None when none may start now: a free one on the GPU with the
+    fewest trials running. A trial re-queued to run alone (`run_alone`: it ran out of GPU memory beside
+    others) starts only on a GPU with nothing running, and nothing else starts beside it while it runs;
+    while the study's next queued trial must run alone and no GPU is idle, no trial starts (they'd keep
+    it waiting)."""
+    from optuna.trial import TrialState
+
+    taken = {item.slot: item.number for item in state.running.values()}
+    free = [s for s in range(len(run.slots)) if s not in taken]
+    if not free or not any(_shares_device(run.slots, s) for s in free):
+        return free[0] if free else None
+    trials = run.study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+    alone = {t.number for t in trials if t.user_attrs.get("run_alone")}
+    # the trial study.ask() takes next: the oldest waiting one
+    waiting = [t.number for t in trials if t.state == TrialState.WAITING]
+    next_alone = bool(waiting) and min(waiting) in alone
+    load = Counter(_slot_device(run.slots, s) for s in taken)
+    closed = {_slot_device(run.slots, s) for s, number in taken.items() if number in alone}
+    free = [s for s in free if _slot_device(run.slots, s) not in closed]
+    if next_alone:
+        free = [s for s in free if load[_slot_device(run.slots, s)] == 0]
+    return min(free, key=lambda s: (load[_slot_device(run.slots, s)], s), default=None)
 
 
 def _validate_trial(cfg: DictConfig) -> None:

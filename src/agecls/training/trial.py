@@ -4,6 +4,7 @@ and tells the study its outcome. The sweeper (agecls.sweep.sweeper) only asks fo
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,15 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from agecls.study import attach_trial, find_trial, open_study, process_record, record_heartbeat, trial_id
+from agecls.study import (
+    attach_trial,
+    device_label,
+    find_trial,
+    open_study,
+    process_record,
+    record_heartbeat,
+    trial_id,
+)
 from agecls.tracking import overrides_run_name, trial_run_name
 
 log = logging.getLogger(__name__)
@@ -36,6 +45,7 @@ class TrialContext:
     trial: Any
     number: int
     requeued: dict[str, Any] = field(default_factory=dict)  # requeued_from, requeue_reason: a re-run trial
+    device: str = "cpu"  # what this process was given: "cuda:1", "cpu", a Slurm job's GPU or shard
     warm_start: str | None = None  # its label when the trial was enqueued (optuna.enqueue / enqueue_from)
     # objective.metrics of a study with several objectives (empty: one objective, objective.metric)
     metrics: list[str] = field(default_factory=list)
@@ -61,7 +71,7 @@ class TrialContext:
                 f"optuna.trial={number}: trial {number} of study {study.study_name!r} is {state}, not "
                 "RUNNING (failed as stale or cancelled while its job was queued); nothing to run"
             )
-        marks = ("requeued_from", "requeue_reason")
+        marks = ("requeued_from", "requeue_reason", "run_alone")
         requeued = {k: frozen.user_attrs[k] for k in marks if k in frozen.user_attrs}
         metrics = [str(m) for m in (cfg.get("objective", {}).get("metrics") or [])]
         ctx = cls(
@@ -71,6 +81,7 @@ class TrialContext:
             requeued=requeued,
             warm_start=frozen.user_attrs.get("warm_start"),
             metrics=metrics if len(metrics) > 1 else [],
+            device=_own_device(),
         )
         # This process, as a sweeper on the same host can check it: if it dies without telling, that sweeper
         # fails and re-queues the trial at once instead of waiting for its heartbeat to go stale.
@@ -83,6 +94,8 @@ class TrialContext:
         # The seed is recorded with the trial (MLflow has it as the param `seed` and tag `seed`):
         # re-running the trial's config.yaml reproduces it (docs/SWEEPS.md, "Re-running a trial").
         ctx.trial.set_user_attr("seed", int(cfg.seed))
+        if "device" not in frozen.user_attrs:  # a Slurm job: only the job sees which GPU Slurm gave it
+            ctx.trial.set_user_attr("device", ctx.device)
         ctx.start_heartbeat(int(cfg.optuna.heartbeat_interval))
         return ctx
 
@@ -136,7 +149,11 @@ class TrialContext:
         return True
 
     def tags(self, parent_run_id: str | None) -> dict[str, str]:
-        tags = {"optuna.study": self.study.study_name, "optuna.trial": str(self.number)}
+        tags = {
+            "optuna.study": self.study.study_name,
+            "optuna.trial": str(self.number),
+            "device": self.device,
+        }
         tags.update({f"optuna.{k}": str(v) for k, v in self.requeued.items()})
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id  # shows the run nested under its study in MLflow
@@ -178,7 +195,35 @@ class TrialContext:
         import optuna
 
         self.trial.set_user_attr("error", f"{type(error).__name__}: {error}"[:2000])
+        if out_of_gpu_memory(error):  # the sweeper re-queues it to run alone when its device was shared
+            self.trial.set_user_attr("out_of_memory", True)
         self._tell(state=optuna.trial.TrialState.FAIL)
+
+
+def _own_device() -> str:
+    """This process's device as its environment names it (agecls.study.device_label); where it names
+    none, CUDA's first device when there is one, else the CPU."""
+    named = device_label(os.environ)
+    if named is not None:
+        return named
+    import torch
+
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
+
+
+def out_of_gpu_memory(error: BaseException) -> bool:
+    """Whether `error`, or an exception it was raised from or during, is CUDA running out of memory
+    (torch.cuda.OutOfMemoryError, or the RuntimeError older code paths raise with CUDA's message)."""
+    import torch
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(current):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class NoTrial:
