@@ -1,8 +1,8 @@
 """Real engines for the `cluster` tests, started once per test run on 127.0.0.1 and stopped at its end: a
 PostgreSQL server (Optuna's storage and the MLflow server's backend store), an MLflow tracking server with
 proxied artifacts, and a one-node Slurm cluster (munged, MariaDB + slurmdbd for `sacct`, slurmctld, slurmd;
-proctrack/linuxproc, no cgroups; this machine's CPUs and 2 GPUs: GRES_CONF). `make engines` installs what
-they need; a fixture whose programs are missing skips its tests, naming what is missing.
+proctrack/linuxproc, no cgroups; at least 4 CPUs and 2 GPUs of 2 shards each: GRES_CONF). `make engines`
+installs what they need; a fixture whose programs are missing skips its tests, naming what is missing.
 Registered as a pytest plugin by tests/conftest.py."""
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ SLURM_PROGRAMS = (
     "mariadb-install-db",
 )
 SLURM_GPUS = 2  # GPU indices Slurm hands out (stand-in device files: GRES_CONF)
+# shards of each GPU (gres/shard): jobs of `--gres=shard:1` share a GPU, as optuna.trials_per_device asks
+SLURM_SHARDS_PER_GPU = 2
 
 
 def free_port() -> int:
@@ -273,9 +275,9 @@ AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={dbd_port}
 AccountingStoragePass={munge_socket}
-AccountingStorageTRES=gres/gpu
+AccountingStorageTRES=gres/gpu,gres/shard
 JobCompType=jobcomp/none
-GresTypes=gpu
+GresTypes=gpu,shard
 ReturnToService=2
 SlurmdParameters=config_overrides
 KillWait=10
@@ -283,7 +285,7 @@ MinJobAge=600
 InactiveLimit=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 Gres=gpu:{gpus} State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 Gres=gpu:{gpus},shard:{shards} State=UNKNOWN
 PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -307,13 +309,18 @@ StorageLoc=slurm_acct_db
 # Slurm 22.05's gres/gpu drops a GPU without File= ("Removing file-less GPU gpu:(null) from final GRES
 # list": no count-only GPUs), and one whose file is not a character device is counted but never exported to
 # the job. Without cgroups nothing is bound, so two harmless character devices stand in for the GPUs; Slurm
-# then gives each job its own index as CUDA_VISIBLE_DEVICES, as on a real GPU node.
-GRES_CONF = "NodeName={host} Name=gpu File=/dev/null\nNodeName={host} Name=gpu File=/dev/zero\n"
+# then gives each job its own index as CUDA_VISIBLE_DEVICES, as on a real GPU node. The shards (gres/shard,
+# spread evenly over the GPUs) let `--gres=shard:1` jobs share one; CUDA_VISIBLE_DEVICES is the GPU's index.
+GRES_CONF = """\
+NodeName={host} Name=gpu File=/dev/null
+NodeName={host} Name=gpu File=/dev/zero
+NodeName={host} Name=shard Count={shards}
+"""
 
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> Iterator[SlurmCluster]:
-    """slurmctld + slurmd on this machine (its CPUs, `gpu:2` GRES, partition `agecls`), with
+    """slurmctld + slurmd on this machine (4 CPUs or more, `gpu:2,shard:4` GRES, partition `agecls`), with
     slurmdbd on a private MariaDB so that `sacct` answers; all on free ports of 127.0.0.1."""
     missing = [name for name in SLURM_PROGRAMS if not _which(name)]
     if missing:
@@ -331,8 +338,10 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         "db_port": free_port(),
     }
     munge_socket = root / "munge" / "munge.socket"
-    fill = {"root": root, "host": host, "munge_socket": munge_socket, "cpus": os.cpu_count() or 2, **ports}
-    fill.update(gpus=SLURM_GPUS, partition="agecls")
+    # at least 4 CPUs (config_overrides: more than this machine has is fine): 4 one-CPU trial jobs at once
+    cpus = max(4, os.cpu_count() or 2)
+    fill = {"root": root, "host": host, "munge_socket": munge_socket, "cpus": cpus, **ports}
+    fill.update(gpus=SLURM_GPUS, shards=SLURM_GPUS * SLURM_SHARDS_PER_GPU, partition="agecls")
     (root / "slurm.conf").write_text(SLURM_CONF.format(**fill))
     dbd_conf = root / "slurmdbd.conf"
     dbd_conf.write_text(SLURMDBD_CONF.format(**fill))

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -277,3 +278,42 @@ def test_optuna_dashboard_reads_a_postgresql_study(postgres: Postgres, tmp_path:
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_trials_share_each_gpu_through_slurm_shards(slurm_cluster: SlurmCluster, tmp_path: Path):
+    """`optuna.trials_per_device=2` on the cluster's 2 GPUs of 2 shards each (tests/engines.py): every
+    trial job asks for `--gres=shard:1`, four run at once, two per GPU, and each trial records the GPU
+    Slurm gave its job (user attr and MLflow tag `device`)."""
+    out = tmp_path / "out"
+    args = ["sweep=optuna_optimizers", "optuna.study_name=shards", "optuna.n_trials=4", "optuna.n_jobs=4"]
+    args += ["optuna.trials_per_device=2", "optuna/pruner=none", "hydra/launcher=slurm"]
+    args += [f"hydra.launcher.partition={slurm_cluster.partition}", "hydra.launcher.gpus_per_task=1"]
+    args += ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=10"]
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *args]
+    env = {**os.environ, **slurm_cluster.env, "AGECLS_OUTPUT_DIR": str(out), "OMP_NUM_THREADS": "1"}
+    out.mkdir(parents=True)
+    done = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+    study = optuna.load_study(study_name="shards", storage=f"sqlite:///{out}/optuna.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    devices = Counter(t.user_attrs["device"] for t in trials)
+    assert devices == {"cuda:0 (1 shard)": 2, "cuda:1 (1 shard)": 2}, devices
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("optuna_optimizers").experiment_id])
+    tags = {r.data.tags["optuna.trial"]: r.data.tags["device"] for r in runs if "optuna.trial" in r.data.tags}
+    assert tags == {str(t.number): t.user_attrs["device"] for t in trials}
+
+    script = next(out.glob("multiruns/*/*/.submitit/*/*_submission.sh")).read_text()
+    assert "#SBATCH --gres=shard:1" in script and "--gpus-per-task" not in script, script
+
+    def accounted() -> list[list[str]]:
+        lines = slurm_cluster.run("sacct", "-X", "-n", "-P", "-o", "JobName,State,AllocTRES,Start,End")
+        return [line.split("|")[1:] for line in lines.splitlines() if line.startswith("shards-trial-")]
+
+    # slurmdbd records a job's end after the queue has let it go
+    wait_for(lambda: [r[0] for r in accounted()] == ["COMPLETED"] * 4, "the trial jobs' accounting", 60)
+    rows = accounted()
+    assert all("gres/shard=1" in r[1] and "gres/gpu" not in r[1] for r in rows), rows
+    assert max(r[2] for r in rows) < min(r[3] for r in rows), f"the four jobs did not all run at once: {rows}"
