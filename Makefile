@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-sweep bench-predict bench-gpu bench-64 bench-levers bench-search bench-search-8ep bench-pareto bench-serve browser engines utkface
+.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-throughput bench-sweep bench-predict bench-gpu bench-64 bench-levers bench-search bench-search-8ep bench-pareto bench-serve browser engines utkface
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -79,6 +79,7 @@ bench-quick: $(STAMP)
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/overhead.py --quick
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/quality.py --quick
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/throughput.py --quick
+	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/trials.py --parts overhead --quick
 	AGECLS_OUTPUT_DIR=$${TMPDIR:-/tmp}/agecls-bench-quick $(BIN)/python bench/levers.py --quick
 
 # On a machine with a CUDA GPU and this checkout installed: the prepared GPU check (bench/gpu.sh, under 10
@@ -109,6 +110,12 @@ clean:
 # BENCHMARKS.md section.
 bench-sweep: $(STAMP)
 	$(BIN)/python bench/sweep_pruning.py --write BENCHMARKS.md
+
+# What a study spends outside its trials' training: per-trial overhead (template vs fresh processes), a 50-trial
+# study against a plain in-process Optuna loop, and trials per hour on real data (auto vs float32; needs
+# UTKFace). About 15 minutes on 2 idle CPU cores.
+bench-throughput: $(STAMP)
+	$(BIN)/python bench/trials.py --write BENCHMARKS.md
 
 
 # Quality levers per task on validation (bench/levers.py: the dissertation's recipe plus each lever, whole UTKFace

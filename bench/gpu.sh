@@ -11,7 +11,9 @@
 #   2. one AGECNN run at 224 px on the fastest path (data.pipeline=device, bf16, channels_last), 3 epochs
 #      with validation: epoch time from its results.json, GPU utilisation from the trace;
 #   3. a short sweep: the quality bench at 224 px (bench/quality.py --size 224: dissertation vs an agecls
-#      study under an equal budget of whole-split epochs, bootstrap CIs), its wall time.
+#      study under an equal budget of whole-split epochs, bootstrap CIs), its wall time;
+#   4. trials sharing the GPU: the same 6-trial study of the demo CNN (64 px, forked from the trial template)
+#      with optuna.trials_per_device=1 and =2, its wall time and each trial's recorded device.
 #
 # On a machine lent through the device tool: prepare .gpu/ here first (bench/gpu_prepare.sh: the missing
 # packages as wheels and every 4th UTKFace file), then run(command="bash bench/gpu.sh", carry=[".gpu"]).
@@ -85,4 +87,26 @@ timeout 200 "$PYTHON" bench/quality.py --root "$ROOT" --size 224 --budget 4 --ep
 echo "quality bench wall $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
 cp "$OUT_DIR"/quality/*/quality.json "$OUT_DIR/quality-224px.json" 2>/dev/null || true
 tail -n 30 "$OUT_DIR/quality.log"
+
+echo ">> 4. trials per device: a 6-trial demo study, 1 then 2 trials on the GPU at once" | tee -a "$OUT_DIR/summary.txt"
+for per in 1 2; do
+  start=$(date +%s)
+  timeout 40 "$PYTHON" -m agecls.cli.train -m experiment=demo sweep=demo optuna/pruner=none optuna.n_trials=6 \
+    optuna.devices=[0] optuna.trials_per_device=$per optuna.study_name=share$per optuna.register_best=false \
+    trainer.max_epochs=2 tracking=none "optuna.storage=sqlite:///$OUT_DIR/share.db" \
+    > "$OUT_DIR/share$per.log" 2>&1 || echo "trials_per_device=$per did not finish (see share$per.log)" \
+    | tee -a "$OUT_DIR/summary.txt"
+  echo "trials_per_device=$per: wall $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/summary.txt"
+done
+"$PYTHON" - "$OUT_DIR" <<'PYEOF' | tee -a "$OUT_DIR/summary.txt" || true
+import sys
+import optuna
+for per in (1, 2):
+    study = optuna.load_study(study_name=f"share{per}", storage=f"sqlite:///{sys.argv[1]}/share.db")
+    done = [t for t in study.trials if t.datetime_complete]
+    wall = (max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)).total_seconds()
+    fit = sum(t.user_attrs.get("fit_seconds", 0) for t in done)
+    devices = sorted({str(t.user_attrs.get("device")) for t in done})
+    print(f"trials_per_device={per}: {len(done)} trials in {wall:.1f} s (fit {fit:.1f} s), devices {devices}")
+PYEOF
 cat "$OUT_DIR/summary.txt"

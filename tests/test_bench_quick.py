@@ -630,3 +630,9 @@ def test_search_counts_the_reseeds_of_a_promoted_pruned_trial(tmp_path, monkeypa
     promoted = {"continued_from": 0, "reseed_runs": {"1001": {"epochs": 8}}, "epochs_trained": 8}
     study.add_trial(create_trial(value=0.6, params={"x": 0.5}, distributions=dist, user_attrs=promoted))
     assert search.study_epochs(study) == {"trials": 3, "reseeds": 8, "continued": 5, "total": 16}
+
+
+@pytest.mark.heavy  # two small studies (about a minute)
+def test_trial_throughput_bench_measures_both_trial_starts(tmp_path):
+    done = run_bench("trials.py", ["--parts", "overhead", "--quick"], tmp_path, timeout=900)
+    assert "| template |" in done.stdout and "| fresh |" in done.stdout, done.stdout

@@ -142,7 +142,7 @@ def head_runs(output_dir) -> dict[str, dict]:
 def test_every_head_trains_scores_bins_and_reloads(head, head_runs):
     results = head_runs[head]
     run_dir = Path(results["run_dir"])
-    for name in ("results.json", "per_class_test.csv", "confusion_test.png", "fairness_test.csv"):
+    for name in ("results.json", "per_class_test.csv", "confusion.png", "fairness_test.csv"):
         assert (run_dir / name).is_file(), name
     assert results["class_names"] == BINS.labels
     assert 0.0 <= results["test/macro_f1"] <= 1.0

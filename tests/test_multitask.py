@@ -125,7 +125,7 @@ def test_multitask_trains_scores_every_attribute_and_reloads(multitask_run, outp
     for attr in ("age", "gender", "ethnicity"):
         for split in ("train", "val", "test"):
             assert (run_dir / f"per_class_{split}_{attr}.csv").is_file()
-            assert (run_dir / f"confusion_{split}_{attr}.png").is_file()
+        assert (run_dir / f"confusion_{attr}.png").is_file(), "one figure per attribute, a panel per split"
         for key in ("best_val", "test", "best_train"):
             assert 0.0 <= results[f"{key}/{attr}/macro_f1"] <= 1.0
         assert sum(map(sum, results["confusion_test"][attr])) == results["data_sizes"]["test"]

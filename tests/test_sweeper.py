@@ -173,7 +173,7 @@ def test_study_runs_trials_in_parallel_records_mlflow_and_resumes(tmp_path, monk
     written = {p.name for p in (tmp_path / "rep").iterdir()}
     assert {"trials.csv", "compute.json", "optimization_history.png"} <= written
     assert "param_importances.png" not in written  # 2 complete trials: below min_importance_trials
-    assert any(name.startswith("confusion_val_trial") for name in written)
+    assert any(name.startswith("confusion_trial") for name in written)
     assert "trials_complete 2" in report.out
     # Its last lines say how to use the best model: a checkpoint and a photo that exist, the registered model.
     use = report.out.split("Use the best model (trial ")[1].splitlines()

@@ -37,7 +37,7 @@ def test_a_run_trains_evaluates_the_best_checkpoint_and_records_everything(compo
         "results.json",
         "per_class_val.csv",
         "per_class_test.csv",
-        "confusion_test.png",
+        "confusion.png",
     ):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "results.json").read_text())["test/macro_f1"] == results["test/macro_f1"]

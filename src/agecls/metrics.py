@@ -58,11 +58,13 @@ def row_normalised(confmat: np.ndarray) -> np.ndarray:
     return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
 
 
-def save_figure(fig, path: Path, dpi: int = 110) -> Path:
-    """Lay out, write (creating the folder) and close a matplotlib figure."""
+def save_figure(fig, path: Path, dpi: int = 110, tight: bool = True) -> Path:
+    """Lay out (`tight`: matplotlib's tight layout; else the figure's own), write (creating the folder) and
+    close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if tight:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -71,16 +73,31 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
 
 def plot_confusion(confmat: np.ndarray, class_names: list[str], path: Path, title: str) -> Path:
     """Write a row-normalised confusion matrix with counts as a PNG."""
+    return plot_confusions({title: confmat}, class_names, path)
+
+
+def plot_confusions(confmats: dict[str, np.ndarray], class_names: list[str], path: Path) -> Path:
+    """Write row-normalised confusion matrices with counts side by side, one panel per title (e.g. a run's
+    train, val and test splits), as one PNG: one figure to draw rather than one per split."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cm = np.asarray(confmat, dtype=np.float64)
-    norm = row_normalised(cm)
     n = len(class_names)
     size = max(4.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig, axes = plt.subplots(1, len(confmats), figsize=(size * len(confmats), size * 0.9), squeeze=False)
+    for ax, (title, confmat) in zip(axes[0], confmats.items(), strict=True):
+        image = _draw_confusion(ax, np.asarray(confmat, dtype=np.float64), class_names, title)
+    # a fixed layout: matplotlib's tight or constrained layout would double the time of drawing it
+    fig.subplots_adjust(left=0.3 / len(confmats), right=0.9, bottom=0.22, top=0.9, wspace=0.4)
+    fig.colorbar(image, cax=fig.add_axes((0.92, 0.22, 0.012, 0.68)), label="share of true class")
+    return save_figure(fig, path, tight=False)
+
+
+def _draw_confusion(ax, cm: np.ndarray, class_names: list[str], title: str):
+    norm = row_normalised(cm)
+    n = len(class_names)
     image = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
@@ -92,5 +109,4 @@ def plot_confusion(confmat: np.ndarray, class_names: list[str], path: Path, titl
             for j in range(n):
                 colour = "white" if norm[i, j] > 0.5 else "black"
                 ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8, color=colour)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
-    return save_figure(fig, path)
+    return image

@@ -74,6 +74,10 @@ def score_fit(
         for split, report in by_split.items():
             for prefix in metric_prefixes(PREFIX[split], attr, module.multitask, module.objective):
                 results.update({f"{prefix}/{k}": v for k, v in report.metrics.items()})
+    if str(cfg.objective.metric) == "val/macro_f1" and "best_val/macro_f1" in results:
+        # the chosen checkpoint scored as it will be used (float32, its TTA): a bf16-mixed run validated its
+        # epochs under autocast, whose scores differ in the last digits
+        best_score = results["objective"] = results["best_val/macro_f1"]
     rec.metrics({k: float(results[k]) for k in ("objective", "best_epoch", "epochs_trained", "fit_seconds")})
     results.update(confusion_results(reports, class_names, module))
     objectives = run_objectives(cfg, module, results, fairness.get("val"), best_score, strict)

@@ -16,7 +16,7 @@ from agecls.data.batch_augment import TTA_CHOICES
 from agecls.data.datamodule import FaceDataModule
 from agecls.evaluation.scoring import attribute_report
 from agecls.files import atomic_path
-from agecls.metrics import StageReport, plot_confusion, stage_report
+from agecls.metrics import StageReport, plot_confusions, stage_report
 from agecls.tasks.module import FaceClassifier
 from agecls.tracking import Recorder
 
@@ -74,14 +74,21 @@ def subgroup_scores(
     return pd.DataFrame(rows, columns=["attribute", "group", "n", "macro_f1", "acc"])
 
 
-def _write_report(report: StageReport, names: list[str], run_dir: Path, split: str, suffix: str, rec) -> None:
-    """per_class_{split}{suffix}.csv and confusion_{split}{suffix}.png of one attribute, recorded."""
+def _write_table(report: StageReport, run_dir: Path, split: str, suffix: str, rec) -> None:
+    """per_class_{split}{suffix}.csv of one attribute, recorded."""
     csv_path = run_dir / f"per_class_{split}{suffix}.csv"
     report.table.to_csv(csv_path, index=False)
-    title = f"{split}{suffix.replace('_', ' ')} (best checkpoint)"
-    png = plot_confusion(report.confmat, names, run_dir / f"confusion_{split}{suffix}.png", title)
-    for path in (csv_path, png):
-        rec.artifact(path, "evaluation")
+    rec.artifact(csv_path, "evaluation")
+
+
+def _write_confusions(
+    reports: dict[str, StageReport], names: list[str], run_dir: Path, suffix: str, rec
+) -> None:
+    """confusion{suffix}.png: one attribute's confusion matrices on each split, side by side, recorded."""
+    confmats = {
+        f"{split}{suffix.replace('_', ' ')} (best checkpoint)": r.confmat for split, r in reports.items()
+    }
+    rec.artifact(plot_confusions(confmats, names, run_dir / f"confusion{suffix}.png"), "evaluation")
 
 
 def evaluate_splits(
@@ -95,8 +102,9 @@ def evaluate_splits(
     predicted: dict[str, dict[str, dict[str, torch.Tensor]]] | None = None,
 ) -> tuple[dict[str, dict[str, StageReport]], dict[str, pd.DataFrame]]:
     """Score the loaded (best) model on train, val and test, per attribute ({attribute: {split: report}};
-    report.metrics holds macro_f1, acc and, for heads predicting years, mae); write and record tables and
-    confusion plots (multitask: one per attribute, named `..._{split}_{attribute}`), and each face's
+    report.metrics holds macro_f1, acc and, for heads predicting years, mae); write and record tables
+    (multitask: one per attribute, named `..._{split}_{attribute}`), one confusion figure per attribute with
+    a panel per split (`confusion.png`; multitask `confusion_{attribute}.png`), and each face's
     prediction on val and test (`predictions_{split}.csv`, see `prediction_table`; `paths`: the manifest's
     image path per row).
 
@@ -120,7 +128,7 @@ def evaluate_splits(
             report, mae = attribute_report(got, names)
             if mae is not None:
                 report.metrics["mae"] = mae
-            _write_report(report, names, run_dir, split, f"_{attr}" if multi else "", rec)
+            _write_table(report, run_dir, split, f"_{attr}" if multi else "", rec)
             prefixes = metric_prefixes(PREFIX[split], attr, multi, module.objective)
             for prefix in prefixes:
                 rec.metrics({f"{prefix}/{k}": v for k, v in report.metrics.items()})
@@ -140,6 +148,8 @@ def evaluate_splits(
                     }
                 )
                 fairness[split] = table
+    for attr, names in class_names.items():
+        _write_confusions(reports[attr], names, run_dir, f"_{attr}" if multi else "", rec)
     return reports, fairness
 
 

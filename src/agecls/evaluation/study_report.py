@@ -206,14 +206,23 @@ def write_plots(
             run_id = t.user_attrs.get("mlflow_run_id")
             if not run_id:
                 continue
-            try:
-                local = mlflow.artifacts.download_artifacts(
-                    run_id=run_id, artifact_path="evaluation/confusion_val.png", tracking_uri=tracking_uri
-                )
-            except Exception as exc:  # noqa: BLE001 - a missing artifact must not stop the report
-                log.warning("no confusion matrix for trial %d: %s", t.number, exc)
+            local = _confusion_figure(mlflow, run_id, tracking_uri)
+            if local is None:
+                log.warning("no confusion matrix for trial %d", t.number)
                 continue
-            path = out / f"confusion_val_trial{t.number:04d}.png"
+            path = out / f"confusion_trial{t.number:04d}.png"
             path.write_bytes(Path(local).read_bytes())
             written.append(path)
     return written
+
+
+def _confusion_figure(mlflow, run_id: str, tracking_uri: str) -> str | None:
+    """A trial's confusion figure (train, val and test panels; a multitask model's age one), downloaded."""
+    for name in ("confusion.png", "confusion_age.png"):
+        try:
+            return mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=f"evaluation/{name}", tracking_uri=tracking_uri
+            )
+        except Exception:  # noqa: BLE001, S112 - the next name, then a warning: never stop the report
+            continue
+    return None

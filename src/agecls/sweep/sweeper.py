@@ -156,8 +156,10 @@ class StudyRunner:
         # registering the best model downloads its artifacts: no progress bar between the status lines
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        executor = trial_executor(self.config)
+        executor.prepare()  # a trial template imports while the study is planned and opened
         plan, study = self._plan(arguments)
-        run = self._open(plan, study)
+        run = self._open(plan, study, executor)
         state = LoopState()
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
@@ -215,7 +217,7 @@ class StudyRunner:
 
         return compose
 
-    def _open(self, plan: Plan, study) -> Sweep:
+    def _open(self, plan: Plan, study, executor: TrialExecutor) -> Sweep:
         """Warm starts enqueued, the sweep folder and its multirun.yaml written, the executor and the study's
         MLflow run started."""
         from agecls.sweep.study_tracking import StudyRun
@@ -230,8 +232,6 @@ class StudyRunner:
         sweep_dir = Path(str(cfg.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
-        executor = trial_executor(cfg)
-        executor.prepare()
         slots = executor.slots()
         tracker = StudyRun.open(cfg, study.study_name) if cfg.tracking.enabled else None
         url, names, directions = str(ocfg.storage), plan.names, plan.directions
@@ -281,10 +281,12 @@ class StudyRunner:
                 continue
             if not state.running and (state.stopping or _counted(run.study, *finished) >= run.target):
                 return
-            for number, item in list(state.running.items()):
-                if item.handle.done():
-                    del state.running[number]
-                    self._trial_ended(run, state, item)
+            ended = [item for item in state.running.values() if item.handle.done()]
+            for item in ended:
+                del state.running[item.number]
+                self._trial_ended(run, state, item)
+            if ended:
+                continue  # its slot takes the next trial at once
             self._tend(run, state)
             run.executor.wait_any(0.5)  # wakes when a trial ends
 

@@ -229,7 +229,10 @@ def run_child(request: dict) -> int:
     sys.path[0] = request["cwd"]  # as `python -m` puts its working folder first
     try:
         import runpy
+        import warnings
 
+        # the template imported the module already (its whole point): runpy's warning about that is noise
+        warnings.filterwarnings("ignore", "'.*' found in sys.modules after import of package", RuntimeWarning)
         runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         return _exit_code(exc.code)

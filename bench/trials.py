@@ -1,0 +1,267 @@
+"""Trial throughput of agecls's Optuna sweeper: what a study spends outside its trials' training.
+
+Three measurements, each side by side in one run of this script:
+
+  overhead  the short study of `make demo`'s setup (6 trials of 1 epoch on 64 faces at 16 px, one slot),
+            trials forked from the pre-imported template (`optuna.trial_start=template`, the default) and
+            as fresh interpreters (`fresh`): per-trial overhead = (trials' wall - sum of fit seconds) / n.
+  ratio     a study of --trials short trials on every slot of the machine (`optuna.n_jobs` = CPU cores),
+            against the floor: the same configs trained in one process by a plain `optuna.study.optimize`
+            loop calling agecls's training function. Ratio = (wall - ideal) / ideal, ideal = sum of fit
+            seconds / slots (Ray Tune's acceptance test allows 28%).
+  real      trials per hour of one real-data protocol (experiment=agecnn on 1/3 of UTKFace's split, 32 px,
+            4-epoch trials, one slot) with the machine's `auto` precision and memory format against
+            `trainer.precision=32-true trainer.channels_last=false` (needs UTKFace; skipped without it).
+
+    .venv/bin/python bench/trials.py                          # all three, print the tables
+    .venv/bin/python bench/trials.py --write BENCHMARKS.md    # also rewrite this benchmark's section
+    .venv/bin/python bench/trials.py --parts overhead --quick # CI smoke: seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import torch
+from sections import provenance, write_section  # bench/ is on sys.path
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN, END = "<!-- trials:begin -->", "<!-- trials:end -->"
+UTKFACE = Path(os.environ.get("AGECLS_UTKFACE", REPO.parent / "shared" / "data" / "utkface"))
+SHORT = ["experiment=demo", "trainer.max_epochs=1", "data.synthetic.n=64", "data.image_size=16"]
+STUDY = ["sweep=demo", "optuna/pruner=none", "optuna.register_best=false"]
+
+
+def run_study(out: Path, name: str, overrides: list[str]) -> dict:
+    """One `agecls-train -m` study in its own output folder; its trials' timings from the study."""
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out / name)}
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *overrides, f"optuna.study_name={name}"]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True)
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / name}/optuna.db")
+    return timings(study.get_trials(), wall)
+
+
+def timings(trials: list, command_wall: float) -> dict:
+    """Loop wall (first trial start to last end), sum of fit seconds and the command's wall."""
+    done = [t for t in trials if t.datetime_complete is not None]
+    first = min(t.datetime_start for t in done)
+    last = max(t.datetime_complete for t in done)
+    return {
+        "trials": len(done),
+        "command_wall_s": round(command_wall, 1),
+        "trials_wall_s": round((last - first).total_seconds(), 1),
+        "fit_s": round(sum(float(t.user_attrs.get("fit_seconds", 0.0)) for t in done), 1),
+    }
+
+
+def overhead(out: Path, quick: bool) -> list[dict]:
+    rows = []
+    n = 3 if quick else 6
+    for start in ("template", "fresh"):
+        got = run_study(
+            out,
+            f"overhead-{start}",
+            [*SHORT, *STUDY, f"optuna.n_trials={n}", "optuna.n_jobs=1", f"optuna.trial_start={start}"],
+        )
+        got["per_trial_overhead_s"] = round((got["trials_wall_s"] - got["fit_s"]) / got["trials"], 2)
+        rows.append({"trial_start": start, **got})
+    return rows
+
+
+def floor_study(overrides: list[str], n_trials: int, out: Path) -> dict:
+    """The same study's trials trained in this process by a plain optuna loop: the floor of the sweeper."""
+    from agecls.config import compose_train, register_resolvers
+    from agecls.training.train import train
+
+    register_resolvers()
+    os.environ["AGECLS_OUTPUT_DIR"] = str(out / "floor")
+    sampler = optuna.samplers.TPESampler(seed=42)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+
+    def objective(trial: optuna.Trial) -> float:
+        # sweep=demo's space, drawn the same way
+        optimizer = trial.suggest_categorical("optimizer", ["adam", "nadam", "rmsprop"])
+        lr = trial.suggest_float("optimizer.lr", 3e-4, 3e-3, log=True)
+        blocks = trial.suggest_int("model.blocks", 2, 4)
+        cfg = compose_train(
+            [
+                *overrides,
+                f"optimizer={optimizer}",
+                f"optimizer.lr={lr}",
+                f"model.blocks={blocks}",
+                f"hydra.run.dir={out / 'floor' / str(trial.number)}",
+            ]
+        )
+        results = train(cfg)
+        trial.set_user_attr("fit_seconds", results["fit_seconds"])
+        return float(results["objective"])
+
+    started = time.monotonic()
+    study.optimize(objective, n_trials=n_trials)
+    return timings(study.trials, time.monotonic() - started)
+
+
+def ratio(out: Path, trials: int, epochs: int, quick: bool) -> list[dict]:
+    slots = os.cpu_count() or 1
+    base = [
+        "experiment=demo",
+        f"trainer.max_epochs={epochs}",
+        "data.synthetic.n=600",
+        "data.image_size=32",
+        "callbacks.early_stopping.enabled=false",
+    ]
+    n = 4 if quick else trials
+    study = run_study(out, "ratio", [*base, *STUDY, f"optuna.n_trials={n}", f"optuna.n_jobs={slots}"])
+    floor = floor_study([*base, "tracking=none"], n, out)
+    rows = []
+    for name, got, n_slots in (("agecls sweeper", study, slots), ("in-process optuna loop", floor, 1)):
+        ideal = got["fit_s"] / n_slots
+        rows.append(
+            {
+                "runner": name,
+                "slots": n_slots,
+                **got,
+                "ideal_s": round(ideal, 1),
+                "ratio_trials": round((got["trials_wall_s"] - ideal) / ideal, 3),
+                "ratio_command": round((got["command_wall_s"] - ideal) / ideal, 3),
+            }
+        )
+    return rows
+
+
+def real(out: Path, trials: int) -> list[dict]:
+    if not UTKFACE.is_dir():
+        print(f"no UTKFace folder at {UTKFACE}: the real-data part is skipped", file=sys.stderr)
+        return []
+    sys.path.insert(0, str(REPO / "bench"))
+    from quality import strided_manifest
+
+    manifest, _ = strided_manifest(argparse.Namespace(root=UTKFACE, stride=3), out)
+    data = [
+        "experiment=agecnn",
+        "data=manifest",
+        f"data.path={manifest}",
+        f"data.root={UTKFACE}",
+        "data.image_size=32",
+        "trainer.max_epochs=4",
+        "callbacks.early_stopping.enabled=false",
+    ]
+    rows = []
+    for name, extra in (
+        ("auto", []),
+        ("32-true contiguous", ["trainer.precision=32-true", "trainer.channels_last=false"]),
+    ):
+        got = run_study(
+            out,
+            f"real-{name.split()[0]}",
+            [
+                *data,
+                *extra,
+                "sweep=optuna_optimizers",
+                "optuna/pruner=none",
+                "optuna.register_best=false",
+                f"optuna.n_trials={trials}",
+                "optuna.n_jobs=1",
+            ],
+        )
+        got["trials_per_hour"] = round(3600 * got["trials"] / got["trials_wall_s"], 1)
+        rows.append({"setting": name, **got})
+    return rows
+
+
+def table(rows: list[dict]) -> list[str]:
+    keys = list(rows[0])
+    return [
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+        *("| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows),
+    ]
+
+
+def section(result: dict) -> str:
+    lines = [
+        BEGIN,
+        "## Trial throughput: what a study spends outside training",
+        "",
+        *provenance(result["command"], result["machine"], result["date"]),
+        "",
+    ]
+    if result.get("overhead"):
+        lines += [
+            "Per-trial overhead of a study of 1-epoch trials (64 faces, 16 px, one slot):",
+            "",
+            *table(result["overhead"]),
+            "",
+        ]
+    if result.get("ratio"):
+        lines += [
+            f"A study of {result['ratio'][0]['trials']} short trials on every slot against a plain "
+            "in-process Optuna loop (ratio = (wall - ideal) / ideal, ideal = fit seconds / slots):",
+            "",
+            *table(result["ratio"]),
+            "",
+        ]
+    if result.get("real"):
+        lines += [
+            "Trials per hour, experiment=agecnn on 1/3 of UTKFace's split, 32 px, 4-epoch trials:",
+            "",
+            *table(result["real"]),
+            "",
+        ]
+    lines += [*result.get("reading", []), END, ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="overhead,ratio,real")
+    parser.add_argument("--trials", type=int, default=50, help="trials of the ratio study")
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of each ratio trial")
+    parser.add_argument("--real-trials", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="CI smoke: a few tiny trials")
+    parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of this Markdown file")
+    parser.add_argument("--from-json", type=Path, help="render a saved result instead of running")
+    args = parser.parse_args()
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+    else:
+        parts = args.parts.split(",")
+        result = {
+            "command": "python bench/trials.py " + " ".join(sys.argv[1:]),
+            "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+            + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+            + f"; torch {torch.__version__}",
+        }
+        with tempfile.TemporaryDirectory(prefix="agecls-trials-") as tmp:
+            out = Path(tmp)
+            if "overhead" in parts:
+                result["overhead"] = overhead(out, args.quick)
+            if "ratio" in parts:
+                result["ratio"] = ratio(out, args.trials, args.epochs, args.quick)
+            if "real" in parts and not args.quick:
+                result["real"] = real(out, args.real_trials)
+        if not args.quick:
+            saved = REPO / "bench" / "results" / "trials.json"
+            saved.write_text(json.dumps(result, indent=2) + "\n")
+    if args.write:
+        write_section(args.write, section(result), BEGIN, END)
+    print(section(result))
+
+
+if __name__ == "__main__":
+    main()
