@@ -9,6 +9,10 @@ Three measurements, each side by side in one run of this script:
             against the floor: the same configs trained in one process by a plain `optuna.study.optimize`
             loop calling agecls's training function. Ratio = (wall - ideal) / ideal, ideal = sum of fit
             seconds / slots (Ray Tune's acceptance test allows 28%).
+  precision `make utkface`'s model (experiment=utkface: the whole real split, 32 px, 8 epochs) trained with
+            the machine's `auto` precision and memory format and with 32-true contiguous, per seed, one after
+            the other: fit seconds and test macro-F1 per attribute with 95% bootstrap intervals, and the
+            paired bootstrap difference auto - float32 (needs UTKFace).
   real      trials per hour of one real-data protocol (experiment=agecnn on 1/3 of UTKFace's split, 32 px,
             4-epoch trials, one slot) with the machine's `auto` precision and memory format against
             `trainer.precision=32-true trainer.channels_last=false` (needs UTKFace; skipped without it).
@@ -183,6 +187,75 @@ def real(out: Path, trials: int) -> list[dict]:
     return rows
 
 
+FLOAT32 = ["trainer.precision=32-true", "trainer.channels_last=false"]
+ATTRIBUTES = ("age", "gender", "ethnicity")
+
+
+def single_run(out: Path, name: str, overrides: list[str]) -> Path:
+    """One `agecls-train` run (no tracking) in out/name; its run folder."""
+    run_dir = out / name
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out / "outputs")}
+    cmd = [sys.executable, "-m", "agecls.cli.train", *overrides, "tracking=none", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{name}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return run_dir
+
+
+def run_predictions(run_dir: Path) -> dict[str, tuple]:
+    """{attribute: (preds, labels, n_classes)} of a multitask run's test faces with that label."""
+    import numpy as np
+    import pandas as pd
+
+    table = pd.read_csv(run_dir / "predictions_test.csv")
+    got = {}
+    for attr in ATTRIBUTES:
+        known = table[f"label_{attr}"].to_numpy() >= 0
+        n_classes = sum(c.startswith(f"p_{attr}_") for c in table.columns)
+        got[attr] = (
+            table[f"pred_{attr}"].to_numpy()[known],
+            table[f"label_{attr}"].to_numpy()[known],
+            n_classes,
+        )
+        assert np.all(got[attr][1] < n_classes)
+    return got
+
+
+def precision(out: Path, seeds: int) -> dict:
+    """experiment=utkface with `auto` and with float32, seed by seed (alternating which goes first)."""
+    from agecls.evaluation.bootstrap import bootstrap_ci, bootstrap_diff
+
+    if not UTKFACE.is_dir():
+        print(f"no UTKFace folder at {UTKFACE}: the precision part is skipped", file=sys.stderr)
+        return {}
+    rows, diffs = [], []
+    for seed in range(seeds):
+        settings = [("auto", []), ("32-true contiguous", FLOAT32)]
+        preds = {}
+        for name, extra in settings if seed % 2 == 0 else settings[::-1]:
+            base = ["experiment=utkface", f"data.root={UTKFACE}", f"seed={seed}", *extra]
+            run_dir = single_run(out, f"precision-{name.split()[0]}-{seed}", base)
+            results = json.loads((run_dir / "results.json").read_text())
+            preds[name] = run_predictions(run_dir)
+            row = {"setting": name, "seed": seed, "fit_s": results["fit_seconds"]}
+            for attr, (p, t, k) in preds[name].items():
+                point, lo, hi = bootstrap_ci(p, t, k)
+                row[f"test {attr} macro-F1"] = f"{point:.3f} [{lo:.3f}, {hi:.3f}]"
+            rows.append(row)
+        diff = {"seed": seed}
+        for attr in ATTRIBUTES:
+            pa, t, k = preds["auto"][attr]
+            pb = preds["32-true contiguous"][attr][0]
+            d = bootstrap_diff(pa, pb, t, k)
+            diff[f"{attr}: auto - float32"] = f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+        diffs.append(diff)
+    fit = {
+        name: [r["fit_s"] for r in rows if r["setting"] == name] for name in ("auto", "32-true contiguous")
+    }
+    speedup = sum(fit["32-true contiguous"]) / sum(fit["auto"])
+    return {"rows": rows, "diffs": diffs, "speedup": round(speedup, 2)}
+
+
 def table(rows: list[dict]) -> list[str]:
     keys = list(rows[0])
     return [
@@ -215,6 +288,19 @@ def section(result: dict) -> str:
             *table(result["ratio"]),
             "",
         ]
+    if result.get("precision"):
+        got = result["precision"]
+        lines += [
+            f"`auto` on this machine against 32-true contiguous, experiment=utkface (whole split, 32 px, 8 "
+            f"epochs): auto fits {got['speedup']}x as fast. Test macro-F1 [95% bootstrap interval]:",
+            "",
+            *table(got["rows"]),
+            "",
+            "Paired bootstrap difference on the same test faces:",
+            "",
+            *table(got["diffs"]),
+            "",
+        ]
     if result.get("real"):
         lines += [
             "Trials per hour, experiment=agecnn on 1/3 of UTKFace's split, 32 px, 4-epoch trials:",
@@ -228,10 +314,11 @@ def section(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="overhead,ratio,real")
+    parser.add_argument("--parts", default="overhead,ratio,precision,real")
     parser.add_argument("--trials", type=int, default=50, help="trials of the ratio study")
     parser.add_argument("--epochs", type=int, default=4, help="epochs of each ratio trial")
     parser.add_argument("--real-trials", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the precision part")
     parser.add_argument("--quick", action="store_true", help="CI smoke: a few tiny trials")
     parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of this Markdown file")
     parser.add_argument("--from-json", type=Path, help="render a saved result instead of running")
@@ -253,6 +340,8 @@ def main() -> None:
                 result["overhead"] = overhead(out, args.quick)
             if "ratio" in parts:
                 result["ratio"] = ratio(out, args.trials, args.epochs, args.quick)
+            if "precision" in parts and not args.quick:
+                result["precision"] = precision(out, args.seeds)
             if "real" in parts and not args.quick:
                 result["real"] = real(out, args.real_trials)
         if not args.quick:
