@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import optuna
@@ -20,7 +21,7 @@ from tests.conftest import FAST_OVERRIDES
 
 from agecls.study import device_label
 from agecls.sweep.checks import SweepError
-from agecls.sweep.executors import SubprocessExecutor, submitit_parameters
+from agecls.sweep.executors import RUN_ALONE_ENV, SubmititExecutor, SubprocessExecutor, submitit_parameters
 
 # 64 faces of 16 px, one epoch: a trial is mostly its start; the learning rate stays searched
 TINY = [o for o in FAST_OVERRIDES if not o.startswith("optimizer.lr=")]
@@ -96,6 +97,35 @@ def test_slurm_jobs_ask_for_a_gpu_shard_when_trials_share_devices():
     assert shared["gpus_per_node"] is None and shared["cpus_per_task"] == 2
     with pytest.raises(SweepError, match="asks for 2 GPUs per job"):
         submitit_parameters({**launcher, "gres": "gpu:a100:2"}, trials_per_device=2)
+
+
+def test_a_slurm_trial_rerun_alone_asks_for_the_launchers_whole_gpu(tmp_path, monkeypatch):
+    launcher = {
+        "_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+        "submitit_folder": str(tmp_path / "%j"),
+        "partition": "gpu",
+        "gpus_per_task": 1,
+        "cpus_per_task": 2,
+        "name": "agecls",
+    }
+    executor = SubmititExecutor(launcher, OmegaConf.create({"n_jobs": 2, "trials_per_device": 2}))
+    scripts: list[str] = []
+
+    def submitter(auto):
+        def submit(*args, **kwargs):  # the sbatch script as submitted, without a cluster
+            scripts.append(auto._executor._make_submission_file_text("python -m x", "u"))
+            return SimpleNamespace(job_id=str(len(scripts)))
+
+        return submit
+
+    for auto in (executor.executor, executor.alone):
+        monkeypatch.setattr(auto, "submit", submitter(auto))
+    for n, env in enumerate([{}, {RUN_ALONE_ENV: "1"}, {}]):
+        executor.start(["true"], env, tmp_path / f"{n}.log", f"s-trial-{n}")
+    shared, alone, again = scripts
+    assert "#SBATCH --gres=shard:1" in shared and "--gpus-per-task" not in shared, shared
+    assert "#SBATCH --gpus-per-task=1" in alone and "--gres" not in alone, alone
+    assert "#SBATCH --gres=shard:1" in again and "#SBATCH --job-name=s-trial-2" in again, again
 
 
 def test_device_label_names_what_the_environment_gives():

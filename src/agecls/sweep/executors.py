@@ -265,11 +265,15 @@ class SubmititExecutor:
 
         per_device = trials_per_device(ocfg)
         self.kind, folder, init, self.params = submitit_parameters(launcher, per_device)
-        # a trial re-queued to run alone gets the launcher's own GPU request (RUN_ALONE_ENV)
-        self.alone_params = submitit_parameters(launcher)[3]
         self.folder = folder
         self.executor = submitit.AutoExecutor(folder=folder, cluster=self.kind, **init)
         self.executor.update_parameters(**self.params)
+        # a trial re-queued to run alone (RUN_ALONE_ENV) gets the launcher's own GPU request: an executor of
+        # its own, as submitit's update_parameters cannot unset the shard (it takes None as "not given")
+        self.alone = self.executor
+        if per_device > 1:
+            self.alone = submitit.AutoExecutor(folder=folder, cluster=self.kind, **init)
+            self.alone.update_parameters(**submitit_parameters(launcher)[3])
         self.n_jobs = _n_jobs(ocfg)
 
     def slots(self) -> list[dict[str, str]]:
@@ -278,9 +282,9 @@ class SubmititExecutor:
         return [{"OMP_NUM_THREADS": str(cpus)} if cpus else {} for _ in range(self.n_jobs)]
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> JobHandle:
-        alone = env.get(RUN_ALONE_ENV) == "1"
-        self.executor.update_parameters(**{**(self.alone_params if alone else self.params), "name": name})
-        job = self.executor.submit(run_trial_job, cmd, env, str(log_path), os.getcwd())
+        executor = self.alone if env.get(RUN_ALONE_ENV) == "1" else self.executor
+        executor.update_parameters(name=name)
+        job = executor.submit(run_trial_job, cmd, env, str(log_path), os.getcwd())
         log.info("%s: submitted as %s job %s", name, self.kind, job.job_id)
         handle = JobHandle(job)
         if not _JOB_HANDLES:
