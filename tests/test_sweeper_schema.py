@@ -78,7 +78,7 @@ def test_every_sweep_file_composes_with_its_values_in_the_typed_block(output_dir
 def test_the_schema_has_exactly_the_keys_of_train_yaml_optuna_block():
     block = OmegaConf.load(CONFIG_DIR / "train.yaml").optuna
     assert set(SETTINGS) == {*block, "sampler", "pruner"}  # sampler, pruner: groups optuna/sampler, /pruner
-    assert len(SETTINGS) == 23
+    assert len(SETTINGS) == 25
 
 
 def test_misspelled_optuna_key_on_the_command_line_is_an_error_naming_it(output_dir):

@@ -32,11 +32,10 @@ class Checked:
         return OmegaConf.to_container(cfg, resolve=False) == self.config
 
 
-def hydra_app(checked: Checked | None) -> Callable[[], Any]:
-    """The Hydra application of this command line (it reads sys.argv); `checked` is what the precheck
-    validated, so that a run of that very config is not validated again."""
+def task_function(checked: Checked | None) -> Callable[[DictConfig], float | None]:
+    """What Hydra runs for each job; `checked` is what the precheck validated, so that a run of that very
+    config is not validated again."""
 
-    @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
     def train(cfg: DictConfig) -> float | None:
         """The objective of the run goes back to Hydra, so its sweepers can optimise it."""
         from hydra.core.hydra_config import HydraConfig
@@ -53,6 +52,33 @@ def hydra_app(checked: Checked | None) -> Callable[[], Any]:
             sys.exit(report(PROG, exc))
 
     return train
+
+
+def hydra_app(checked: Checked | None) -> Callable[[], Any]:
+    """The Hydra application of this command line (it reads sys.argv)."""
+    return hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")(
+        task_function(checked)
+    )
+
+
+def run_trial(argv: Sequence[str]) -> None:
+    """A study's trial: Hydra's run of its command line, as @hydra.main runs it but composed once (the
+    decorator composes the config a second time only to learn the run mode, which a trial knows)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_automatic_config_search_path, get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+
+    args = get_args_parser().parse_args(list(argv))
+    search_path = create_automatic_config_search_path(__file__, None, str(CONFIG_DIR))
+    app = Hydra.create_main_hydra2(task_name=Path(__file__).stem, config_search_path=search_path)
+    try:
+        app.run(
+            config_name=args.config_name or "train",
+            task_function=task_function(None),
+            overrides=args.overrides,
+        )
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def precheck(argv: Sequence[str]) -> Checked | None:
@@ -195,6 +221,9 @@ def main() -> None:
         return
     register_resolvers()
     try:
+        if is_trial(argv) and not (args.config_path or args.config_dir):
+            run_trial(argv)
+            return
         checked = None
         if not is_trial(argv):
             try:

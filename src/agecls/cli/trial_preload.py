@@ -14,12 +14,13 @@ import matplotlib.pyplot  # noqa: E402, F401
 import mlflow  # noqa: E402, F401
 import mlflow.store.tracking.sqlalchemy_store  # noqa: E402, F401
 import optuna  # noqa: E402, F401
-import optuna.storages._rdb.storage  # noqa: E402, F401
 import pandas  # noqa: E402, F401
 import pyarrow.dataset  # noqa: E402, F401 - pandas' and mlflow's file readers
 import pyarrow.parquet  # noqa: E402, F401
+import setproctitle  # noqa: E402, F401
 import torchmetrics  # noqa: E402, F401
 from hydra.core.plugins import Plugins  # noqa: E402
+from optuna.storages import RDBStorage  # noqa: E402, F401 - and the SQLAlchemy and alembic it imports
 from PIL import Image  # noqa: E402
 
 import agecls.cli.train  # noqa: E402, F401

@@ -226,6 +226,7 @@ def run_child(request: dict) -> int:
 
         torch.set_num_threads(int(threads))
     sys.argv = [request["module"], *request["args"]]
+    _set_title([sys.executable, "-m", *sys.argv])
     sys.path[0] = request["cwd"]  # as `python -m` puts its working folder first
     try:
         import runpy
@@ -242,6 +243,15 @@ def run_child(request: dict) -> int:
         traceback.print_exc()
         return 1
     return 0
+
+
+def _set_title(cmd: list[str]) -> None:
+    """Show the trial's own command line in ps, top and /proc/PID/cmdline, not the template's."""
+    try:
+        import setproctitle
+    except ImportError:  # pragma: no cover - a dependency; without it trials show the template's line
+        return
+    setproctitle.setproctitle(" ".join(cmd))
 
 
 def _exit_code(code: object) -> int:
