@@ -69,7 +69,7 @@ RECIPE := $(SHARED) --agecls-set-age scheduler=onecycle optimizer.lr=1e-3 \
 RECIPE_64 := $(SHARED) --agecls-set-gender scheduler=onecycle optimizer.lr=1e-3
 bench: $(STAMP)
 	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
-	$(BIN)/python bench/overhead.py --notes bench/results/overhead-notes.md --write BENCHMARKS.md
+	$(BIN)/python bench/overhead.py --notes bench/results/overhead-notes.md --write docs/BENCHMARKS-EARLIER.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --no-search \
 	  --set data.pipeline=device $(RECIPE) --notes bench/results/quality-32px-recipe-notes.md --write BENCHMARKS.md
 
@@ -109,7 +109,7 @@ clean:
 # Pruned vs unpruned Optuna study on the synthetic faces (about 20 minutes on 2 CPU cores); rewrites its
 # BENCHMARKS.md section.
 bench-sweep: $(STAMP)
-	$(BIN)/python bench/sweep_pruning.py --write BENCHMARKS.md
+	$(BIN)/python bench/sweep_pruning.py --write docs/BENCHMARKS-EARLIER.md
 
 # What a study spends outside its trials' training: per-trial overhead (template vs fresh processes), a 50-trial
 # study against a plain in-process Optuna loop, and trials per hour on real data (auto vs float32; needs
@@ -172,12 +172,12 @@ bench-64: $(STAMP)
 # agecls-predict latency per stage (decode, detect, preprocess, model) for one photo and a batch of 32, CPU,
 # dissertation-size untrained model (a few minutes); rewrites its BENCHMARKS.md section.
 bench-predict: $(STAMP)
-	nice -n 10 $(BIN)/python bench/predict_latency.py --write BENCHMARKS.md
+	nice -n 10 $(BIN)/python bench/predict_latency.py --write docs/BENCHMARKS-SERVING.md
 
 # agecls-serve under load: the real server on 127.0.0.1 gets 50 uploads at the pixel limits from 20 clients at
 # once (bench/serve_load.py; about a minute); rewrites its BENCHMARKS.md section.
 bench-serve: $(STAMP)
-	$(BIN)/python bench/serve_load.py --notes bench/results/serve-load-notes.md --write BENCHMARKS.md
+	$(BIN)/python bench/serve_load.py --notes bench/results/serve-load-notes.md --write docs/BENCHMARKS-SERVING.md
 
 # The system Chromium that tests/test_serve.py drives through Playwright (never `playwright install`):
 # apt-get as root on Debian/Ubuntu. Without it the browser test skips, saying so.

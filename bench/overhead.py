@@ -15,7 +15,7 @@ Reported: the medians of whole-fit time (start-up + epochs) and of steady per-ep
 first), and their ratio agecls / plain - 1 = the overhead. Target: under 5%.
 
     .venv/bin/python bench/overhead.py                          # print the table
-    .venv/bin/python bench/overhead.py --write BENCHMARKS.md    # also rewrite this benchmark's section
+    .venv/bin/python bench/overhead.py --write docs/BENCHMARKS-EARLIER.md    # also rewrite its section
     .venv/bin/python bench/overhead.py --quick                  # CI smoke: tiny synthetic data, seconds
     .venv/bin/python bench/overhead.py --set trainer.enable_progress_bar=false   # try a config change
 """

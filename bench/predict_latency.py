@@ -11,7 +11,7 @@ A batch is N photos of one face each: decode, detect and preprocess per photo, o
 Medians over repeats, on the CPU of the machine it runs on (torch's default threads).
 
     .venv/bin/python bench/predict_latency.py                        # print the table
-    .venv/bin/python bench/predict_latency.py --write BENCHMARKS.md  # also rewrite this section
+    .venv/bin/python bench/predict_latency.py --write docs/BENCHMARKS-SERVING.md  # also rewrite this section
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ under max_upload_mb) and the detector has a face to find. Memory is the server p
 its VmHWM (peak) after the load, and its VmRSS 2 s after the last answer (/proc/PID/status).
 
     .venv/bin/python bench/serve_load.py                                   # print the section
-    .venv/bin/python bench/serve_load.py --notes bench/results/serve-load-notes.md --write BENCHMARKS.md
+    .venv/bin/python bench/serve_load.py --notes bench/results/serve-load-notes.md \\
+        --write docs/BENCHMARKS-SERVING.md
     .venv/bin/python bench/serve_load.py --from-json bench/results/serve_load.json \\
-        --notes bench/results/serve-load-notes.md --write BENCHMARKS.md
+        --notes bench/results/serve-load-notes.md --write docs/BENCHMARKS-SERVING.md
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Reports best validation macro-F1, epochs trained, worker and wall time, and the epochs at which each
 study first reached its best value. Writes bench/results/sweep_pruning.json; prints a Markdown table.
 
-    .venv/bin/python bench/sweep_pruning.py [--trials 8] [--jobs 2] [--epochs 20] [--write BENCHMARKS.md]
-    .venv/bin/python bench/sweep_pruning.py --from-json bench/results/sweep_pruning.json --write BENCHMARKS.md
+    .venv/bin/python bench/sweep_pruning.py [--trials 8] [--jobs 2] [--epochs 20] \\
+        [--write docs/BENCHMARKS-EARLIER.md]
+    .venv/bin/python bench/sweep_pruning.py --from-json bench/results/sweep_pruning.json \\
+        --write docs/BENCHMARKS-EARLIER.md
 """
 
 from __future__ import annotations

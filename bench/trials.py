@@ -40,10 +40,21 @@ import torch
 from sections import provenance, write_section  # bench/ is on sys.path
 
 REPO = Path(__file__).resolve().parents[1]
-BEGIN, END = "<!-- trials:begin -->", "<!-- trials:end -->"
 UTKFACE = Path(os.environ.get("AGECLS_UTKFACE", REPO.parent / "shared" / "data" / "utkface"))
 SHORT = ["experiment=demo", "trainer.max_epochs=1", "data.synthetic.n=64", "data.image_size=16"]
 STUDY = ["sweep=demo", "optuna/pruner=none", "optuna.register_best=false"]
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its bf16 instructions (what `auto` precision looks at)."""
+    from agecls.training.settings import cpu_bf16
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name} ({cpu_bf16() or 'no AVX512-BF16 or AMX'})"
 
 
 def run_study(out: Path, name: str, overrides: list[str]) -> dict:
@@ -265,50 +276,71 @@ def table(rows: list[dict]) -> list[str]:
     ]
 
 
-def section(result: dict) -> str:
-    lines = [
-        BEGIN,
-        "## Trial throughput: what a study spends outside training",
+TITLES = {
+    "studies": "Trial throughput: what a study spends outside training",
+    "precision": "Precision on a bf16 CPU: `auto` against float32, experiment=utkface",
+    "real": "Trials per hour on real data: `auto` against float32",
+}
+CAPTIONS = {
+    "studies": "Overhead per trial = (trials' wall x slots - fit seconds) / trials; ratio = (wall - ideal) / "
+    "ideal, ideal = fit seconds / slots. 1-epoch trials: 64 faces, 16 px; 2-second: 600 faces, 32 px.",
+    "precision": "The whole real split, 32 px, 8 epochs, one run after the other per seed; test macro-F1 and "
+    "its 95% bootstrap interval.",
+    "real": "experiment=agecnn on 1/3 of UTKFace's split, 32 px, 4-epoch trials, one slot.",
+}
+PARTS = {"studies": ("overhead", "ratio"), "precision": ("precision",), "real": ("real",)}
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- trials-{name}:begin -->", f"<!-- trials-{name}:end -->"
+
+
+def study_row(study: str, runner: str, slots: int, got: dict) -> dict:
+    wall, fit, n = float(got["trials_wall_s"]), float(got["fit_s"]), int(got["trials"])
+    ideal = fit / slots
+    return {
+        "trials": f"{n} x {study}",
+        "runner": runner,
+        "slots": slots,
+        "trials_wall_s": wall,
+        "fit_s": fit,
+        "overhead_per_trial_s": round((wall * slots - fit) / n, 2),
+        "ratio": round((wall - ideal) / ideal, 2),
+    }
+
+
+def table_rows(result: dict, name: str) -> list[dict]:
+    if name == "precision":
+        return result["precision"]["rows"]
+    if name == "real":
+        return result["real"]
+    rows = [
+        study_row("1-epoch", f"sweeper, trial_start={r['trial_start']}", 1, r) for r in result["overhead"]
+    ]
+    for r in result["ratio"]:
+        runner = "sweeper, trial_start=template" if r["runner"] == "agecls sweeper" else r["runner"]
+        rows.append(study_row("2-second", runner, int(r["slots"]), r))
+    return rows
+
+
+def section(result: dict, name: str) -> str:
+    """One section: provenance (of each run that measured its parts), caption, table and reading."""
+    begin, end = markers(name)
+    runs = {json.dumps(result["measured"][p], sort_keys=True) for p in PARTS[name]}
+    lines = [begin, f"## {TITLES[name]}", ""]
+    for when in sorted(runs):
+        run = json.loads(when)
+        lines += provenance(run["command"], result["machine"], run["date"])
+    lines += [
         "",
-        *provenance(result["command"], result["machine"], result["date"]),
+        CAPTIONS[name],
+        "",
+        *table(table_rows(result, name)),
+        "",
+        *result["reading"].get(name, []),
+        end,
         "",
     ]
-    if result.get("overhead"):
-        lines += [
-            "Per-trial overhead of a study of 1-epoch trials (64 faces, 16 px, one slot):",
-            "",
-            *table(result["overhead"]),
-            "",
-        ]
-    if result.get("ratio"):
-        lines += [
-            f"A study of {result['ratio'][0]['trials']} short trials on every slot against a plain "
-            "in-process Optuna loop (ratio = (wall - ideal) / ideal, ideal = fit seconds / slots):",
-            "",
-            *table(result["ratio"]),
-            "",
-        ]
-    if result.get("precision"):
-        got = result["precision"]
-        lines += [
-            f"`auto` on this machine against 32-true contiguous, experiment=utkface (whole split, 32 px, 8 "
-            f"epochs): auto fits {got['speedup']}x as fast. Test macro-F1 [95% bootstrap interval]:",
-            "",
-            *table(got["rows"]),
-            "",
-            "Paired bootstrap difference on the same test faces:",
-            "",
-            *table(got["diffs"]),
-            "",
-        ]
-    if result.get("real"):
-        lines += [
-            "Trials per hour, experiment=agecnn on 1/3 of UTKFace's split, 32 px, 4-epoch trials:",
-            "",
-            *table(result["real"]),
-            "",
-        ]
-    lines += [*result.get("reading", []), END, ""]
     return "\n".join(lines)
 
 
@@ -323,33 +355,43 @@ def main() -> None:
     parser.add_argument("--write", type=Path, help="rewrite this benchmark's section of this Markdown file")
     parser.add_argument("--from-json", type=Path, help="render a saved result instead of running")
     args = parser.parse_args()
+    saved = REPO / "bench" / "results" / "trials.json"
     if args.from_json:
         result = json.loads(args.from_json.read_text())
     else:
         parts = args.parts.split(",")
-        result = {
-            "command": "python bench/trials.py " + " ".join(sys.argv[1:]),
-            "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-            + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
-            + f"; torch {torch.__version__}",
-        }
+        # a run of some parts keeps the saved figures of the others (each part says when it was measured)
+        result = json.loads(saved.read_text()) if saved.is_file() and not args.quick else {}
+        result.update(
+            {
+                "command": "python bench/trials.py " + " ".join(sys.argv[1:]),
+                "date": datetime.now().strftime("%Y-%m-%d %H:%M"),
+                "machine": f"{cpu_name()}, {os.cpu_count()} CPU cores, "
+                + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU")
+                + f"; torch {torch.__version__}",
+            }
+        )
+        measured = result.setdefault("measured", {})
         with tempfile.TemporaryDirectory(prefix="agecls-trials-") as tmp:
             out = Path(tmp)
-            if "overhead" in parts:
-                result["overhead"] = overhead(out, args.quick)
-            if "ratio" in parts:
-                result["ratio"] = ratio(out, args.trials, args.epochs, args.quick)
-            if "precision" in parts and not args.quick:
-                result["precision"] = precision(out, args.seeds)
-            if "real" in parts and not args.quick:
-                result["real"] = real(out, args.real_trials)
+            runs = {
+                "overhead": lambda: overhead(out, args.quick),
+                "ratio": lambda: ratio(out, args.trials, args.epochs, args.quick),
+                "precision": lambda: None if args.quick else precision(out, args.seeds),
+                "real": lambda: None if args.quick else real(out, args.real_trials),
+            }
+            for part in parts:
+                got = runs[part]()
+                if got is not None:
+                    result[part] = got
+                    measured[part] = {"command": result["command"], "date": result["date"]}
         if not args.quick:
-            saved = REPO / "bench" / "results" / "trials.json"
             saved.write_text(json.dumps(result, indent=2) + "\n")
-    if args.write:
-        write_section(args.write, section(result), BEGIN, END)
-    print(section(result))
+    for name, parts in PARTS.items():
+        if all(part in result.get("measured", {}) for part in parts):
+            if args.write:
+                write_section(args.write, section(result, name), *markers(name))
+            print(section(result, name))
 
 
 if __name__ == "__main__":

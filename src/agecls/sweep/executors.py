@@ -44,6 +44,8 @@ class TrialExecutor(Protocol):
 
     def prepare(self) -> None: ...
 
+    def ready(self) -> None: ...
+
     def wait_any(self, timeout: float) -> None: ...
 
 
@@ -108,6 +110,17 @@ class SubprocessExecutor:
 
             self.template = Template()
             atexit.register(self.template.close)
+
+    def ready(self) -> None:
+        """Wait until the template can fork trials (a trial asked for before would wait in the study)."""
+        from agecls.sweep.template import TemplateGone
+
+        if self.template is not None:
+            try:
+                self._say_ready()
+            except TemplateGone as exc:
+                log.warning("%s; trials start as fresh processes", exc)
+                self.use_template, self.template = False, None
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> TrialHandle:
         from agecls.sweep.template import TemplateGone, is_module_command
@@ -294,6 +307,9 @@ class SubmititExecutor:
 
     def prepare(self) -> None:
         pass  # each job starts its own interpreter on its node
+
+    def ready(self) -> None:
+        pass
 
     def wait_any(self, timeout: float) -> None:
         time.sleep(timeout)  # a job's end is seen by polling the cluster

@@ -272,6 +272,7 @@ class StudyRunner:
         # then the other runs of this host whose process died (after the reaper, which ends its trials' runs
         # with the trial's own reason): once here rather than in every trial
         end_dead_runs(self.config.tracking)
+        run.executor.ready()  # the first trial is asked for when it can start
         state.last_check = time.monotonic()
         while True:
             slot = _free_slot(run, state)
