@@ -21,7 +21,7 @@ demo: $(STAMP)
 	@out="$${AGECLS_OUTPUT_DIR:-$(CURDIR)/outputs}"; \
 	echo ">> make demo: generates 2,000 synthetic faces, then runs an 8-trial Optuna study of real agecls"; \
 	echo "   trainings on them (64 px, two trials at a time; the median pruner stops trials that trail), then"; \
-	echo "   reports it. About 4 minutes on 2 idle CPU cores (more on busy ones): the status line estimates the"; \
+	echo "   reports it. About 2 minutes on 2 idle CPU cores (more on busy ones): the status line estimates the"; \
 	echo "   time left."; \
 	echo "   Output: $$out/multiruns/<date>/<time>/trial-NNNN/ (each trial's process.log and checkpoints/),"; \
 	echo "   the report in $$out/reports/demo/. Watch the runs live in MLflow from another terminal:"; \

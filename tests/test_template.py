@@ -4,6 +4,7 @@ once without touching each other, and the executor falls back to fresh processes
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import time
@@ -103,3 +104,15 @@ def test_executor_starts_fresh_processes_when_the_template_is_gone(tmp_path, pro
 def test_trial_start_is_checked():
     with pytest.raises(SweepError, match="optuna.trial_start='forked'; valid: template, fresh"):
         SubprocessExecutor(OmegaConf.create({"n_jobs": 1, "devices": None, "trial_start": "forked"}))
+
+
+def test_what_the_preloaded_modules_print_does_not_break_the_template(tmp_path, monkeypatch, probe):
+    """A library printing on stdout while the template imports goes to stderr, not into its answers."""
+    (tmp_path / "sitecustomize.py").write_text("print('a library says hello on stdout')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    noisy = Template()
+    try:
+        handle, log = _run(noisy, probe, "exit", "0")
+        assert handle.returncode == 0, log.read_text()
+    finally:
+        noisy.close()

@@ -150,7 +150,11 @@ class Template:
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
-            message = json.loads(line)
+            try:
+                message = json.loads(line)
+            except ValueError:  # not an answer: say it rather than lose the template over it
+                log.warning("trial template: %s", line.rstrip())
+                continue
             with self._changed:
                 if "ready" in message:
                     self._ready = float(message["ready"])
@@ -166,11 +170,10 @@ class Template:
 # -- the template process itself ------------------------------------------------------------------------
 
 
-def serve() -> int | None:
-    """The template's loop: fork a child per request, report exits; returns None at the end of its input,
-    or, in a forked child, the exit code of the trial it ran."""
+def serve(out) -> int | None:
+    """The template's loop: fork a child per request, report exits on `out`; returns None at the end of its
+    input, or, in a forked child, the exit code of the trial it ran."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the sweeper and the trials, not for this
-    out = sys.stdout
     selector = selectors.DefaultSelector()
     selector.register(0, selectors.EVENT_READ)
     children: set[int] = set()
@@ -190,6 +193,7 @@ def serve() -> int | None:
             pid = os.fork()
             if pid == 0:
                 selector.close()
+                out.close()  # the answers' pipe is the template's alone
                 return run_child(request)
             children.add(pid)
             _answer(out, {"id": request["id"], "pid": pid})
@@ -265,16 +269,19 @@ def _exit_code(code: object) -> int:
 
 def main() -> None:
     started = time.monotonic()
+    # answers go on a descriptor of their own; whatever a library prints (fd 1) goes to stderr instead
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     __import__(PRELOAD)
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         print("agecls template: importing the trial's modules initialised CUDA; not forking", file=sys.stderr)
         sys.exit(3)
-    _answer(sys.stdout, {"ready": round(time.monotonic() - started, 2)})
-    code = serve()
+    _answer(out, {"ready": round(time.monotonic() - started, 2)})
+    code = serve(out)
     if code is not None:
         end_child(code)
-    sys.stdout.flush()
+    out.flush()
     os._exit(0)  # the sweeper is done with it: skip tearing down its modules one by one
 
 
