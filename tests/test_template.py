@@ -116,3 +116,21 @@ def test_what_the_preloaded_modules_print_does_not_break_the_template(tmp_path, 
         assert handle.returncode == 0, log.read_text()
     finally:
         noisy.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "line"),
+    [
+        ("optuna.trial_start=forked", "optuna.trial_start='forked'; valid: template, fresh"),
+        ("optuna.n_jobs=0", "optuna.n_jobs=0; valid: an integer >= 1 (trials at once)"),
+    ],
+)
+def test_a_bad_trial_setting_is_one_line_before_anything_starts(tmp_path, setting, line):
+    import subprocess
+
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", "experiment=demo", "sweep=demo", setting]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [f"agecls-train: error: {line}"], (
+        done.stderr
+    )

@@ -99,7 +99,7 @@ class SubprocessExecutor:
             gpus = [str(d) for d in devices]
         if gpus:
             return [{"CUDA_VISIBLE_DEVICES": g} for _ in range(per_device) for g in gpus]
-        n_jobs = _n_jobs(self.ocfg)
+        n_jobs = job_slots(self.ocfg)
         threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
         return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads} for _ in range(n_jobs)]
 
@@ -287,7 +287,7 @@ class SubmititExecutor:
         if per_device > 1:
             self.alone = submitit.AutoExecutor(folder=folder, cluster=self.kind, **init)
             self.alone.update_parameters(**submitit_parameters(launcher)[3])
-        self.n_jobs = _n_jobs(ocfg)
+        self.n_jobs = job_slots(ocfg)
 
     def slots(self) -> list[dict[str, str]]:
         """GPUs are the job's own (Slurm sets CUDA_VISIBLE_DEVICES); CPU threads follow cpus_per_task."""
@@ -339,11 +339,12 @@ def trial_executor(cfg: DictConfig) -> TrialExecutor:
     return SubprocessExecutor(cfg.optuna)
 
 
-def _n_jobs(ocfg: DictConfig) -> int:
-    n_jobs = int(ocfg.n_jobs)
-    if n_jobs < 1:
-        raise SweepError(f"optuna.n_jobs={n_jobs}; must be >= 1")
-    return n_jobs
+def job_slots(ocfg: DictConfig) -> int:
+    """`optuna.n_jobs`, checked: trials at once on CPU, or jobs submitted at once."""
+    value = ocfg.n_jobs
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SweepError(f"optuna.n_jobs={value!r}; valid: an integer >= 1 (trials at once)")
+    return value
 
 
 def trials_per_device(ocfg: DictConfig) -> int:

@@ -62,7 +62,14 @@ from agecls.sweep.console import (
     trial_view,
 )
 from agecls.sweep.drawable import Drawable, check_space
-from agecls.sweep.executors import RUN_ALONE_ENV, Running, TrialExecutor, trial_executor, trials_per_device
+from agecls.sweep.executors import (
+    RUN_ALONE_ENV,
+    Running,
+    TrialExecutor,
+    job_slots,
+    trial_executor,
+    trials_per_device,
+)
 from agecls.sweep.followup import check_followups, run_followups
 from agecls.sweep.params import present_params
 from agecls.sweep.recovery import Reaper, requeue_alone, requeue_interrupted, settle_ended, surplus
@@ -156,7 +163,10 @@ class StudyRunner:
         # registering the best model downloads its artifacts: no progress bar between the status lines
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        executor = trial_executor(self.config)
+        try:
+            executor = trial_executor(self.config)
+        except SweepError as exc:  # e.g. optuna.trial_start: one line, before anything starts
+            raise UsageError(str(exc)) from None
         executor.prepare()  # a trial template imports while the study is planned and opened
         plan, study = self._plan(arguments)
         run = self._open(plan, study, executor)
@@ -181,6 +191,7 @@ class StudyRunner:
         try:
             check_settings(ocfg)
             trials_per_device(ocfg)  # a bad value: one line before the study opens, not a traceback after
+            job_slots(ocfg)
             params = present_params(cfg)
             left_out = [k for k in ocfg.params if k not in params]
             space, fixed = search_space(params, arguments, parser)
