@@ -119,8 +119,7 @@ class SubprocessExecutor:
             try:
                 self._say_ready()
             except TemplateGone as exc:
-                log.warning("%s; trials start as fresh processes", exc)
-                self.use_template, self.template = False, None
+                self._fall_back(exc)
 
     def start(self, cmd: list[str], env: dict[str, str], log_path: Path, name: str) -> TrialHandle:
         from agecls.sweep.template import TemplateGone, is_module_command
@@ -132,8 +131,7 @@ class SubprocessExecutor:
                 log_path.write_text("")
                 return self.template.start(cmd, env, log_path)
             except TemplateGone as exc:
-                log.warning("%s; trials start as fresh processes from now on", exc)
-                self.use_template, self.template = False, None
+                self._fall_back(exc)
         with open(log_path, "w") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
         return ProcessHandle(proc)
@@ -144,6 +142,10 @@ class SubprocessExecutor:
             self.template.wait_any(timeout)
         else:
             time.sleep(timeout)
+
+    def _fall_back(self, exc: Exception) -> None:
+        log.warning("%s; trials start as fresh processes from now on", exc)
+        self.use_template, self.template = False, None
 
     def _say_ready(self) -> None:
         if not self._said_ready:

@@ -2,8 +2,8 @@
 rather than seconds of interpreter start and imports, while each trial stays a process of its own (a crash,
 a leaked CUDA context or thread ends with it).
 
-The template (`python -m agecls.sweep.template`, started by the sweeper at its first trial) imports what a
-trial imports (agecls.cli.trial_preload: torch, lightning, mlflow, optuna, Hydra, agecls), then reads
+The template (`python -m agecls.sweep.template`, started by the sweeper before it plans the study) imports
+what a trial imports (agecls.cli.trial_preload: torch, lightning, mlflow, optuna, Hydra, agecls), then reads
 requests, one JSON line each on its stdin: `{"id", "module", "args", "env", "log", "cwd"}`. For each it
 forks a child that runs `python -m module args` in-process as `__main__`, and answers `{"id", "pid"}`; when
 a child ends it answers `{"pid", "exit"}` (a negative exit is the signal that ended it, as subprocess says).
