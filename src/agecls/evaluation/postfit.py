@@ -55,8 +55,6 @@ def score_fit(
     module.load_state_dict(state["state_dict"])
     best_score = fitted.best_score
     tta = choose_tta(module, datamodule, fitted.best, state, rec) if module.tta_auto else None
-    if tta is not None and tta["chosen"] == "flip" and str(cfg.objective.metric) == "val/macro_f1":
-        best_score = tta["val_macro_f1"]["flip"]  # the objective of the model as it will be used
     paths = manifest["path"].astype(str).to_numpy()
     reused = {"val": tta.pop("val_predicted")} if tta is not None else None
     groups = fairness_groups(module, manifest)
@@ -75,8 +73,8 @@ def score_fit(
             for prefix in metric_prefixes(PREFIX[split], attr, module.multitask, module.objective):
                 results.update({f"{prefix}/{k}": v for k, v in report.metrics.items()})
     if str(cfg.objective.metric) == "val/macro_f1" and "best_val/macro_f1" in results:
-        # the chosen checkpoint scored as it will be used (float32, its TTA): a bf16-mixed run validated its
-        # epochs under autocast, whose scores differ in the last digits
+        # the chosen checkpoint scored as it will be used (float32, with its chosen TTA): a bf16-mixed run
+        # validated its epochs under autocast, whose scores differ in the last digits
         best_score = results["objective"] = results["best_val/macro_f1"]
     rec.metrics({k: float(results[k]) for k in ("objective", "best_epoch", "epochs_trained", "fit_seconds")})
     results.update(confusion_results(reports, class_names, module))
