@@ -3,6 +3,7 @@ training decoded UTKFace, every attribute predicted; bad files reported and skip
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -114,6 +115,11 @@ def test_detect_false_decodes_like_training_and_matches_the_square_crop(tiny_mul
     predictor = Predictor.from_config(parse_args([f"ckpt={tiny_multitask_ckpt}", "images=x", "detect=false"]))
     got = predictor.predict_file(tmp_path / "crop.png")
     assert got["status"] == "ok" and got["faces"][0]["box"] == [0, 0, 203, 250]
+    assert "thumbnail" not in got["faces"][0]
+    shown = predictor.predict_file(tmp_path / "crop.png", thumbnails=True)["faces"][0]["thumbnail"]
+    assert shown.startswith("data:image/jpeg;base64,")
+    thumb = Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1])))
+    assert max(thumb.size) == 112 and abs(thumb.width / thumb.height - 203 / 250) < 0.02
 
 
 def test_one_checkpoint_per_attribute_and_the_softmax_fallback(tiny_multitask_ckpt):

@@ -16,6 +16,7 @@ command prints. Unreadable or non-image files are reported and skipped.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
@@ -209,9 +210,10 @@ class Predictor:
                 }
         return out
 
-    def predict_image(self, img: Image.Image, scale: float = 1.0) -> list[dict[str, Any]]:
+    def predict_image(self, img: Image.Image, scale: float = 1.0, *, thumbnails: bool = False) -> list[dict]:
         """Every face of a decoded photo: box, detector, aligned, and per attribute label/prob/probs; boxes
-        in the photo's own pixels when it was decoded `scale` times smaller."""
+        in the photo's own pixels when it was decoded `scale` times smaller. With `thumbnails`, each face
+        also carries its crop as the model saw it (a JPEG data URL, at most THUMBNAIL px)."""
         faces = self.faces(img, scale)
         preds = self.classify([f.crop for f in faces]) if faces else []
         return [
@@ -222,11 +224,12 @@ class Predictor:
                 "aligned": f.aligned,
                 "angle": f.angle,
                 **p,
+                **({"thumbnail": thumbnail_url(f.crop)} if thumbnails else {}),
             }
             for i, (f, p) in enumerate(zip(faces, preds, strict=True))
         ]
 
-    def predict_file(self, data: bytes | str | Path, name: str = "") -> dict[str, Any]:
+    def predict_file(self, data: bytes | str | Path, name: str = "", *, thumbnails: bool = False) -> dict:
         """{file, status: ok | no_face | error, width, height, faces, error} for one file or upload."""
         label = name or str(data)
         try:
@@ -234,7 +237,19 @@ class Predictor:
         except ImageError as exc:
             log.debug("skipped: %s", exc)
             return {"file": label, "status": "error", "error": str(exc), "faces": []}
-        return image_result(label, img, self.predict_image(img))
+        return image_result(label, img, self.predict_image(img, thumbnails=thumbnails))
+
+
+THUMBNAIL = 112  # side of the face thumbnails the page shows
+
+
+def thumbnail_url(crop: Image.Image, side: int = THUMBNAIL) -> str:
+    """The crop, at most `side` px, as a JPEG data URL the page can show as it is."""
+    small = crop.copy()
+    small.thumbnail((side, side), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    small.convert("RGB").save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 # --------------------------------------------------------------------------------------------- outputs
