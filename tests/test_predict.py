@@ -280,7 +280,7 @@ def test_the_console_names_the_model_and_lists_every_face_and_the_output_files_a
     assert printed.out.splitlines() == [
         f"model: {card['source']} (MLflow run {card['run_id']}): age, gender, ethnicity; trained on "
         f"synthetic ({card['data']['root']}, manifest {card['data']['manifest_hash']}); validation "
-        f"macro-F1 {card['val_macro_f1']:.3f}",
+        "macro-F1 " + ", ".join(f"{a} {card['val_macro_f1_by_attribute'][a]:.3f}" for a in ATTRS),
         f"warning: {card['source']} was trained on generated synthetic faces, not real photos: its "
         "predictions on real faces are not meaningful",
         f"file       face  box        {'age'.ljust(age_w)}  {'gender'.ljust(gender_w)}  ethnicity",

@@ -7,22 +7,18 @@ import io
 import os
 import re
 import shutil
-import socket
-import threading
-import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from tests.browser import browser_or_skip, page_at, served
 
 from agecls.cli.predict import parse_args
 from agecls.errors import UsageError
 from agecls.serving.predict import Predictor
 from agecls.serving.serve import synthetic_warning
-from agecls.serving.sources import SYNTHETIC_WARNING
+from agecls.serving.sources import SYNTHETIC_WARNING, describe_model, model_card, val_scores
 
 pytestmark = pytest.mark.slow
-CHROMIUM = os.environ.get("AGECLS_CHROMIUM", "/usr/bin/chromium")
 
 
 def jpeg(img: Image.Image, fmt: str = "JPEG") -> bytes:
@@ -112,6 +108,8 @@ def test_page_and_info(client, tiny_multitask_ckpt):
     assert card["data"]["name"] == "synthetic" and card["data"]["root"].endswith("synthetic-n200-s0")
     assert len(card["data"]["manifest_hash"]) == 12 and card["synthetic"] is True
     assert card["val_macro_f1"] == round(results["best_val/macro_f1"], 4)
+    by_attribute = {a: round(results[f"best_val/{a}/macro_f1"], 4) for a in ("age", "gender", "ethnicity")}
+    assert card["val_macro_f1_by_attribute"] == by_attribute and by_attribute["age"] == card["val_macro_f1"]
     assert info["synthetic_warning"] == (
         "trained on generated synthetic faces, not real photos: its predictions on real faces are not "
         "meaningful"
@@ -124,6 +122,54 @@ def test_only_a_model_trained_on_generated_faces_carries_the_synthetic_warning()
     assert synthetic_warning([real, {"source": "b.ckpt", "synthetic": True}]) == {
         "synthetic_warning": SYNTHETIC_WARNING
     }
+
+
+def test_the_model_line_names_each_attributes_validation_score():
+    card = {
+        "source": "models:/agecls-utkface@best",
+        "version": "3",
+        "run_id": "abc123",
+        "attributes": ["age", "gender", "ethnicity"],
+        "data": {"name": "utkface", "root": "/data/UTKFace", "manifest_hash": "1a2b3c4d5e6f"},
+        "val_macro_f1": 0.556,
+        "val_macro_f1_by_attribute": {"age": 0.556, "gender": 0.9012, "ethnicity": None},
+    }
+    assert describe_model(card) == (
+        "models:/agecls-utkface@best (version 3, MLflow run abc123): age, gender, ethnicity; trained on "
+        "utkface (/data/UTKFace, manifest 1a2b3c4d5e6f); validation macro-F1 age 0.556, gender 0.901, "
+        "ethnicity unknown"
+    )
+    single = {**card, "attributes": ["age"], "val_macro_f1_by_attribute": {"age": 0.556}}
+    assert describe_model(single).endswith("; validation macro-F1 0.556")
+    assert val_scores(
+        {"best_val/macro_f1": 0.5, "best_val/gender/macro_f1": 0.8}, ["age", "gender"], "age"
+    ) == {
+        "age": 0.5,
+        "gender": 0.8,
+    }
+    assert val_scores({"val/macro_f1": 0.41}, ["gender"], "gender") == {"gender": 0.41}
+
+
+def test_start_up_names_the_model_and_the_url_to_open(tiny_multitask_ckpt, monkeypatch, capsys):
+    import uvicorn
+
+    from agecls.cli import serve
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(kw))
+    assert serve.main([f"ckpt={tiny_multitask_ckpt}", "host=0.0.0.0", "port=8123"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    card = model_card(
+        tiny_multitask_ckpt,
+        Predictor.from_config(serve.parse_args([f"ckpt={tiny_multitask_ckpt}"])).models[0].module,
+    )
+    assert err[-2:] == [
+        f"agecls-serve: model {describe_model(card)}",
+        "agecls-serve: open http://127.0.0.1:8123/ in a browser (Ctrl-C stops)",
+    ]
+    assert err[-2].startswith(f"agecls-serve: model {tiny_multitask_ckpt.resolve()} (MLflow run ")
+    assert ": age, gender, ethnicity; trained on synthetic" in err[-2]
+    assert (served["host"], served["port"]) == ("0.0.0.0", 8123)
 
 
 def test_one_photo_is_predicted(client, face_jpeg):
@@ -323,93 +369,60 @@ def test_the_gate_queues_a_bounded_number_and_answers_busy_with_retry_after():
     assert order[4].startswith("e busy ") and "no turn within 0.5 s" in order[4]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_upload_page_in_headless_chromium(app, client, face_jpeg, tmp_path):
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install '.[dev]')"
-    )
-    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        pytest.skip(
-            f"no Chromium at {CHROMIUM}: run `make browser` (apt-get install chromium) or set AGECLS_CHROMIUM"
+    sync_api = browser_or_skip()
+    photo = tmp_path / "grace.jpg"
+    photo.write_bytes(face_jpeg)
+    with served(app) as url, page_at(sync_api, url) as page:
+        page.wait_for_selector("#warning:visible", timeout=30_000)
+        card = client.get("/api/info").json()["models"][0]
+        assert page.inner_text("h1") == "agecls: age, gender and ethnicity from a photo"
+        assert "gets an age group, a gender and an ethnicity with probabilities" in page.inner_text("#intro")
+        assert page.inner_text("#model") == (
+            f"Model: {card['source']}; MLflow run {card['run_id']}; predicts age, gender, ethnicity; "
+            f"trained on synthetic ({card['data']['root']}, "
+            f"manifest {card['data']['manifest_hash']}); validation macro-F1 "
+            + ", ".join(f"{a} {card['val_macro_f1_by_attribute'][a]:.3f}" for a in card["attributes"])
         )
-    import uvicorn
+        assert page.inner_text("#warning") == (
+            "Warning: This model was trained on generated synthetic faces, not real photos: its "
+            "predictions on real faces are not meaningful."
+        )
+        page.set_input_files("#file", str(photo))
+        page.click("#go")
+        page.wait_for_selector("li.prediction", timeout=30_000)
+        heads = page.locator("li.prediction .attr .head").all_inner_texts()
+        assert [h.split(":")[0] for h in heads] == ["age", "gender", "ethnicity"]
+        assert page.inner_text("#status") == "1 face(s) found"
+        assert page.locator(".box .badge").all_inner_texts() == ["1"]
+        assert page.locator("li.prediction > .badge").all_inner_texts() == ["1"]
+        page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        if os.environ.get("AGECLS_SCREENSHOT"):  # to look at the page: AGECLS_SCREENSHOT=PATH
+            shutil.copy(tmp_path / "page.png", os.environ["AGECLS_SCREENSHOT"])
+        page.set_input_files("#file", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"hi"})
+        page.click("#go")
+        page.wait_for_selector("#status.error", timeout=30_000)
+        assert "415" in page.inner_text("#status")
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
-        photo = tmp_path / "grace.jpg"
-        photo.write_bytes(face_jpeg)
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
-            try:
-                page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{port}/")
-                page.wait_for_selector("#warning:visible", timeout=30_000)
-                card = client.get("/api/info").json()["models"][0]
-                assert page.inner_text("h1") == "agecls: age, gender and ethnicity from a photo"
-                assert "gets an age group, a gender and an ethnicity with probabilities" in page.inner_text(
-                    "#intro"
-                )
-                assert page.inner_text("#model") == (
-                    f"Model: {card['source']}; MLflow run {card['run_id']}; predicts age, gender, ethnicity; "
-                    f"trained on synthetic ({card['data']['root']}, "
-                    f"manifest {card['data']['manifest_hash']}); "
-                    f"validation macro-F1 {card['val_macro_f1']:.3f}"
-                )
-                assert page.inner_text("#warning") == (
-                    "Warning: This model was trained on generated synthetic faces, not real photos: its "
-                    "predictions on real faces are not meaningful."
-                )
-                page.set_input_files("#file", str(photo))
-                page.click("#go")
-                page.wait_for_selector("li.prediction", timeout=30_000)
-                text = page.inner_text("#result")
-                assert "age:" in text and "gender:" in text and "ethnicity:" in text
-                assert page.inner_text("#status") == "1 face(s) found"
-                assert page.locator(".box").count() == 1
-                page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
-                if os.environ.get("AGECLS_SCREENSHOT"):  # to look at the page: AGECLS_SCREENSHOT=PATH
-                    shutil.copy(tmp_path / "page.png", os.environ["AGECLS_SCREENSHOT"])
-                page.set_input_files("#file", {"name": "x.txt", "mimeType": "text/plain", "buffer": b"hi"})
-                page.click("#go")
-                page.wait_for_selector("#status.error", timeout=30_000)
-                assert "415" in page.inner_text("#status")
+        # an age-only model on real data: the page promises nothing else and warns of nothing
+        def age_only(route):
+            info = client.get("/api/info").json()
+            info["class_names"] = {"age": info["class_names"]["age"]}
+            info["models"] = [
+                {**card, "attributes": ["age"], "synthetic": False, "data": {"name": "utkface"}}
+            ]
+            route.fulfill(json=info)
 
-                # an age-only model on real data: the page promises nothing else and warns of nothing
-                def age_only(route):
-                    info = client.get("/api/info").json()
-                    info["class_names"] = {"age": info["class_names"]["age"]}
-                    info["models"] = [
-                        {**card, "attributes": ["age"], "synthetic": False, "data": {"name": "utkface"}}
-                    ]
-                    route.fulfill(json=info)
-
-                page.route("**/api/info", age_only)
-                page.reload()
-                page.wait_for_function("document.getElementById('model').innerText.includes('utkface')")
-                assert page.inner_text("h1") == "agecls: age from a photo"
-                assert "gender" not in page.inner_text("#intro") and "ethnicity" not in page.inner_text(
-                    "#intro"
-                )
-                assert "each gets an age group with probabilities" in page.inner_text("#intro")
-                assert not page.locator("#warning").is_visible()
-                page.set_input_files("#file", str(photo))
-                page.click("#go")
-                page.wait_for_selector("li.prediction", timeout=30_000)
-                assert re.fullmatch(r"age: \S+ \(\d\.\d\d\)", page.inner_text("#result"))
-            finally:
-                browser.close()
-    finally:
-        server.should_exit = True
-        thread.join(10)
+        page.route("**/api/info", age_only)
+        page.reload()
+        page.wait_for_function("document.getElementById('model').innerText.includes('utkface')")
+        assert page.inner_text("h1") == "agecls: age from a photo"
+        assert "gender" not in page.inner_text("#intro") and "ethnicity" not in page.inner_text("#intro")
+        assert "each gets an age group with probabilities" in page.inner_text("#intro")
+        assert not page.locator("#warning").is_visible()
+        page.set_input_files("#file", str(photo))
+        page.click("#go")
+        page.wait_for_selector("li.prediction", timeout=30_000)
+        assert page.locator("li.prediction .attr").count() == 1
+        assert re.fullmatch(r"age: \S+ \(\d\.\d\d\)", page.inner_text("li.prediction .head"))
+        assert page.inner_text("#model").endswith(f"validation macro-F1 {card['val_macro_f1']:.3f}")

@@ -5,8 +5,8 @@
 GET /                 upload page (HTML + a little inline JS; no external assets)
 GET /api/info         the attributes and class names the checkpoint(s) predict, each model's card (models:
                       source, registered, version, run_id, attributes, data {name, root, manifest_hash},
-                      val_macro_f1, synthetic), synthetic_warning only where a model was trained on
-                      generated faces, and the server's limits
+                      val_macro_f1, val_macro_f1_by_attribute, synthetic), synthetic_warning only where a
+                      model was trained on generated faces, and the server's limits
 POST /api/predict     one photo (multipart field `file`) -> {status, width, height, faces: [...]}
 POST /api/predict/batch  several photos (multipart field `files`, at most max_batch) -> {results: [...]}, 200
                       whenever the request itself is readable: each file has its own result, a refused or

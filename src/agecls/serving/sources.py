@@ -150,8 +150,9 @@ def _best_from_checkpoint(path: Path) -> float | None:
 
 
 def _run_facts(run_id: str, tracking_uri: str | None) -> dict[str, Any]:
-    """{manifest_hash, root, val_macro_f1} of an MLflow run, whatever of them the store has; {} when the store
-    or the run cannot be read (the card is informative, never a reason to refuse a model)."""
+    """{manifest_hash, root, scores: the run's best_val/* and val/* macro-F1 metrics} of an MLflow run,
+    whatever of them the store has; {} when the store or the run cannot be read (the card is informative,
+    never a reason to refuse a model)."""
     try:
         from mlflow.tracking import MlflowClient
 
@@ -160,12 +161,27 @@ def _run_facts(run_id: str, tracking_uri: str | None) -> dict[str, Any]:
         log.debug("run %s in %s: unreadable for the model card (%s)", run_id, tracking_uri, exc)
         return {}
     metrics, tags = run.data.metrics, run.data.tags
-    score = metrics.get(f"best_{VAL_METRIC}", metrics.get(VAL_METRIC))
     return {
         "manifest_hash": tags.get("data.manifest_hash"),
         "root": tags.get("data.root"),
-        "val_macro_f1": None if score is None else float(score),
+        "scores": {k: float(v) for k, v in metrics.items() if k.endswith("macro_f1")},
     }
+
+
+def val_scores(
+    recorded: dict[str, Any], attributes: list[str], objective: str | None
+) -> dict[str, float | None]:
+    """Each attribute's validation macro-F1 from a run's recorded metrics (results.json or MLflow): a
+    multitask run's `best_val/ATTR/macro_f1`; the objective attribute's (or a single task's) also unprefixed,
+    `best_val/macro_f1`, else its last `val/macro_f1`."""
+    scores: dict[str, float | None] = {}
+    for attr in attributes:
+        keys = [f"best_val/{attr}/macro_f1"]
+        if attr == objective or len(attributes) == 1:
+            keys += [f"best_{VAL_METRIC}", VAL_METRIC]
+        found = next((recorded[k] for k in keys if recorded.get(k) is not None), None)
+        scores[attr] = None if found is None else round(float(found), 4)
+    return scores
 
 
 def _local_store(uri: Any) -> bool:
@@ -182,23 +198,22 @@ def _local_store(uri: Any) -> bool:
 
 def model_card(path: Path, module: Any, source: Source | None = None) -> dict[str, Any]:
     """What a user needs to judge a model's answers: where it came from (file or registry name, version and
-    MLflow run), the attributes it predicts, the data it was trained on and its validation macro-F1."""
+    MLflow run), the attributes it predicts, the data it was trained on and each attribute's validation
+    macro-F1 (`val_macro_f1` is the objective attribute's)."""
     source = source or Source(str(Path(path).resolve()))
     cfg = getattr(module, "cfg", None)
     data = cfg.get("data") if cfg is not None and hasattr(cfg, "get") else None
     names = getattr(module, "class_names", None)
     attributes = list(names) if isinstance(names, dict) else [str(cfg.task.target)] if cfg is not None else []
-    run_id, val = source.run_id, None
+    objective = getattr(module, "objective", None) or (attributes[0] if attributes else None)
+    run_id, recorded = source.run_id, {}
     results_file = Path(path).parent.parent / "results.json"  # a run's folder holds checkpoints/ and it
     if source.registered is None and results_file.is_file():
         try:
-            results = json.loads(results_file.read_text())
-            run_id = run_id or results.get("mlflow_run_id")
-            val = results.get(f"best_{VAL_METRIC}")
+            recorded = json.loads(results_file.read_text())
+            run_id = run_id or recorded.get("mlflow_run_id")
         except (OSError, ValueError):
-            pass
-    if val is None:
-        val = _best_from_checkpoint(Path(path))
+            recorded = {}
     facts: dict[str, Any] = {}
     uri = source.tracking_uri
     if uri is None and data is not None and cfg.get("tracking") is not None:
@@ -206,8 +221,10 @@ def model_card(path: Path, module: Any, source: Source | None = None) -> dict[st
         uri = uri if _local_store(uri) else None
     if run_id and (source.registered is not None or uri):
         facts = _run_facts(run_id, uri)
-    if val is None:
-        val = facts.get("val_macro_f1")
+    scores = val_scores({**facts.get("scores", {}), **recorded}, attributes, objective)
+    if objective in scores and scores[objective] is None:
+        best = _best_from_checkpoint(Path(path))
+        scores[objective] = None if best is None else round(best, 4)
     name = str(data.get("name")) if data is not None and data.get("name") is not None else None
     root = facts.get("root") or (str(data.get("root")) if data is not None and data.get("root") else None)
     manifest = facts.get("manifest_hash")
@@ -218,14 +235,15 @@ def model_card(path: Path, module: Any, source: Source | None = None) -> dict[st
         "run_id": run_id,
         "attributes": attributes,
         "data": {"name": name, "root": root, "manifest_hash": manifest[:12] if manifest else None},
-        "val_macro_f1": None if val is None else round(float(val), 4),
+        "val_macro_f1": scores.get(objective) if objective else None,
+        "val_macro_f1_by_attribute": scores,
         "synthetic": name == "synthetic",
     }
 
 
 def describe_model(card: dict[str, Any]) -> str:
-    """One line: 'models:/agecls-demo@best (version 1, run a70f015f): age; trained on synthetic (ROOT,
-    manifest 1a2b3c4d5e6f); validation macro-F1 0.512'."""
+    """One line: 'models:/agecls-demo@best (version 1, MLflow run a70f015f): age; trained on synthetic (ROOT,
+    manifest 1a2b3c4d5e6f); validation macro-F1 0.512' (several attributes: 'age 0.556, gender 0.871')."""
     where = card["source"]
     extra = [f"version {card['version']}"] if card.get("version") else []
     if card.get("run_id"):
@@ -239,9 +257,20 @@ def describe_model(card: dict[str, Any]) -> str:
     ]
     if details:
         trained += f" ({', '.join(details)})"
-    score = card.get("val_macro_f1")
-    score_text = "unknown" if score is None else f"{score:.3f}"
-    return f"{where}: {', '.join(card['attributes'])}; trained on {trained}; validation macro-F1 {score_text}"
+    return f"{where}: {', '.join(card['attributes'])}; trained on {trained}; {score_text(card)}"
+
+
+def score_text(card: dict[str, Any]) -> str:
+    """'validation macro-F1 0.512' for one attribute; 'validation macro-F1 age 0.556, gender 0.871,
+    ethnicity 0.431' for several (unknown where the run recorded none)."""
+    scores = card.get("val_macro_f1_by_attribute") or {}
+
+    def shown(score: float | None) -> str:
+        return "unknown" if score is None else f"{score:.3f}"
+
+    if len(card["attributes"]) < 2 or not scores:
+        return f"validation macro-F1 {shown(card.get('val_macro_f1'))}"
+    return "validation macro-F1 " + ", ".join(f"{a} {shown(scores.get(a))}" for a in card["attributes"])
 
 
 SYNTHETIC_WARNING = (
