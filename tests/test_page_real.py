@@ -100,6 +100,9 @@ def test_the_page_shows_every_probability_and_one_numbering_for_a_real_multitask
         page.click("#go")
         page.wait_for_selector("li.prediction", timeout=60_000)
         boxes, listed, bars = _page_faces(page)
+        thumbs = page.eval_on_selector_all(
+            "li.prediction img.thumb", "els => els.map(i => [i.alt, i.naturalWidth, i.complete])"
+        )
         legend = page.inner_text("#legend")
         warning_shown = page.locator("#warning").is_visible()
         body = page.inner_text("body")
@@ -114,6 +117,7 @@ def test_the_page_shows_every_probability_and_one_numbering_for_a_real_multitask
     )
     assert not warning_shown and "synthetic" not in body.lower()
     assert boxes == listed == ["1", "2"]  # one numbering, from 1, on the photo and in the list
+    assert thumbs == [["face 1 as the model saw it", 112, True], ["face 2 as the model saw it", 112, True]]
     assert "numbered as on the photo" in legend and "chance" in legend
     assert len(bars) == 2
     for face, shown in zip(answer["faces"], bars, strict=True):

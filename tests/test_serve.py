@@ -180,6 +180,12 @@ def test_one_photo_is_predicted(client, face_jpeg):
     face = body["faces"][0]
     assert set(face) >= {"box", "age", "gender", "ethnicity"}
     assert sum(face["gender"]["probs"].values()) == pytest.approx(1, abs=1e-4)
+    import base64
+
+    head, _, data = face["thumbnail"].partition(",")
+    assert head == "data:image/jpeg;base64"
+    crop = Image.open(io.BytesIO(base64.b64decode(data)))  # the square crop, cut to the page's 112 px
+    assert (crop.format, crop.size) == ("JPEG", (112, 112))
 
 
 def test_a_batch_reports_each_photo(client, face_jpeg):
@@ -193,6 +199,7 @@ def test_a_batch_reports_each_photo(client, face_jpeg):
     assert got.status_code == 200, got.text
     results = got.json()["results"]
     assert [r["status"] for r in results] == ["ok", "no_face", "error"]
+    assert "thumbnail" not in results[0]["faces"][0]  # the page's crops only where the page asks
     assert results[2]["code"] == 400 and "c.jpg" in results[2]["error"]
 
 
@@ -396,6 +403,8 @@ def test_upload_page_in_headless_chromium(app, client, face_jpeg, tmp_path):
         assert page.inner_text("#status") == "1 face(s) found"
         assert page.locator(".box .badge").all_inner_texts() == ["1"]
         assert page.locator("li.prediction > .badge").all_inner_texts() == ["1"]
+        shown = page.eval_on_selector("li.prediction img.thumb", "i => [i.naturalWidth, i.naturalHeight]")
+        assert shown == [112, 112]  # the face as the model saw it
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         if os.environ.get("AGECLS_SCREENSHOT"):  # to look at the page: AGECLS_SCREENSHOT=PATH
             shutil.copy(tmp_path / "page.png", os.environ["AGECLS_SCREENSHOT"])

@@ -7,7 +7,8 @@ GET /api/info         the attributes and class names the checkpoint(s) predict, 
                       source, registered, version, run_id, attributes, data {name, root, manifest_hash},
                       val_macro_f1, val_macro_f1_by_attribute, synthetic), synthetic_warning only where a
                       model was trained on generated faces, and the server's limits
-POST /api/predict     one photo (multipart field `file`) -> {status, width, height, faces: [...]}
+POST /api/predict     one photo (multipart field `file`) -> {status, width, height, faces: [...]}, each face
+                      with its crop as the model saw it (`thumbnail`, a JPEG data URL at most 112 px)
 POST /api/predict/batch  several photos (multipart field `files`, at most max_batch) -> {results: [...]}, 200
                       whenever the request itself is readable: each file has its own result, a refused or
                       unreadable one {status: "error", code, error} (413 too large, 415 not an image, 400
@@ -224,8 +225,9 @@ class Service:
         if upload.size is not None and upload.size > self.max_bytes:
             raise HTTPException(413, f"{name}: larger than the {self.max_upload_mb:g} MB allowed per file")
 
-    def predict_one(self, upload) -> dict[str, Any]:
-        """Check, read, decode and predict one uploaded file (in a worker thread, in the request's turn)."""
+    def predict_one(self, upload, thumbnails: bool = False) -> dict[str, Any]:
+        """Check, read, decode and predict one uploaded file (in a worker thread, in the request's turn); with
+        `thumbnails` each face carries its crop (the page shows it)."""
         self.check_upload(upload)
         name = upload.filename or "upload"
         upload.file.seek(0)
@@ -247,7 +249,7 @@ class Service:
         del data
         try:
             with self.lock:
-                faces = self.predictor.predict_image(img, size[0] / img.width)
+                faces = self.predictor.predict_image(img, size[0] / img.width, thumbnails=thumbnails)
             return image_result(name, img, faces, size)
         finally:
             img.close()
@@ -351,7 +353,7 @@ async def predict(request: Request) -> dict[str, Any]:
     async with uploads(request, "file", 1) as (upload,):
         service.check_upload(upload)
         async with service.gate.turn():
-            return await run_in_threadpool(settled, service.predict_one, upload)
+            return await run_in_threadpool(settled, service.predict_one, upload, True)
 
 
 async def predict_batch(request: Request) -> dict[str, Any]:
