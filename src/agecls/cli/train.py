@@ -101,7 +101,9 @@ def precheck(argv: Sequence[str]) -> Checked | None:
     cfg = check_overrides(name, overrides, config_dir, multirun=args.multirun)
     if is_study(cfg, args.multirun):
         from agecls.sweep.params import check_params
+        from agecls.sweep.plugin_keys import with_plugin_keys
 
+        cfg = with_plugin_keys(cfg)  # hydra-optuna-sweeper's keys (hydra/sweeper=optuna) as agecls's
         check_params(cfg, name, config_dir)
     if args.cfg or args.info:  # printing the config runs nothing
         return None
@@ -145,8 +147,10 @@ def check_values(
     ]
     if is_study(cfg, multirun) and any(o.is_sweep_override() for o in parse_overrides(overrides)):
         # A study's command-line sweeps are its search space: each trial checks what it draws.
+        from agecls.sweep.plugin_keys import with_plugin_keys
+
         fixed = [o.input_line for o in parse_overrides(overrides) if not o.is_sweep_override()]
-        cfg = check_overrides(name, fixed, config_dir, multirun=True)
+        cfg = with_plugin_keys(check_overrides(name, fixed, config_dir, multirun=True))
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     check_added_keys(job, new)
     warnings = validate(job, drawn_later=multirun)
@@ -175,7 +179,7 @@ def is_multirun(cfg: DictConfig, flag: bool) -> bool:
 def is_study(cfg: DictConfig, multirun: bool) -> bool:
     """Whether the composed command line runs agecls's Optuna sweeper."""
     sweeper = OmegaConf.select(cfg, "hydra.runtime.choices.hydra/sweeper")
-    return is_multirun(cfg, multirun) and sweeper == "agecls_optuna"
+    return is_multirun(cfg, multirun) and sweeper in ("agecls_optuna", "optuna")  # optuna: the plugin's keys
 
 
 def is_trial(argv: Sequence[str]) -> bool:

@@ -73,7 +73,7 @@ from agecls.sweep.executors import (
 from agecls.sweep.followup import check_followups, run_followups
 from agecls.sweep.params import present_params
 from agecls.sweep.recovery import Reaper, requeue_alone, requeue_interrupted, settle_ended, surplus
-from agecls.sweep.sampler import study_sampler
+from agecls.sweep.sampler import grid_size, study_sampler
 from agecls.sweep.space import format_value, search_space
 from agecls.sweep.warm_start import enqueue_warm_starts, warm_starts
 
@@ -206,10 +206,10 @@ class StudyRunner:
             loader = self.hydra_context.config_loader
             drawable = check_space(space, self._composer(fixed), partial(is_group, loader), _validate_trial)
             plan = Plan(drawable, fixed, names, directions, warm_starts(ocfg, space), left_out)
+            sampler = study_sampler(ocfg.sampler, space)
+            _cap_to_grid(ocfg, sampler)
             # an existing study with other objectives is refused here, before anything is asked of it
-            study = open_study(
-                ocfg, directions=directions, metric_names=names, sampler=study_sampler(ocfg.sampler)
-            )
+            study = open_study(ocfg, directions=directions, metric_names=names, sampler=sampler)
         except (SweepError, UsageError) as exc:
             raise UsageError(str(exc)) from None
         return plan, study
@@ -501,6 +501,14 @@ def _free_slot(run: Sweep, state: LoopState) -> int | None:
     if next_alone:
         free = [s for s in free if load[_slot_device(run.slots, s)] == 0]
     return min(free, key=lambda s: (load[_slot_device(run.slots, s)], s), default=None)
+
+
+def _cap_to_grid(ocfg: DictConfig, sampler) -> None:
+    """optuna.n_trials at most a grid sampler's number of points (each runs once)."""
+    size = grid_size(sampler)
+    if size is not None and size < int(ocfg.n_trials):
+        log.info("optuna.n_trials=%d capped at the grid's %d points", int(ocfg.n_trials), size)
+        ocfg.n_trials = size
 
 
 def _validate_trial(cfg: DictConfig) -> None:

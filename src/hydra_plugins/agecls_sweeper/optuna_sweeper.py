@@ -1,5 +1,6 @@
 """The `agecls_optuna` Hydra sweeper: a thin adapter over agecls.sweep.sweeper.StudyRunner (its config,
-`hydra/sweeper=agecls_optuna`, is AgeclsOptunaSweeperConf in this package's config.py)."""
+`hydra/sweeper=agecls_optuna`, is AgeclsOptunaSweeperConf in this package's config.py), and the same
+sweeper as `hydra/sweeper=optuna`, reading hydra-optuna-sweeper's keys (PluginKeysSweeperConf)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,24 @@ class AgeclsOptunaSweeper(Sweeper):
 
         assert self.config is not None and self.hydra_context is not None
         try:
-            return StudyRunner(self.config, self.hydra_context).sweep(arguments)
+            return StudyRunner(self.config, self.hydra_context).sweep(self._arguments(arguments))
         except AgeclsError as exc:  # past Hydra's traceback report, so agecls-train says it in one line
             raise CarriedError(exc) from exc
+
+    def _arguments(self, arguments: list[str]) -> list[str]:
+        return arguments
+
+
+class PluginKeysSweeper(AgeclsOptunaSweeper):
+    """`hydra/sweeper=optuna`: the same study, with hydra-optuna-sweeper's keys under `hydra.sweeper` read
+    as the agecls settings they mean (agecls.sweep.plugin_keys) before it starts."""
+
+    def __init__(self, **plugin_keys: Any) -> None:  # read from the config itself, checked there
+        super().__init__()
+
+    def _arguments(self, arguments: list[str]) -> list[str]:
+        from agecls.sweep.plugin_keys import apply_plugin_keys
+
+        assert self.config is not None
+        # the trials are told the keys they read themselves (study, storage, objective) as overrides
+        return [*arguments, *apply_plugin_keys(self.config)]
