@@ -199,6 +199,11 @@ def test_agecls_train_help_is_what_it_does_then_the_groups_without_composing_a_c
     assert head.count("\n  agecls-train ") == 4
     groups, _, config = rest.partition("\n== Config ==\n")
     assert "experiment: agecnn, demo" in groups and "optuna/pruner: hyperband, median" in groups
+    listed = groups.split("\nexperiment: ")[1].splitlines()
+    assert "v13, v15" in listed[0] and listed[1:3] == [  # where the list lacks v14, it says why
+        "  (v01-v20: the dissertation's trail, docs/DISSERTATION.md; no v14 on purpose:",
+        "  its hierarchy's age experts saw validation faces, the leak that v15 fixes)",
+    ]
     assert "hydra/" not in groups and "--cfg job" in config and "seed: 42" not in text
     assert _train(tmp_path, "-h").stdout == text
 

@@ -203,12 +203,22 @@ def config_groups(*config_dirs: Path) -> dict[str, list[str]]:
     return {group: sorted(groups[group]) for group in sorted(groups)}
 
 
+# Said under a group's options in --help, where a reader of the list asks.
+GROUP_NOTES = {
+    "experiment": "  (v01-v20: the dissertation's trail, docs/DISSERTATION.md; no v14 on purpose:\n"
+    "  its hierarchy's age experts saw validation faces, the leak that v15 fixes)\n"
+}
+
+
 def help_text(args: Namespace) -> str:
     """--help: conf/hydra/default.yaml's help (what the command does, examples, the groups and their
     options, the footer), read without composing a config, so no heavy library is imported."""
     dirs = [primary_config_dir(args.config_path)]
     dirs += [Path(args.config_dir).resolve()] if args.config_dir is not None else []
-    listed = "".join(f"{group}: {', '.join(options)}\n" for group, options in config_groups(*dirs).items())
+    listed = "".join(
+        f"{group}: {', '.join(options)}\n" + GROUP_NOTES.get(group, "")
+        for group, options in config_groups(*dirs).items()
+    )
     own = OmegaConf.create({"hydra": OmegaConf.load(CONFIG_DIR / "hydra" / "default.yaml")})
     return string.Template(own.hydra.help.template).substitute(APP_CONFIG_GROUPS=listed)
 
