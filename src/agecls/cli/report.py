@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,9 +51,18 @@ def _shown(path: Path) -> str:
 
 
 def _program(name: str) -> str:
-    """An agecls command as this environment runs it (`.venv/bin/agecls-predict` from a checkout)."""
-    beside = Path(sys.executable).parent / name
-    return _shown(beside) if beside.is_file() else name
+    """A command of this environment as the user can type it wherever they stand: its name when PATH finds
+    this environment's, else its absolute path beside this interpreter (a checkout's .venv/bin off PATH)."""
+    beside = Path(os.path.abspath(sys.executable)).parent / name  # not resolved: a venv's python links out
+    found = shutil.which(name)
+    if not beside.is_file():
+        return name
+    return name if found and Path(found).resolve() == beside.resolve() else str(beside)
+
+
+def _installed(name: str) -> bool:
+    """Whether the command `name` is beside this interpreter or on PATH."""
+    return (Path(os.path.abspath(sys.executable)).parent / name).is_file() or shutil.which(name) is not None
 
 
 def _run_key(run_dir: Path, key: str) -> str | None:
@@ -166,13 +176,91 @@ def best_model_lines(study, uri: str) -> list[str]:
     return lines
 
 
+def _leaderboard(uri: str, name: str, study, out: Path) -> None:
+    """leaderboard.csv/.md of experiment `name`, else of study `name`'s runs in the experiment they went to
+    (a study named apart from its experiment); NoSuchExperiment when neither exists, a note when only the
+    study does."""
+    from agecls.evaluation.report import NoSuchExperiment, leaderboard, load_runs, to_markdown
+    from agecls.evaluation.study_report import study_runs
+
+    what = repr(name)
+    try:
+        runs = load_runs(uri, name)
+    except NoSuchExperiment as missing:
+        if study is None:
+            raise
+        found = study_runs(uri, name)
+        if found is None:
+            print(
+                f"\nNo leaderboard: {missing}, and none of its runs is tagged optuna.study={name}. Pass the "
+                "store the study's runs went to: tracking_uri=... (its tracking.tracking_uri)."
+            )
+            return
+        experiment, runs = found
+        what = f"study {name!r} (its runs in MLflow experiment {experiment!r})"
+    table = leaderboard(runs)
+    table.to_csv(out / "leaderboard.csv", index=False)
+    markdown = to_markdown(table)
+    (out / "leaderboard.md").write_text(markdown + "\n")
+    print(f"\nLeaderboard of {what} ({len(table)} runs, ranked by validation macro-F1):\n")
+    print(markdown)
+
+
+def _study_report(cfg: DictConfig, study, storage: str, uri: str, out: Path, rule) -> list[str]:
+    """trials.csv, compute.json, the plots and (several objectives) pareto.csv of the study, printed; returns
+    the lines that say how to use its best model (or its front's named points)."""
+    from agecls.evaluation.pareto import is_multi, pareto_table
+    from agecls.evaluation.report import to_markdown
+    from agecls.evaluation.study_report import bins_vary, compute_spent, trials_table, write_plots
+
+    name, best_lines = study.study_name, []
+    trials = trials_table(study)
+    trials.to_csv(out / "trials.csv", index=False)
+    spent = compute_spent(study)
+    (out / "compute.json").write_text(json.dumps(spent, indent=2) + "\n")
+    plots = write_plots(study, out, uri, min_importance_trials=int(cfg.min_importance_trials))
+    print(f"\nOptuna study {name!r} ({storage}): {len(trials)} trials\n")
+    print(to_markdown(trials.head(20)))
+    if is_multi(study):
+        front = pareto_table(study, n_boot=int(cfg.n_boot), rule=rule)
+        front.to_csv(out / "pareto.csv", index=False)
+        if front.empty:
+            print("\nPareto front: no complete trial yet")
+        else:
+            print(f"\nPareto front: {len(front)} trials (pareto.csv, pareto_front.png)\n")
+            short = front["mlflow_run_id"].map(lambda v: str(v)[:8] if v else "")
+            print(to_markdown(front.drop(columns=["run_dir", "mlflow_run_id"]).assign(run=short)))
+            best_lines = pareto_lines(
+                study, uri, front, rule.text if rule else None, str(cfg.storage) if cfg.storage else None
+            )
+    if bins_vary(trials):
+        print(
+            "\nNote: these trials used different age bins. Macro-F1 over different bin sets is not "
+            "comparable (fewer, wider bins are easier); compare trials of the same k and constraints."
+        )
+    print("\ncompute: " + ", ".join(f"{k} {v}" for k, v in spent.items() if v))
+    print("plots: " + ", ".join(p.name for p in plots))
+    print(dashboard_line(storage))
+    return best_lines if is_multi(study) else best_model_lines(study, uri)
+
+
+def dashboard_line(storage: str) -> str:
+    """How to open the study in optuna-dashboard from where the user stands."""
+    if _installed("optuna-dashboard"):
+        return f"Dashboard:  {_program('optuna-dashboard')} {storage}"
+    return f"Dashboard:  pip install 'agecls[dashboard]', then optuna-dashboard {storage}"
+
+
+def browse_line(uri: str) -> str:
+    """How to browse every run of the MLflow store in its UI from where the user stands."""
+    return f"Browse every run:  {_program('mlflow')} ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
+
+
 def _report(cfg: DictConfig, _overrides: list[str]) -> int:
     require(cfg, "name")
     name = str(cfg.name)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    from agecls.evaluation.pareto import is_multi, pareto_table, parse_rule
-    from agecls.evaluation.report import NoSuchExperiment, leaderboard, load_runs, to_markdown
-    from agecls.evaluation.study_report import bins_vary, compute_spent, trials_table, write_plots
+    from agecls.evaluation.pareto import parse_rule
     from agecls.study import find_study
     from agecls.tracking import default_tracking
 
@@ -182,56 +270,13 @@ def _report(cfg: DictConfig, _overrides: list[str]) -> int:
     out = Path(str(cfg.out)) if cfg.out else output_dir / "reports" / name
     out.mkdir(parents=True, exist_ok=True)
 
-    study, best_lines = find_study(storage, name), []
-    try:
-        runs = load_runs(uri, name)
-    except NoSuchExperiment:  # fine when there is a study
-        if study is None:
-            raise
-        runs = None
-    if runs is not None:
-        table = leaderboard(runs)
-        table.to_csv(out / "leaderboard.csv", index=False)
-        markdown = to_markdown(table)
-        (out / "leaderboard.md").write_text(markdown + "\n")
-        print(f"\nLeaderboard of {name!r} ({len(table)} runs, ranked by validation macro-F1):\n")
-        print(markdown)
-    if study is not None:
-        trials = trials_table(study)
-        trials.to_csv(out / "trials.csv", index=False)
-        spent = compute_spent(study)
-        (out / "compute.json").write_text(json.dumps(spent, indent=2) + "\n")
-        plots = write_plots(study, out, uri, min_importance_trials=int(cfg.min_importance_trials))
-        print(f"\nOptuna study {name!r} ({storage}): {len(trials)} trials\n")
-        print(to_markdown(trials.head(20)))
-        if is_multi(study):
-            front = pareto_table(study, n_boot=int(cfg.n_boot), rule=rule)
-            front.to_csv(out / "pareto.csv", index=False)
-            if front.empty:
-                print("\nPareto front: no complete trial yet")
-            else:
-                print(f"\nPareto front: {len(front)} trials (pareto.csv, pareto_front.png)\n")
-                short = front["mlflow_run_id"].map(lambda v: str(v)[:8] if v else "")
-                print(to_markdown(front.drop(columns=["run_dir", "mlflow_run_id"]).assign(run=short)))
-                best_lines = pareto_lines(
-                    study, uri, front, rule.text if rule else None, str(cfg.storage) if cfg.storage else None
-                )
-        if bins_vary(trials):
-            print(
-                "\nNote: these trials used different age bins. Macro-F1 over different bin sets is not "
-                "comparable (fewer, wider bins are easier); compare trials of the same k and constraints."
-            )
-        print("\ncompute: " + ", ".join(f"{k} {v}" for k, v in spent.items() if v))
-        print("plots: " + ", ".join(p.name for p in plots))
-        print(f"Dashboard:  .venv/bin/optuna-dashboard {storage}   (pip install 'agecls[dashboard]')")
-        if not is_multi(study):
-            best_lines = best_model_lines(study, uri)
+    study = find_study(storage, name)
+    _leaderboard(uri, name, study, out)
+    best_lines = _study_report(cfg, study, storage, uri, out, rule) if study is not None else []
     print(f"\nWritten to {out}/")
     if uri.startswith("sqlite:///"):
-        print(
-            f"Browse every run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
-        )
-    if study is not None and best_lines:
+        print(browse_line(uri))
+    if best_lines:
         print("\n".join(best_lines))  # last, where a finished `make demo` leaves the terminal
     return 0
 

@@ -98,6 +98,27 @@ def trials_table(study) -> pd.DataFrame:
     )
 
 
+def study_runs(tracking_uri: str, study_name: str) -> tuple[str, pd.DataFrame] | None:
+    """The MLflow runs of study `study_name` wherever its experiment is (its parent run and its trials carry
+    the tag optuna.study), with that experiment's name; None when no run of the store carries it."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    quote = '"' if "'" in study_name else "'"
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string=f"tags.`optuna.study` = {quote}{study_name}{quote}",
+        output_format="pandas",
+    )
+    if runs.empty:
+        return None
+    roles = runs.get("tags.agecls.role", pd.Series([None] * len(runs))).fillna("")
+    parents = runs[roles == "study"]
+    experiment_id = (parents if not parents.empty else runs)["experiment_id"].iloc[0]
+    experiment = mlflow.get_experiment(experiment_id).name
+    return experiment, runs[runs["experiment_id"] == experiment_id].reset_index(drop=True)
+
+
 def bins_vary(trials: pd.DataFrame) -> bool:
     """Whether the study's trials used different age bins (a `bins` choice or drawn bin edges)."""
     cols = [c for c in trials.columns if c == "bins" or c.startswith("bins.")]
@@ -157,7 +178,7 @@ def write_plots(
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as ovm
 
-    from agecls.evaluation.pareto import is_multi, named_points, pareto_front, pareto_plot
+    from agecls.evaluation.pareto import is_multi, pareto_plot
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     multi = is_multi(study)
@@ -168,7 +189,11 @@ def write_plots(
         written = [pareto_plot(study, out / "pareto_front.png")]
     else:
         written = []
-    plots = {"intermediate_values": ovm.plot_intermediate_values}
+    plots = {}
+    if any(len(t.intermediate_values) >= 2 for t in study.get_trials(deepcopy=False)):
+        plots["intermediate_values"] = ovm.plot_intermediate_values
+    else:  # one dot per trial on an empty axis shows nothing
+        log.info("intermediate values not drawn: no trial reported more than one epoch")
     if len(complete) < min_importance_trials:
         log.warning(
             "param importances withheld: %d complete trials, fewer than min_importance_trials=%d",
@@ -195,25 +220,76 @@ def write_plots(
         plt.close(fig)
         written.append(path)
     if tracking_uri:
-        import mlflow
-
-        if multi:  # the named points first, then the rest of the front
-            named = list({t.number: t for t in named_points(study).values()}.values())
-            ranked = named + [t for t in pareto_front(study) if t.number not in {n.number for n in named}]
-        else:
-            ranked = sorted(complete, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
-        for t in ranked[:top]:
-            run_id = t.user_attrs.get("mlflow_run_id")
-            if not run_id:
-                continue
-            local = _confusion_figure(mlflow, run_id, tracking_uri)
-            if local is None:
-                log.warning("no confusion matrix for trial %d", t.number)
-                continue
-            path = out / f"confusion_trial{t.number:04d}.png"
-            path.write_bytes(Path(local).read_bytes())
-            written.append(path)
+        written += confusion_plots(study, out, tracking_uri, complete, top)
     return written
+
+
+def confusion_plots(study, out: Path, tracking_uri: str, complete: list, top: int) -> list[Path]:
+    """The validation confusion figures of the top trials (a Pareto study: its named points first), each
+    titled with its trial, value and MLflow run."""
+    import mlflow
+
+    from agecls.evaluation.pareto import is_multi, named_points, pareto_front
+
+    if is_multi(study):  # the named points first, then the rest of the front
+        named = list({t.number: t for t in named_points(study).values()}.values())
+        ranked = named + [t for t in pareto_front(study) if t.number not in {n.number for n in named}]
+    else:
+        ranked = sorted(complete, key=lambda t: t.value, reverse=study.direction.name == "MAXIMIZE")
+    written = []
+    for t in ranked[:top]:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        local = _confusion_figure(mlflow, run_id, tracking_uri)
+        if local is None:
+            log.warning("no confusion matrix for trial %d", t.number)
+            continue
+        path = out / f"confusion_trial{t.number:04d}.png"
+        titled_figure(Path(local), path, trial_caption(study, t))
+        written.append(path)
+    return written
+
+
+def trial_caption(study, trial) -> str:
+    """'Trial 7: val/macro_f1 0.6123 (MLflow run 1a2b3c4d)'; the objectives named as the study names them, a
+    study without names by its trial's objective.metric."""
+    from agecls.evaluation.pareto import objective_names
+
+    names = objective_names(study)
+    if names == ["value"]:
+        names = [_run_objective(trial) or "value"]
+    values = ", ".join(f"{n} {v:.4f}" for n, v in zip(names, trial.values or (), strict=False))
+    run = str(trial.user_attrs.get("mlflow_run_id") or "")[:8]
+    return f"Trial {trial.number}: {values}" + (f" (MLflow run {run})" if run else "")
+
+
+def _run_objective(trial) -> str | None:
+    """objective.metric of the trial's run (its config.yaml), or None."""
+    from omegaconf import OmegaConf
+
+    config = Path(str(trial.user_attrs.get("run_dir") or "")) / "config.yaml"
+    if not trial.user_attrs.get("run_dir") or not config.is_file():
+        return None
+    metric = OmegaConf.select(OmegaConf.load(config), "objective.metric", default=None)
+    return None if metric is None else str(metric)
+
+
+def titled_figure(source: Path, dest: Path, title: str) -> Path:
+    """`source` (a PNG) redrawn into `dest` under a band holding `title`."""
+    import matplotlib.pyplot as plt
+
+    pixels = plt.imread(source)
+    height, width = pixels.shape[:2]
+    band = 36
+    fig = plt.figure(figsize=(width / 100, (height + band) / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, height / (height + band)))
+    ax.imshow(pixels)
+    ax.set_axis_off()
+    fig.text(0.5, 1 - band / 2 / (height + band), title, ha="center", va="center", fontsize=13, weight="bold")
+    fig.savefig(dest, dpi=100)
+    plt.close(fig)
+    return dest
 
 
 def _confusion_figure(mlflow, run_id: str, tracking_uri: str) -> str | None:
