@@ -113,6 +113,23 @@ def _engine_dir(name: str) -> Path:
 class Postgres:
     port: int
     user: str = "postgres"
+    # how to stop and start the server (the storage outage tests): [*as_user, pg_ctl, -D, data], its options
+    ctl: list[str] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)
+
+    def pg_ctl(self, *args: str) -> None:
+        subprocess.run([*self.ctl, *args], check=True, capture_output=True, timeout=120)
+
+    def stop(self) -> None:
+        """Stop the server at once (`-m fast`: open connections are terminated, as on a restart)."""
+        self.pg_ctl("-m", "fast", "-w", "stop")
+
+    def start(self) -> None:
+        self.pg_ctl(*self.options, "-w", "-t", "120", "start")
+
+    def restart(self) -> None:
+        """`pg_ctl restart -m fast`: every open connection is terminated, the server is back in seconds."""
+        self.pg_ctl(*self.options, "-m", "fast", "-w", "-t", "120", "restart")
 
     def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
         return f"{driver}://{self.user}@127.0.0.1:{self.port}/{database}"
@@ -164,13 +181,9 @@ def postgres() -> Iterator[Postgres]:
     )
     port = free_port()
     opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "120", "start"],
-        check=True,
-        capture_output=True,
-    )
+    server = Postgres(port, ctl=[*as_user, pg_ctl, "-D", str(data)], options=["-l", str(log), "-o", opts])
+    server.start()
     try:
-        server = Postgres(port)
         wait_for(lambda: server.create_database("postgres"), "PostgreSQL", 60, log)
         yield server
     finally:
@@ -403,3 +416,74 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         for proc in reversed(procs):
             _stop(proc)
         shutil.rmtree(root, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- a server that goes away
+class Gate:
+    """A TCP relay on a free port of 127.0.0.1 to `port`: clients use the gate's port; `close()` makes the
+    server unreachable as a stopped one is (connection refused, open connections cut) and `open()` brings
+    it back at once, so a test controls exactly how long a server (the MLflow server) is away."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.target, self.port = port, free_port()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self.open()
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def open(self) -> None:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def close(self) -> None:
+        """Refuse new connections and cut those open (the server is down)."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            conn.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)

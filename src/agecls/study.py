@@ -10,9 +10,11 @@ upgrade that moves them breaks here, and only here."""
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import json
+import logging
 import os
 import socket
 import warnings
@@ -27,11 +29,33 @@ from omegaconf import DictConfig
 
 from agecls.errors import UsageError
 from agecls.files import file_lock, sqlite_lock_path
+from agecls.outage import Patience, database_down, redact
 from agecls.process import ENDED, proc_stat
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
+
+log = logging.getLogger(__name__)
+
+
+# How long a study's database may be unreachable (a restart, a failover) before a sweeper or trial gives up.
+DEFAULT_PATIENCE_S = 300.0
+_PATIENCE: dict[str, Patience] = {}
+
+
+def storage_patience(url: str, seconds: float | None = None) -> Patience:
+    """This process's patience with the storage `url` (one per URL, shared by its threads, so an outage is
+    said once); `seconds` (optuna.storage_patience_s) replaces the bound it had."""
+    patience = _PATIENCE.get(url)
+    if patience is None:
+        bound = DEFAULT_PATIENCE_S if seconds is None else float(seconds)
+        store = f"optuna.storage {redact(url)}"
+        patience = Patience(store, "optuna.storage_patience_s", bound, database_down)
+        _PATIENCE[url] = patience
+    elif seconds is not None:
+        patience.seconds = float(seconds)
+    return patience
 
 
 @contextmanager
@@ -78,15 +102,22 @@ def open_study(
     )
 
     url = str(optuna_cfg.storage)
+    patience = storage_patience(url, optuna_cfg.get("storage_patience_s", DEFAULT_PATIENCE_S))
+    # a pooled connection a database restart has closed is replaced before use, not failed on
+    engine = {} if url.startswith("sqlite") else {"engine_kwargs": {"pool_pre_ping": True}}
     with sqlite_lock(url):
-        storage = RDBStorage(
+        rdb = patience.call(
+            "open the study's storage",
+            RDBStorage,
             url,
             heartbeat_interval=int(optuna_cfg.heartbeat_interval),
             grace_period=int(optuna_cfg.grace_period),
             heartbeat_stale_trial_callback=RequeueStale(
                 int(optuna_cfg.retries), int(optuna_cfg.grace_period)
             ),
+            **engine,
         )
+    storage = patient_storage(rdb, patience)
     kwargs: dict[str, Any] = {"pruner": instantiate(optuna_cfg.pruner)}
     if sampler is not None:
         kwargs["sampler"] = sampler
@@ -141,8 +172,13 @@ def find_study(storage: str, name: str):
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///") :]).is_file():
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage=storage, include_best_trial=False)]
-    return optuna.load_study(study_name=name, storage=storage) if name in names else None
+    patience = storage_patience(storage)
+    summaries = patience.call(
+        "list its studies", optuna.get_all_study_summaries, storage=storage, include_best_trial=False
+    )
+    if name not in [s.study_name for s in summaries]:
+        return None
+    return patience.call("load the study", optuna.load_study, study_name=name, storage=storage)
 
 
 def find_trial(study: optuna.Study, number: int) -> FrozenTrial | None:
@@ -201,7 +237,8 @@ class RequeueStale:
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         reason = f"no heartbeat for optuna.grace_period={self.grace_period} s (its process or machine died)"
-        requeue(study, trial, self.max_retry, reason)
+        again = requeue(study, trial, self.max_retry, reason)
+        log.warning("trial %d failed%s: %s", trial.number, " and re-queued" if again else "", reason)
 
 
 def fail_trial(study: optuna.Study, number: int, reason: str, url: str | None = None) -> FrozenTrial | None:
@@ -318,11 +355,60 @@ def record_heartbeat(study: optuna.Study, storage_id: int) -> None:
     study._storage.record_heartbeat(storage_id)  # noqa: SLF001
 
 
+def patient_storage(rdb, patience: Patience):
+    """The RDB storage `rdb` (with Optuna's cache in front, as a study given the RDBStorage would have it)
+    behind a proxy whose every call waits out an outage of the database (`patience`): ask, tell, reports,
+    user attrs and heartbeats of sweepers and trial processes alike."""
+    import optuna
+
+    return _patient_storage_class()(optuna.storages.get_storage(rdb), patience)
+
+
+@functools.cache
+def _patient_storage_class() -> type:
+    """PatientStorage: Optuna's storage and heartbeat interfaces, each method passed on patiently.
+
+    Why beyond the API: Optuna has no hook around its storage calls; the proxy implements the storage and
+    heartbeat interfaces (BaseStorage, and BaseHeartbeat from a private module: Optuna's stale-trial check
+    looks for it). A call retried after the database applied it but dropped the connection before
+    answering (rare: the restart must fall between commit and reply) may apply twice."""
+    from optuna.storages import BaseStorage
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    class PatientStorage(BaseStorage, BaseHeartbeat):
+        def __init__(self, inner, patience: Patience) -> None:
+            self.inner, self.patience = inner, patience
+
+        def __getattr__(self, name: str) -> Any:  # e.g. the cache's `_backend`: the RDBStorage
+            return getattr(self.inner, name)
+
+    def passed_on(name: str, patiently: bool):
+        doing = name.strip("_").replace("_", " ")
+
+        def method(self, *args: Any, **kwargs: Any) -> Any:
+            if not patiently:
+                return getattr(self.inner, name)(*args, **kwargs)
+            return self.patience.call(doing, getattr(self.inner, name), *args, **kwargs)
+
+        method.__name__ = name
+        return method
+
+    # every storage method, and the heartbeats' two that touch the database, patiently; the rest as they are
+    plain = {"remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback"}
+    heartbeat = {"record_heartbeat", "_get_stale_trial_ids"}
+    passed = {n for n in vars(BaseStorage) if not n.startswith("_")} | heartbeat
+    for name in sorted(passed | plain):
+        setattr(PatientStorage, name, passed_on(name, name not in plain))
+    abc.update_abstractmethods(PatientStorage)
+    return PatientStorage
+
+
 @functools.cache
 def _engine(url: str):
     import sqlalchemy
 
-    return sqlalchemy.create_engine(url)
+    # pre-ping: a pooled connection a database restart has closed is replaced, not failed on
+    return sqlalchemy.create_engine(url, pool_pre_ping=True)
 
 
 def heartbeat_ages(url: str, trials: list[FrozenTrial]) -> dict[int, float | None]:
@@ -340,10 +426,14 @@ def heartbeat_ages(url: str, trials: list[FrozenTrial]) -> dict[int, float | Non
     query = sqlalchemy.text(
         "SELECT trial_id, heartbeat FROM trial_heartbeats WHERE trial_id IN :ids"
     ).bindparams(sqlalchemy.bindparam("ids", expanding=True))
-    with _engine(url).connect() as conn:
-        now = _as_datetime(conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one())
-        for storage_id, beat in conn.execute(query, {"ids": list(ids)}):
-            ages[ids[storage_id]] = (now - _as_datetime(beat)).total_seconds()
+
+    def read() -> None:
+        with _engine(url).connect() as conn:
+            now = _as_datetime(conn.execute(sqlalchemy.select(sqlalchemy.func.now())).scalar_one())
+            for storage_id, beat in conn.execute(query, {"ids": list(ids)}):
+                ages[ids[storage_id]] = (now - _as_datetime(beat)).total_seconds()
+
+    storage_patience(url).call("read the trials' heartbeats", read)
     return ages
 
 
@@ -371,18 +461,22 @@ def set_finished_attrs(study, trial, attrs: dict[str, Any]) -> None:
         raise UsageError(
             f"optuna.storage: follow-ups need an RDB storage (sqlite:///..., postgresql://...), not {rdb}"
         )
-    with _create_scoped_session(rdb.scoped_session, True) as session:
-        row = models.TrialModel.find_or_raise_by_id(trial_id(trial), session)
-        for key, value in attrs.items():
-            attribute = models.TrialUserAttributeModel.find_by_trial_and_key(row, key, session)
-            if attribute is None:
-                session.add(
-                    models.TrialUserAttributeModel(
-                        trial_id=row.trial_id, key=key, value_json=json.dumps(value)
+
+    def write() -> None:
+        with _create_scoped_session(rdb.scoped_session, True) as session:
+            row = models.TrialModel.find_or_raise_by_id(trial_id(trial), session)
+            for key, value in attrs.items():
+                attribute = models.TrialUserAttributeModel.find_by_trial_and_key(row, key, session)
+                if attribute is None:
+                    session.add(
+                        models.TrialUserAttributeModel(
+                            trial_id=row.trial_id, key=key, value_json=json.dumps(value)
+                        )
                     )
-                )
-            else:
-                attribute.value_json = json.dumps(value)
+                else:
+                    attribute.value_json = json.dumps(value)
+
+    storage_patience(rdb.url).call("set a finished trial's user attrs", write)
 
 
 def fresh(study):
@@ -391,6 +485,8 @@ def fresh(study):
     Why beyond the API: Optuna caches finished trials per study object, so attrs written by
     `set_finished_attrs` are seen only by a study loaded again; its storage URL is private."""
     import optuna
+    from optuna.storages import RDBStorage
 
     rdb = getattr(study._storage, "_backend", study._storage)
-    return optuna.load_study(study_name=study.study_name, storage=rdb.url)
+    again = patient_storage(RDBStorage(rdb.url, engine_kwargs=rdb.engine_kwargs), storage_patience(rdb.url))
+    return optuna.load_study(study_name=study.study_name, storage=again)

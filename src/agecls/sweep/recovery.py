@@ -187,3 +187,17 @@ def requeue_interrupted(study, running: dict[int, Running], url: str) -> None:
         if failed is not None:
             # failed.params also holds what the trial drew itself (bins.cut1.. of bins=search)
             requeue(study, failed, None, "interrupted: the sweeper was stopped")
+
+
+def stop_for_outage(running: dict[int, Running], tracker: Any, error: Exception) -> str:
+    """The sweeper gives up on an unreachable storage: its running trials stopped (they could not tell the
+    study anyway), the study's MLflow run KILLED; returns the one line to stop with. The trials stay
+    RUNNING in the study: the same command run again finds their processes gone and re-queues them."""
+    stop_trials([item.handle for item in running.values()])
+    if tracker:
+        try:
+            tracker.client.set_terminated(tracker.run_id, status="KILLED")
+        except Exception as exc:  # noqa: BLE001 - the tracking server may be down too; the storage is the news
+            log.warning("the study's MLflow run %s not ended: %s", tracker.run_id[:8], exc)
+    stopped = f"; {len(running)} running trial(s) stopped, re-queued when it runs again" if running else ""
+    return f"the sweep stopped: {error}{stopped}"

@@ -33,6 +33,7 @@ class OptunaSettings:
     retries: int = MISSING
     heartbeat_interval: int = MISSING
     grace_period: int = MISSING
+    storage_patience_s: float = MISSING  # seconds a storage outage is waited out (agecls.outage)
     params: dict[str, Any] = MISSING  # key -> Hydra sweep syntax (choice, range, interval, tag) or a value
     optional_params: list[str] = MISSING  # keys of params searched only where the config has them
     enqueue: list[Any] = MISSING  # warm starts: {search-space key: value} evaluated first (sweep.warm_start)

@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from agecls.config import is_group
 from agecls.errors import AgeclsError, UsageError
+from agecls.outage import StoreUnavailable
 from agecls.study import (
     device_label,
     find_trial,
@@ -72,7 +73,14 @@ from agecls.sweep.executors import (
 )
 from agecls.sweep.followup import check_followups, run_followups
 from agecls.sweep.params import present_params
-from agecls.sweep.recovery import Reaper, requeue_alone, requeue_interrupted, settle_ended, surplus
+from agecls.sweep.recovery import (
+    Reaper,
+    requeue_alone,
+    requeue_interrupted,
+    settle_ended,
+    stop_for_outage,
+    surplus,
+)
 from agecls.sweep.sampler import grid_size, study_sampler
 from agecls.sweep.space import format_value, search_space
 from agecls.sweep.warm_start import enqueue_warm_starts, warm_starts
@@ -177,6 +185,8 @@ class StudyRunner:
         except KeyboardInterrupt:
             self._interrupted(run, state)
             raise
+        except StoreUnavailable as exc:  # past optuna.storage_patience_s: one line, the study resumable
+            raise StoreUnavailable(stop_for_outage(state.running, run.tracker, exc)) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
         self._finish(run, state)
