@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from agecls.config import compose_train, project_root
 from agecls.errors import UsageError
 from agecls.files import file_lock, sqlite_lock_path, write_atomic
+from agecls.outage import Deferred, Patience, database_down, redact, server_down
 from agecls.process import ENDED, proc_stat
 
 MAX_PARAM_CHARS = 6000
@@ -93,16 +94,49 @@ def open_store(tracking_uri: str) -> None:
     _READY_STORES.add(tracking_uri)
 
 
+def shared_store(tracking_uri: str) -> bool:
+    """Whether the tracking store is shared by several machines: a tracking server (http, https,
+    databricks) or a database other than a local sqlite file."""
+    scheme = str(tracking_uri).split(":", 1)[0].split("+", 1)[0].lower()
+    return "://" in str(tracking_uri) and scheme not in ("sqlite", "file")
+
+
+def artifact_location(tracking_uri: str, name: str, artifact_root: str | Path | None) -> str | None:
+    """Where a new experiment's artifacts go: under `artifact_root`/name when given; with none, beside a
+    local sqlite store (its folder's mlartifacts/), and for a shared store wherever the tracking server
+    chooses (None: its --artifacts-destination, proxied to every machine). A folder path given with a
+    shared store is warned about: every machine would write under that path on its own disk."""
+    if artifact_root:
+        root = str(artifact_root)
+        if shared_store(tracking_uri) and "://" not in root:
+            log.warning(
+                "tracking.artifact_root=%s is a folder of each machine, but tracking.tracking_uri=%s is "
+                "shared by several: every worker writes its artifacts (checkpoints) to its own disk there, "
+                "where the others and the MLflow UI cannot read them, unless all mount that folder. "
+                "tracking.artifact_root=null lets the server store them (its --artifacts-destination)",
+                root,
+                redact(str(tracking_uri)),
+            )
+        return root.rstrip("/") + f"/{name}" if "://" in root else (Path(root) / name).resolve().as_uri()
+    if shared_store(tracking_uri):
+        return None
+    if str(tracking_uri).startswith("sqlite:///"):
+        store = Path(str(tracking_uri)[len("sqlite:///") :])
+        return (store.parent / "mlartifacts" / name).resolve().as_uri()
+    return None
+
+
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | None) -> str:
-    """Return the experiment id, creating it (artifacts under artifact_root/name) if missing; race-safe.
-    With artifact_root null the tracking server chooses (e.g. its --artifacts-destination)."""
+    """Return the experiment id, creating it (artifacts where `artifact_location` says) if missing;
+    race-safe. An existing experiment of a shared store whose artifacts go to a machine's own folder is
+    warned about: its location was fixed when it was made."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     open_store(tracking_uri)
     found = mlflow.get_experiment_by_name(name)
     if found is None:
-        location = (Path(artifact_root) / name).resolve().as_uri() if artifact_root else None
+        location = artifact_location(tracking_uri, name, artifact_root)
         try:
             return mlflow.create_experiment(
                 name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
@@ -112,6 +146,15 @@ def ensure_experiment(tracking_uri: str, name: str, artifact_root: str | Path | 
             found = mlflow.get_experiment_by_name(name)
             if found is None:
                 raise
+    if shared_store(tracking_uri) and str(found.artifact_location).startswith("file:"):
+        log.warning(
+            "MLflow experiment %r of the shared store %s keeps its artifacts in %s, a folder of each machine "
+            "(it was made so): other workers' checkpoints land on their own disks; a new tracking.experiment "
+            "with tracking.artifact_root=null lets the server store them",
+            name,
+            redact(str(tracking_uri)),
+            found.artifact_location,
+        )
     if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older agecls, or by hand
         mlflow.MlflowClient(tracking_uri=tracking_uri).set_experiment_tag(
             found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
@@ -319,13 +362,45 @@ def end_dead_runs(tracking: DictConfig) -> list[str]:
     return ended
 
 
-class Recorder:
-    """Thin wrapper over the active MLflow run; every method is a no-op when tracking is disabled."""
+# How long a shared tracking store may be away (a restarting MLflow server) before a run's logging is kept.
+DEFAULT_SERVER_PATIENCE_S = 300.0
+# MLflow's own retries of one request with a server store: short, so the wait is agecls's, said in the log.
+MLFLOW_RETRIES = "2"
 
-    def __init__(self, enabled: bool) -> None:
+
+def store_patience(tracking: DictConfig) -> Patience | None:
+    """Patience with a shared tracking store (tracking.server_patience_s); None for a local sqlite file."""
+    uri = str(tracking.tracking_uri)
+    if not shared_store(uri):
+        return None
+    seconds = float(tracking.get("server_patience_s", DEFAULT_SERVER_PATIENCE_S))
+    server = uri.startswith(("http://", "https://"))
+    return Patience(
+        f"MLflow {'server' if server else 'store'} {redact(uri)}",
+        "tracking.server_patience_s",
+        seconds,
+        server_down if server else database_down,
+        then="kept to log once it is back (the run goes on)",
+    )
+
+
+class Recorder:
+    """Thin wrapper over the active MLflow run; every method is a no-op when tracking is disabled.
+
+    With a shared store (`calls`), each call waits out an outage of the server, and past the patience is
+    kept and made once it is back: a run never fails because tracking was away."""
+
+    def __init__(self, enabled: bool, calls: Deferred | None = None) -> None:
         self.enabled = enabled
         self.run_id: str | None = None
         self.resumed = False  # a run continued by a later process (trainer.resume)
+        self.calls = calls
+
+    def _send(self, doing: str, fn, *args: Any, **kwargs: Any) -> None:
+        if self.calls is None:
+            fn(*args, **kwargs)
+        else:
+            self.calls.call(doing, fn, *args, **kwargs)
 
     def params(self, flat: dict[str, Any]) -> None:
         """Log params; on a resumed run only those not logged yet (MLflow keeps a param's first value), and
@@ -334,25 +409,51 @@ class Recorder:
             return
         values = {k: str(v)[:MAX_PARAM_CHARS] for k, v in flat.items()}
         if self.resumed:
-            logged = _mlflow().get_run(self.run_id).data.params
+            get_run = _mlflow().get_run
+            run = (
+                self.calls.patience.call("read the run", get_run, self.run_id)
+                if self.calls
+                else get_run(self.run_id)
+            )
+            logged = run.data.params
             changed = {f"agecls.resumed.{k}": v for k, v in values.items() if k in logged and logged[k] != v}
             values = {k: v for k, v in values.items() if k not in logged}
             if changed:
-                _mlflow().set_tags(changed)
+                self.tags(changed)
         if values:
-            _mlflow().log_params(values)
+            self._send(f"log {len(values)} params", _mlflow().log_params, values)
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         if self.enabled and values:
-            _mlflow().log_metrics(values, step=step)
+            what = f"log epoch {step}'s metrics" if step is not None else "log metrics"
+            self._send(what, _mlflow().log_metrics, values, step=step)
 
     def tags(self, values: dict[str, Any]) -> None:
         if self.enabled:
-            _mlflow().set_tags({k: str(v) for k, v in values.items()})
+            self._send("set tags", _mlflow().set_tags, {k: str(v) for k, v in values.items()})
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled:
-            _mlflow().log_artifact(str(path), artifact_path=folder)
+            self._send(
+                f"log artifact {Path(path).name}", _mlflow().log_artifact, str(path), artifact_path=folder
+            )
+
+    def end(self, status: str) -> None:
+        """End the run with `status` once what waits has landed; with the store still away past its
+        patience, the run is left as it is and the log says what it lacks."""
+        if not self.enabled:
+            return
+        if self.calls is None:
+            _mlflow().end_run(status)
+            return
+        self.calls.call(f"end the run {status}", _mlflow().end_run, status)
+        if self.calls.pending:
+            log.error(
+                "MLflow run %s not ended: %s still away; not logged: %s",
+                (self.run_id or "?")[:8],
+                self.calls.patience.store,
+                self.calls.waiting(),
+            )
 
 
 def interrupted(exc: BaseException) -> bool:
@@ -364,6 +465,10 @@ def interrupted(exc: BaseException) -> bool:
     if isinstance(exc, KeyboardInterrupt | SIGTERMException):
         return True
     return isinstance(exc, SystemExit) and isinstance(exc.__context__, KeyboardInterrupt)
+
+
+def _patiently(patience: Patience | None, doing: str, fn, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs) if patience is None else patience.call(doing, fn, *args, **kwargs)
 
 
 @contextmanager
@@ -381,7 +486,10 @@ def recording(
     with MLflow's source tags (`source_tags`), and with `run_dir` the folder's `run.json` follows the
     same states."""
     identity = process_identity()
-    recorder = Recorder(enabled=bool(tracking.enabled))
+    patience = store_patience(tracking) if tracking.enabled else None
+    recorder = Recorder(enabled=bool(tracking.enabled), calls=Deferred(patience) if patience else None)
+    if patience is not None:  # MLflow's own retries short: the wait is the patience's, said in the log
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", MLFLOW_RETRIES)
     if tracking.enabled:
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -389,14 +497,22 @@ def recording(
         # A REST tracking server takes tag values as protobuf strings only (an int there is a TypeError).
         tags = {key: str(value) for key, value in {**(tags or {}), **identity}.items()}
         if run_id is None:
-            experiment_id = ensure_experiment(
-                tracking.tracking_uri, tracking.experiment, tracking.artifact_root
+            experiment_id = _patiently(
+                patience,
+                "find the experiment",
+                ensure_experiment,
+                tracking.tracking_uri,
+                tracking.experiment,
+                tracking.artifact_root,
             )
             tags = {**source_tags(run_dir), **tags}  # a caller's own values win
             # Without a name MLflow draws one from `random`, which seed_everything has just seeded: every
             # run of one seed (all trials of a study) would get the same name.
             run_name = run_name or f"{command_name()} {datetime.now():%Y-%m-%d %H:%M:%S}"
-            run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags)
+            start = mlflow.start_run
+            run = _patiently(
+                patience, "start the run", start, experiment_id=experiment_id, run_name=run_name, tags=tags
+            )
         else:
             open_store(str(tracking.tracking_uri))
             try:
@@ -425,8 +541,7 @@ def recording(
         )
 
     def end(status: str, marker: str | None = None, why: BaseException | None = None) -> None:
-        if tracking.enabled:
-            _mlflow().end_run(status)
+        recorder.end(status)
         if run_dir is not None:
             ended_by = f"{type(why).__name__}: {why}"[:500] if why is not None else None
             write_run_file(run_dir, status=marker or status.lower(), ended_by=ended_by)
