@@ -303,6 +303,35 @@ def test_runs_of_trials_killed_outright_are_ended_failed_and_running_trials_left
     assert tracker.end_orphan_runs(study) == []  # idempotent
 
 
+def test_workers_that_start_together_keep_one_study_run(tmp_path, monkeypatch):
+    """Two workers started at the same moment each find no study run and create one; both then keep the
+    oldest and the other is deleted, so a worker lost later leaves no duplicate RUNNING."""
+    from agecls.sweep.study_tracking import StudyRun
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = OmegaConf.create(
+        {
+            "tracking": {"tracking_uri": uri, "experiment": "e", "artifact_root": None},
+            "optuna": {"storage": "sqlite:///x.db", "register_best": False},
+        }
+    )
+    first = StudyRun.open(cfg, "s")
+    # the second worker's search ran before the first worker's run existed
+    found = []
+    original = mlflow.MlflowClient.search_runs
+
+    def search_before(self, *args, **kwargs):
+        found.append(1)
+        return [] if len(found) == 1 else original(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "search_runs", search_before)
+    second = StudyRun.open(cfg, "s")
+    assert second.run_id == first.run_id
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([first.experiment_id], filter_string="tags.`agecls.role` = 'study'")
+    assert [r.info.run_id for r in runs] == [first.run_id]
+
+
 def _session_processes(session: int) -> dict[int, str]:
     """pid -> command line of the processes of one session (Linux /proc)."""
     found = {}

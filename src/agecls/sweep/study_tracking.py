@@ -28,6 +28,21 @@ from agecls.tracking import ensure_experiment, source_tags
 log = logging.getLogger(__name__)
 
 
+def _one_study_run(client, experiment_id: str, query: str, mine: str) -> str:
+    """The study's one parent run once this worker has created `mine`: workers that start together may each
+    create one (neither found the other's); all then keep the oldest and the others are deleted, so no
+    duplicate is left RUNNING by a worker that is later lost."""
+    found = client.search_runs([experiment_id], filter_string=query, max_results=50)
+    oldest = min(found, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+    if oldest is None or oldest.info.run_id == mine:
+        return mine
+    client.delete_run(mine)
+    log.info(
+        "the study's MLflow run is %s, which another worker created at the same moment", oldest.info.run_id
+    )
+    return oldest.info.run_id
+
+
 @dataclass
 class StudyRun:
     client: Any
@@ -57,6 +72,7 @@ class StudyRun:
                 "optuna.storage": str(cfg.optuna.storage),
             }
             run_id = client.create_run(experiment_id, run_name=f"study {study_name}", tags=tags).info.run_id
+            run_id = _one_study_run(client, experiment_id, query, run_id)
         return cls(client=client, run_id=run_id, cfg=cfg, experiment_id=experiment_id, study_name=study_name)
 
     def end_orphan_runs(self, study) -> list[str]:
