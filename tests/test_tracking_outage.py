@@ -15,7 +15,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from agecls.outage import Deferred, Patience, server_down
-from agecls.tracking import artifact_location, recording, shared_store
+from agecls.tracking import recording
+from agecls.tracking_store import artifact_location, shared_store
 
 
 def test_shared_stores_are_servers_and_databases_but_not_a_sqlite_file(tmp_path):
@@ -31,7 +32,7 @@ def test_artifacts_follow_the_tracking_store(tmp_path, caplog):
     assert artifact_location(local, "e", None) == (tmp_path / "out" / "mlartifacts" / "e").resolve().as_uri()
     assert artifact_location("http://mlflow.example:5000", "e", None) is None
     assert artifact_location("postgresql://agecls@db/mlflow", "e", None) is None
-    with caplog.at_level(logging.WARNING, logger="agecls.tracking"):
+    with caplog.at_level(logging.WARNING, logger="agecls.tracking_store"):
         assert artifact_location("http://mlflow.example:5000", "e", "s3://bucket/art/") == "s3://bucket/art/e"
         assert artifact_location(local, "e", str(tmp_path / "art")) == (tmp_path / "art" / "e").as_uri()
         assert caplog.records == []  # a URI every machine reaches, or a local store: nothing to say
