@@ -2,7 +2,9 @@
 hostname and process space, the network shared) is lost mid-trial, PostgreSQL restarts, and the MLflow
 server is away for 15 s while trials log. Worker A finishes the study: exactly n_trials complete, the lost
 trial failed by heartbeat and re-queued once, no run left RUNNING, every epoch's metrics logged, and no
-artifact on a worker's own disk. `pytest -m cluster`; skipped, saying why, without the engines."""
+artifact on a worker's own disk. Also (heavy) a sweeper whose database stays away past its patience:
+one line, and the same command finishes the study. `pytest -m cluster`; skipped, saying why, without the
+engines."""
 
 from __future__ import annotations
 
@@ -163,3 +165,44 @@ def test_a_study_survives_a_lost_machine_a_database_restart_and_a_tracking_serve
     assert f"optuna.storage {storage} back after " in log_a + trial_logs
     assert f"trial {lost.number} failed and re-queued: no heartbeat for optuna.grace_period=10 s" in log_a
     assert "Traceback" not in log_a
+
+
+@pytest.mark.heavy  # ~2 min: two sweeper starts; the patience alone: tests/test_storage_outage.py
+def test_a_sweeper_past_its_storage_patience_stops_in_one_line_and_the_same_command_resumes(
+    postgres: Postgres, tmp_path: Path
+):
+    storage = postgres.create_database("patience")
+    args = [f"optuna.study_name={STUDY}", "optuna.n_trials=2", "optuna.n_jobs=1", "optuna/pruner=none"]
+    args += [f"optuna.storage={storage}", "optuna.storage_patience_s=3", "tracking=none"]
+    cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *args]
+    machine = tmp_path / "machine-a"
+    sweeper = _start(machine, cmd)
+    try:
+        wait_for(lambda: optuna.load_study(study_name=STUDY, storage=storage), "the study in PostgreSQL", 240)
+        study = optuna.load_study(study_name=STUDY, storage=storage)
+        wait_for(lambda: _running_on(study, socket.gethostname()) is not None, "a training trial", 300)
+        postgres.stop()
+        try:
+            assert sweeper.wait(120) == 1
+        finally:
+            postgres.start()
+    finally:
+        if sweeper.poll() is None:
+            os.killpg(sweeper.pid, signal.SIGKILL)
+    said = (machine / "sweeper.log").read_text(errors="replace").strip().splitlines()[-1]
+    prefix = f"agecls-train: error: the sweep stopped: optuna.storage {storage} unreachable for "
+    assert said.startswith(prefix), said
+    assert "(optuna.storage_patience_s=3) while it would" in said
+    assert said.endswith("1 running trial(s) stopped, re-queued when it runs again"), said
+
+    again = _start(machine, cmd)  # the database is back: the same command finishes the study
+    assert again.wait(400) == 0, _tail(machine / "sweeper.log")
+    trials = optuna.load_study(study_name=STUDY, storage=storage).get_trials(deepcopy=False)
+    states = sorted(t.state.name for t in trials)
+    assert states == ["COMPLETE", "COMPLETE", "FAIL"], [
+        (t.number, t.state.name, t.user_attrs) for t in trials
+    ]
+    (failed,) = [t for t in trials if t.state == TrialState.FAIL]
+    (rerun,) = [t for t in trials if t.user_attrs.get("requeued_from") == failed.number]
+    assert rerun.state == TrialState.COMPLETE and rerun.params == failed.params
+    assert "is gone" in failed.user_attrs["failed_because"]  # its process, stopped by the sweeper
