@@ -127,7 +127,7 @@ def test_several_directions_set_objective_directions(output_dir):
         ),
         (
             ["sweep=demo", "+hydra.sweeper.params={model.blocks: 'range(2, 6)'}"],
-            "hydra.sweeper.params.model.blocks=range(2, 6) and optuna.params.model.blocks=range(2, 4) are",
+            "hydra.sweeper.params.model.blocks=range(2, 6) and optuna.params.model.blocks=range(2, 3) are",
         ),
         (
             ["optuna.max_failures=1", "hydra.sweeper.max_failure_rate=0.5"],

@@ -40,11 +40,68 @@ def test_search_space_maps_hydra_sweep_syntax_to_optuna():
     space, fixed = search_space(params, ["model.dropout=0.5", "bins=seed7,four"], OverridesParser.create())
     assert space["optimizer"] == CategoricalDistribution(["adam", "nadam"])
     assert space["optimizer.lr"] == FloatDistribution(1e-5, 1e-2, log=True)
-    assert space["model.blocks"] == IntDistribution(2, 4)
+    assert space["model.blocks"] == IntDistribution(2, 5)  # both ends, as hydra-optuna-sweeper
     assert space["bins"] == CategoricalDistribution(["seed7", "four"])
     assert "model.dropout" not in space, "a fixed command-line value overrides the configured range"
     assert fixed == ["model.hidden=64", "model.dropout=0.5"]
-    assert format_value(1e-05) == "1e-05" and format_value(True) == "true"
+    assert format_value(1e-05) == "1e-05" and format_value(True) == "true" and format_value(None) == "null"
+
+
+# hydra-optuna-sweeper's own cases (its tests/test_optuna_sweeper_plugin.py), in today's Optuna names
+PLUGIN_CASES = [
+    ("key=choice(1,2)", CategoricalDistribution([1, 2])),
+    ("key=choice(true, false)", CategoricalDistribution([True, False])),
+    ("key=choice('hello', 'world')", CategoricalDistribution(["hello", "world"])),
+    ("key=shuffle(range(1,3))", CategoricalDistribution((1, 2))),
+    ("key=range(1,3)", IntDistribution(1, 3)),
+    ("key=interval(1, 5)", FloatDistribution(1, 5)),
+    ("key=int(interval(1, 5))", IntDistribution(1, 5)),
+    ("key=tag(log, interval(1, 5))", FloatDistribution(1, 5, log=True)),
+    ("key=tag(log, int(interval(1, 5)))", IntDistribution(1, 5, log=True)),
+    ("key=range(0.5, 5.5, step=1)", FloatDistribution(0.5, 5.5, step=1)),
+    # its grid test's config, and values it passes on as override text
+    ("y=range(-1.0, 1.0, step=1)", FloatDistribution(-1.0, 1.0, step=1.0)),
+    ('z=choice("foo", "bar")', CategoricalDistribution(["foo", "bar"])),
+    ("key=range(0, 10, step=5)", IntDistribution(0, 10, step=5)),
+    ("key=choice([1,2], [3])", CategoricalDistribution(["[1,2]", "[3]"])),
+]
+
+
+@pytest.mark.parametrize(("line", "expected"), PLUGIN_CASES)
+def test_the_plugins_grammar_gives_the_plugins_distributions(line, expected):
+    key, text = line.split("=", 1)
+    space, fixed = search_space({}, [line], OverridesParser.create())
+    # the same text in optuna.params (a sweep file) gives the same distribution
+    configured = search_space({key: text}, [], OverridesParser.create())[0][key]
+    assert fixed == []
+    if text.startswith("shuffle"):  # shuffle() orders the choices at random
+        assert set(space[key].choices) == set(configured.choices) == set(expected.choices)
+    else:
+        assert space[key] == configured == expected
+
+
+@pytest.mark.parametrize(
+    ("lines", "distributions", "fixed"),
+    [
+        (["key=choice(1,2)"], {"key": CategoricalDistribution([1, 2])}, []),
+        (["key=5"], {}, ["key=5"]),
+        (["key1=choice(1,2)", "key2=5"], {"key1": CategoricalDistribution([1, 2])}, ["key2=5"]),
+        (
+            ["key1=choice(1,2)", "key2=5", "key3=range(1,3)"],
+            {"key1": CategoricalDistribution([1, 2]), "key3": IntDistribution(1, 3)},
+            ["key2=5"],
+        ),
+    ],
+)
+def test_searched_and_fixed_keys_split_as_in_the_plugin(lines, distributions, fixed):
+    assert search_space({}, lines, OverridesParser.create()) == (distributions, fixed)
+
+
+def test_a_range_that_cannot_be_a_distribution_or_bad_text_is_a_clear_error():
+    with pytest.raises(SweepError, match=r"^command line: key=range\(5,1\): .*low"):
+        search_space({}, ["key=range(5,1)"], OverridesParser.create())
+    with pytest.raises(SweepError, match=r"^optuna.params: key=choice\(null, 1\): .*NoneType is incompat"):
+        search_space({"key": "choice(null, 1)"}, [], OverridesParser.create())
 
 
 def test_unsupported_sweep_is_a_clear_error():
