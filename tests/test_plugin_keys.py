@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -19,6 +20,8 @@ from agecls.errors import UsageError
 from agecls.sweep.checks import SweepError
 from agecls.sweep.plugin_keys import apply_plugin_keys, with_plugin_keys
 from agecls.sweep.sampler import StudyGridSampler, grid_size, grid_values, study_sampler
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _compose(overrides: list[str]) -> DictConfig:
@@ -219,6 +222,7 @@ def test_a_sweep_written_the_plugins_way_on_the_command_line_runs_as_a_study(tmp
         f"hydra.sweeper.storage=sqlite:///{tmp_path}/plug.db",
         "hydra.sweeper.direction=maximize",
         "optimizer=choice(adam, nadam)",
+        f"hydra.sweep.dir={tmp_path}/sweep",
     ]
     cmd = [sys.executable, "-m", "agecls.cli.train", "-m", *TINY, *plugin]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
@@ -228,3 +232,81 @@ def test_a_sweep_written_the_plugins_way_on_the_command_line_runs_as_a_study(tmp
     assert sorted(t.params["optimizer"] for t in study.trials) == ["adam", "nadam"]
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert not (out / "optuna.db").exists()  # the storage the plugin's key named, not agecls's default
+    _check_results(tmp_path / "sweep", study)
+
+
+def _template_block() -> str:
+    """The translated lightning-hydra-template file, as docs/SWEEPS.md shows it."""
+    text = (ROOT / "docs" / "SWEEPS.md").read_text()
+    section = text.split("#### From lightning-hydra-template", 1)[1]
+    return section.split("```yaml\n", 1)[1].split("```", 1)[0]
+
+
+def _check_results(sweep_dir: Path, study: optuna.Study) -> dict:
+    results = OmegaConf.to_container(OmegaConf.load(sweep_dir / "optimization_results.yaml"))
+    assert results == {
+        "name": "optuna",
+        "best_params": study.best_trial.params,
+        "best_value": study.best_value,
+    }
+    return results
+
+
+def test_the_translated_template_file_runs_as_a_study_and_writes_the_plugins_results(tmp_path):
+    conf = tmp_path / "my_conf"
+    (conf / "sweep").mkdir(parents=True)
+    (conf / "sweep" / "mnist_optuna.yaml").write_text(_template_block())
+    out, sweep_dir = tmp_path / "out", tmp_path / "sweep"
+    env = {**os.environ, "AGECLS_OUTPUT_DIR": str(out)}
+    # no -m: the file's hydra.mode makes it a sweep; 2 trials and tiny data keep it short
+    cmd = [sys.executable, "-m", "agecls.cli.train", "--config-dir", str(conf), "sweep=mnist_optuna"]
+    tiny = ["data.synthetic.n=300", "data.image_size=32", "trainer.max_epochs=1", "tracking=none"]
+    cmd += [*tiny, "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={sweep_dir}", "optuna/pruner=none"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    study = optuna.load_study(study_name="agecls", storage=f"sqlite:///{out}/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    searched = {"optimizer.lr", "data.batch_size", "model.hidden", "model.base_channels", "model.blocks"}
+    assert all(set(t.params) == searched for t in study.trials)
+    assert all(0.0001 <= t.params["optimizer.lr"] <= 0.1 for t in study.trials)
+    results = _check_results(sweep_dir, study)
+    assert set(results["best_params"]) == searched
+
+
+def test_optimization_results_are_the_plugins_shape_and_follow_the_study(tmp_path):
+    from agecls.sweep.results import write_optimization_results
+
+    study = optuna.create_study(direction="maximize")
+    assert write_optimization_results(study, tmp_path) is None  # nothing complete yet: no file
+    study.enqueue_trial({"x": 0.25, "opt": "adam"})
+    study.optimize(
+        lambda t: t.suggest_float("x", 0, 1) + (t.suggest_categorical("opt", ["adam", "sgd"]) == "sgd"), 1
+    )
+    write_optimization_results(study, tmp_path)
+    assert _check_results(tmp_path, study)["best_value"] == 0.25
+    study.enqueue_trial({"x": 0.5, "opt": "sgd"})  # the study resumed: the file follows its new best
+    study.optimize(
+        lambda t: t.suggest_float("x", 0, 1) + (t.suggest_categorical("opt", ["adam", "sgd"]) == "sgd"), 1
+    )
+    write_optimization_results(study, tmp_path)
+    assert _check_results(tmp_path, study) == {
+        "name": "optuna",
+        "best_params": {"x": 0.5, "opt": "sgd"},
+        "best_value": 1.5,
+    }
+    pareto = optuna.create_study(directions=["maximize", "minimize"])
+    for x, y in ((1.0, 1.0), (2.0, 2.0), (1.0, 2.0)):
+        pareto.add_trial(
+            optuna.trial.create_trial(
+                params={"x": x}, distributions={"x": FloatDistribution(0, 3)}, values=[x, y]
+            )
+        )
+    write_optimization_results(pareto, tmp_path)
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "optimization_results.yaml")) == {
+        "name": "optuna",
+        "solutions": [
+            {"params": {"x": 1.0}, "values": [1.0, 1.0]},
+            {"params": {"x": 2.0}, "values": [2.0, 2.0]},
+        ],
+    }

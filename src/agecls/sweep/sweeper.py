@@ -81,6 +81,7 @@ from agecls.sweep.recovery import (
     stop_for_outage,
     surplus,
 )
+from agecls.sweep.results import write_optimization_results
 from agecls.sweep.sampler import grid_size, study_sampler
 from agecls.sweep.space import format_value, search_space
 from agecls.sweep.warm_start import enqueue_warm_starts, warm_starts
@@ -353,9 +354,11 @@ class StudyRunner:
         # a trial's output goes to a file, where a progress bar is noise; first, so the command line can
         # still turn it on
         cmd.append("trainer.enable_progress_bar=false")
+        cmd += _search_path(cfg)  # a sweep file in the user's own folder (--config-dir) is found again
         cmd += [line for line in fixed if not line.startswith("hydra.sweep")]
         cmd += [f"{k}={format_value(v)}" for k, v in params.items()]
-        cmd += [f"optuna.trial={number}", f"hydra.run.dir={run_dir}"]
+        # a run, even where a sweep file makes its command a sweep (`hydra: mode: MULTIRUN`)
+        cmd += [f"optuna.trial={number}", f"hydra.run.dir={run_dir}", "hydra.mode=RUN"]
         if parent:
             cmd.append(f"optuna.parent_run_id={parent}")
         return cmd
@@ -513,6 +516,14 @@ def _free_slot(run: Sweep, state: LoopState) -> int | None:
     return min(free, key=lambda s: (load[_slot_device(run.slots, s)], s), default=None)
 
 
+def _search_path(cfg: DictConfig) -> list[str]:
+    """`hydra.searchpath=[...]` naming the config folders the command added (--config-dir, a searchpath),
+    for a trial to compose the same files; [] when it added none."""
+    sources = OmegaConf.select(cfg, "hydra.runtime.config_sources") or []
+    added = [f"'file://{s.path}'" for s in sources if s.schema == "file" and s.provider != "main"]
+    return [f"hydra.searchpath=[{','.join(added)}]"] if added else []
+
+
 def _cap_to_grid(ocfg: DictConfig, sampler) -> None:
     """optuna.n_trials at most a grid sampler's number of points (each runs once)."""
     size = grid_size(sampler)
@@ -551,10 +562,11 @@ def _values_text(values: list[float] | None, names: list[str] | None) -> str:
 
 def _write_summary(study, sweep_dir: Path, followup: dict[str, Any] | None = None) -> None:
     """The study's trials as CSV (one `values_<objective>` column per objective when there are several),
-    and the best trial (several objectives: the Pareto front's trials, each with its objectives; re-seeded
-    top trials: the one chosen by its mean over seeds), in the sweep folder."""
+    optimization_results.yaml, and the best trial (several objectives: the Pareto front's trials, each with
+    its objectives; re-seeded top trials: the one chosen by its mean over seeds), in the sweep folder."""
     frame = study.trials_dataframe()
     frame.to_csv(sweep_dir / "trials.csv", index=False)
+    write_optimization_results(study, sweep_dir)  # what scripts written for hydra-optuna-sweeper read
     if len(study.directions) > 1:
         _write_front(study, sweep_dir)
         return
