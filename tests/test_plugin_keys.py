@@ -233,6 +233,8 @@ def test_a_sweep_written_the_plugins_way_on_the_command_line_runs_as_a_study(tmp
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert not (out / "optuna.db").exists()  # the storage the plugin's key named, not agecls's default
     _check_results(tmp_path / "sweep", study)
+    assert study.metric_names == ["val/macro_f1"]  # optuna-dashboard's label for the one objective
+    assert "value" in (tmp_path / "sweep" / "trials.csv").read_text().splitlines()[0].split(",")
 
 
 def _template_block() -> str:

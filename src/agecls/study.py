@@ -139,23 +139,28 @@ def open_study(
 
 
 def _objectives_text(directions: list[str], names: list[str] | None) -> str:
-    if names is None:
-        return (
-            f"one objective, objective.metric ({directions[0]})" if len(directions) == 1 else str(directions)
-        )
+    if names is None or len(directions) == 1:
+        metric = names[0] if names else "objective.metric"
+        return f"one objective, {metric} ({directions[0]})" if len(directions) == 1 else str(directions)
     return "[" + ", ".join(f"{n} ({d})" for n, d in zip(names, directions, strict=True)) + "]"
 
 
 def check_objectives(study: optuna.Study, directions: list[str], names: list[str] | None, url: str) -> None:
     """UsageError when an existing study has other objectives than the command asks for (names and
-    directions, in order); names a new study's objectives (`set_metric_names`, which the Pareto plots and
-    trials_dataframe read). A one-objective study keeps no name, as before: its direction is its own."""
+    directions, in order); names a study that has no names yet (`set_metric_names`, which the Pareto plots,
+    trials_dataframe and optuna-dashboard's charts read; one objective's is objective.metric). With one
+    objective only the name is compared, and a command that gives none takes the study's as it is."""
     have = [d.name.lower() for d in study.directions]
     have_names = study.metric_names
-    if len(have) == 1 and len(directions) == 1 and have_names is None:
+    one = len(have) == 1 and len(directions) == 1
+    if names is not None and have_names is None and (one or have == directions):
+        from optuna.exceptions import ExperimentalWarning
+
+        with warnings.catch_warnings():  # set_metric_names is experimental in Optuna; agecls relies on it
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            study.set_metric_names(list(names))
         return
-    if names is not None and have_names is None and have == directions:
-        study.set_metric_names(list(names))
+    if one and (names is None or have_names == list(names)):
         return
     if have != directions or have_names != (list(names) if names is not None else None):
         raise UsageError(

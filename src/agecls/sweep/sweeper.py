@@ -220,7 +220,9 @@ class StudyRunner:
             sampler = study_sampler(ocfg.sampler, space)
             _cap_to_grid(ocfg, sampler)
             # an existing study with other objectives is refused here, before anything is asked of it
-            study = open_study(ocfg, directions=directions, metric_names=names, sampler=sampler)
+            # the one objective is named too: optuna-dashboard labels its charts with it, not "Objective 0"
+            metrics = names or [str(cfg.objective.metric)]
+            study = open_study(ocfg, directions=directions, metric_names=metrics, sampler=sampler)
         except (SweepError, UsageError) as exc:
             raise UsageError(str(exc)) from None
         return plan, study
@@ -565,6 +567,8 @@ def _write_summary(study, sweep_dir: Path, followup: dict[str, Any] | None = Non
     optimization_results.yaml, and the best trial (several objectives: the Pareto front's trials, each with
     its objectives; re-seeded top trials: the one chosen by its mean over seeds), in the sweep folder."""
     frame = study.trials_dataframe()
+    if len(study.directions) == 1:  # one named objective: Optuna calls its column value_<name>
+        frame = frame.rename(columns={f"value_{n}": "value" for n in study.metric_names or []})
     frame.to_csv(sweep_dir / "trials.csv", index=False)
     write_optimization_results(study, sweep_dir)  # what scripts written for hydra-optuna-sweeper read
     if len(study.directions) > 1:
