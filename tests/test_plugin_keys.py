@@ -58,13 +58,17 @@ def test_each_plugin_key_sets_the_agecls_setting_with_its_meaning(output_dir):
             "hydra.sweeper.direction=minimize",
             "hydra.sweeper.max_failure_rate=0.5",
             "+hydra.sweeper.params={model.dropout: 'interval(0.1, 0.5)'}",
+            "+hydra.sweeper.params.optimizer.lr='tag(log, interval(1e-4, 1e-2))'",  # nests: read as one key
         ]
     )
     assert (cfg.optuna.n_trials, cfg.optuna.n_jobs) == (7, 3)
     assert (cfg.optuna.study_name, cfg.optuna.storage) == ("plug", "sqlite:////tmp/plug.db")
     assert cfg.objective.mode == "min"
     assert cfg.optuna.max_failures == 3  # the plugin stops past half the trials failed: more than 3 of 7
-    assert cfg.optuna.params == {"model.dropout": "interval(0.1, 0.5)"}
+    assert cfg.optuna.params == {
+        "model.dropout": "interval(0.1, 0.5)",
+        "optimizer.lr": "tag(log, interval(1e-4, 1e-2))",
+    }
     # what a trial process reads of its own config comes to it as overrides
     assert lines == [
         "optuna.study_name='plug'",

@@ -132,7 +132,7 @@ def _sampler(cfg: DictConfig, node: DictConfig) -> dict[str, tuple[str, Any]]:
 
 def _params(cfg: DictConfig, node: DictConfig) -> dict[str, tuple[str, Any]]:
     """hydra.sweeper.params joins optuna.params; a key in both must have the same value."""
-    given = _plain(node.get("params"))
+    given = _flat(_plain(node.get("params")) or {})
     if not given:
         return {}
     current = _plain(cfg.optuna.params) or {}
@@ -140,6 +140,17 @@ def _params(cfg: DictConfig, node: DictConfig) -> dict[str, tuple[str, Any]]:
         if key in current:
             _agree(f"hydra.sweeper.params.{key}={_shown(value)}", f"optuna.params.{key}", value, current[key])
     return {"optuna.params": ("hydra.sweeper.params", {**current, **given})}
+
+
+def _flat(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`+hydra.sweeper.params.model.dropout=...` nests {model: {dropout: ...}}: as the key model.dropout."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _agree(source: str, key: str, value: Any, current: Any) -> None:
