@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-throughput bench-sweep bench-predict bench-gpu bench-64 bench-levers bench-search bench-search-8ep bench-pareto bench-serve browser engines utkface
+.PHONY: install demo test test-heavy lint format clean docs bench bench-quick bench-throughput bench-sweep bench-predict bench-photos bench-gpu bench-64 bench-levers bench-search bench-search-8ep bench-pareto bench-serve browser engines utkface
 
 $(STAMP): pyproject.toml
 	@echo ">> creating $(VENV) and installing agecls with its dependencies (first time: a few minutes)"
@@ -173,6 +173,12 @@ bench-64: $(STAMP)
 # dissertation-size untrained model (a few minutes); rewrites its BENCHMARKS.md section.
 bench-predict: $(STAMP)
 	nice -n 10 $(BIN)/python bench/predict_latency.py --write docs/BENCHMARKS-SERVING.md
+
+# Faces in photos against the same faces as crops (bench/photos.py): 400 faces of the test split of the model
+# `make utkface` registered, pasted into composed photos; recall, extra boxes, macro-F1 of both paths with
+# paired bootstrap intervals, for MTCNN with and without alignment and Haar (~30 minutes on 2 CPU cores).
+bench-photos: $(STAMP)
+	$(BIN)/python bench/photos.py --write BENCHMARKS.md
 
 # agecls-serve under load: the real server on 127.0.0.1 gets 50 uploads at the pixel limits from 20 clients at
 # once (bench/serve_load.py; about a minute); rewrites its BENCHMARKS.md section.

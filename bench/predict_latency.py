@@ -4,7 +4,7 @@ The model is the dissertation's final size (experiment=agecnn: basic_cnn 4 block
 224 px greyscale, 7 age bins), untrained: latency does not depend on the weights. The photo is matplotlib's
 grace_hopper.jpg (512x600 JPEG, one face). Stages, as agecls-predict runs them:
   decode      JPEG bytes -> RGB image (agecls.serving.faces.open_image)
-  detect      Haar cascades + eye alignment + square crop (agecls.serving.faces.find_faces)
+  detect      MTCNN + eye alignment + the framed square crop (agecls.serving.faces.find_faces, cut_out)
   preprocess  crop -> decoded like training (fit_square) -> normalised tensor
   model       forward pass + probabilities (predict_proba)
 A batch is N photos of one face each: decode, detect and preprocess per photo, one forward pass for all.
@@ -66,15 +66,23 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def measure(n: int, repeats: int, model, data: bytes) -> dict[str, float]:
     """Median ms per stage for n photos of one face each."""
+    import numpy as np
+
     from agecls.data.cache import fit_square
-    from agecls.serving.faces import find_faces, open_image
+    from agecls.data.faces.framing import UTKFACE, Framing
+    from agecls.serving.faces import cut_out, find_faces, open_image
     from agecls.serving.predict import attribute_probs
 
+    framing = Framing.from_dict(UTKFACE["mtcnn"])
     t_decode, imgs = timed(lambda: [open_image(data) for _ in range(n)], repeats)
-    t_detect, faces = timed(lambda: [find_faces(img)[0] for img in imgs], repeats)
+
+    def detect():
+        return [cut_out(img, np.asarray(img), find_faces(img)[0], framing, True) for img in imgs]
+
+    t_detect, faces = timed(detect, repeats)
 
     def preprocess():
-        return model.tensor([fit_square(f.crop, model.size, model.grayscale) for f in faces])
+        return model.tensor([fit_square(f, model.size, model.grayscale) for f in faces])
 
     t_pre, x = timed(preprocess, repeats)
     t_model, _ = timed(lambda: attribute_probs(model.module, x), repeats)
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             f"**untrained** model of experiment=agecnn's size (224 px grey, {params / 1e6:.1f} M parameters; "
             "latency does not depend on the weights) on matplotlib's grace_hopper.jpg (512x600 JPEG, one "
             "face). A batch is that photo N times, decoded, detected and preprocessed one by one, then one "
-            "forward pass. Detect = Haar face cascade + eye cascade (alignment) + square crop.",
+            "forward pass. Detect = MTCNN + eye alignment + the framed square crop.",
             "",
             *rows,
             END,

@@ -119,7 +119,7 @@ def test_detect_false_decodes_like_training_and_matches_the_square_crop(tiny_mul
     shown = predictor.predict_file(tmp_path / "crop.png", thumbnails=True)["faces"][0]["thumbnail"]
     assert shown.startswith("data:image/jpeg;base64,")
     thumb = Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1])))
-    assert max(thumb.size) == 112 and abs(thumb.width / thumb.height - 203 / 250) < 0.02
+    assert thumb.size == (112, 112) and thumb.mode == "L"  # the tiny model's own input: a greyscale square
 
 
 def test_one_checkpoint_per_attribute_and_the_softmax_fallback(tiny_multitask_ckpt):
@@ -243,9 +243,8 @@ def test_real_utkface_crops_predict_with_and_without_detection(tiny_multitask_ck
             )
         )
         assert summary["n_errors"] == 0
-        # UTKFace files are tight aligned crops (the face fills the frame, often cut at the chin), where the
-        # Haar cascades find a face in fewer than half: detect=false is the mode for such crops
-        assert summary["n_faces"] >= (len(files) if detect == "false" else len(files) // 4)
+        # the finder searches a grey border around the photo, so a face cut by a tight crop's frame is found
+        assert summary["n_faces"] >= (len(files) if detect == "false" else len(files) - 1)
 
 
 def test_the_console_names_the_model_and_lists_every_face_and_the_output_files_are_0644(

@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from agecls.cli.app import App, compose_args, run
 from agecls.cli.args import check_bool, check_int, require
+from agecls.data.faces.finders import FINDERS
 from agecls.errors import UsageError
 
 APP = App(
@@ -27,6 +28,7 @@ unreadable files too), then writes predictions.json, predictions.csv (one row pe
         "agecls-predict ckpt=[age.ckpt,gender.ckpt,eth.ckpt] images=me.jpg   # one checkpoint per attribute",
         "agecls-predict ckpt=models:/agecls-demo@best tracking_uri=sqlite:///outputs/mlflow.db images=me.jpg",
         "agecls-predict ckpt=best.ckpt images=crops/ detect=false          # the images are face crops",
+        "agecls-predict ckpt=old.ckpt images=me.jpg framing=UTKFace/   # framing: fit on its training crops",
     ),
     exit_codes="0 done (even when some files were unreadable), 1 nothing could be predicted, 2 bad arguments",
     sweep_hint="a list of checkpoints: ckpt=[a,b]",
@@ -45,8 +47,12 @@ def check_faces(cfg: DictConfig) -> None:
     require(cfg, "ckpt")
     for key in ("min_face", "max_faces", "max_pixels", "batch_size"):
         check_int(cfg, key, 1)
-    if isinstance(cfg.margin, bool) or not isinstance(cfg.margin, int | float) or not 0 <= cfg.margin <= 2:
-        raise UsageError(f"margin={cfg.margin!r}: valid: a number from 0 to 2")
+    if cfg.finder not in FINDERS:
+        raise UsageError(f"finder={cfg.finder!r}: valid: {' | '.join(FINDERS)}")
+    if not isinstance(cfg.framing, str) or not cfg.framing:
+        raise UsageError(
+            f"framing={cfg.framing!r}: valid: checkpoint, or a folder of training-style face crops"
+        )
     for key in ("detect", "align"):
         check_bool(cfg, key)
 

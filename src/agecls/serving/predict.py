@@ -1,13 +1,15 @@
 """`agecls-predict`: find faces in photos and predict age group, gender and ethnicity with probabilities.
 
-    agecls-predict ckpt=PATH images=FILE_OR_DIR [out=DIR] [detect=true|false] [margin=0.3] [align=true]
+    agecls-predict ckpt=PATH images=FILE_OR_DIR [out=DIR] [detect=true|false] [finder=mtcnn|haar] [align=true]
 
 `ckpt` is one checkpoint (a single-attribute or a multitask one), a list of checkpoints, one per attribute
 (`ckpt=[age.ckpt,gender.ckpt,eth.ckpt]`), or an MLflow registered model (agecls.serving.sources). Several
 checkpoints that predict the same attribute with the same classes are an ensemble for it: their class
-probabilities are averaged. Faces are found and cut out as agecls.serving.faces describes; each crop is then
-preprocessed as the checkpoint's own training run decoded its faces (`agecls.evaluation.inference.Preprocess`,
-shared with agecls-eval and post-fit scoring). `detect=false` treats every image as an already-cropped face.
+probabilities are averaged. Faces are found and cut out as agecls.serving.faces describes, each model's crop
+with the framing of its own training images (kept in its checkpoint; `framing=FOLDER` fits one on a folder of
+training-style crops for a checkpoint without); each crop is then preprocessed as the checkpoint's own
+training run decoded its faces (`agecls.evaluation.inference.Preprocess`, shared with agecls-eval and
+post-fit scoring). `detect=false` treats every image as an already-cropped face.
 
 Writes predictions.json (with each model's card), predictions.csv (one row per face; face=-1 for a photo
 without a face) and predictions.png (an annotated grid) atomically under `out`; `console_table` is what the
@@ -33,11 +35,22 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from agecls.data.faces.finders import check_finder
+from agecls.data.faces.framing import Framing, FramingError, fit_framing, read_rgb, sample_paths
 from agecls.errors import UsageError
 from agecls.evaluation.inference import Preprocess, load_checkpoint
 from agecls.evaluation.scoring import EvalError
 from agecls.files import write_atomic
-from agecls.serving.faces import DEFAULT_MAX_PIXELS, Face, ImageError, find_faces, list_images, open_image
+from agecls.serving.faces import (
+    DEFAULT_MAX_PIXELS,
+    Face,
+    ImageError,
+    cut_out,
+    find_faces,
+    list_images,
+    open_image,
+    whole_image,
+)
 from agecls.serving.sources import SYNTHETIC_WARNING, Source, describe_model, model_card, resolve_models
 
 log = logging.getLogger(__name__)
@@ -76,6 +89,7 @@ class Model:
     preprocess: Preprocess
     class_names: dict[str, list[str]]
     card: dict[str, Any] = field(default_factory=dict)  # model_card: source, run, data, validation score
+    framings: dict[str, Framing | str] = field(default_factory=dict)  # finder -> its framing, or why none
 
     @property
     def size(self) -> int:
@@ -111,7 +125,25 @@ def load_model(path: Path, device: str = "cpu", source: Source | None = None) ->
     if not isinstance(names, dict):
         names = {str(module.cfg.task.target): list(module.hparams.class_names)}
     names = {a: list(n) for a, n in names.items()}
-    return Model(path, module, Preprocess.of(module), names, model_card(path, module, source))
+    card = model_card(path, module, source)
+    framings = checkpoint_framings(module, path)
+    card["framing"] = {
+        f: v.to_dict() if isinstance(v, Framing) else {"error": v} for f, v in framings.items()
+    }
+    return Model(path, module, Preprocess.of(module), names, card, framings)
+
+
+def checkpoint_framings(module: Any, path: Path) -> dict[str, Framing | str]:
+    """{finder: the framing its training images were fitted to, or why there is none} of a checkpoint."""
+    stored = dict(getattr(module, "hparams", {}).get("framing") or {})
+    if not stored:
+        why = "it keeps no face framing (trained before agecls fitted one, or on data without image files)"
+        return {"mtcnn": why, "haar": why}
+    out: dict[str, Framing | str] = {}
+    for finder, data in stored.items():
+        data = dict(data)
+        out[finder] = str(data["error"]) if "error" in data else Framing.from_dict(data, f"{path}: framing")
+    return out
 
 
 def load_models(specs: Sequence[str], tracking_uri: str | None, device: str = "cpu") -> list[Model]:
@@ -133,7 +165,8 @@ class Predictor:
 
     models: list[Model]
     detect: bool = True
-    margin: float = 0.3
+    finder: str = "mtcnn"
+    framing: str = "checkpoint"
     align: bool = True
     min_face: int = 24
     max_faces: int = 20
@@ -154,6 +187,26 @@ class Predictor:
                     )
                 self.class_names.setdefault(attr, names)
                 first.setdefault(attr, model.path)
+        self.framings = self._framings() if self.detect else [None] * len(self.models)
+
+    def _framings(self) -> list[Framing]:
+        """Each model's framing for this finder: its checkpoint's, or one fitted on the folder `framing`
+        names; UsageError naming the checkpoint and what to pass when it has none."""
+        check_finder(self.finder)
+        if self.framing != "checkpoint":
+            fitted = folder_framing(Path(self.framing).expanduser(), self.finder)
+            return [fitted] * len(self.models)
+        out = []
+        for model in self.models:
+            got = model.framings.get(self.finder, "it keeps no framing for this finder")
+            if not isinstance(got, Framing):
+                raise UsageError(
+                    f"ckpt {model.path}: no face framing for finder={self.finder}: {got}. Pass "
+                    "framing=FOLDER (a folder of the face crops it was trained on, fitted now), another "
+                    "finder, or detect=false when the images are face crops already"
+                )
+            out.append(got)
+        return out
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Predictor:
@@ -167,7 +220,8 @@ class Predictor:
         return cls(
             load_models([str(s) for s in specs], cfg.get("tracking_uri"), device),
             detect=bool(cfg.detect),
-            margin=float(cfg.margin),
+            finder=str(cfg.finder),
+            framing=str(cfg.framing),
             align=bool(cfg.align),
             min_face=int(cfg.min_face),
             max_faces=int(cfg.max_faces),
@@ -180,26 +234,33 @@ class Predictor:
         """The faces of one photo (detect=false: the whole image is one face); `scale` is the photo's size
         over the size it was decoded at, so min_face still counts the photo's own pixels."""
         if not self.detect:
-            return [Face((0, 0, img.width, img.height), img, "none")]
+            return [whole_image(img)]
         min_face = max(1, round(self.min_face / scale))
-        return find_faces(
-            img, margin=self.margin, align=self.align, min_face=min_face, max_faces=self.max_faces
-        )
+        return find_faces(img, finder=self.finder, min_face=min_face, max_faces=self.max_faces)
 
-    def classify(self, crops: list[Image.Image]) -> list[dict[str, dict[str, Any]]]:
-        """Per crop {attribute: {label, prob, probs}}; the mean probabilities of an attribute's ensemble."""
-        total = {attr: np.zeros((len(crops), len(names))) for attr, names in self.class_names.items()}
+    def crops(self, img: Image.Image, faces: list[Face]) -> list[list[Image.Image]]:
+        """Per model, the crop of every face cut out with that model's framing."""
+        rgb = np.asarray(img)
+        return [[cut_out(img, rgb, f, framing, self.align) for f in faces] for framing in self.framings]
+
+    def classify(self, crops: list[list[Image.Image]] | list[Image.Image]) -> list[dict[str, dict[str, Any]]]:
+        """Per face {attribute: {label, prob, probs}}; the mean probabilities of an attribute's ensemble.
+        `crops`: per model, every face's crop (or one list of crops every model sees)."""
+        if crops and not isinstance(crops[0], list):
+            crops = [crops] * len(self.models)
+        n = len(crops[0]) if crops else 0
+        total = {attr: np.zeros((n, len(names))) for attr, names in self.class_names.items()}
         members = dict.fromkeys(self.class_names, 0)
-        for model in self.models:
-            squares = [model.preprocess.decode(c) for c in crops]
+        for model, model_crops in zip(self.models, crops, strict=True):
+            squares = [model.preprocess.decode(c) for c in model_crops]
             for attr in model.class_names:
                 members[attr] += 1
-            for start in range(0, len(crops), self.batch_size):
+            for start in range(0, n, self.batch_size):
                 x = model.tensor(squares[start : start + self.batch_size]).to(self.device)
                 for attr, probs in attribute_probs(model.module, x).items():
                     rows = probs.float().cpu().numpy()
                     total[attr][start : start + len(rows)] += rows
-        out: list[dict[str, dict[str, Any]]] = [{} for _ in crops]
+        out: list[dict[str, dict[str, Any]]] = [{} for _ in range(n)]
         for attr, names in self.class_names.items():
             for i, row in enumerate(total[attr] / max(1, members[attr])):
                 k = int(row.argmax())
@@ -213,9 +274,10 @@ class Predictor:
     def predict_image(self, img: Image.Image, scale: float = 1.0, *, thumbnails: bool = False) -> list[dict]:
         """Every face of a decoded photo: box, detector, aligned, and per attribute label/prob/probs; boxes
         in the photo's own pixels when it was decoded `scale` times smaller. With `thumbnails`, each face
-        also carries its crop as the model saw it (a JPEG data URL, at most THUMBNAIL px)."""
+        also carries its crop as the (first) model saw it (a JPEG data URL, THUMBNAIL px)."""
         faces = self.faces(img, scale)
-        preds = self.classify([f.crop for f in faces]) if faces else []
+        crops = self.crops(img, faces) if faces else []
+        preds = self.classify(crops) if faces else []
         return [
             {
                 "face": i,
@@ -224,7 +286,11 @@ class Predictor:
                 "aligned": f.aligned,
                 "angle": f.angle,
                 **p,
-                **({"thumbnail": thumbnail_url(f.crop)} if thumbnails else {}),
+                **(
+                    {"thumbnail": thumbnail_url(self.models[0].preprocess.decode(crops[0][i]))}
+                    if thumbnails
+                    else {}
+                ),
             }
             for i, (f, p) in enumerate(zip(faces, preds, strict=True))
         ]
@@ -241,14 +307,31 @@ class Predictor:
 
 
 THUMBNAIL = 112  # side of the face thumbnails the page shows
+FOLDER_FIT = 200  # images of a framing=FOLDER fit
 
 
-def thumbnail_url(crop: Image.Image, side: int = THUMBNAIL) -> str:
-    """The crop, at most `side` px, as a JPEG data URL the page can show as it is."""
-    small = crop.copy()
-    small.thumbnail((side, side), Image.Resampling.BILINEAR)
+def folder_framing(folder: Path, finder: str) -> Framing:
+    """The framing fitted on up to FOLDER_FIT images of a folder of training-style face crops; UsageError
+    naming the folder when it holds none the finder recognises."""
+    files = [p for p in list_images(folder) if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp")]
+    if not files:
+        raise UsageError(
+            f"framing={folder}: no images there (a folder of the face crops a model was trained on)"
+        )
+    try:
+        fitted = fit_framing((read_rgb(p) for p in sample_paths(files, FOLDER_FIT, str(folder))), finder)
+    except FramingError as exc:
+        raise UsageError(f"framing={folder}: {exc}") from None
+    log.info("framing fitted on %s: %s", folder, fitted)
+    return fitted
+
+
+def thumbnail_url(square: np.ndarray, side: int = THUMBNAIL) -> str:
+    """A face as the model sees it (its decoded (size, size, C) square: its pixels and colour mode),
+    enlarged to `side` px, as a JPEG data URL the page can show as it is."""
+    img = Image.fromarray(square[:, :, 0] if square.shape[2] == 1 else square)
     buf = io.BytesIO()
-    small.convert("RGB").save(buf, format="JPEG", quality=85)
+    img.resize((side, side), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -393,7 +476,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "models": [m.card for m in predictor.models],
         "class_names": predictor.class_names,
         "detect": predictor.detect,
-        "margin": predictor.margin,
+        "finder": predictor.finder if predictor.detect else None,
         "n_files": len(results),
         "n_faces": sum(len(r["faces"]) for r in results),
         "n_no_face": sum(r["status"] == "no_face" for r in results),

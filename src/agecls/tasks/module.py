@@ -67,9 +67,11 @@ class FaceClassifier(L.LightningModule):
     or {attribute: list | None}) for classification heads; `age_stats` ({"mean", "std"} of the training
     split's ages) standardises the regression head's target. `input_stats` ({"mean", "std"} per channel on
     the 0..1 scale, as the datamodule resolved `data.normalize`; None for `none` and for checkpoints saved
-    before it was kept) travels in the checkpoint, so agecls-eval and agecls-predict normalise as training
-    did without the training run's data (`dataset` statistics are estimated from its train split). A bad
-    `augment.mix` block or `augment.tta` raises ValueError naming the key here, before any model is built."""
+    before it was kept) and `framing` ({finder: the training images' face framing or its error}, see
+    agecls.data.faces.framing; None: none) travel in the checkpoint, so agecls-eval and agecls-predict
+    normalise and crop as training did without the training run's data (`dataset` statistics are estimated
+    from its train split). A bad `augment.mix` block or `augment.tta` raises ValueError naming the key
+    here, before any model is built."""
 
     def __init__(
         self,
@@ -78,6 +80,7 @@ class FaceClassifier(L.LightningModule):
         class_weights: list[float] | dict[str, list[float] | None] | None = None,
         age_stats: dict[str, float] | None = None,
         input_stats: dict[str, list[float]] | None = None,
+        framing: dict[str, dict[str, Any]] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()

@@ -17,6 +17,7 @@ from agecls.config import flatten
 from agecls.data.augment import build_augment
 from agecls.data.bins import AgeBins
 from agecls.data.datamodule import FaceDataModule, group_weights, labelled_rows
+from agecls.data.faces.framing import manifest_framing
 from agecls.data.manifest import Manifest
 from agecls.data.prepare import PreparedData, frame_labels, frame_targets, prepare_data, subset_labels
 from agecls.evaluation.postfit import score_fit
@@ -75,7 +76,11 @@ def build_datamodule(cfg: DictConfig, prepared: PreparedData) -> tuple[FaceDataM
 
 
 def build_module(
-    cfg: DictConfig, resolved: dict[str, Any], datamodule: FaceDataModule, class_names: dict[str, list[str]]
+    cfg: DictConfig,
+    resolved: dict[str, Any],
+    datamodule: FaceDataModule,
+    class_names: dict[str, list[str]],
+    framing: dict[str, dict[str, Any]] | None = None,
 ) -> FaceClassifier:
     """The FaceClassifier of a run: loss class weights per attribute and, for a head predicting years, the
     training split's age mean/std, both from the training rows; and the input normalisation the datamodule
@@ -94,9 +99,9 @@ def build_module(
     if datamodule.mean is not None:
         input_stats = {"mean": datamodule.mean.tolist(), "std": datamodule.std.tolist()}
     if is_multitask(cfg.task):
-        return FaceClassifier(resolved, class_names, weights, age_stats, input_stats)
+        return FaceClassifier(resolved, class_names, weights, age_stats, input_stats, framing)
     (attr,) = class_names
-    return FaceClassifier(resolved, class_names[attr], weights[attr], age_stats, input_stats)
+    return FaceClassifier(resolved, class_names[attr], weights[attr], age_stats, input_stats, framing)
 
 
 def train(
@@ -139,7 +144,8 @@ def train(
         sizes = {s: len(datamodule.indices[s]) for s in ("train", "val", "test")}
         rec.params({f"data.n_{s}": n for s, n in sizes.items()})
         log.info("data: %s  rows per split %s  manifest %s", manifest.root, sizes, manifest.hash[:12])
-        module = prepare_model(cfg, build_module(cfg, resolved, datamodule, class_names))
+        framing = manifest_framing(cfg.data, cfg.paths.cache_dir, manifest)
+        module = prepare_model(cfg, build_module(cfg, resolved, datamodule, class_names, framing))
         trainer, checkpoint = build_trainer(cfg, run_dir, rec, job.pruning_callbacks(cfg))
         fitted = fit_best(cfg, trainer, checkpoint, module, datamodule, run_dir, last)
         results, test_table = score_fit(

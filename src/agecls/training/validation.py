@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from agecls.data.faces.framing import FRAMINGS
 from agecls.errors import UsageError
 from agecls.training.settings import check_pipeline, resolve_auto
 
@@ -173,6 +174,9 @@ def _check_data(cfg: DictConfig) -> None:
     _whole("data.batch_size", data.get("batch_size"), 1)
     _whole("data.num_workers", data.get("num_workers", 0), 0)
     _whole("data.crop_margin", data.get("crop_margin", 0), 0)
+    if data.get("framing", "none") not in FRAMINGS:
+        raise _fail("data.framing", data.get("framing"), "valid: " + " | ".join(FRAMINGS))
+    _whole("data.framing_images", data.get("framing_images", 200), 1)
     ratios = OmegaConf.select(data, "split.ratios")
     if ratios is not None:
         ratios = list(ratios)
