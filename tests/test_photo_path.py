@@ -40,16 +40,18 @@ def test_mtcnn_finds_the_face_and_its_eyes_in_a_real_portrait():
 
 
 def test_the_framing_is_recovered_from_crops_cut_with_a_known_one():
-    # crops cut out of the portrait as 1.2x its MTCNN box, centred 0.1 box sides lower: the fit finds that
+    # crops cut out of the portrait as 2x its landmarks' reference length, centred 0.1 of it lower than the
+    # landmarks' centroid: the fit finds that framing again
     photo = grace()
     box = find(photo, "mtcnn")[0]
-    truth = Framing("mtcnn", 1.2, 0.0, 0.1, 0.0, 1, 1, 0.0)
+    truth = Framing("mtcnn", "landmarks", 2.0, 0.0, 0.1, 0.0, 1, 1, 0.0)
     from agecls.data.faces.framing import crop
 
     crops = [crop(photo, box, truth, align=False)]
     crops += [np.asarray(Image.fromarray(crops[0]).resize((s, s))) for s in (150, 180, 260)]
     fitted = fit_framing(crops, "mtcnn")
-    assert fitted.found == 4 and abs(fitted.scale - 1.2) < 0.06 and abs(fitted.dy - 0.1) < 0.04
+    assert fitted.found == 4 and fitted.ref == "landmarks"
+    assert abs(fitted.scale - 2.0) < 0.1 and abs(fitted.dx) < 0.04 and abs(fitted.dy - 0.1) < 0.04
     with pytest.raises(FramingError, match="found a face in 0 of 3 training images"):
         fit_framing([np.full((64, 64, 3), v, np.uint8) for v in (0, 90, 200)], "mtcnn")
 
@@ -120,7 +122,7 @@ def test_a_checkpoint_without_a_framing_is_refused_for_detect_with_what_to_pass(
     for side in (300, 400, 512):
         Image.fromarray(grace()).resize((side, round(side * 600 / 512))).save(folder / f"portrait{side}.jpg")
     fitted = Predictor(models, detect=True, framing=str(folder)).framings[0]
-    assert fitted.found == 3 and 1.5 < fitted.scale < 3.5  # the portrait shows far more than the face
+    assert fitted.found == 3 and fitted.scale > 1.5 * UTKFACE["mtcnn"]["scale"]  # far more than the face
     with pytest.raises(UsageError, match="framing=.*empty: no images there"):
         (tmp_path / "empty").mkdir()
         Predictor(models, detect=True, framing=str(tmp_path / "empty"))

@@ -65,11 +65,11 @@ def test_command_line_keys_reach_the_predictor_and_the_app(tiny_multitask_ckpt):
     assert limits == (2, 16, 60, 16_000_000)
     assert "images" not in cfg and "grid" not in cfg
     predictor = Predictor.from_config(cfg)
-    assert predictor.detect is False and predictor.margin == 0.3 and len(predictor.models) == 1
+    assert predictor.detect is False and predictor.finder == "mtcnn" and len(predictor.models) == 1
     for argv, message in (
         (["port=80"], "ckpt=... is required"),
         ([f"ckpt={tiny_multitask_ckpt}", "max_batch=0"], "max_batch=0: valid: a whole number >= 1"),
-        ([f"ckpt={tiny_multitask_ckpt}", "margin=3"], "margin=3: valid: a number from 0 to 2"),
+        ([f"ckpt={tiny_multitask_ckpt}", "finder=dlib"], "finder='dlib': valid: mtcnn | haar"),
         ([f"ckpt={tiny_multitask_ckpt}", "max_uploadmb=3"], "did you mean max_upload_mb?"),
         ([f"ckpt={tiny_multitask_ckpt}", "port=99999"], "port=99999: valid: a whole number from 1 to 65535"),
         ([f"ckpt={tiny_multitask_ckpt}", "port=0"], "port=0: valid: a whole number from 1 to 65535"),
