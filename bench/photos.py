@@ -2,7 +2,8 @@
 
 Faces are drawn from the test split of the manifest a real model was trained on (never its training rows)
 and pasted into composed photos (agecls.data.faces.compose: 960x720, a blurred background of shapes, sides
-220-420 px, rotated up to 10 degrees, edges feathered over 3% of the side; about one photo in five holds 2-3 faces at 160-300 px).
+220-420 px, rotated up to 10 degrees, edges feathered over 3% of the side; about one photo in five holds 2-3
+faces at 160-300 px).
 For each finder setting:
   photos  faces found (recall) and extra boxes (found squares overlapping no pasted face, per pasted face),
           the framed square's IoU with the pasted square, and macro-F1 per attribute of the found faces
