@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tests.conftest import compose_train
 from tests.data_helpers import REAL_SKIP_REASON, real_utkface_root
 
 from agecls.data.bins import AgeBins
+from agecls.data.faces.framing import UTKFACE
 from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
 
 # in the default suite: a training run, a registration, a served model and a browser take about 35 s on 2
@@ -31,6 +33,7 @@ TINY = [
     "model.base_channels=8",
     "model.hidden=32",
     "trainer.max_epochs=1",
+    "data.framing_images=24",
 ]
 # the page's caption of one face holds "age: 26-45 (0.41)", "gender: male (0.77)", "ethnicity: white (0.52)"
 ATTRIBUTE = r"{}: (\S+) \((\d\.\d\d)\)"
@@ -84,6 +87,12 @@ def test_a_utkface_model_is_trained_registered_and_read_on_the_upload_page(outpu
     assert sum(sizes.values()) == len(photos), sizes
     for attr in ("age", "gender", "ethnicity"):
         assert 0.0 <= result[f"best_val/{attr}/macro_f1"] <= 1.0
+    # the checkpoint keeps the face framing fitted on its training images: UTKFace's own, within its spread
+    kept = torch.load(result["checkpoint"], map_location="cpu", weights_only=False)["hyper_parameters"][
+        "framing"
+    ]
+    assert kept["mtcnn"]["found"] >= 22 and kept["mtcnn"]["tried"] == 24
+    assert abs(kept["mtcnn"]["scale"] - UTKFACE["mtcnn"]["scale"]) < UTKFACE["mtcnn"]["scale_iqr"]
 
     uri = str(cfg.tracking.tracking_uri)
     assert register.main(["best_of=utkface", f"tracking_uri={uri}"]) == 0
@@ -94,8 +103,7 @@ def test_a_utkface_model_is_trained_registered_and_read_on_the_upload_page(outpu
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
-    # UTKFace's photos are aligned face crops: OpenCV's face finder misses most of them or boxes a part of the
-    # face, so the page predicts the whole photo (detect=false), as the model was trained on it
+    # UTKFace's photos are face crops already, so the page predicts the whole photo (detect=false)
     serve = [sys.executable, "-m", "agecls.cli.serve", "ckpt=models:/agecls-utkface@best", "detect=false"]
     with log.open("w") as out:
         proc = subprocess.Popen(
