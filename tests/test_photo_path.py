@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from agecls.data.faces.compose import compose, match, square_iou
+from agecls.data.faces.compose import compose, match
 from agecls.data.faces.finders import find
-from agecls.data.faces.framing import UTKFACE, Framing, FramingError, fit_framing
+from agecls.data.faces.framing import UTKFACE, Framing, FramingError, fit_framing, square_iou
 from agecls.data.faces.mtcnn import detect
 from agecls.serving.predict import Predictor, UsageError, checkpoint_framings, load_models
 from data_helpers import real_utkface_root
@@ -132,3 +132,23 @@ def test_the_square_iou_of_equal_and_shifted_squares():
     assert square_iou((10, 10, 10), (10, 10, 10)) == 1.0
     assert abs(square_iou((10, 10, 10), (15, 10, 10)) - 50 / 150) < 1e-9
     assert square_iou((0, 0, 2), (10, 10, 2)) == 0.0
+
+
+def test_a_photo_that_is_a_crop_in_the_models_framing_is_taken_as_it_is(tiny_multitask_ckpt):
+    # the portrait cut out as UTKFace's framing would: detect=true then answers exactly as detect=false
+    portrait = grace()
+    framing = Framing.from_dict(UTKFACE["mtcnn"])
+    from agecls.data.faces.framing import crop
+
+    as_crop = Image.fromarray(crop(portrait, find(portrait, "mtcnn")[0], framing))
+    models = load_models([str(tiny_multitask_ckpt)], None)
+    found = Predictor(models, detect=True)
+    faces = found.faces(as_crop)
+    assert len(faces) == 1 and found.crops(as_crop, faces)[0][0] is as_crop
+    assert (
+        found.predict_image(as_crop)[0]["age"]
+        == Predictor(models, detect=False).predict_image(as_crop)[0]["age"]
+    )
+    # the portrait itself is not such a crop: its face is cut out
+    whole = Image.fromarray(portrait)
+    assert found.crops(whole, found.faces(whole))[0][0].size != whole.size

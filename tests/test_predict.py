@@ -283,16 +283,23 @@ def test_the_console_names_the_model_and_lists_every_face_and_the_output_files_a
         f"warning: {card['source']} was trained on generated synthetic faces, not real photos: its "
         "predictions on real faces are not meaningful",
         f"file       face  box        {'age'.ljust(age_w)}  {'gender'.ljust(gender_w)}  ethnicity",
-        f"face.png   0     0,0,32x32  {age.ljust(age_w)}  {gender.ljust(gender_w)}  {eth}",
+        f"face.png   1     0,0,32x32  {age.ljust(age_w)}  {gender.ljust(gender_w)}  {eth}",
         f"notes.txt  -     error: {error}",
         "2 files: 1 faces, 0 without a face, 1 unreadable " + f"({summary['seconds']:g} s)",
-        f"wrote {out / 'predictions.json'}, {out / 'predictions.csv'}, {out / 'predictions.png'}",
+        "wrote "
+        + ", ".join(
+            str(out / n) for n in ("predictions.json", "predictions.csv", "predictions.png", "crops")
+        ),
     ]
     assert "Downloading" not in printed.err
+    (crop,) = (out / "crops").iterdir()
+    assert crop.name == "0000-face-face1.jpg" and oct(crop.stat().st_mode & 0o777) == "0o644"
+    assert summary["images"][0]["faces"][0]["crop"] == "crops/0000-face-face1.jpg"
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == {
         "predictions.json": "0o644",
         "predictions.csv": "0o644",
         "predictions.png": "0o644",
+        "crops": "0o755",  # each face as the model saw it: its greyscale 32 px input, enlarged
     }
     with Image.open(out / "predictions.png") as grid:  # one 32 px face shown at 256 px, with its caption
         assert grid.width == 256 + 2 * 8 and 256 < grid.height < 400

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from agecls.data.faces.finders import MAX_SIDE, Found, find
-from agecls.data.faces.framing import Framing, crop
+from agecls.data.faces.framing import WHOLE_IMAGE_IOU, Framing, crop, square_iou
 from agecls.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,11 @@ def whole_image(img: Image.Image) -> Face:
 def cut_out(
     img: Image.Image, rgb: np.ndarray, face: Face, framing: Framing | None, align: bool
 ) -> Image.Image:
-    """The crop a model with `framing` sees of `face` (the image itself for a whole-image face)."""
+    """The crop a model with `framing` sees of `face`: the image itself for a whole-image face, and for a
+    photo that is such a crop already (its face's square covers it: WHOLE_IMAGE_IOU), as detect=false does."""
     if face.found is None or framing is None:
+        return img
+    cx, cy, side, _ = framing.square(face.found, align)
+    if square_iou((cx, cy, side), (img.width / 2, img.height / 2, min(img.size))) >= WHOLE_IMAGE_IOU:
         return img
     return Image.fromarray(crop(rgb, face.found, framing, align))

@@ -344,12 +344,23 @@ def csv_rows(results: list[dict[str, Any]], attributes: Sequence[str]) -> list[d
     for r in results:
         base = {"file": r["file"], "status": r["status"], "error": r.get("error", "")}
         for face in r["faces"] or [None]:
-            row = {**base, "face": -1, "x": "", "y": "", "w": "", "h": "", "detector": "", "aligned": ""}
+            row = {
+                **base,
+                "face": -1,
+                "x": "",
+                "y": "",
+                "w": "",
+                "h": "",
+                "detector": "",
+                "aligned": "",
+                "crop": "",
+            }
             if face is not None:
                 x, y, w, h = face["box"]
                 row.update(
                     face=face["face"], x=x, y=y, w=w, h=h, detector=face["detector"], aligned=face["aligned"]
                 )
+                row["crop"] = face.get("crop", "")
             for a in attributes:
                 got = face.get(a) if face else None
                 row[a] = got["label"] if got else ""
@@ -376,52 +387,92 @@ def _wrap(draw: Any, text: str, width: int) -> list[str]:
 
 
 def grid_png(
-    results: list[dict[str, Any]], images: dict[str, Image.Image], attributes: Sequence[str]
+    results: list[dict[str, Any]],
+    images: dict[str, Image.Image],
+    attributes: Sequence[str],
+    crops: dict[tuple[str, int], Image.Image] | None = None,
 ) -> bytes:
     """An annotated grid sized to its content: each photo (at most 256 px, at most 4 a row) with its face
-    boxes and numbers, and under it the file name and each face's predictions."""
+    boxes numbered from 1, under it the file name, each face's predictions and the faces as the model saw
+    them (`crops`, at most 6 a photo)."""
     from PIL import ImageDraw
 
-    tile, pad, cols_max, line_h = 256, 8, 4, 12
+    tile, pad, cols_max, line_h, face_px = 256, 8, 4, 12, 40
+    crops = crops or {}
     shown = [r for r in results if r["file"] in images][:64]
     if not shown:
         empty = Image.new("RGB", (2 * tile, 2 * line_h + 2 * pad), "white")
         ImageDraw.Draw(empty).text((pad, pad), "no readable photo", fill=(0, 0, 0))
         return _png(empty)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    cells = []
-    for r in shown:
-        img = images[r["file"]]
-        scale = tile / max(img.width, img.height)
-        thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
-        lines = [Path(r["file"]).name[:40]]
-        for f in r["faces"][:6]:
-            lines += _wrap(measure, f"{f['face']}: {face_caption(f, attributes)}", tile)
-        if len(r["faces"]) > 6:
-            lines.append(f"... {len(r['faces']) - 6} more faces")
-        if r["status"] == "no_face":
-            lines.append("no face found")
-        cells.append((r, thumb, scale, lines))
+    cells = [_grid_cell(r, images[r["file"]], attributes, tile) for r in shown]
     cols = math.ceil(len(cells) / math.ceil(len(cells) / cols_max))  # rows as full as possible: 5 -> 3 + 2
     rows = [cells[i : i + cols] for i in range(0, len(cells), cols)]
-    heights = [max(c[1].height for c in row) + max(len(c[3]) for c in row) * line_h + 2 * pad for row in rows]
-    width = cols * (tile + pad) + pad
-    sheet = Image.new("RGB", (width, sum(heights)), "white")
+    strip = [face_px + 4 if any(c[0]["faces"] for c in row) else 0 for row in rows]
+    heights = [
+        max(c[1].height for c in row) + max(len(c[3]) for c in row) * line_h + 2 * pad + extra
+        for row, extra in zip(rows, strip, strict=True)
+    ]
+    sheet = Image.new("RGB", (cols * (tile + pad) + pad, sum(heights)), "white")
     draw = ImageDraw.Draw(sheet)
     oy = 0
     for row, height in zip(rows, heights, strict=True):
         thumb_h = max(c[1].height for c in row)
+        text_h = max(len(c[3]) for c in row) * line_h
         for n, (r, thumb, scale, lines) in enumerate(row):
             ox = pad + n * (tile + pad)
             sheet.paste(thumb, (ox, oy + pad))
             for face in r["faces"]:
                 x, y, w, h = (v * scale for v in face["box"])
                 box = (ox + x, oy + pad + y, ox + x + w - 1, oy + pad + y + h - 1)
-                draw.rectangle(box, outline=(255, 0, 0), width=2)
-                draw.text((box[0] + 3, box[1] + 2), str(face["face"]), fill=(255, 255, 0))
+                draw.rectangle(box, outline=(255, 210, 0), width=2)
+                _badge(draw, box[0], box[1], face["face"] + 1)
             draw.multiline_text((ox, oy + pad + thumb_h + 4), "\n".join(lines), fill=(0, 0, 0), spacing=2)
+            fy = oy + pad + thumb_h + text_h + 6
+            for k, face in enumerate(r["faces"][:6]):
+                seen = crops.get((r["file"], face["face"]))
+                if seen is not None:
+                    sheet.paste(seen.convert("RGB").resize((face_px, face_px)), (ox + k * (face_px + 4), fy))
+                    _badge(draw, ox + k * (face_px + 4), fy, face["face"] + 1)
         oy += height
     return _png(sheet)
+
+
+def _grid_cell(r: dict[str, Any], img: Image.Image, attributes: Sequence[str], tile: int) -> tuple:
+    """(result, photo at most `tile` px, its scale, caption lines) of one photo of the grid."""
+    from PIL import ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    scale = tile / max(img.width, img.height)
+    thumb = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))))
+    lines = [Path(r["file"]).name[:40]]
+    for f in r["faces"][:6]:
+        lines += _wrap(measure, f"{f['face'] + 1}: {face_caption(f, attributes)}", tile)
+    if len(r["faces"]) > 6:
+        lines.append(f"... {len(r['faces']) - 6} more faces")
+    if r["status"] == "no_face":
+        lines.append("no face found")
+    return r, thumb, scale, lines
+
+
+def _badge(draw: Any, x: float, y: float, number: int) -> None:
+    """A face's number, white on black, readable on any photo."""
+    text = str(number)
+    w = draw.textlength(text) + 6
+    draw.rectangle((x, y, x + w, y + 13), fill=(0, 0, 0))
+    draw.text((x + 3, y + 1), text, fill=(255, 255, 255))
+
+
+def save_crops(result: dict[str, Any], out: Path, index: int) -> dict[tuple[str, int], Image.Image]:
+    """Each face's crop as the model saw it written to out/crops/ (its path in the face's `crop`, in place of
+    the thumbnail data URL); the decoded thumbnails by (file, face) for the grid."""
+    shown = {}
+    for face in result["faces"]:
+        data = base64.b64decode(face.pop("thumbnail").split(",", 1)[1])
+        name = f"crops/{index:04d}-{Path(result['file']).stem[:40]}-face{face['face'] + 1}.jpg"
+        write_atomic(out / name, data)
+        face["crop"] = name
+        shown[(result["file"], face["face"])] = Image.open(io.BytesIO(data))
+    return shown
 
 
 def _png(img: Image.Image) -> bytes:
@@ -450,7 +501,7 @@ def console_table(summary: dict[str, Any]) -> list[str]:
         for f in r["faces"]:
             x, y, w, h = f["box"]
             cells = [f"{f[a]['label']} ({f[a]['prob']:.2f})" if a in f else "-" for a in attributes]
-            rows.append([name, str(f["face"]), f"{x},{y},{w}x{h}", *cells])
+            rows.append([name, str(f["face"] + 1), f"{x},{y},{w}x{h}", *cells])
     # a column is as wide as its longest cell that is not the last of its row: a row's last cell is not
     # padded, so a long error message does not widen the box column of every face
     widths = [max([len(row[i]) for row in rows if len(row) > i + 1], default=0) for i in range(len(rows[0]))]
@@ -465,13 +516,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     files = list_images(Path(str(cfg.images)).expanduser())
     predictor = Predictor.from_config(cfg)
     attributes = list(predictor.class_names)
-    results, images = [], {}
-    for path in files:
-        result = predictor.predict_file(path, str(path))
+    results, images, crops = [], {}, {}
+    out = Path(str(cfg.out)).expanduser()
+    for i, path in enumerate(files):
+        result = predictor.predict_file(path, str(path), thumbnails=True)
+        crops.update(save_crops(result, out, i))
         if result["status"] != "error" and cfg.grid and len(images) < 64:
             images[result["file"]] = open_image(path, predictor.max_pixels)
         results.append(result)
-    out = Path(str(cfg.out)).expanduser()
     summary = {
         "models": [m.card for m in predictor.models],
         "class_names": predictor.class_names,
@@ -482,7 +534,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "n_no_face": sum(r["status"] == "no_face" for r in results),
         "n_errors": sum(r["status"] == "error" for r in results),
         "seconds": round(time.perf_counter() - started, 2),
-        "outputs": [str(out / name) for name in OUTPUTS[: 3 if cfg.grid else 2]],
+        "outputs": [str(out / name) for name in OUTPUTS[: 3 if cfg.grid else 2]]
+        + ([str(out / "crops")] if crops else []),
         "images": results,
     }
     write_atomic(out / "predictions.json", (json.dumps(summary, indent=2) + "\n").encode())
@@ -493,5 +546,5 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     writer.writerows(rows)
     write_atomic(out / "predictions.csv", buf.getvalue().encode())
     if cfg.grid:
-        write_atomic(out / "predictions.png", grid_png(results, images, attributes))
+        write_atomic(out / "predictions.png", grid_png(results, images, attributes, crops))
     return summary

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from agecls.data.faces.framing import square_iou
+
 SIZE = (960, 720)
 
 
@@ -81,15 +83,6 @@ def compose(
         photo.paste(tile, (x, y), mask)
         pasted.append(Pasted(i, x, y, side, round(angle, 2)))
     return photo, pasted
-
-
-def square_iou(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
-    """Intersection over union of two squares given as (centre x, centre y, side)."""
-    (ax, ay, a_s), (bx, by, b_s) = a, b
-    iw = max(0.0, min(ax + a_s / 2, bx + b_s / 2) - max(ax - a_s / 2, bx - b_s / 2))
-    ih = max(0.0, min(ay + a_s / 2, by + b_s / 2) - max(ay - a_s / 2, by - b_s / 2))
-    inter = iw * ih
-    return inter / (a_s * a_s + b_s * b_s - inter) if inter else 0.0
 
 
 def match(
