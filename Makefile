@@ -68,7 +68,7 @@ RECIPE := $(SHARED) --agecls-set-age scheduler=onecycle optimizer.lr=1e-3 \
 	--agecls-set-gender scheduler=onecycle optimizer.lr=1e-3
 RECIPE_64 := $(SHARED) --agecls-set-gender scheduler=onecycle optimizer.lr=1e-3
 bench: $(STAMP)
-	$(BIN)/python bench/data_pipeline.py --write BENCHMARKS.md
+	$(BIN)/python bench/data_pipeline.py --write docs/BENCHMARKS-EARLIER.md
 	$(BIN)/python bench/overhead.py --notes bench/results/overhead-notes.md --write docs/BENCHMARKS-EARLIER.md
 	nice -n 10 $(BIN)/python bench/quality.py --size 32 --stride 3 --fraction 0.5 --budget 16 --no-search \
 	  --set data.pipeline=device $(RECIPE) --notes bench/results/quality-32px-recipe-notes.md --write BENCHMARKS.md
@@ -178,7 +178,7 @@ bench-predict: $(STAMP)
 # `make utkface` registered, pasted into composed photos; recall, extra boxes, macro-F1 of both paths with
 # paired bootstrap intervals, for MTCNN with and without alignment and Haar (~30 minutes on 2 CPU cores).
 bench-photos: $(STAMP)
-	$(BIN)/python bench/photos.py --write BENCHMARKS.md
+	$(BIN)/python bench/photos.py --notes bench/results/photos-notes.md --write BENCHMARKS.md
 
 # agecls-serve under load: the real server on 127.0.0.1 gets 50 uploads at the pixel limits from 20 clients at
 # once (bench/serve_load.py; about a minute); rewrites its BENCHMARKS.md section.

@@ -14,8 +14,9 @@ generated synthetic faces (said so in the output). Caches and synthetic files go
 (AGECLS_OUTPUT_DIR moves them), never into the repository.
 
     .venv/bin/python bench/data_pipeline.py                      # print the tables
-    .venv/bin/python bench/data_pipeline.py --write BENCHMARKS.md  # also rewrite this benchmark's section
-    .venv/bin/python bench/data_pipeline.py --from-json bench/results/data_pipeline.json --write BENCHMARKS.md
+    .venv/bin/python bench/data_pipeline.py --write docs/BENCHMARKS-EARLIER.md    # also rewrite its section
+    .venv/bin/python bench/data_pipeline.py --from-json bench/results/data_pipeline.json \
+        --write docs/BENCHMARKS-EARLIER.md
 """
 
 from __future__ import annotations

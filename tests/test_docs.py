@@ -138,6 +138,7 @@ EARLIER = [
     "quality-64px-recipe",
     "sweep_pruning",
     "overhead",
+    "data_pipeline",
 ]
 
 
