@@ -15,18 +15,11 @@ import pytest
 from PIL import Image
 from tests.browser import browser_or_skip, page_at, served
 from tests.conftest import compose_train
-from tests.data_helpers import REAL_SKIP_REASON, real_utkface_root
+from tests.data_helpers import REAL_SKIP_REASON, TINY_REAL, real_utkface_root
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 ATTRS = ["age", "gender", "ethnicity"]
 SUBSET_EVERY = 60  # 1 photo in 60 of the folder (about 316 of UTKFace's 18,964): seconds to scan and train
-TINY = [
-    "data.image_size=16",
-    "model.base_channels=8",
-    "model.hidden=32",
-    "trainer.max_epochs=1",
-    "data.framing_images=16",
-]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +34,9 @@ def real_multitask_ckpt(output_dir, tmp_path_factory) -> Path:
     subset.mkdir()
     for photo in sorted(source.rglob("*.jpg"))[::SUBSET_EVERY]:
         shutil.copy(photo, subset / photo.name)
-    cfg = compose_train(["experiment=utkface", f"data.root={subset}", *TINY, "tracking.experiment=page-real"])
+    cfg = compose_train(
+        ["experiment=utkface", f"data.root={subset}", *TINY_REAL, "tracking.experiment=page-real"]
+    )
     return Path(train(cfg)["checkpoint"])
 
 

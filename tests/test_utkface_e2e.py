@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import compose_train
-from tests.data_helpers import REAL_SKIP_REASON, real_utkface_root
+from tests.data_helpers import REAL_SKIP_REASON, TINY_REAL, real_utkface_root
 
 from agecls.data.bins import AgeBins
 from agecls.data.faces.framing import UTKFACE
@@ -27,14 +27,6 @@ from agecls.tasks.classification import ETHNICITY_NAMES, GENDER_NAMES
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 CHROMIUM = os.environ.get("AGECLS_CHROMIUM", "/usr/bin/chromium")
 SUBSET_EVERY = 40  # 1 photo in 40 of the folder (about 470 of UTKFace's 18,964): seconds to scan and train
-# `make utkface` with the budget cut to one epoch of a narrow trunk at 16 px; everything else is the target's.
-TINY = [
-    "data.image_size=16",
-    "model.base_channels=8",
-    "model.hidden=32",
-    "trainer.max_epochs=1",
-    "data.framing_images=24",
-]
 # the page's caption of one face holds "age: 26-45 (0.41)", "gender: male (0.77)", "ethnicity: white (0.52)"
 ATTRIBUTE = r"{}: (\S+) \((\d\.\d\d)\)"
 
@@ -80,7 +72,7 @@ def test_a_utkface_model_is_trained_registered_and_read_on_the_upload_page(outpu
     for photo in photos:
         shutil.copy(photo, subset / photo.name)
 
-    cfg = compose_train(["experiment=utkface", f"data.root={subset}", *TINY])
+    cfg = compose_train(["experiment=utkface", f"data.root={subset}", *TINY_REAL])
     assert (cfg.task.name, cfg.tracking.experiment, cfg.data.name) == ("multitask", "utkface", "utkface")
     result = train(cfg)
     sizes = result["data_sizes"]

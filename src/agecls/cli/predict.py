@@ -28,7 +28,6 @@ unreadable files too), then writes predictions.json, predictions.csv (one row pe
         "agecls-predict ckpt=[age.ckpt,gender.ckpt,eth.ckpt] images=me.jpg   # one checkpoint per attribute",
         "agecls-predict ckpt=models:/agecls-demo@best tracking_uri=sqlite:///outputs/mlflow.db images=me.jpg",
         "agecls-predict ckpt=best.ckpt images=crops/ detect=false          # the images are face crops",
-        "agecls-predict ckpt=old.ckpt images=me.jpg framing=UTKFace/   # framing: fit on its training crops",
     ),
     exit_codes="0 done (even when some files were unreadable), 1 nothing could be predicted, 2 bad arguments",
     sweep_hint="a list of checkpoints: ckpt=[a,b]",

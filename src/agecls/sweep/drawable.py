@@ -10,6 +10,7 @@ one that can never run: `model=inception_resnet_v1` may need `data.image_size=12
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,8 +89,20 @@ def _with(cfg: DictConfig, key: str, value: Any) -> DictConfig | None:
         return None
     out = copy.deepcopy(cfg)
     with open_dict(out):
-        OmegaConf.update(out, key, value, merge=False)
+        OmegaConf.update(out, key, _override_value(key, value), merge=False)
     return out
+
+
+@functools.cache
+def _parser():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create()
+
+
+def _override_value(key: str, value: Any) -> Any:
+    """What a trial's `key=value` override line sets: a categorical's encoded `[0.9,0.999]` is the list."""
+    return _parser().parse_overrides([f"{key}={format_value(value)}"])[0].value()
 
 
 def _refusal(cfg: DictConfig, validate: Callable[[DictConfig], Any]) -> str | None:
