@@ -66,8 +66,6 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def measure(n: int, repeats: int, model, data: bytes) -> dict[str, float]:
     """Median ms per stage for n photos of one face each."""
-    import numpy as np
-
     from agecls.data.cache import fit_square
     from agecls.data.faces.framing import UTKFACE, Framing
     from agecls.serving.faces import cut_out, find_faces, open_image
@@ -77,7 +75,7 @@ def measure(n: int, repeats: int, model, data: bytes) -> dict[str, float]:
     t_decode, imgs = timed(lambda: [open_image(data) for _ in range(n)], repeats)
 
     def detect():
-        return [cut_out(img, np.asarray(img), find_faces(img)[0], framing, True) for img in imgs]
+        return [cut_out(img, find_faces(img)[0], framing, True) for img in imgs]
 
     t_detect, faces = timed(detect, repeats)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from agecls.data.faces.finders import MAX_SIDE, Found, find
+from agecls.data.faces.finders import MAX_SIDE, Found, enlarged, find
 from agecls.data.faces.framing import WHOLE_IMAGE_IOU, Framing, crop, square_iou
 from agecls.errors import UsageError
 
@@ -131,8 +131,20 @@ def find_faces(
     img: Image.Image, *, finder: str = "mtcnn", min_face: int = 24, max_faces: int = 20
 ) -> list[Face]:
     """Every face of an RGB photo (largest first, at most max_faces)."""
+    # searched at most MAX_SIDE px: reduced here, so a large photo is never copied whole into an array
+    scale = min(1.0, MAX_SIDE / max(img.size))
+    small = (
+        img.resize(
+            (round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR, reducing_gap=2.0
+        )
+        if scale < 1
+        else img
+    )
     faces = []
-    for f in find(np.asarray(img), finder, min_face)[:max_faces]:
+    for f in (
+        enlarged(f, 1 / scale)
+        for f in find(np.asarray(small), finder, max(1, round(min_face * scale)))[:max_faces]
+    ):
         box = tuple(round(v) for v in f.box)
         tilt = f.angle
         faces.append(Face(box, f, f.finder, tilt is not None, round(tilt or 0.0, 2)))
@@ -144,9 +156,7 @@ def whole_image(img: Image.Image) -> Face:
     return Face((0, 0, img.width, img.height), None, "none")
 
 
-def cut_out(
-    img: Image.Image, rgb: np.ndarray, face: Face, framing: Framing | None, align: bool
-) -> Image.Image:
+def cut_out(img: Image.Image, face: Face, framing: Framing | None, align: bool) -> Image.Image:
     """The crop a model with `framing` sees of `face`: the image itself for a whole-image face, and for a
     photo that is such a crop already (its face's square covers it: WHOLE_IMAGE_IOU), as detect=false does."""
     if face.found is None or framing is None:
@@ -154,4 +164,8 @@ def cut_out(
     cx, cy, side, _ = framing.square(face.found, align)
     if square_iou((cx, cy, side), (img.width / 2, img.height / 2, min(img.size))) >= WHOLE_IMAGE_IOU:
         return img
-    return Image.fromarray(crop(rgb, face.found, framing, align))
+    # only the region the (rotated) square can reach is copied into an array, not the whole photo
+    reach = side * 0.75
+    left, top = math.floor(cx - reach), math.floor(cy - reach)
+    region = np.asarray(img.crop((left, top, math.ceil(cx + reach), math.ceil(cy + reach))))
+    return Image.fromarray(crop(region, face.found, framing, align, origin=(left, top)))

@@ -240,8 +240,7 @@ class Predictor:
 
     def crops(self, img: Image.Image, faces: list[Face]) -> list[list[Image.Image]]:
         """Per model, the crop of every face cut out with that model's framing."""
-        rgb = np.asarray(img)
-        return [[cut_out(img, rgb, f, framing, self.align) for f in faces] for framing in self.framings]
+        return [[cut_out(img, f, framing, self.align) for f in faces] for framing in self.framings]
 
     def classify(self, crops: list[list[Image.Image]] | list[Image.Image]) -> list[dict[str, dict[str, Any]]]:
         """Per face {attribute: {label, prob, probs}}; the mean probabilities of an attribute's ensemble.

@@ -108,13 +108,17 @@ class Framing:
         return ax + self.dx * length, ay + self.dy * length, self.scale * length, turn
 
 
-def crop(rgb: np.ndarray, face: Found, framing: Framing, align: bool = True) -> np.ndarray:
+def crop(
+    rgb: np.ndarray, face: Found, framing: Framing, align: bool = True, origin: tuple[int, int] = (0, 0)
+) -> np.ndarray:
     """The (side, side, 3) square the model sees of `face`: rotated about its reference point to level the
-    eyes (align), then cut out with the framing; outside the photo is black."""
+    eyes (align), then cut out with the framing; outside the photo is black. `rgb` may be a region of the
+    photo whose top-left corner is at `origin` in the photo's pixels."""
     import cv2
 
     cx, cy, side, turn = framing.square(face, align)
     ax, ay, _ = reference(face, framing.ref)
+    ax, ay, cx, cy = ax - origin[0], ay - origin[1], cx - origin[0], cy - origin[1]
     out = max(1, round(side))
     # rotation about the reference point, then the square's top-left corner moved to the origin: one warp
     m = cv2.getRotationMatrix2D((ax, ay), turn, 1.0)
