@@ -29,7 +29,7 @@ from agecls.evaluation.objectives import (
 )
 from agecls.study import open_study
 from agecls.sweep.console import TrialView, pareto_front, status_line
-from agecls.sweep.sweeper import _write_summary
+from agecls.sweep.summary import write_summary
 from agecls.sweep.warm_start import top_configurations
 
 # The fairness view of an age run on validation (evaluate_splits' table): a group without faces is left out.
@@ -219,7 +219,7 @@ def test_a_study_keeps_its_objectives_and_its_front_is_written(tmp_path):
         "4/6 done (4 complete, 0 pruned), 0 running, 0 failed | 1m30s elapsed, time left known once a trial "
         "ends | front 3 of 4 complete | best val/macro_f1 0.7000 (trial 3), model/params 5000 (trial 0)"
     )
-    _write_summary(study, tmp_path)
+    write_summary(study, tmp_path)
     assert (tmp_path / "best.txt").read_text() == (
         "Pareto front: 3 of 4 complete trials; objectives val/macro_f1 (maximize), model/params (minimize)\n"
         "trial 0: val/macro_f1 0.5000, model/params 5000\n  model.hidden=16\n"

@@ -46,7 +46,6 @@ from agecls.errors import AgeclsError, UsageError
 from agecls.outage import StoreUnavailable
 from agecls.study import (
     device_label,
-    find_trial,
     fresh,
     open_study,
     process_record,
@@ -57,7 +56,6 @@ from agecls.sweep.checks import SweepError, check_settings, check_several_object
 from agecls.sweep.console import (
     StatusConsole,
     objective_value,
-    pareto_front,
     running_lines,
     status_line,
     trial_view,
@@ -81,9 +79,9 @@ from agecls.sweep.recovery import (
     stop_for_outage,
     surplus,
 )
-from agecls.sweep.results import write_optimization_results
 from agecls.sweep.sampler import grid_size, study_sampler
 from agecls.sweep.space import format_value, search_space
+from agecls.sweep.summary import write_summary
 from agecls.sweep.warm_start import enqueue_warm_starts, warm_starts
 
 log = logging.getLogger(__name__)
@@ -460,7 +458,7 @@ class StudyRunner:
         if run.tracker:
             status = "FAILED" if state.stopping or short else "FINISHED"
             run.tracker.close(run.study, status, time.monotonic() - run.started, followup=followup)
-        _write_summary(run.study, run.sweep_dir, followup)
+        write_summary(run.study, run.sweep_dir, followup)
         study, target = run.study, run.target
         if state.stopping:
             raise StudyFailed(_failed_text(state, run.max_failures))
@@ -560,62 +558,3 @@ def _values_text(values: list[float] | None, names: list[str] | None) -> str:
     if names is None or len(values) == 1:
         return f" value {values[0]:.4f}"
     return " values " + ", ".join(f"{n} {objective_value(v)}" for n, v in zip(names, values, strict=True))
-
-
-def _write_summary(study, sweep_dir: Path, followup: dict[str, Any] | None = None) -> None:
-    """The study's trials as CSV (one `values_<objective>` column per objective when there are several),
-    optimization_results.yaml, and the best trial (several objectives: the Pareto front's trials, each with
-    its objectives; re-seeded top trials: the one chosen by its mean over seeds), in the sweep folder."""
-    frame = study.trials_dataframe()
-    if len(study.directions) == 1:  # one named objective: Optuna calls its column value_<name>
-        frame = frame.rename(columns={f"value_{n}": "value" for n in study.metric_names or []})
-    frame.to_csv(sweep_dir / "trials.csv", index=False)
-    write_optimization_results(study, sweep_dir)  # what scripts written for hydra-optuna-sweeper read
-    if len(study.directions) > 1:
-        _write_front(study, sweep_dir)
-        return
-    try:
-        best = study.best_trial
-    except ValueError:
-        log.warning("no trial of study %r completed", study.study_name)
-        return
-    chosen = (followup or {}).get("chosen_trial")
-    if chosen is not None and find_trial(study, int(chosen)) is not None:
-        best = find_trial(study, int(chosen))
-        mean, std = best.user_attrs.get("seed_mean"), best.user_attrs.get("seed_std")
-        seeds = "" if mean is None else f", mean over seeds {mean:.4f} ± {std:.4f}"
-        pick = (followup or {}).get("best_seed") or {}
-        text = (
-            f"chosen trial {best.number}: value {best.value:.4f}{seeds} (chosen by its mean over seeds); "
-            f"its best seed on validation: {pick.get('seed')} ({pick.get('value')}, {pick.get('run_dir')})\n"
-        )
-    else:
-        text = f"best trial {best.number}: value {best.value:.4f}\n"
-    text += "".join(f"  {k}={format_value(v)}\n" for k, v in best.params.items())
-    (sweep_dir / "best.txt").write_text(text)
-    log.info("%s", text.rstrip())
-
-
-def _write_front(study, sweep_dir: Path) -> None:
-    """best.txt of a study with several objectives: its Pareto front, by trial number, each trial with its
-    objectives and parameters."""
-    from optuna.trial import TrialState
-
-    names = study.metric_names or [f"objective {i}" for i in range(len(study.directions))]
-    directions = [d.name.lower() for d in study.directions]
-    views = [trial_view(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    front = pareto_front(views, directions)
-    if not front:
-        log.warning("no trial of study %r completed", study.study_name)
-        return
-    shown = ", ".join(f"{n} ({d})" for n, d in zip(names, directions, strict=True))
-    lines = [f"Pareto front: {len(front)} of {len(views)} complete trials; objectives {shown}"]
-    for trial in front:
-        values = ", ".join(
-            f"{n} {objective_value(v)}" for n, v in zip(names, trial.values or (), strict=True)
-        )
-        lines.append(f"trial {trial.number}: {values}")
-        lines += [f"  {k}={format_value(v)}" for k, v in trial.params.items()]
-    text = "\n".join(lines) + "\n"
-    (sweep_dir / "best.txt").write_text(text)
-    log.info("%s", text.rstrip())
