@@ -127,9 +127,16 @@ class Postgres:
     def start(self) -> None:
         self.pg_ctl(*self.options, "-w", "-t", "120", "start")
 
-    def restart(self) -> None:
-        """`pg_ctl restart -m fast`: every open connection is terminated, the server is back in seconds."""
-        self.pg_ctl(*self.options, "-m", "fast", "-w", "-t", "120", "restart")
+    def restart(self, down_s: float = 0.0) -> None:
+        """`pg_ctl restart -m fast`: every open connection is terminated, the server is back in seconds.
+        With `down_s`, the server stays stopped that long first, as a restart that takes a while does: a
+        client calling every few seconds then surely meets the outage instead of perhaps missing it."""
+        if down_s <= 0:
+            self.pg_ctl(*self.options, "-m", "fast", "-w", "-t", "120", "restart")
+            return
+        self.stop()
+        time.sleep(down_s)
+        self.start()
 
     def url(self, database: str, driver: str = "postgresql+psycopg") -> str:
         return f"{driver}://{self.user}@127.0.0.1:{self.port}/{database}"

@@ -29,6 +29,9 @@ N_TRIALS = 4
 EPOCHS = 3
 STUDY = "faults"
 MLFLOW_AWAY_S = 15
+# longer than optuna.heartbeat_interval=2, so worker A's heartbeat meets the outage (a 1 s restart may fall
+# between two calls and leave nothing to wait out)
+DB_DOWN_S = 6
 TINY = [
     "experiment=demo",
     "sweep=demo",
@@ -111,7 +114,7 @@ def test_a_study_survives_a_lost_machine_a_database_restart_and_a_tracking_serve
         # PostgreSQL restarts while worker A trains
         here = socket.gethostname()
         wait_for(lambda: _running_on(study, here) is not None, "a trial training on machine A", 300)
-        postgres.restart()
+        postgres.restart(down_s=DB_DOWN_S)
 
         # the MLflow server is away for 15 s while A's trial logs its epochs
         wait_for(lambda: _running_on(study, here) is not None, "a trial training on A after it", 300)
