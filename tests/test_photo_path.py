@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from agecls.data.faces import framing as framing_module
 from agecls.data.faces.compose import compose, match
 from agecls.data.faces.finders import find
 from agecls.data.faces.framing import UTKFACE, Framing, FramingError, fit_framing, square_iou
@@ -104,8 +105,9 @@ def test_a_face_in_a_photo_is_cut_out_and_classified_as_its_crop(tiny_multitask_
 
 
 def test_a_checkpoint_without_a_framing_is_refused_for_detect_with_what_to_pass(
-    tiny_multitask_ckpt, tmp_path
+    tiny_multitask_ckpt, tmp_path, monkeypatch
 ):
+    monkeypatch.setenv("AGECLS_OUTPUT_DIR", str(tmp_path / "outputs"))
     old = tmp_path / "old.ckpt"
     ckpt = torch.load(tiny_multitask_ckpt, map_location="cpu", weights_only=False)
     ckpt["hyper_parameters"].pop("framing", None)
@@ -123,6 +125,14 @@ def test_a_checkpoint_without_a_framing_is_refused_for_detect_with_what_to_pass(
         Image.fromarray(grace()).resize((side, round(side * 600 / 512))).save(folder / f"portrait{side}.jpg")
     fitted = Predictor(models, detect=True, framing=str(folder)).framings[0]
     assert fitted.found == 3 and fitted.scale > 1.5 * UTKFACE["mtcnn"]["scale"]  # far more than the face
+    # fitted once: the next start reads it back, until the folder's files change
+    assert len(list((tmp_path / "outputs" / "cache").glob("folder-*_framing.json"))) == 1
+    fits = []
+    monkeypatch.setattr(framing_module, "fit_framing", lambda *a, **k: fits.append(1) or fitted)
+    assert Predictor(models, detect=True, framing=str(folder)).framings[0] == fitted and fits == []
+    Image.fromarray(grace()).save(folder / "portrait-full.jpg")
+    Predictor(models, detect=True, framing=str(folder))
+    assert fits == [1]
     with pytest.raises(UsageError, match="framing=.*empty: no images there"):
         (tmp_path / "empty").mkdir()
         Predictor(models, detect=True, framing=str(tmp_path / "empty"))

@@ -23,8 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
+from agecls.config import default_paths
 from agecls.errors import UsageError
 from agecls.evaluation.ensemble import Member, collect, report_block, study_members
 from agecls.evaluation.inference import Preprocess, load_checkpoint
@@ -38,14 +39,6 @@ from agecls.evaluation.record import (
 )
 from agecls.evaluation.scoring import EvalError, score_attributes
 from agecls.tracking import default_tracking
-
-
-def default_paths() -> DictConfig:
-    """The `paths` group as agecls-train resolves it here (AGECLS_OUTPUT_DIR or the default outputs/)."""
-    from agecls.config import CONFIG_DIR, register_resolvers
-
-    register_resolvers()  # its root_dir is ${agecls_root:}
-    return OmegaConf.create({"paths": OmegaConf.load(CONFIG_DIR / "paths" / "default.yaml")}).paths
 
 
 def member_checkpoints(cfg: DictConfig) -> tuple[list[Path], dict[str, Any] | None, list[Any]]:

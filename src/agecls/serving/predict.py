@@ -35,8 +35,9 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from agecls.config import default_paths
 from agecls.data.faces.finders import check_finder
-from agecls.data.faces.framing import Framing, FramingError, fit_framing, read_rgb, sample_paths
+from agecls.data.faces.framing import Framing, data_framing, folder_key
 from agecls.errors import UsageError
 from agecls.evaluation.inference import Preprocess, load_checkpoint
 from agecls.evaluation.scoring import EvalError
@@ -310,18 +311,20 @@ FOLDER_FIT = 200  # images of a framing=FOLDER fit
 
 
 def folder_framing(folder: Path, finder: str) -> Framing:
-    """The framing fitted on up to FOLDER_FIT images of a folder of training-style face crops; UsageError
-    naming the folder when it holds none the finder recognises."""
+    """The framing fitted on up to FOLDER_FIT images of a folder of training-style face crops, kept in the
+    cache folder until the folder's files change; UsageError naming the folder when it holds none the finder
+    recognises."""
     files = [p for p in list_images(folder) if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp", ".bmp")]
     if not files:
         raise UsageError(
             f"framing={folder}: no images there (a folder of the face crops a model was trained on)"
         )
-    try:
-        fitted = fit_framing((read_rgb(p) for p in sample_paths(files, FOLDER_FIT, str(folder))), finder)
-    except FramingError as exc:
-        raise UsageError(f"framing={folder}: {exc}") from None
-    log.info("framing fitted on %s: %s", folder, fitted)
+    cache_dir = Path(str(default_paths().cache_dir))
+    got = data_framing(files, folder_key(files), cache_dir, FOLDER_FIT, finders=(finder,))[finder]
+    if "error" in got:
+        raise UsageError(f"framing={folder}: {got['error']}")
+    fitted = Framing.from_dict(got, f"framing={folder}")
+    log.info("framing of %s (fitted once, kept in %s): %s", folder, cache_dir, fitted)
     return fitted
 
 

@@ -16,6 +16,7 @@ its checkpoint (`data_framing`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -187,6 +188,16 @@ def sample_paths(paths: Sequence[Path], n: int, seed: str) -> list[Path]:
     return chosen[:n]
 
 
+def folder_key(files: Sequence[Path]) -> str:
+    """A key that changes when any of these files is added, removed, replaced or edited (names, sizes and
+    modification times; nothing is read): a folder's fit is cached under it."""
+    digest = hashlib.sha1()
+    for path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return "folder-" + digest.hexdigest()[:16]
+
+
 def read_rgb(path: Path) -> np.ndarray:
     from PIL import Image
 
@@ -194,26 +205,36 @@ def read_rgb(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"))
 
 
-def data_framing(paths: Sequence[Path], key: str, cache_dir: Path, n: int) -> dict[str, dict[str, Any]]:
-    """{finder: framing dict, or {"error": why}} for every finder, fitted on up to n of the training images
-    `paths`; cached in cache_dir by `key` (the manifest hash), so a sweep's trials fit once."""
+def data_framing(
+    paths: Sequence[Path], key: str, cache_dir: Path, n: int, finders: Sequence[str] = FINDERS
+) -> dict[str, dict[str, Any]]:
+    """{finder: framing dict, or {"error": why}} for each of `finders`, fitted on up to n of the training
+    images `paths`; cached in cache_dir by `key` (the manifest hash), so a sweep's trials fit once."""
     cache = Path(cache_dir) / f"{key}_framing.json"
-    try:
-        stored = json.loads(cache.read_text())
-        if stored.get("version") == VERSION and stored.get("n") == n:
-            return stored["framing"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    chosen = sample_paths(paths, n, key)
-    out: dict[str, dict[str, Any]] = {}
-    for finder in FINDERS:
+    out = _cached_framings(cache, n)
+    missing = [finder for finder in finders if finder not in out]
+    chosen = sample_paths(paths, n, key) if missing else []
+    for finder in missing:
         try:
             out[finder] = fit_framing((read_rgb(p) for p in chosen), finder).to_dict()
         except FramingError as exc:
             out[finder] = {"error": str(exc)}
         log.info("face framing (%s) of the training images: %s", finder, out[finder])
-    write_atomic(cache, (json.dumps({"version": VERSION, "n": n, "framing": out}, indent=1) + "\n").encode())
-    return out
+    if missing:
+        stored = {"version": VERSION, "n": n, "framing": out}
+        write_atomic(cache, (json.dumps(stored, indent=1) + "\n").encode())
+    return {finder: out[finder] for finder in finders}
+
+
+def _cached_framings(cache: Path, n: int) -> dict[str, dict[str, Any]]:
+    """The framings kept in `cache` by this fitting procedure on n images ({} when none are)."""
+    try:
+        stored = json.loads(cache.read_text())
+        if stored.get("version") == VERSION and stored.get("n") == n and isinstance(stored["framing"], dict):
+            return dict(stored["framing"])
+    except (OSError, ValueError, AttributeError, KeyError):
+        pass
+    return {}
 
 
 # UTKFace's aligned & cropped faces as fit_framing measured them (200 training-split images of
