@@ -209,19 +209,19 @@ def _output(image: torch.Tensor, boxes: torch.Tensor, threshold: float) -> list[
 def _nms_min(boxes: torch.Tensor, threshold: float) -> list[int]:
     """Non-maximum suppression by intersection over the smaller box: a box mostly inside a higher-scored
     one is the same face."""
-    order = torch.argsort(boxes[:, 4], descending=True).tolist()
-    area = (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+    order = torch.argsort(boxes[:, 4], descending=True)
+    b = boxes[order]
+    area = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    iw = torch.minimum(b[:, None, 2], b[None, :, 2]) - torch.maximum(b[:, None, 0], b[None, :, 0]) + 1
+    ih = torch.minimum(b[:, None, 3], b[None, :, 3]) - torch.maximum(b[:, None, 1], b[None, :, 1]) + 1
+    overlap = iw.clamp(min=0) * ih.clamp(min=0) / torch.minimum(area[:, None], area[None, :])
+    same = (overlap > threshold).tolist()
+    gone = [False] * len(b)
     kept: list[int] = []
-    for i in order:
-        ok = True
-        for j in kept:
-            iw = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0]) + 1
-            ih = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1]) + 1
-            if iw > 0 and ih > 0 and float(iw * ih / torch.minimum(area[i], area[j])) > threshold:
-                ok = False
-                break
-        if ok:
-            kept.append(i)
+    for i in range(len(b)):  # in score order: a box survives unless a kept, higher one covers it
+        if not gone[i]:
+            kept.append(int(order[i]))
+            gone = [g or s for g, s in zip(gone, same[i], strict=True)]
     return kept
 
 
