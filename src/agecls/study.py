@@ -376,7 +376,9 @@ def _patient_storage_class() -> type:
     Why beyond the API: Optuna has no hook around its storage calls; the proxy implements the storage and
     heartbeat interfaces (BaseStorage, and BaseHeartbeat from a private module: Optuna's stale-trial check
     looks for it). A call retried after the database applied it but dropped the connection before
-    answering (rare: the restart must fall between commit and reply) may apply twice."""
+    answering (rare: the restart must fall between commit and reply) is made twice: harmless for the
+    upserts (reports, attributes, heartbeats), recognised for finishing a trial (`_finish_once`), and for
+    creating a trial or taking a waiting one it can leave one trial RUNNING without a heartbeat."""
     from optuna.storages import BaseStorage
     from optuna.storages._heartbeat import BaseHeartbeat
 
@@ -404,8 +406,35 @@ def _patient_storage_class() -> type:
     passed = {n for n in vars(BaseStorage) if not n.startswith("_")} | heartbeat
     for name in sorted(passed | plain):
         setattr(PatientStorage, name, passed_on(name, name not in plain))
+    PatientStorage.set_trial_state_values = _finish_once
     abc.update_abstractmethods(PatientStorage)
     return PatientStorage
+
+
+def _finish_once(self, trial_id: int, state: Any, values: Any = None) -> bool:
+    """set_trial_state_values, waiting out an outage; a retry refused because the trial is already finished
+    with this very state and these values is the earlier try having landed (the database committed it,
+    then the connection dropped before its answer), so it succeeds instead of failing the trial's tell."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    tries = 0
+
+    def once() -> bool:
+        nonlocal tries
+        tries += 1
+        try:
+            return self.inner.set_trial_state_values(trial_id, state, values)
+        except UpdateFinishedTrialError:
+            if tries > 1 and _holds(self.inner.get_trial(trial_id), state, values):
+                log.info("trial id %s was finished as asked before the connection dropped", trial_id)
+                return True
+            raise
+
+    return self.patience.call("set trial state values", once)
+
+
+def _holds(trial: FrozenTrial, state: Any, values: Any) -> bool:
+    return trial.state == state and (values is None or list(trial.values or []) == [float(v) for v in values])
 
 
 @functools.cache
