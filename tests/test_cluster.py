@@ -280,6 +280,9 @@ def test_optuna_dashboard_reads_a_postgresql_study(postgres: Postgres, tmp_path:
         proc.wait(30)
 
 
+# heavy (about a minute): by default test_trials_per_device packs trials per device locally, and the study
+# above runs trials as Slurm jobs
+@pytest.mark.heavy
 def test_trials_share_each_gpu_through_slurm_shards(slurm_cluster: SlurmCluster, tmp_path: Path):
     """`optuna.trials_per_device=2` on the cluster's 2 GPUs of 2 shards each (tests/engines.py): every
     trial job asks for `--gres=shard:1`, four run at once, two per GPU, and each trial records the GPU
