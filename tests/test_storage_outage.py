@@ -79,29 +79,33 @@ def test_an_outage_is_waited_out_with_one_line_each_way(caplog):
 def test_a_tell_whose_answer_was_lost_is_not_failed_by_its_retry(tmp_path):
     # the database commits the COMPLETE state, then the connection drops before its answer: the retry is
     # refused as "already finished", and that is the tell having landed, not an error
+    import sqlalchemy.event
+    import sqlalchemy.orm
+
     from agecls.study import patient_storage
 
-    rdb = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'lost.db'}")
+    path = tmp_path / "lost.db"
     dropped = []
-    commit = rdb.set_trial_state_values
 
-    def commit_then_drop(trial_id, state, values=None):
-        done = commit(trial_id, state, values)
-        if state.is_finished() and not dropped:
-            dropped.append(state)
-            raise _admin_shutdown()
-        return done
+    def drop_once_finished(session) -> None:
+        with sqlite3.connect(path) as db:
+            finished = db.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+        if finished and not dropped:
+            dropped.append(finished)
+            raise sqlalchemy.exc.OperationalError("COMMIT", {}, Exception("server closed the connection"))
 
-    rdb.set_trial_state_values = commit_then_drop
+    rdb = optuna.storages.RDBStorage(f"sqlite:///{path}")
     storage = patient_storage(rdb, Patience("db", "optuna.storage_patience_s", 30, database_down))
     study = optuna.create_study(storage=storage, study_name="lost", direction="maximize")
     trial = study.ask()
-    study.tell(trial, 0.5)
-    assert dropped and study.trials[0].state.name == "COMPLETE" and study.trials[0].value == 0.5
-    other = study.ask()  # a trial finished otherwise (another value) is still refused
-    commit(other._trial_id, optuna.trial.TrialState.COMPLETE, [0.1])
-    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
-        storage.set_trial_state_values(other._trial_id, optuna.trial.TrialState.COMPLETE, [0.9])
+    sqlalchemy.event.listen(sqlalchemy.orm.Session, "after_commit", drop_once_finished)
+    try:
+        study.tell(trial, 0.5)
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.orm.Session, "after_commit", drop_once_finished)
+    assert dropped == [1]
+    again = optuna.load_study(study_name="lost", storage=f"sqlite:///{path}").trials[0]
+    assert again.state.name == "COMPLETE" and again.value == 0.5
 
 
 def test_other_errors_are_not_retried():

@@ -211,9 +211,11 @@ def test_only_agecls_study_touches_optunas_private_api():
     # the same check finds study.py's wrappers, each documented there with its reason
     found = sorted(use.split(": ", 1)[1] for use in _internal_uses(study_py, names))
     assert sorted(set(found)) == [
+        "PatientStorage.set_trial_state_values",  # the proxy's finishing call is _finish_once
         "from optuna.storages._heartbeat import BaseHeartbeat",  # patient_storage: the stale-trial check
         "from optuna.storages._rdb import models",  # set_finished_attrs: attrs on a finished trial
         "from optuna.storages._rdb.storage import _create_scoped_session",
+        "self.inner.set_trial_state_values",  # _finish_once: a finishing call that landed, its answer lost
         "study._storage",
         "study._storage.record_heartbeat",
         "trial._trial_id",

@@ -425,7 +425,7 @@ def _finish_once(self, trial_id: int, state: Any, values: Any = None) -> bool:
         try:
             return self.inner.set_trial_state_values(trial_id, state, values)
         except UpdateFinishedTrialError:
-            if tries > 1 and _holds(self.inner.get_trial(trial_id), state, values):
+            if tries > 1 and _holds(self.get_trial(trial_id), state, values):
                 log.info("trial id %s was finished as asked before the connection dropped", trial_id)
                 return True
             raise
